@@ -1,0 +1,1 @@
+//! The TickPipeline operator (see issue 4).
