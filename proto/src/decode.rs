@@ -313,13 +313,13 @@ fn validate(
             "{id:?} contains {bad:?} (whitespace, control characters, braces and '|' are not allowed)"
         )));
     }
-    if let Some(key) = key {
-        if key != id.as_bytes() {
-            return Err(DecodeError::KeyMismatch {
-                key: String::from_utf8_lossy(key).into_owned(),
-                asset_id: id.to_owned(),
-            });
-        }
+    if let Some(key) = key
+        && key != id.as_bytes()
+    {
+        return Err(DecodeError::KeyMismatch {
+            key: String::from_utf8_lossy(key).into_owned(),
+            asset_id: id.to_owned(),
+        });
     }
     if tick.event_time_ns < 0 {
         return Err(DecodeError::Timestamp(format!(
@@ -327,13 +327,13 @@ fn validate(
             tick.event_time_ns
         )));
     }
-    if let Some(skew) = limits.max_skew_ns {
-        if (tick.event_time_ns.saturating_sub(now_ns)).saturating_abs() > skew {
-            return Err(DecodeError::Timestamp(format!(
-                "{} ns is more than {} ns from the worker's clock ({} ns)",
-                tick.event_time_ns, skew, now_ns
-            )));
-        }
+    if let Some(skew) = limits.max_skew_ns
+        && tick.event_time_ns.saturating_sub(now_ns).saturating_abs() > skew
+    {
+        return Err(DecodeError::Timestamp(format!(
+            "{} ns is more than {} ns from the worker's clock ({} ns)",
+            tick.event_time_ns, skew, now_ns
+        )));
     }
     Ok(())
 }

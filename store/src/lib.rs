@@ -1,0 +1,158 @@
+//! Where ticks live once the worker has them: the [`TickStore`] trait and two implementations.
+//!
+//! * [`RedisStore`]: the production store. Every key of one asset shares the Redis Cluster hash tag
+//!   `{asset}`; ticks sit in a sorted set scored by event time (µs) whose members encode the tick's
+//!   identity, so writing a tick twice is a no-op; a latest-tick key only moves forward in event time; a
+//!   batch costs one pipelined round trip. See [`redis`] for the layout.
+//! * [`MemoryStore`]: the same semantics in process memory, for unit tests and the embedded demo.
+//!
+//! Both pass one conformance suite (`store/tests/conformance.rs`), run against a real `redis-server`.
+
+mod member;
+mod memory;
+pub mod redis;
+
+use async_trait::async_trait;
+use std::time::Duration;
+
+pub use memory::MemoryStore;
+pub use redis::RedisStore;
+pub use tickfleet_proto::{Tick, TickId};
+
+/// The largest page [`TickStore::range`] returns, whatever the caller asks for.
+pub const MAX_PAGE: usize = 10_000;
+
+/// A durable, idempotent home for ticks.
+///
+/// Every write is idempotent: a tick is identified by (asset, event time, sequence number) plus its
+/// payload, and writing it again changes nothing, including derived values such as [`latest`](Self::latest).
+#[async_trait]
+pub trait TickStore: Send + Sync + 'static {
+    /// Writes a batch of ticks (any assets, any order). When this returns `Ok`, every tick is stored.
+    async fn write_batch(&self, ticks: &[Tick]) -> Result<WriteSummary, StoreError>;
+
+    /// The tick with the greatest [`TickId`] ever written for `asset_id`, if any.
+    async fn latest(&self, asset_id: &str) -> Result<Option<Tick>, StoreError>;
+
+    /// One page of `asset_id`'s ticks in `[from_ns, to_ns)`, in [`TickId`] order.
+    async fn range(&self, asset_id: &str, query: &RangeQuery) -> Result<TickPage, StoreError>;
+
+    /// Every asset id that has ever been written, sorted.
+    async fn assets(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Checks that the store answers (readiness).
+    async fn ping(&self) -> Result<(), StoreError>;
+}
+
+/// What a [`TickStore::write_batch`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct WriteSummary {
+    /// Ticks that were not stored before.
+    pub inserted: usize,
+    /// Ticks that were already stored (redeliveries); they changed nothing.
+    pub duplicates: usize,
+}
+
+impl std::ops::AddAssign for WriteSummary {
+    fn add_assign(&mut self, other: Self) {
+        self.inserted += other.inserted;
+        self.duplicates += other.duplicates;
+    }
+}
+
+/// A time range query with keyset paging.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RangeQuery {
+    /// Inclusive lower bound on event time (ns).
+    pub from_ns: i64,
+    /// Exclusive upper bound on event time (ns).
+    pub to_ns: i64,
+    /// Page size, clamped to `1..=`[`MAX_PAGE`].
+    pub limit: usize,
+    /// Continue after this tick (from [`TickPage::next`]); `None` starts at `from_ns`.
+    pub after: Option<TickId>,
+}
+
+impl RangeQuery {
+    /// All of time, first page of `limit`.
+    pub fn all(limit: usize) -> Self {
+        RangeQuery {
+            from_ns: 0,
+            to_ns: i64::MAX,
+            limit,
+            after: None,
+        }
+    }
+
+    fn page_size(&self) -> usize {
+        self.limit.clamp(1, MAX_PAGE)
+    }
+}
+
+/// One page of a [`TickStore::range`] answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct TickPage {
+    /// The ticks, in [`TickId`] order.
+    pub ticks: Vec<Tick>,
+    /// Where the next page starts, when there are more ticks in the range.
+    pub next: Option<TickId>,
+}
+
+/// How long ticks are kept, per asset. Both limits may apply; `None` keeps everything.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Retention {
+    /// Drop ticks older than this, measured back from the asset's newest event time (not the wall clock,
+    /// so replaying old data does not erase it as it lands).
+    pub max_age: Option<Duration>,
+    /// Keep at most this many ticks per asset (the newest).
+    pub max_count: Option<u64>,
+}
+
+/// A store failure.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis failed or could not be reached; the write may be retried (writes are idempotent).
+    #[error("redis: {0}")]
+    Redis(#[from] ::redis::RedisError),
+    /// Stored data could not be read back as a tick.
+    #[error("corrupt stored tick {key}: {detail}")]
+    Corrupt {
+        /// The key holding it.
+        key: String,
+        /// What was wrong.
+        detail: String,
+    },
+    /// A failure injected by a test double.
+    #[error("injected failure: {0}")]
+    Injected(String),
+}
+
+impl StoreError {
+    /// A short, stable label for metrics.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            StoreError::Redis(_) => "redis",
+            StoreError::Corrupt { .. } => "corrupt",
+            StoreError::Injected(_) => "injected",
+        }
+    }
+}
+
+#[async_trait]
+impl<S: TickStore + ?Sized> TickStore for std::sync::Arc<S> {
+    async fn write_batch(&self, ticks: &[Tick]) -> Result<WriteSummary, StoreError> {
+        (**self).write_batch(ticks).await
+    }
+    async fn latest(&self, asset_id: &str) -> Result<Option<Tick>, StoreError> {
+        (**self).latest(asset_id).await
+    }
+    async fn range(&self, asset_id: &str, query: &RangeQuery) -> Result<TickPage, StoreError> {
+        (**self).range(asset_id, query).await
+    }
+    async fn assets(&self) -> Result<Vec<String>, StoreError> {
+        (**self).assets().await
+    }
+    async fn ping(&self) -> Result<(), StoreError> {
+        (**self).ping().await
+    }
+}

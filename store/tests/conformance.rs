@@ -1,0 +1,288 @@
+//! One suite, two stores: every test here runs against [`MemoryStore`] and against [`RedisStore`] on a real
+//! `redis-server` (its URL in `TICKFLEET_TEST_REDIS_URL`; `scripts/test.sh` starts one). Each Redis test
+//! uses a key prefix of its own, so tests can share one server.
+
+use std::str::FromStr;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+use rust_decimal::Decimal;
+use tickfleet_store::{MemoryStore, RangeQuery, RedisStore, Retention, Tick, TickId, TickStore};
+
+fn redis_store(retention: Retention) -> RedisStore {
+    static N: AtomicU32 = AtomicU32::new(0);
+    let url = std::env::var("TICKFLEET_TEST_REDIS_URL").expect(
+        "TICKFLEET_TEST_REDIS_URL is not set: run scripts/test.sh, which starts redis-server and sets it",
+    );
+    let prefix = format!(
+        "conformance-{}-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed),
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    );
+    RedisStore::open(&url, &prefix, retention).unwrap()
+}
+
+fn memory_store(retention: Retention) -> MemoryStore {
+    MemoryStore::with_retention(retention)
+}
+
+const T0: i64 = 1_700_000_000_000_000_000;
+
+fn tick(asset: &str, t: i64, seq: u64, price: &str) -> Tick {
+    Tick {
+        asset_id: asset.into(),
+        price: Decimal::from_str(price).unwrap(),
+        size: seq
+            .is_multiple_of(2)
+            .then(|| Decimal::from_str("0.001").unwrap()),
+        event_time_ns: t,
+        seq,
+        source: "conformance".into(),
+    }
+}
+
+/// `n` ticks of `asset`, 1 ms apart, seq 1..=n.
+fn series(asset: &str, n: u64) -> Vec<Tick> {
+    (1..=n)
+        .map(|i| tick(asset, T0 + i as i64 * 1_000_000, i, &format!("100.{i:02}")))
+        .collect()
+}
+
+async fn all(store: &impl TickStore, asset: &str) -> Vec<Tick> {
+    let mut out = Vec::new();
+    let mut q = RangeQuery::all(7);
+    loop {
+        let page = store.range(asset, &q).await.unwrap();
+        out.extend(page.ticks);
+        match page.next {
+            Some(next) => q.after = Some(next),
+            None => return out,
+        }
+    }
+}
+
+async fn stores_what_it_is_given_in_order(store: impl TickStore) {
+    let mut batch = series("A", 20);
+    batch.extend(series("B", 3));
+    batch.reverse(); // arrival order must not matter for the stored order
+    let s = store.write_batch(&batch).await.unwrap();
+    assert_eq!((s.inserted, s.duplicates), (23, 0));
+    assert_eq!(all(&store, "A").await, series("A", 20));
+    assert_eq!(all(&store, "B").await, series("B", 3));
+    assert_eq!(
+        store.assets().await.unwrap(),
+        vec!["A".to_string(), "B".to_string()]
+    );
+    // Prices come back exactly as written, scale included.
+    let got = store.latest("A").await.unwrap().unwrap();
+    assert_eq!(got.price.to_string(), "100.20");
+    assert_eq!(got.size, Some(Decimal::from_str("0.001").unwrap()));
+}
+
+async fn a_redelivered_batch_changes_nothing(store: impl TickStore) {
+    let batch = series("A", 10);
+    store.write_batch(&batch[..6]).await.unwrap();
+    store.write_batch(&batch[6..]).await.unwrap();
+    let latest = store.latest("A").await.unwrap();
+    // The first batch again, after a newer one: no new ticks, latest unchanged.
+    let s = store.write_batch(&batch[..6]).await.unwrap();
+    assert_eq!((s.inserted, s.duplicates), (0, 6));
+    let s = store.write_batch(&batch).await.unwrap();
+    assert_eq!((s.inserted, s.duplicates), (0, 10));
+    assert_eq!(all(&store, "A").await, batch);
+    assert_eq!(store.latest("A").await.unwrap(), latest);
+    assert_eq!(latest.unwrap().seq, 10);
+}
+
+async fn latest_only_moves_forward(store: impl TickStore) {
+    let newer = tick("A", T0 + 5_000, 5, "2");
+    let older = tick("A", T0 + 1_000, 1, "1");
+    let same_time_higher_seq = tick("A", T0 + 5_000, 6, "3");
+    assert_eq!(store.latest("A").await.unwrap(), None);
+    store
+        .write_batch(std::slice::from_ref(&newer))
+        .await
+        .unwrap();
+    store
+        .write_batch(std::slice::from_ref(&older))
+        .await
+        .unwrap();
+    assert_eq!(store.latest("A").await.unwrap(), Some(newer));
+    store
+        .write_batch(std::slice::from_ref(&same_time_higher_seq))
+        .await
+        .unwrap();
+    assert_eq!(store.latest("A").await.unwrap(), Some(same_time_higher_seq));
+}
+
+async fn pages_cover_the_range_exactly_once(store: impl TickStore) {
+    // Ticks crowded into the same microseconds, so page boundaries fall inside equal scores.
+    let mut ticks = Vec::new();
+    let mut seq = 0;
+    for us in 0..5 {
+        for ns in [0, 1, 999] {
+            for _ in 0..3 {
+                seq += 1;
+                ticks.push(tick("A", T0 + us * 1_000 + ns, seq, "1.5"));
+            }
+        }
+    }
+    store.write_batch(&ticks).await.unwrap();
+    for limit in [1, 2, 4, 9, 45, 100] {
+        let mut got = Vec::new();
+        let mut q = RangeQuery::all(limit);
+        let mut pages = 0;
+        loop {
+            let page = store.range("A", &q).await.unwrap();
+            assert!(page.ticks.len() <= limit);
+            pages += 1;
+            got.extend(page.ticks);
+            match page.next {
+                Some(next) => q.after = Some(next),
+                None => break,
+            }
+        }
+        assert_eq!(got, ticks, "limit {limit}");
+        assert_eq!(pages, ticks.len().div_ceil(limit), "limit {limit}");
+    }
+}
+
+async fn range_bounds_are_exact_to_the_nanosecond(store: impl TickStore) {
+    let ticks: Vec<Tick> = (0..10)
+        .map(|i| tick("A", T0 + i * 300, i as u64 + 1, "7"))
+        .collect();
+    store.write_batch(&ticks).await.unwrap();
+    // [T0+600, T0+2100): ticks at 600, 900, ..., 1800 — bounds inside microseconds.
+    let q = RangeQuery {
+        from_ns: T0 + 600,
+        to_ns: T0 + 2_100,
+        limit: 100,
+        after: None,
+    };
+    let page = store.range("A", &q).await.unwrap();
+    assert_eq!(page.ticks, ticks[2..7].to_vec());
+    assert_eq!(page.next, None);
+    // Continuing after a cursor stays inside the bounds.
+    let q = RangeQuery {
+        after: Some(TickId {
+            event_time_ns: T0 + 900,
+            seq: 4,
+        }),
+        ..q
+    };
+    assert_eq!(
+        store.range("A", &q).await.unwrap().ticks,
+        ticks[4..7].to_vec()
+    );
+    let empty = RangeQuery {
+        from_ns: T0 + 5,
+        to_ns: T0 + 5,
+        limit: 10,
+        after: None,
+    };
+    assert!(store.range("A", &empty).await.unwrap().ticks.is_empty());
+    assert!(
+        store
+            .range("nope", &RangeQuery::all(10))
+            .await
+            .unwrap()
+            .ticks
+            .is_empty()
+    );
+    assert_eq!(store.latest("nope").await.unwrap(), None);
+    // A limit of 0 is served as 1, not as "everything".
+    assert_eq!(
+        store
+            .range("A", &RangeQuery::all(0))
+            .await
+            .unwrap()
+            .ticks
+            .len(),
+        1
+    );
+}
+
+async fn retention_by_count(store: impl TickStore) {
+    let ticks = series("A", 12);
+    store.write_batch(&ticks[..8]).await.unwrap();
+    store.write_batch(&ticks[8..]).await.unwrap();
+    assert_eq!(all(&store, "A").await, ticks[7..].to_vec());
+    assert_eq!(store.latest("A").await.unwrap().unwrap().seq, 12);
+}
+
+async fn retention_by_age(store: impl TickStore) {
+    // series() is 1 ms apart; keep 3.5 ms back from the newest tick.
+    let ticks = series("A", 10);
+    store.write_batch(&ticks).await.unwrap();
+    assert_eq!(all(&store, "A").await, ticks[6..].to_vec());
+}
+
+async fn ping_answers(store: impl TickStore) {
+    store.ping().await.unwrap();
+}
+
+macro_rules! conformance {
+    ($($name:ident $(: $retention:expr)?),* $(,)?) => {
+        mod memory {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    #[allow(unused_mut, unused_assignments)]
+                    let mut retention = Retention::default();
+                    $(retention = $retention;)?
+                    super::$name(memory_store(retention)).await;
+                }
+            )*
+        }
+        mod redis {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    #[allow(unused_mut, unused_assignments)]
+                    let mut retention = Retention::default();
+                    $(retention = $retention;)?
+                    super::$name(redis_store(retention)).await;
+                }
+            )*
+        }
+    };
+}
+
+conformance! {
+    stores_what_it_is_given_in_order,
+    a_redelivered_batch_changes_nothing,
+    latest_only_moves_forward,
+    pages_cover_the_range_exactly_once,
+    range_bounds_are_exact_to_the_nanosecond,
+    retention_by_count: Retention { max_count: Some(5), max_age: None },
+    retention_by_age: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
+    ping_answers,
+}
+
+/// A restarted Redis has forgotten the Lua scripts; the store must load them again, not fail.
+#[tokio::test]
+async fn redis_reloads_scripts_it_lost() {
+    let store = redis_store(Retention::default());
+    store.write_batch(&series("A", 2)).await.unwrap();
+    let client = ::redis::Client::open(std::env::var("TICKFLEET_TEST_REDIS_URL").unwrap()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let s = store.write_batch(&series("A", 4)).await.unwrap();
+    assert_eq!((s.inserted, s.duplicates), (2, 2));
+    let _: () = ::redis::cmd("SCRIPT")
+        .arg("FLUSH")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(all(&store, "A").await, series("A", 4));
+}
