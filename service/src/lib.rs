@@ -1,0 +1,232 @@
+//! What every tickfleet process (worker, api, operator, `tickctl demo`) shares:
+//!
+//! * [`shutdown_on_signals`]: shutdown as a value passed down. The first SIGTERM/SIGINT cancels the returned
+//!   [`CancellationToken`]; every task watches it and drains. A second signal exits at once.
+//! * [`init_tracing`]: `tracing` to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
+//! * [`Health`] and [`serve_admin`]: the admin HTTP endpoint with `/healthz` (liveness), `/readyz`
+//!   (readiness) and `/metrics` (Prometheus text format).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{Encoder, Registry, TextEncoder};
+pub use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+
+/// Exit code used when a second signal cuts a drain short.
+pub const EXIT_SECOND_SIGNAL: i32 = 130;
+
+/// Returns a token cancelled by the first SIGTERM or SIGINT; a second one exits the process at once
+/// with [`EXIT_SECOND_SIGNAL`]. Must be called inside a Tokio runtime.
+pub fn shutdown_on_signals() -> CancellationToken {
+    let token = CancellationToken::new();
+    let cancel = token.clone();
+    tokio::spawn(async move {
+        let first = next_signal().await;
+        info!(
+            signal = first,
+            "shutting down: draining (send the signal again to exit at once)"
+        );
+        cancel.cancel();
+        let second = next_signal().await;
+        warn!(signal = second, "second signal: exiting without draining");
+        std::process::exit(EXIT_SECOND_SIGNAL);
+    });
+    token
+}
+
+#[cfg(unix)]
+async fn next_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    // Signal streams are created once per call; a stream that cannot be created never fires.
+    let mut term = signal(SignalKind::terminate()).ok();
+    let mut int = signal(SignalKind::interrupt()).ok();
+    tokio::select! {
+        Some(_) = async { term.as_mut()?.recv().await } => "SIGTERM",
+        Some(_) = async { int.as_mut()?.recv().await } => "SIGINT",
+        else => std::future::pending().await,
+    }
+}
+
+#[cfg(not(unix))]
+async fn next_signal() -> &'static str {
+    let _ = tokio::signal::ctrl_c().await;
+    "ctrl-c"
+}
+
+/// Sets up `tracing` output on stderr: human-readable text, or one JSON object per line when `json`.
+/// The filter comes from `RUST_LOG` (default `info`). Calling it twice is harmless.
+pub fn init_tracing(json: bool) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// Liveness and readiness of a process, shared between its tasks and the admin endpoint.
+#[derive(Debug)]
+pub struct Health {
+    live: AtomicBool,
+    ready: AtomicBool,
+}
+
+impl Default for Health {
+    fn default() -> Self {
+        Health {
+            live: AtomicBool::new(true),
+            ready: AtomicBool::new(false),
+        }
+    }
+}
+
+impl Health {
+    /// Live, not yet ready.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    /// Marks the process ready (or not) to do its work; `/readyz` answers 200 only when ready.
+    pub fn set_ready(&self, ready: bool) {
+        self.ready.store(ready, Ordering::Relaxed);
+    }
+
+    /// Marks the process alive (or wedged); `/healthz` answers 200 only when live.
+    pub fn set_live(&self, live: bool) {
+        self.live.store(live, Ordering::Relaxed);
+    }
+
+    /// Whether the process is ready.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Relaxed)
+    }
+
+    /// Whether the process is live.
+    pub fn is_live(&self) -> bool {
+        self.live.load(Ordering::Relaxed)
+    }
+}
+
+#[derive(Clone)]
+struct AdminState {
+    registry: Registry,
+    health: Arc<Health>,
+}
+
+/// Binds `addr` and serves `/healthz`, `/readyz` and `/metrics` until `shutdown` is cancelled.
+///
+/// Returns the bound address (useful with port 0) and the server task.
+pub async fn serve_admin(
+    addr: SocketAddr,
+    registry: Registry,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> std::io::Result<(SocketAddr, tokio::task::JoinHandle<std::io::Result<()>>)> {
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let bound = listener.local_addr()?;
+    let app = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .with_state(AdminState { registry, health });
+    info!(addr = %bound, "admin endpoint listening (/healthz, /readyz, /metrics)");
+    let task = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async move { shutdown.cancelled().await })
+            .await
+    });
+    Ok((bound, task))
+}
+
+async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.health.is_live() {
+        (StatusCode::OK, "ok\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not live\n")
+    }
+}
+
+async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
+    if s.health.is_ready() {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    }
+}
+
+async fn metrics(State(s): State<AdminState>) -> impl IntoResponse {
+    let encoder = TextEncoder::new();
+    let mut body = Vec::new();
+    match encoder.encode(&s.registry.gather(), &mut body) {
+        Ok(()) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, encoder.format_type().to_owned())],
+            body,
+        ),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            [(header::CONTENT_TYPE, "text/plain".to_owned())],
+            e.to_string().into_bytes(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn admin_endpoint_reports_health_and_metrics() {
+        let registry = Registry::new();
+        let c = prometheus::IntCounter::new("tickfleet_test_things_total", "things").unwrap();
+        registry.register(Box::new(c.clone())).unwrap();
+        c.inc_by(3);
+        let health = Health::new();
+        let stop = CancellationToken::new();
+        let (addr, task) = serve_admin(
+            "127.0.0.1:0".parse().unwrap(),
+            registry,
+            health.clone(),
+            stop.clone(),
+        )
+        .await
+        .unwrap();
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        health.set_ready(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        health.set_live(false);
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503"));
+        assert!(
+            get(addr, "/metrics")
+                .await
+                .contains("tickfleet_test_things_total 3")
+        );
+        stop.cancel();
+        task.await.unwrap().unwrap();
+    }
+}
