@@ -1,0 +1,571 @@
+//! The `TickPipeline` custom resource (group `tickfleet.io`, version `v1alpha1`).
+//!
+//! One `TickPipeline` describes one stream of ticks: the Kafka topic it is read from, the Redis it is
+//! written to, and how many worker and api pods serve it. The operator turns it into a ConfigMap,
+//! Deployments, a Service and a PodDisruptionBudget, and makes sure the topic exists.
+//!
+//! Validation that the API server can do is declared here (minimums, enums, required fields, CEL
+//! rules for cross-field constraints), so `kubectl apply` of a bad spec is rejected with a readable
+//! message. The operator checks the same constraints again in [`crate::desired::validate`], because
+//! an object may predate the current schema.
+
+use k8s_openapi::api::core::v1::ResourceRequirements;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::{CustomResource, KubeSchema};
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// Annotation that pauses a pipeline: while it is `"true"` the operator writes no child object and
+/// changes nothing in Kafka; it only reports a `Paused` condition.
+pub const PAUSED_ANNOTATION: &str = "tickfleet.io/paused";
+
+/// Desired state of a tick pipeline: Kafka source, Redis store, workers and query api.
+// clippy reads the repeated `type_ = "integer"` of two printcolumns as a duplicated attribute
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[kube(
+    group = "tickfleet.io",
+    version = "v1alpha1",
+    kind = "TickPipeline",
+    namespaced,
+    shortname = "tp",
+    status = "TickPipelineStatus",
+    doc = "A stream of market price ticks read from a Kafka topic and stored in Redis by a fleet of workers.",
+    scale(
+        spec_replicas_path = ".spec.workers.replicas",
+        status_replicas_path = ".status.workers.current",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether all workers and api pods are ready"
+    ),
+    printcolumn(
+        name = "Workers",
+        type_ = "integer",
+        json_path = ".status.workers.ready",
+        description = "Ready worker pods"
+    ),
+    printcolumn(
+        name = "Desired",
+        type_ = "integer",
+        json_path = ".status.workers.desired",
+        description = "Worker pods the operator asks for",
+        priority = "1"
+    ),
+    printcolumn(
+        name = "Lag",
+        type_ = "integer",
+        json_path = ".status.lag",
+        description = "Total consumer lag in messages"
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
+)]
+#[serde(rename_all = "camelCase")]
+pub struct TickPipelineSpec {
+    /// Where ticks are read from.
+    pub kafka: KafkaSpec,
+    /// Where ticks are written to.
+    pub store: StoreSpec,
+    /// The worker fleet that moves ticks from Kafka to Redis.
+    #[serde(default)]
+    pub workers: WorkersSpec,
+    /// The gRPC query api in front of Redis.
+    #[serde(default)]
+    pub api: ApiSpec,
+    /// Container image holding all tickfleet binaries (`tickfleet-worker`, `tickfleet-api`, ...).
+    #[schemars(length(min = 1))]
+    pub image: String,
+    /// Image pull policy for the worker and api containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub image_pull_policy: Option<PullPolicy>,
+    /// Log format of the worker and api processes.
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+/// Kafka source of a pipeline.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KafkaSpec {
+    /// Comma-separated `host:port` list of bootstrap brokers.
+    #[schemars(length(min = 1))]
+    pub bootstrap_servers: String,
+    /// Topic holding the ticks.
+    #[schemars(length(min = 1, max = 249), pattern(r"^[a-zA-Z0-9._-]+$"))]
+    pub topic: String,
+    /// Partitions the topic must have. The operator creates the topic with this many partitions or
+    /// grows it to this many; it never shrinks a topic. Workers never outnumber partitions.
+    #[schemars(range(min = 1, max = 100000))]
+    pub partitions: i32,
+    /// Replication factor used when the operator creates the topic; the broker default when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 32767))]
+    pub replication_factor: Option<i32>,
+    /// Consumer group of the workers; `tickfleet.<namespace>.<name>` when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 255))]
+    pub consumer_group: Option<String>,
+    /// Encoding of the messages on the topic.
+    #[serde(default)]
+    pub format: MessageFormat,
+    /// How to connect and authenticate; plaintext without authentication when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub auth: Option<KafkaAuth>,
+}
+
+/// Encoding of tick messages on the topic.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum MessageFormat {
+    /// Protocol Buffers (`tickfleet.v1.Tick`).
+    #[default]
+    Protobuf,
+    /// JSON objects.
+    Json,
+}
+
+/// Kafka connection security and credentials.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "has(self.sasl) == (self.securityProtocol == 'SASL_PLAINTEXT' || self.securityProtocol == 'SASL_SSL')"
+).message("sasl must be set exactly when securityProtocol is SASL_PLAINTEXT or SASL_SSL"))]
+pub struct KafkaAuth {
+    /// librdkafka `security.protocol`.
+    #[serde(default)]
+    pub security_protocol: SecurityProtocol,
+    /// SASL mechanism and credentials; required for the SASL protocols.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sasl: Option<SaslSpec>,
+}
+
+/// librdkafka `security.protocol` values.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SecurityProtocol {
+    /// No TLS, no authentication.
+    #[default]
+    Plaintext,
+    /// TLS without SASL.
+    Ssl,
+    /// SASL without TLS.
+    SaslPlaintext,
+    /// SASL over TLS.
+    SaslSsl,
+}
+
+impl SecurityProtocol {
+    /// The librdkafka configuration value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plaintext => "PLAINTEXT",
+            Self::Ssl => "SSL",
+            Self::SaslPlaintext => "SASL_PLAINTEXT",
+            Self::SaslSsl => "SASL_SSL",
+        }
+    }
+}
+
+/// SASL mechanism and where its credentials live.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SaslSpec {
+    /// librdkafka `sasl.mechanism`.
+    pub mechanism: SaslMechanism,
+    /// Secret (in the pipeline's namespace) holding the username and password.
+    pub credentials_secret: CredentialsSecretRef,
+}
+
+/// librdkafka `sasl.mechanism` values.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SaslMechanism {
+    /// `PLAIN`
+    #[serde(rename = "PLAIN")]
+    Plain,
+    /// `SCRAM-SHA-256`
+    #[serde(rename = "SCRAM-SHA-256")]
+    ScramSha256,
+    /// `SCRAM-SHA-512`
+    #[serde(rename = "SCRAM-SHA-512")]
+    ScramSha512,
+}
+
+impl SaslMechanism {
+    /// The librdkafka configuration value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Plain => "PLAIN",
+            Self::ScramSha256 => "SCRAM-SHA-256",
+            Self::ScramSha512 => "SCRAM-SHA-512",
+        }
+    }
+}
+
+/// A Secret holding a username and a password under two keys.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct CredentialsSecretRef {
+    /// Secret name, in the pipeline's namespace.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key of the username.
+    #[serde(default = "default_username_key")]
+    pub username_key: String,
+    /// Key of the password.
+    #[serde(default = "default_password_key")]
+    pub password_key: String,
+}
+
+fn default_username_key() -> String {
+    "username".into()
+}
+fn default_password_key() -> String {
+    "password".into()
+}
+
+/// One key of a Secret in the pipeline's namespace.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SecretKeyRef {
+    /// Secret name.
+    #[schemars(length(min = 1))]
+    pub name: String,
+    /// Key within the Secret.
+    #[schemars(length(min = 1))]
+    pub key: String,
+}
+
+/// Redis store of a pipeline.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct StoreSpec {
+    /// How to reach Redis.
+    pub redis: RedisSpec,
+    /// Prefix of every key the pipeline writes.
+    #[serde(default = "default_key_prefix")]
+    #[schemars(length(min = 1, max = 64))]
+    pub key_prefix: String,
+    /// How long ticks are kept; unbounded when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retention: Option<RetentionSpec>,
+}
+
+fn default_key_prefix() -> String {
+    "tf".into()
+}
+
+/// Redis address, given inline or from a Secret (use the Secret when the URL carries a password).
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.url) != has(self.urlSecretRef)")
+    .message("set exactly one of redis.url and redis.urlSecretRef"))]
+pub struct RedisSpec {
+    /// `redis://` or `rediss://` URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^rediss?://"))]
+    pub url: Option<String>,
+    /// Secret key holding the URL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_secret_ref: Option<SecretKeyRef>,
+}
+
+/// Retention of stored ticks; both limits apply when both are set.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RetentionSpec {
+    /// Drop ticks older than this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_age_seconds: Option<i64>,
+    /// Keep at most this many ticks per asset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_count: Option<i64>,
+}
+
+/// The worker fleet.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct WorkersSpec {
+    /// Worker pods when autoscaling is off. This is the field behind the `scale` subresource, so
+    /// `kubectl scale` and external autoscalers (HPA, KEDA) drive it. Capped at the partition count.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// Built-in lag-based autoscaling; when enabled it decides the worker count instead of `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+    /// Ticks per Redis write batch (worker default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub batch_size: Option<i32>,
+    /// Longest wait before a partial batch is written, in milliseconds (worker default when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub batch_linger_ms: Option<i32>,
+    /// Bound on a worker's drain at shutdown; the pod's grace period is set longer than this.
+    #[serde(default = "default_drain_timeout")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub drain_timeout_seconds: i32,
+    /// Compute resources of a worker container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for WorkersSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            autoscaling: None,
+            batch_size: None,
+            batch_linger_ms: None,
+            drain_timeout_seconds: default_drain_timeout(),
+            resources: None,
+        }
+    }
+}
+
+fn default_one() -> i32 {
+    1
+}
+fn default_drain_timeout() -> i32 {
+    30
+}
+
+/// Lag-based autoscaling of the workers:
+/// `desired = clamp(ceil(lag / targetLagPerWorker), minReplicas, maxReplicas)`, capped at the
+/// partition count, with scale-down held back by a stabilisation window.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("self.maxReplicas >= self.minReplicas")
+    .message("maxReplicas must be at least minReplicas"))]
+pub struct AutoscalingSpec {
+    /// Whether the operator scales the workers; `workers.replicas` applies when false.
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// Fewest workers.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 1))]
+    pub min_replicas: i32,
+    /// Most workers.
+    #[schemars(range(min = 1))]
+    pub max_replicas: i32,
+    /// Consumer lag (messages) one worker is expected to keep up with.
+    #[schemars(range(min = 1))]
+    pub target_lag_per_worker: i64,
+    /// A scale-down only goes to the highest recommendation of this many past seconds, so a
+    /// briefly low lag does not remove workers that are needed again a minute later.
+    #[serde(default = "default_stabilization")]
+    #[schemars(range(min = 0, max = 3600))]
+    pub scale_down_stabilization_seconds: i64,
+    /// How often the lag is measured, in seconds.
+    #[serde(default = "default_poll")]
+    #[schemars(range(min = 5, max = 3600))]
+    pub poll_interval_seconds: i64,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_stabilization() -> i64 {
+    300
+}
+fn default_poll() -> i64 {
+    30
+}
+
+/// The gRPC query api.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiSpec {
+    /// Api pods.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0))]
+    pub replicas: i32,
+    /// gRPC port of the pods and the Service.
+    #[serde(default = "default_grpc_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub port: i32,
+    /// Type of the api Service.
+    #[serde(default)]
+    pub service_type: ServiceType,
+    /// Compute resources of an api container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl Default for ApiSpec {
+    fn default() -> Self {
+        Self {
+            replicas: 1,
+            port: default_grpc_port(),
+            service_type: ServiceType::default(),
+            resources: None,
+        }
+    }
+}
+
+fn default_grpc_port() -> i32 {
+    50051
+}
+
+/// Kubernetes Service types the api can be exposed with.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ServiceType {
+    /// Reachable inside the cluster only.
+    #[default]
+    ClusterIP,
+    /// Also on a port of every node.
+    NodePort,
+    /// Also through a cloud load balancer.
+    LoadBalancer,
+}
+
+impl ServiceType {
+    /// The Kubernetes value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::ClusterIP => "ClusterIP",
+            Self::NodePort => "NodePort",
+            Self::LoadBalancer => "LoadBalancer",
+        }
+    }
+}
+
+/// Container image pull policy.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullPolicy {
+    /// Pull on every start.
+    Always,
+    /// Pull when missing on the node.
+    IfNotPresent,
+    /// Never pull.
+    Never,
+}
+
+impl PullPolicy {
+    /// The Kubernetes value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Always => "Always",
+            Self::IfNotPresent => "IfNotPresent",
+            Self::Never => "Never",
+        }
+    }
+}
+
+/// Log format of tickfleet processes.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    #[default]
+    Json,
+}
+
+impl LogFormat {
+    /// The `TICKFLEET_LOG_FORMAT` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Text => "text",
+            Self::Json => "json",
+        }
+    }
+}
+
+/// Observed state of a pipeline, written by the operator.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct TickPipelineStatus {
+    /// `metadata.generation` of the spec this status describes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Progressing`, `Degraded`, `Paused` and `WorkersCapped`.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Worker pods.
+    #[serde(default)]
+    pub workers: ReplicaStatus,
+    /// Api pods.
+    #[serde(default)]
+    pub api: ReplicaStatus,
+    /// Total consumer lag of the group over the topic's partitions, in messages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lag: Option<i64>,
+    /// Partitions the topic has.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub partitions: Option<i32>,
+    /// Label selector of the worker pods, for the `scale` subresource (HPA).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
+    /// Inputs and outcome of the last autoscaling decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
+}
+
+/// Desired, current and ready pods of a Deployment.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct ReplicaStatus {
+    /// Pods the operator asks for.
+    #[serde(default)]
+    pub desired: i32,
+    /// Pods that exist.
+    #[serde(default)]
+    pub current: i32,
+    /// Pods that are ready.
+    #[serde(default)]
+    pub ready: i32,
+}
+
+/// Inputs and outcome of the autoscaler, kept in status so the decision can be checked and so the
+/// stabilisation window survives operator restarts.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct AutoscalingStatus {
+    /// Lag the decision was based on.
+    pub lag: i64,
+    /// `targetLagPerWorker` used.
+    pub target_lag_per_worker: i64,
+    /// `ceil(lag / targetLagPerWorker)` clamped to min, max and partitions.
+    pub recommended: i32,
+    /// Worker count decided after the scale-down stabilisation window.
+    pub desired: i32,
+    /// Why `desired` is what it is (`ScaleUp`, `ScaleDown`, `Stable`, `ScaleDownStabilized`).
+    pub reason: String,
+    /// When the lag was measured.
+    pub time: Time,
+    /// Recommendations within the stabilisation window, newest last.
+    #[serde(default)]
+    pub recommendations: Vec<Recommendation>,
+}
+
+/// One past autoscaler recommendation.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct Recommendation {
+    /// When it was made.
+    pub time: Time,
+    /// Workers recommended.
+    pub replicas: i32,
+}
+
+impl TickPipeline {
+    /// Whether the pause annotation is set to `"true"`.
+    pub fn paused(&self) -> bool {
+        self.metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(PAUSED_ANNOTATION))
+            .is_some_and(|v| v == "true")
+    }
+}

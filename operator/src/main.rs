@@ -1,0 +1,2 @@
+//! tickfleet-operator binary.
+fn main() {}

@@ -1,0 +1,70 @@
+//! The checked-in CRD must be exactly what `crdgen` prints, so the schema the API server enforces
+//! matches the Rust types. Regenerate with:
+//! `cargo run -p tickfleet-operator --bin crdgen > manifests/crd.yaml`
+
+use std::process::Command;
+
+#[test]
+fn checked_in_crd_matches_crdgen() {
+    let out = Command::new(env!("CARGO_BIN_EXE_crdgen"))
+        .output()
+        .expect("run crdgen");
+    assert!(
+        out.status.success(),
+        "crdgen failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let generated = String::from_utf8(out.stdout).expect("utf-8 yaml");
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
+    let checked_in = std::fs::read_to_string(path).expect("read manifests/crd.yaml");
+    if generated != checked_in {
+        let first_diff = generated
+            .lines()
+            .zip(checked_in.lines())
+            .position(|(a, b)| a != b)
+            .map_or_else(
+                || "lengths differ".to_string(),
+                |i| format!("first difference at line {}", i + 1),
+            );
+        panic!(
+            "manifests/crd.yaml is out of date ({first_diff}); regenerate with \
+             `cargo run -p tickfleet-operator --bin crdgen > manifests/crd.yaml`"
+        );
+    }
+}
+
+#[test]
+fn crd_declares_scale_subresource_and_short_name() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
+    let crd: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read crd")).expect("yaml");
+    assert_eq!(crd["spec"]["names"]["shortNames"][0], "tp");
+    assert_eq!(crd["spec"]["scope"], "Namespaced");
+    let v = &crd["spec"]["versions"][0];
+    assert_eq!(v["name"], "v1alpha1");
+    assert_eq!(
+        v["subresources"]["scale"]["specReplicasPath"],
+        ".spec.workers.replicas"
+    );
+    let columns: Vec<&str> = v["additionalPrinterColumns"]
+        .as_array()
+        .expect("columns")
+        .iter()
+        .map(|c| c["name"].as_str().expect("name"))
+        .collect();
+    for want in ["Ready", "Workers", "Lag", "Age"] {
+        assert!(columns.contains(&want), "missing column {want}");
+    }
+    let spec = &v["schema"]["openAPIV3Schema"]["properties"]["spec"];
+    let required: Vec<&str> = spec["required"]
+        .as_array()
+        .expect("required")
+        .iter()
+        .map(|r| r.as_str().expect("str"))
+        .collect();
+    assert_eq!(required, vec!["image", "kafka", "store"]);
+    assert_eq!(
+        spec["properties"]["kafka"]["properties"]["format"]["enum"],
+        serde_json::json!(["protobuf", "json"])
+    );
+}
