@@ -14,6 +14,7 @@ pub mod autoscale;
 pub mod conditions;
 pub mod crd;
 pub mod desired;
+pub mod kafka;
 
 #[cfg(test)]
 pub mod fixtures;

@@ -1,0 +1,583 @@
+//! What the operator does in Kafka: make sure the topic has its partitions, and measure the
+//! consumer group's lag for autoscaling.
+//!
+//! Both sit behind the [`KafkaAdmin`] trait so the controller can be tested with a fake; the real
+//! implementation, [`RdKafkaAdmin`], uses librdkafka. Lag is
+//! `Σ over partitions (high watermark − committed offset)`, read with a consumer that joins no
+//! group (it only asks the group coordinator for committed offsets), so measuring never triggers
+//! a rebalance of the workers.
+
+use std::fmt;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::error::KafkaError as RdError;
+use rdkafka::types::RDKafkaErrorCode;
+use rdkafka::{Offset, TopicPartitionList};
+
+/// How to reach a pipeline's Kafka cluster, with credentials already read from their Secret.
+#[derive(Clone, PartialEq, Eq)]
+pub struct KafkaConnection {
+    /// `bootstrap.servers`.
+    pub bootstrap_servers: String,
+    /// `security.protocol`, librdkafka's default (plaintext) when `None`.
+    pub security_protocol: Option<String>,
+    /// `sasl.mechanism`.
+    pub sasl_mechanism: Option<String>,
+    /// `sasl.username`.
+    pub sasl_username: Option<String>,
+    /// `sasl.password`.
+    pub sasl_password: Option<String>,
+}
+
+impl fmt::Debug for KafkaConnection {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KafkaConnection")
+            .field("bootstrap_servers", &self.bootstrap_servers)
+            .field("security_protocol", &self.security_protocol)
+            .field("sasl_mechanism", &self.sasl_mechanism)
+            .field("sasl_username", &self.sasl_username)
+            .field(
+                "sasl_password",
+                &self.sasl_password.as_ref().map(|_| "<redacted>"),
+            )
+            .finish()
+    }
+}
+
+impl KafkaConnection {
+    /// A plaintext connection without authentication.
+    pub fn plaintext(bootstrap_servers: impl Into<String>) -> Self {
+        Self {
+            bootstrap_servers: bootstrap_servers.into(),
+            security_protocol: None,
+            sasl_mechanism: None,
+            sasl_username: None,
+            sasl_password: None,
+        }
+    }
+
+    /// librdkafka configuration for this connection.
+    pub fn client_config(&self) -> ClientConfig {
+        let mut cfg = ClientConfig::new();
+        cfg.set("bootstrap.servers", &self.bootstrap_servers);
+        let opt = [
+            ("security.protocol", &self.security_protocol),
+            ("sasl.mechanism", &self.sasl_mechanism),
+            ("sasl.username", &self.sasl_username),
+            ("sasl.password", &self.sasl_password),
+        ];
+        for (k, v) in opt {
+            if let Some(v) = v {
+                cfg.set(k, v);
+            }
+        }
+        cfg
+    }
+}
+
+/// A failed Kafka operation.
+#[derive(Debug, thiserror::Error)]
+pub enum KafkaError {
+    /// librdkafka reported an error.
+    #[error("{0}")]
+    Client(#[from] RdError),
+    /// A topic-level operation failed on the broker.
+    #[error("{op} topic {topic}: {code}")]
+    Topic {
+        /// What was attempted.
+        op: &'static str,
+        /// The topic.
+        topic: String,
+        /// Broker error code.
+        code: RDKafkaErrorCode,
+    },
+    /// A blocking librdkafka call could not be run.
+    #[error("kafka worker thread: {0}")]
+    Join(String),
+}
+
+/// Consumer lag of one partition.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PartitionLag {
+    /// Partition id.
+    pub partition: i32,
+    /// Low watermark (first offset still stored).
+    pub low: i64,
+    /// High watermark (offset of the next message produced).
+    pub high: i64,
+    /// Offset committed by the group, `None` when it has none.
+    pub committed: Option<i64>,
+    /// Messages not yet consumed.
+    pub lag: i64,
+}
+
+/// Consumer lag of a group over a topic.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LagReport {
+    /// Sum over partitions.
+    pub total: i64,
+    /// Per partition, ordered by partition id.
+    pub partitions: Vec<PartitionLag>,
+}
+
+/// Lag of one partition: `high − committed`. Without a committed offset, or with one below the
+/// low watermark (retention deleted what it pointed at), the group starts from the low watermark
+/// (the workers read from the earliest offset), so everything stored counts.
+pub fn partition_lag(low: i64, high: i64, committed: Option<i64>) -> i64 {
+    let from = match committed {
+        Some(c) if c >= low => c,
+        _ => low,
+    };
+    (high - from).max(0)
+}
+
+/// Kafka operations the operator needs.
+#[async_trait]
+pub trait KafkaAdmin: Send + Sync + 'static {
+    /// Partitions of `topic`, `None` when it does not exist.
+    async fn topic_partitions(
+        &self,
+        conn: &KafkaConnection,
+        topic: &str,
+    ) -> Result<Option<i32>, KafkaError>;
+    /// Creates `topic` with `partitions` partitions; `replication` of `None` takes the broker default.
+    async fn create_topic(
+        &self,
+        conn: &KafkaConnection,
+        topic: &str,
+        partitions: i32,
+        replication: Option<i32>,
+    ) -> Result<(), KafkaError>;
+    /// Grows `topic` to `total` partitions.
+    async fn grow_topic(
+        &self,
+        conn: &KafkaConnection,
+        topic: &str,
+        total: i32,
+    ) -> Result<(), KafkaError>;
+    /// Lag of `group` over every partition of `topic`.
+    async fn consumer_lag(
+        &self,
+        conn: &KafkaConnection,
+        topic: &str,
+        group: &str,
+    ) -> Result<LagReport, KafkaError>;
+}
+
+/// What [`ensure_topic`] found or did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TopicOutcome {
+    /// The topic already had the declared partitions.
+    Unchanged {
+        /// Partitions.
+        partitions: i32,
+    },
+    /// The topic was created.
+    Created {
+        /// Partitions.
+        partitions: i32,
+    },
+    /// The topic was grown.
+    Grown {
+        /// Partitions before.
+        from: i32,
+        /// Partitions now.
+        to: i32,
+    },
+    /// The topic has more partitions than declared; topics are never shrunk (Kafka cannot, and
+    /// recreating it would lose data and break key-to-partition mapping).
+    CannotShrink {
+        /// Partitions the topic has.
+        actual: i32,
+        /// Partitions the spec declares.
+        declared: i32,
+    },
+}
+
+impl TopicOutcome {
+    /// Partitions the topic has after the operation.
+    pub fn partitions(self) -> i32 {
+        match self {
+            Self::Unchanged { partitions } | Self::Created { partitions } => partitions,
+            Self::Grown { to, .. } => to,
+            Self::CannotShrink { actual, .. } => actual,
+        }
+    }
+}
+
+/// Makes `topic` exist with at least `declared` partitions: creates it, grows it, or leaves it.
+pub async fn ensure_topic(
+    admin: &dyn KafkaAdmin,
+    conn: &KafkaConnection,
+    topic: &str,
+    declared: i32,
+    replication: Option<i32>,
+) -> Result<TopicOutcome, KafkaError> {
+    match admin.topic_partitions(conn, topic).await? {
+        None => {
+            admin
+                .create_topic(conn, topic, declared, replication)
+                .await?;
+            Ok(TopicOutcome::Created {
+                partitions: declared,
+            })
+        }
+        Some(actual) if actual < declared => {
+            admin.grow_topic(conn, topic, declared).await?;
+            Ok(TopicOutcome::Grown {
+                from: actual,
+                to: declared,
+            })
+        }
+        Some(actual) if actual > declared => Ok(TopicOutcome::CannotShrink { actual, declared }),
+        Some(actual) => Ok(TopicOutcome::Unchanged { partitions: actual }),
+    }
+}
+
+/// [`KafkaAdmin`] on librdkafka. Clients are made per call: the operator calls it once per
+/// reconcile of a pipeline, and pipelines may point at different clusters.
+#[derive(Clone, Debug)]
+pub struct RdKafkaAdmin {
+    /// Bound on each broker round trip.
+    pub timeout: Duration,
+}
+
+impl Default for RdKafkaAdmin {
+    fn default() -> Self {
+        Self {
+            timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl RdKafkaAdmin {
+    fn probe_consumer(
+        conn: &KafkaConnection,
+        group: Option<&str>,
+    ) -> Result<BaseConsumer, KafkaError> {
+        let mut cfg = conn.client_config();
+        // never auto-create the topic by asking about it
+        cfg.set("allow.auto.create.topics", "false");
+        cfg.set("enable.auto.commit", "false");
+        cfg.set("client.id", "tickfleet-operator");
+        if let Some(g) = group {
+            cfg.set("group.id", g);
+        }
+        Ok(cfg.create()?)
+    }
+
+    fn admin(conn: &KafkaConnection) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
+        let mut cfg = conn.client_config();
+        cfg.set("client.id", "tickfleet-operator");
+        Ok(cfg.create()?)
+    }
+
+    async fn blocking<T: Send + 'static>(
+        f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
+    ) -> Result<T, KafkaError> {
+        tokio::task::spawn_blocking(f)
+            .await
+            .map_err(|e| KafkaError::Join(e.to_string()))?
+    }
+
+    fn options(&self) -> AdminOptions {
+        AdminOptions::new().operation_timeout(Some(self.timeout))
+    }
+}
+
+fn check_topic_results(
+    op: &'static str,
+    results: Vec<rdkafka::admin::TopicResult>,
+) -> Result<(), KafkaError> {
+    for r in results {
+        if let Err((topic, code)) = r {
+            return Err(KafkaError::Topic { op, topic, code });
+        }
+    }
+    Ok(())
+}
+
+#[async_trait]
+impl KafkaAdmin for RdKafkaAdmin {
+    async fn topic_partitions(
+        &self,
+        conn: &KafkaConnection,
+        topic: &str,
+    ) -> Result<Option<i32>, KafkaError> {
+        let conn = conn.clone();
+        let topic = topic.to_string();
+        let timeout = self.timeout;
+        Self::blocking(move || {
+            let consumer = Self::probe_consumer(&conn, None)?;
+            let md = consumer.fetch_metadata(Some(&topic), timeout)?;
+            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                return Ok(None);
+            };
+            match t.error() {
+                None => Ok(Some(
+                    i32::try_from(t.partitions().len()).unwrap_or(i32::MAX),
+                )),
+                Some(e) => {
+                    let code = RDKafkaErrorCode::from(e);
+                    if code == RDKafkaErrorCode::UnknownTopicOrPartition {
+                        Ok(None)
+                    } else {
+                        Err(KafkaError::Topic {
+                            op: "describe",
+                            topic,
+                            code,
+                        })
+                    }
+                }
+            }
+        })
+        .await
+    }
+
+    async fn create_topic(
+        &self,
+        conn: &KafkaConnection,
+        topic: &str,
+        partitions: i32,
+        replication: Option<i32>,
+    ) -> Result<(), KafkaError> {
+        let admin = Self::admin(conn)?;
+        // -1: the broker's default.replication.factor (KIP-464)
+        let new = NewTopic::new(
+            topic,
+            partitions,
+            TopicReplication::Fixed(replication.unwrap_or(-1)),
+        );
+        let results = admin.create_topics([&new], &self.options()).await?;
+        check_topic_results("create", results)
+    }
+
+    async fn grow_topic(
+        &self,
+        conn: &KafkaConnection,
+        topic: &str,
+        total: i32,
+    ) -> Result<(), KafkaError> {
+        let admin = Self::admin(conn)?;
+        let new = NewPartitions::new(topic, usize::try_from(total).unwrap_or(0));
+        let results = admin.create_partitions([&new], &self.options()).await?;
+        check_topic_results("grow", results)
+    }
+
+    async fn consumer_lag(
+        &self,
+        conn: &KafkaConnection,
+        topic: &str,
+        group: &str,
+    ) -> Result<LagReport, KafkaError> {
+        let conn = conn.clone();
+        let topic = topic.to_string();
+        let group = group.to_string();
+        let timeout = self.timeout;
+        Self::blocking(move || {
+            let consumer = Self::probe_consumer(&conn, Some(&group))?;
+            let md = consumer.fetch_metadata(Some(&topic), timeout)?;
+            let mut ids: Vec<i32> = md
+                .topics()
+                .iter()
+                .filter(|t| t.name() == topic && t.error().is_none())
+                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                .collect();
+            ids.sort_unstable();
+            if ids.is_empty() {
+                return Err(KafkaError::Topic {
+                    op: "measure lag of",
+                    topic,
+                    code: RDKafkaErrorCode::UnknownTopicOrPartition,
+                });
+            }
+            let mut tpl = TopicPartitionList::new();
+            for id in &ids {
+                tpl.add_partition(&topic, *id);
+            }
+            let committed = consumer.committed_offsets(tpl, timeout)?;
+            let mut partitions = Vec::with_capacity(ids.len());
+            for id in ids {
+                let (low, high) = consumer.fetch_watermarks(&topic, id, timeout)?;
+                let committed =
+                    committed
+                        .find_partition(&topic, id)
+                        .and_then(|e| match e.offset() {
+                            Offset::Offset(o) => Some(o),
+                            _ => None,
+                        });
+                partitions.push(PartitionLag {
+                    partition: id,
+                    low,
+                    high,
+                    committed,
+                    lag: partition_lag(low, high, committed),
+                });
+            }
+            Ok(LagReport {
+                total: partitions.iter().map(|p| p.lag).sum(),
+                partitions,
+            })
+        })
+        .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Mutex;
+
+    /// A fake cluster: topic partition counts, and a log of the calls that change it.
+    #[derive(Default)]
+    struct FakeAdmin {
+        topics: Mutex<std::collections::BTreeMap<String, i32>>,
+        calls: Mutex<Vec<String>>,
+        fail_grow: bool,
+    }
+
+    #[async_trait]
+    impl KafkaAdmin for FakeAdmin {
+        async fn topic_partitions(
+            &self,
+            _: &KafkaConnection,
+            topic: &str,
+        ) -> Result<Option<i32>, KafkaError> {
+            Ok(self.topics.lock().unwrap().get(topic).copied())
+        }
+        async fn create_topic(
+            &self,
+            _: &KafkaConnection,
+            topic: &str,
+            partitions: i32,
+            replication: Option<i32>,
+        ) -> Result<(), KafkaError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("create {topic} {partitions} {replication:?}"));
+            self.topics.lock().unwrap().insert(topic.into(), partitions);
+            Ok(())
+        }
+        async fn grow_topic(
+            &self,
+            _: &KafkaConnection,
+            topic: &str,
+            total: i32,
+        ) -> Result<(), KafkaError> {
+            self.calls
+                .lock()
+                .unwrap()
+                .push(format!("grow {topic} {total}"));
+            if self.fail_grow {
+                return Err(KafkaError::Topic {
+                    op: "grow",
+                    topic: topic.into(),
+                    code: RDKafkaErrorCode::PolicyViolation,
+                });
+            }
+            self.topics.lock().unwrap().insert(topic.into(), total);
+            Ok(())
+        }
+        async fn consumer_lag(
+            &self,
+            _: &KafkaConnection,
+            _: &str,
+            _: &str,
+        ) -> Result<LagReport, KafkaError> {
+            unreachable!("not used by ensure_topic")
+        }
+    }
+
+    fn conn() -> KafkaConnection {
+        KafkaConnection::plaintext("k:9092")
+    }
+
+    #[tokio::test]
+    async fn creates_missing_topic() {
+        let admin = FakeAdmin::default();
+        let out = ensure_topic(&admin, &conn(), "ticks", 6, Some(3))
+            .await
+            .unwrap();
+        assert_eq!(out, TopicOutcome::Created { partitions: 6 });
+        assert_eq!(*admin.calls.lock().unwrap(), vec!["create ticks 6 Some(3)"]);
+        assert_eq!(admin.topics.lock().unwrap()["ticks"], 6);
+    }
+
+    #[tokio::test]
+    async fn grows_but_never_shrinks() {
+        let admin = FakeAdmin::default();
+        admin.topics.lock().unwrap().insert("ticks".into(), 4);
+        let out = ensure_topic(&admin, &conn(), "ticks", 6, None)
+            .await
+            .unwrap();
+        assert_eq!(out, TopicOutcome::Grown { from: 4, to: 6 });
+        assert_eq!(out.partitions(), 6);
+        let out = ensure_topic(&admin, &conn(), "ticks", 6, None)
+            .await
+            .unwrap();
+        assert_eq!(out, TopicOutcome::Unchanged { partitions: 6 });
+        let out = ensure_topic(&admin, &conn(), "ticks", 2, None)
+            .await
+            .unwrap();
+        assert_eq!(
+            out,
+            TopicOutcome::CannotShrink {
+                actual: 6,
+                declared: 2
+            }
+        );
+        assert_eq!(out.partitions(), 6);
+        assert_eq!(
+            *admin.calls.lock().unwrap(),
+            vec!["grow ticks 6"],
+            "one change only"
+        );
+        assert_eq!(admin.topics.lock().unwrap()["ticks"], 6);
+    }
+
+    #[tokio::test]
+    async fn grow_failure_is_reported() {
+        let admin = FakeAdmin {
+            fail_grow: true,
+            ..FakeAdmin::default()
+        };
+        admin.topics.lock().unwrap().insert("ticks".into(), 2);
+        let err = ensure_topic(&admin, &conn(), "ticks", 6, None)
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!("grow topic ticks: {}", RDKafkaErrorCode::PolicyViolation)
+        );
+    }
+
+    #[test]
+    fn lag_of_a_partition() {
+        assert_eq!(partition_lag(0, 100, Some(40)), 60);
+        assert_eq!(partition_lag(0, 100, Some(100)), 0);
+        assert_eq!(
+            partition_lag(10, 100, None),
+            90,
+            "no commit: from the low watermark"
+        );
+        assert_eq!(
+            partition_lag(50, 100, Some(20)),
+            50,
+            "commit below retention"
+        );
+        assert_eq!(partition_lag(0, 0, None), 0);
+    }
+
+    #[test]
+    fn debug_redacts_password() {
+        let mut c = conn();
+        c.sasl_password = Some("hunter2".into());
+        assert!(!format!("{c:?}").contains("hunter2"));
+    }
+}
