@@ -1,0 +1,436 @@
+//! The Kafka side of the worker: one thread owns the consumer, polls it, and hands each message to its
+//! partition's lane; rebalance callbacks (which librdkafka runs on this same thread, inside `poll`) open
+//! lanes for assigned partitions and, for revoked ones, drain the lane and commit before letting go.
+//!
+//! Backpressure: when a lane's channel is full the message is held here and the partition is paused, so
+//! librdkafka stops fetching it; it resumes once the lane catches up. Memory stays bounded by the lane
+//! capacity plus librdkafka's `queued.max.messages.kbytes`.
+//!
+//! Commits: only a lane's [`Watermark`] (every earlier offset stored or dead-lettered) is ever committed —
+//! periodically (async), on revoke and on shutdown (sync).
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
+use rdkafka::message::Message;
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use tokio::runtime::Handle;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+
+use crate::lane::{LaneConfig, LaneShared, Record, Watermark, run_lane};
+
+/// The per-partition lanes of one consumer, shared by the poll loop and the rebalance callbacks.
+pub(crate) struct Lanes {
+    runtime: Handle,
+    shared: LaneShared,
+    config: LaneConfig,
+    capacity: usize,
+    topic: String,
+    drain_timeout: Duration,
+    map: Mutex<HashMap<i32, Lane>>,
+}
+
+struct Lane {
+    tx: mpsc::Sender<Record>,
+    /// Messages polled while the lane was full, in offset order; the partition is paused meanwhile.
+    stash: VecDeque<Record>,
+    paused: bool,
+    watermark: Watermark,
+    /// Last offset handed to a commit (async commits may still fail; see `commit_callback`).
+    committed: i64,
+    consumed: prometheus::IntCounter,
+    task: JoinHandle<()>,
+}
+
+impl Lanes {
+    pub(crate) fn new(
+        runtime: Handle,
+        shared: LaneShared,
+        config: LaneConfig,
+        capacity: usize,
+        topic: &str,
+        drain_timeout: Duration,
+    ) -> Self {
+        Lanes {
+            runtime,
+            shared,
+            config,
+            capacity: capacity.max(1),
+            topic: topic.to_owned(),
+            drain_timeout,
+            map: Mutex::default(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Lane>> {
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn tpl(&self, partitions: &[i32]) -> TopicPartitionList {
+        let mut tpl = TopicPartitionList::new();
+        for p in partitions {
+            tpl.add_partition(&self.topic, *p);
+        }
+        tpl
+    }
+
+    /// Starts lanes for newly assigned partitions.
+    fn open(&self, partitions: &[i32]) {
+        let mut map = self.lock();
+        for &p in partitions {
+            if map.contains_key(&p) {
+                continue;
+            }
+            let (tx, rx) = mpsc::channel(self.capacity);
+            let watermark = Watermark::new();
+            let task = self.runtime.spawn(run_lane(
+                rx,
+                watermark.clone(),
+                self.shared.clone(),
+                self.config,
+            ));
+            let consumed = self
+                .shared
+                .metrics
+                .consumed
+                .with_label_values(&[&p.to_string()]);
+            map.insert(
+                p,
+                Lane {
+                    tx,
+                    stash: VecDeque::new(),
+                    paused: false,
+                    watermark,
+                    committed: -1,
+                    consumed,
+                    task,
+                },
+            );
+        }
+        self.shared
+            .metrics
+            .assigned_partitions
+            .set(map.len() as i64);
+        info!(partitions = ?partitions, assigned = map.len(), "partitions assigned");
+    }
+
+    /// Stops the lanes of `partitions`: no more input, let them store what they hold (bounded by the drain
+    /// timeout), then commit their watermarks synchronously.
+    fn retire<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        partitions: &[i32],
+        why: &str,
+    ) {
+        let lanes: Vec<(i32, Lane)> = {
+            let mut map = self.lock();
+            let lanes = partitions
+                .iter()
+                .filter_map(|p| map.remove(p).map(|l| (*p, l)))
+                .collect();
+            self.shared
+                .metrics
+                .assigned_partitions
+                .set(map.len() as i64);
+            lanes
+        };
+        if lanes.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let mut tasks = Vec::new();
+        let mut offsets = Vec::new();
+        for (p, lane) in lanes {
+            // Held messages were never handed to the lane: dropping them uncommitted means the next owner
+            // reads them again.
+            self.shared.metrics.in_flight.sub(lane.stash.len() as i64);
+            drop(lane.tx);
+            tasks.push(lane.task);
+            offsets.push((p, lane.watermark, lane.committed));
+        }
+        let timeout = self.drain_timeout;
+        let drained = self.runtime.block_on(async {
+            let all = futures::future::join_all(tasks.iter_mut());
+            tokio::time::timeout(timeout, all).await.is_ok()
+        });
+        if !drained {
+            warn!(
+                why,
+                timeout_s = timeout.as_secs(),
+                "lanes did not drain in time; their unstored messages stay uncommitted"
+            );
+            for t in &tasks {
+                t.abort();
+            }
+        }
+        let mut tpl = TopicPartitionList::new();
+        for (p, watermark, committed) in &offsets {
+            if let Some(w) = watermark.get().filter(|w| w > committed) {
+                let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(w));
+            }
+        }
+        if tpl.count() > 0 {
+            match consumer.commit(&tpl, CommitMode::Sync) {
+                Ok(()) => {
+                    for (p, watermark, _) in &offsets {
+                        if let Some(w) = watermark.get() {
+                            self.shared
+                                .metrics
+                                .committed_offset
+                                .with_label_values(&[&p.to_string()])
+                                .set(w);
+                        }
+                    }
+                }
+                Err(e) => {
+                    self.shared
+                        .metrics
+                        .commit_failures
+                        .with_label_values(&["sync"])
+                        .inc();
+                    warn!(why, error = %e, "final commit refused; the next owner re-reads from the last commit (writes are idempotent)");
+                }
+            }
+        }
+        info!(why, partitions = ?partitions, drained, elapsed_ms = started.elapsed().as_millis() as u64, "partitions released");
+    }
+
+    /// Hands a polled message to its lane, or holds it (pausing the partition) when the lane is full.
+    /// Returns whether the message was held.
+    fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, record: Record) -> bool {
+        let mut map = self.lock();
+        let Some(lane) = map.get_mut(&record.partition) else {
+            // Not ours (any more): leave it uncommitted for the partition's owner.
+            self.shared.metrics.in_flight.dec();
+            debug!(
+                partition = record.partition,
+                "message for a partition not assigned here"
+            );
+            return false;
+        };
+        lane.consumed.inc();
+        if !lane.stash.is_empty() {
+            lane.stash.push_back(record);
+            return true;
+        }
+        match lane.tx.try_send(record) {
+            Ok(()) => false,
+            Err(mpsc::error::TrySendError::Full(record)) => {
+                let p = record.partition;
+                lane.stash.push_back(record);
+                if !lane.paused {
+                    lane.paused = true;
+                    if let Err(e) = consumer.pause(&self.tpl(&[p])) {
+                        warn!(partition = p, error = %e, "pause failed");
+                    }
+                }
+                true
+            }
+            Err(mpsc::error::TrySendError::Closed(record)) => {
+                self.shared.metrics.in_flight.dec();
+                warn!(
+                    partition = record.partition,
+                    "lane stopped; message left uncommitted"
+                );
+                false
+            }
+        }
+    }
+
+    /// Moves held messages into lanes with room; resumes partitions whose backlog is gone.
+    /// Returns whether any message is still held.
+    fn flush_held<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> bool {
+        let mut map = self.lock();
+        let mut any_held = false;
+        for (p, lane) in map.iter_mut() {
+            while let Some(record) = lane.stash.pop_front() {
+                match lane.tx.try_send(record) {
+                    Ok(()) => {}
+                    Err(mpsc::error::TrySendError::Full(record)) => {
+                        lane.stash.push_front(record);
+                        break;
+                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {
+                        self.shared.metrics.in_flight.dec()
+                    }
+                }
+            }
+            if lane.stash.is_empty() && lane.paused {
+                lane.paused = false;
+                if let Err(e) = consumer.resume(&self.tpl(&[*p])) {
+                    warn!(partition = p, error = %e, "resume failed");
+                }
+            }
+            any_held |= !lane.stash.is_empty();
+        }
+        any_held
+    }
+
+    /// Commits (async) every partition whose watermark moved since its last commit.
+    fn commit_stored<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+        let mut map = self.lock();
+        let mut tpl = TopicPartitionList::new();
+        for (p, lane) in map.iter_mut() {
+            if let Some(w) = lane.watermark.get().filter(|w| *w > lane.committed) {
+                let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(w));
+                lane.committed = w;
+            }
+        }
+        drop(map);
+        if tpl.count() > 0
+            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
+        {
+            self.forget_commits(&tpl);
+            self.shared
+                .metrics
+                .commit_failures
+                .with_label_values(&["async"])
+                .inc();
+            debug!(error = %e, "async commit not sent; will retry");
+        }
+    }
+
+    /// After a failed commit, makes the next `commit_stored` send those partitions again.
+    fn forget_commits(&self, tpl: &TopicPartitionList) {
+        let mut map = self.lock();
+        for e in tpl.elements() {
+            if let Some(lane) = map.get_mut(&e.partition()) {
+                lane.committed = -1;
+            }
+        }
+    }
+
+    fn assigned(&self) -> Vec<i32> {
+        let mut v: Vec<i32> = self.lock().keys().copied().collect();
+        v.sort_unstable();
+        v
+    }
+}
+
+/// librdkafka callbacks, run on the poll thread.
+pub(crate) struct WorkerContext {
+    pub(crate) lanes: Arc<Lanes>,
+}
+
+impl ClientContext for WorkerContext {}
+
+fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
+    tpl.elements().iter().map(|e| e.partition()).collect()
+}
+
+impl ConsumerContext for WorkerContext {
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Revoke(tpl) = rebalance {
+            self.lanes
+                .shared
+                .metrics
+                .rebalances
+                .with_label_values(&["revoke"])
+                .inc();
+            let lost = consumer.assignment_lost();
+            info!(partitions = ?partitions_of(tpl), lost, "partitions revoked: draining them before letting go");
+            self.lanes.retire(consumer, &partitions_of(tpl), "revoke");
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
+        match rebalance {
+            Rebalance::Assign(tpl) => {
+                self.lanes
+                    .shared
+                    .metrics
+                    .rebalances
+                    .with_label_values(&["assign"])
+                    .inc();
+                self.lanes.open(&partitions_of(tpl));
+            }
+            Rebalance::Revoke(_) => {}
+            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+        }
+    }
+
+    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
+        match result {
+            Ok(()) => {
+                for e in offsets.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        self.lanes
+                            .shared
+                            .metrics
+                            .committed_offset
+                            .with_label_values(&[&e.partition().to_string()])
+                            .set(o);
+                    }
+                }
+            }
+            Err(e) => {
+                self.lanes.forget_commits(offsets);
+                self.lanes
+                    .shared
+                    .metrics
+                    .commit_failures
+                    .with_label_values(&["async"])
+                    .inc();
+                debug!(error = %e, "commit refused; will retry");
+            }
+        }
+    }
+}
+
+/// The poll loop: runs on its own thread until `stop` is cancelled, then drains every lane, commits and
+/// closes the consumer (which leaves the group).
+pub(crate) fn poll_loop(
+    consumer: BaseConsumer<WorkerContext>,
+    lanes: Arc<Lanes>,
+    stop: CancellationToken,
+    commit_every: Duration,
+) {
+    let mut last_commit = Instant::now();
+    let mut held = false;
+    while !stop.is_cancelled() {
+        let timeout = if held {
+            Duration::from_millis(5)
+        } else {
+            Duration::from_millis(100)
+        };
+        match consumer.poll(timeout) {
+            Some(Ok(m)) => {
+                let record = Record {
+                    topic: m.topic().to_owned(),
+                    partition: m.partition(),
+                    offset: m.offset(),
+                    key: m.key().map(<[u8]>::to_vec),
+                    payload: m.payload().unwrap_or_default().to_vec(),
+                };
+                drop(m);
+                lanes.shared.metrics.in_flight.inc();
+                held |= lanes.dispatch(&consumer, record);
+            }
+            Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
+            None => {}
+        }
+        if held {
+            held = lanes.flush_held(&consumer);
+        }
+        if last_commit.elapsed() >= commit_every {
+            lanes.commit_stored(&consumer);
+            last_commit = Instant::now();
+        }
+    }
+    let assigned = lanes.assigned();
+    info!(partitions = ?assigned, "draining: fetching stopped");
+    if let Err(e) = consumer.pause(&lanes.tpl(&assigned)) {
+        debug!(error = %e, "pause before drain failed");
+    }
+    lanes.retire(&consumer, &assigned, "shutdown");
+    // Dropping the consumer closes it: it leaves the group, so its partitions move at once.
+    drop(consumer);
+    info!("consumer closed");
+}

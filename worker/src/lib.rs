@@ -1,0 +1,147 @@
+//! The tickfleet worker: consumes ticks from Kafka in one consumer group and stores them, each exactly
+//! once in effect.
+//!
+//! * Kafka assigns partitions to worker processes (cooperative-sticky); all ticks of an asset share a
+//!   partition because the message key is the asset id.
+//! * In a process, each assigned partition has a lane ([`lane`]) that batches its messages in offset
+//!   order and writes each batch with one store call, so partitions are worked concurrently and each
+//!   asset's ticks are applied in order.
+//! * An offset is committed only once every earlier message of its partition is stored (or
+//!   dead-lettered). Kafka may redeliver after a crash or rebalance; the store's idempotent writes make
+//!   that a no-op.
+//! * Shutdown ([`run`]): stop fetching, drain every lane, commit, close the consumer (leaving the
+//!   group) — bounded by the drain timeout.
+
+pub mod config;
+mod consumer;
+pub mod dlq;
+pub mod lane;
+pub mod metrics;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use tickfleet_service::{CancellationToken, Health};
+use tickfleet_store::TickStore;
+use tracing::{info, warn};
+
+pub use config::{KafkaOptions, WorkerConfig};
+pub use metrics::Metrics;
+
+use consumer::{Lanes, WorkerContext, poll_loop};
+use lane::{DeadLetterSink, LaneShared};
+
+/// How a worker's run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Drain {
+    /// Everything consumed was stored and committed, and the consumer left the group.
+    Clean,
+    /// The drain timeout passed first; whatever was not stored was not committed either.
+    TimedOut,
+}
+
+/// Runs a worker until `shutdown` is cancelled, then drains within [`WorkerConfig::drain_timeout`].
+///
+/// `dead_letters` defaults to the Kafka dead-letter topic when `None`.
+pub async fn run(
+    config: &WorkerConfig,
+    store: Arc<dyn TickStore>,
+    dead_letters: Option<Arc<dyn DeadLetterSink>>,
+    metrics: Metrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<Drain> {
+    let dead_letters = match dead_letters {
+        Some(d) => d,
+        None => Arc::new(
+            dlq::KafkaDeadLetters::new(&config.kafka.client_config(&[]), &config.dlq_topic())
+                .context("creating the dead-letter producer")?,
+        ),
+    };
+    let drain_timeout = config.drain_timeout();
+    let shared = LaneShared {
+        store: store.clone(),
+        dead_letters,
+        metrics: metrics.clone(),
+        health: health.clone(),
+    };
+    // Lanes get most of the drain budget; committing and leaving the group get the rest.
+    let lane_budget = drain_timeout.saturating_sub((drain_timeout / 4).min(Duration::from_secs(3)));
+    let lanes = Arc::new(Lanes::new(
+        tokio::runtime::Handle::current(),
+        shared,
+        config.lane(),
+        config.lane_capacity,
+        &config.topic,
+        lane_budget,
+    ));
+    let consumer: BaseConsumer<WorkerContext> = config
+        .consumer_config()
+        .create_with_context(WorkerContext {
+            lanes: lanes.clone(),
+        })
+        .context("creating the Kafka consumer")?;
+    consumer
+        .subscribe(&[&config.topic])
+        .with_context(|| format!("subscribing to {}", config.topic))?;
+    info!(topic = %config.topic, group = %config.group, brokers = %config.kafka.brokers, "worker started");
+
+    let stop_polling = CancellationToken::new();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let commit_every = Duration::from_millis(config.commit_interval_ms.max(10));
+    let poll_stop = stop_polling.clone();
+    std::thread::Builder::new()
+        .name("kafka-poll".into())
+        .spawn(move || {
+            poll_loop(consumer, lanes, poll_stop, commit_every);
+            let _ = done_tx.send(());
+        })
+        .context("starting the poll thread")?;
+
+    let readiness = tokio::spawn(watch_store(store, health.clone(), shutdown.clone()));
+    shutdown.cancelled().await;
+    health.set_ready(false);
+    let started = Instant::now();
+    info!(timeout_s = drain_timeout.as_secs(), "draining");
+    stop_polling.cancel();
+    readiness.abort();
+    let outcome = match tokio::time::timeout(drain_timeout, done_rx).await {
+        Ok(_) => Drain::Clean,
+        Err(_) => {
+            warn!("drain timed out; unstored messages were not committed and will be redelivered");
+            Drain::TimedOut
+        }
+    };
+    metrics.drain_seconds.set(started.elapsed().as_secs_f64());
+    info!(
+        ?outcome,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "drained"
+    );
+    Ok(outcome)
+}
+
+/// Keeps readiness in step with the store: ready while it answers a ping.
+async fn watch_store(store: Arc<dyn TickStore>, health: Arc<Health>, shutdown: CancellationToken) {
+    let mut was_ok = None;
+    while !shutdown.is_cancelled() {
+        let ok = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                if was_ok != Some(false) {
+                    warn!(error = %e, "store unreachable: not ready");
+                }
+                false
+            }
+            Err(_) => false,
+        };
+        if ok && was_ok != Some(true) {
+            info!("store reachable: ready");
+        }
+        health.set_ready(ok);
+        was_ok = Some(ok);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}

@@ -1,0 +1,167 @@
+//! The worker's Prometheus metrics. Labels stay low-cardinality: partition, reason, kind — never asset id.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
+    exponential_buckets,
+};
+
+/// Every metric the worker exports, registered in one [`Registry`].
+#[derive(Clone, Debug)]
+pub struct Metrics {
+    /// The registry the admin endpoint serves.
+    pub registry: Registry,
+    /// Messages taken from Kafka, by partition.
+    pub consumed: IntCounterVec,
+    /// Ticks newly written to the store, by partition.
+    pub stored: IntCounterVec,
+    /// Ticks the store already had (redeliveries), by partition.
+    pub duplicates: IntCounterVec,
+    /// Messages sent to the dead-letter topic, by reason.
+    pub dead_lettered: IntCounterVec,
+    /// Failed store writes (each retried), by error kind.
+    pub store_errors: IntCounterVec,
+    /// Ticks per store write.
+    pub batch_size: Histogram,
+    /// Store write latency in seconds, by outcome.
+    pub write_seconds: HistogramVec,
+    /// Partitions currently assigned to this worker.
+    pub assigned_partitions: IntGauge,
+    /// Rebalance events, by kind (assign, revoke).
+    pub rebalances: IntCounterVec,
+    /// Messages taken from Kafka and not yet stored.
+    pub in_flight: IntGauge,
+    /// Last committed offset, by partition.
+    pub committed_offset: IntGaugeVec,
+    /// Offset commit failures.
+    pub commit_failures: IntCounterVec,
+    /// How long the last drain took, in seconds.
+    pub drain_seconds: prometheus::Gauge,
+}
+
+impl Metrics {
+    /// Creates and registers the worker metrics in a fresh registry.
+    pub fn new() -> Self {
+        let registry = Registry::new();
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            let c = IntCounterVec::new(Opts::new(name, help), labels).expect("valid metric");
+            registry
+                .register(Box::new(c.clone()))
+                .expect("unique metric");
+            c
+        };
+        let consumed = counter(
+            "tickfleet_worker_messages_consumed_total",
+            "Messages taken from Kafka.",
+            &["partition"],
+        );
+        let stored = counter(
+            "tickfleet_worker_ticks_stored_total",
+            "Ticks newly written to the store.",
+            &["partition"],
+        );
+        let duplicates = counter(
+            "tickfleet_worker_ticks_duplicate_total",
+            "Redelivered ticks the store already had (no effect).",
+            &["partition"],
+        );
+        let dead_lettered = counter(
+            "tickfleet_worker_messages_dead_lettered_total",
+            "Messages sent to the dead-letter topic.",
+            &["reason"],
+        );
+        let store_errors = counter(
+            "tickfleet_worker_store_errors_total",
+            "Failed store writes (retried).",
+            &["kind"],
+        );
+        let rebalances = counter(
+            "tickfleet_worker_rebalances_total",
+            "Consumer group rebalance events.",
+            &["kind"],
+        );
+        let commit_failures = counter(
+            "tickfleet_worker_commit_failures_total",
+            "Offset commits Kafka refused (the next owner re-reads; writes are idempotent).",
+            &["mode"],
+        );
+        let batch_size = Histogram::with_opts(
+            HistogramOpts::new(
+                "tickfleet_worker_batch_size_ticks",
+                "Ticks per store write.",
+            )
+            .buckets(exponential_buckets(1.0, 2.0, 14).expect("valid buckets")),
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(batch_size.clone()))
+            .expect("unique metric");
+        let write_seconds = HistogramVec::new(
+            HistogramOpts::new(
+                "tickfleet_worker_store_write_seconds",
+                "Store write latency.",
+            )
+            .buckets(exponential_buckets(0.0001, 2.0, 16).expect("valid buckets")),
+            &["outcome"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(write_seconds.clone()))
+            .expect("unique metric");
+        let gauge = |name: &str, help: &str| {
+            let g = IntGauge::new(name, help).expect("valid metric");
+            registry
+                .register(Box::new(g.clone()))
+                .expect("unique metric");
+            g
+        };
+        let assigned_partitions = gauge(
+            "tickfleet_worker_assigned_partitions",
+            "Partitions assigned to this worker.",
+        );
+        let in_flight = gauge(
+            "tickfleet_worker_in_flight_messages",
+            "Messages consumed and not yet stored.",
+        );
+        let committed_offset = IntGaugeVec::new(
+            Opts::new(
+                "tickfleet_worker_committed_offset",
+                "Last offset committed, by partition.",
+            ),
+            &["partition"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(committed_offset.clone()))
+            .expect("unique metric");
+        let drain_seconds = prometheus::Gauge::new(
+            "tickfleet_worker_drain_seconds",
+            "Duration of the last drain.",
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(drain_seconds.clone()))
+            .expect("unique metric");
+        Metrics {
+            registry,
+            consumed,
+            stored,
+            duplicates,
+            dead_lettered,
+            store_errors,
+            batch_size,
+            write_seconds,
+            assigned_partitions,
+            rebalances,
+            in_flight,
+            committed_offset,
+            commit_failures,
+            drain_seconds,
+        }
+    }
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
