@@ -49,3 +49,260 @@ pub fn pipeline() -> TickPipeline {
     };
     tp
 }
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use futures::pin_mut;
+use http::{Request, Response, StatusCode};
+use k8s_openapi::api::apps::v1::DeploymentStatus;
+use k8s_openapi::api::core::v1::Secret;
+use k8s_openapi::jiff::Timestamp;
+use kube::Client;
+use kube::client::Body;
+use rdkafka::types::RDKafkaErrorCode;
+use serde_json::{Value, json};
+use tower_test::mock;
+
+use crate::controller::Context;
+use crate::kafka::{KafkaAdmin, KafkaConnection, KafkaError, LagReport};
+use crate::metrics::Metrics;
+
+/// The fixed "now" of controller tests.
+pub fn now() -> Timestamp {
+    Timestamp::from_second(1_800_000_000).expect("valid timestamp")
+}
+
+/// A fake Kafka cluster: topic partition counts, a lag to report, and a log of every call.
+#[derive(Default)]
+pub struct FakeKafka {
+    /// Topic → partitions.
+    pub topics: Mutex<BTreeMap<String, i32>>,
+    /// Calls made, as `op topic args`.
+    pub calls: Mutex<Vec<String>>,
+    /// Lag `consumer_lag` reports; an error when `None`.
+    pub lag: Mutex<Option<i64>>,
+    /// Make `topic_partitions` fail (broker unreachable).
+    pub fail_describe: bool,
+    /// Make `grow_topic` fail (e.g. a policy forbids it).
+    pub fail_grow: bool,
+}
+
+impl FakeKafka {
+    /// A cluster that has `topic` with `partitions` partitions.
+    pub fn with_topic(topic: &str, partitions: i32) -> Self {
+        let f = Self::default();
+        f.topics.lock().unwrap().insert(topic.into(), partitions);
+        f
+    }
+
+    /// The calls made so far.
+    pub fn calls(&self) -> Vec<String> {
+        self.calls.lock().unwrap().clone()
+    }
+
+    fn log(&self, call: String) {
+        self.calls.lock().unwrap().push(call);
+    }
+}
+
+fn broker_down(op: &'static str, topic: &str) -> KafkaError {
+    KafkaError::Topic {
+        op,
+        topic: topic.into(),
+        code: RDKafkaErrorCode::BrokerTransportFailure,
+    }
+}
+
+#[async_trait]
+impl KafkaAdmin for FakeKafka {
+    async fn topic_partitions(
+        &self,
+        _: &KafkaConnection,
+        topic: &str,
+    ) -> Result<Option<i32>, KafkaError> {
+        self.log(format!("describe {topic}"));
+        if self.fail_describe {
+            return Err(broker_down("describe", topic));
+        }
+        Ok(self.topics.lock().unwrap().get(topic).copied())
+    }
+    async fn create_topic(
+        &self,
+        _: &KafkaConnection,
+        topic: &str,
+        partitions: i32,
+        replication: Option<i32>,
+    ) -> Result<(), KafkaError> {
+        self.log(format!("create {topic} {partitions} {replication:?}"));
+        self.topics.lock().unwrap().insert(topic.into(), partitions);
+        Ok(())
+    }
+    async fn grow_topic(
+        &self,
+        _: &KafkaConnection,
+        topic: &str,
+        total: i32,
+    ) -> Result<(), KafkaError> {
+        self.log(format!("grow {topic} {total}"));
+        if self.fail_grow {
+            return Err(KafkaError::Topic {
+                op: "grow",
+                topic: topic.into(),
+                code: RDKafkaErrorCode::PolicyViolation,
+            });
+        }
+        self.topics.lock().unwrap().insert(topic.into(), total);
+        Ok(())
+    }
+    async fn consumer_lag(
+        &self,
+        _: &KafkaConnection,
+        topic: &str,
+        group: &str,
+    ) -> Result<LagReport, KafkaError> {
+        self.log(format!("lag {topic} {group}"));
+        match *self.lag.lock().unwrap() {
+            Some(total) => Ok(LagReport {
+                total,
+                partitions: vec![],
+            }),
+            None => Err(broker_down("measure lag of", topic)),
+        }
+    }
+}
+
+/// One request the mocked API server received.
+#[derive(Clone, Debug)]
+pub struct Recorded {
+    /// HTTP method.
+    pub method: String,
+    /// Path and query.
+    pub uri: String,
+    /// `Content-Type` header.
+    pub content_type: Option<String>,
+    /// JSON body (`Null` when empty).
+    pub body: Value,
+}
+
+/// A mocked Kubernetes API server (a `tower-test` service behind a real `kube::Client`). It
+/// records every request and answers like the API server would: server-side applies echo the
+/// applied object (Deployments with the configured status), a status apply returns the pipeline
+/// with that status, Secrets come from a map, and any path in `fail` answers 500.
+#[derive(Default)]
+pub struct ApiServer {
+    /// The pipeline being reconciled (returned by status patches).
+    pub pipeline: Option<crate::TickPipeline>,
+    /// Deployment name → status reported in apply responses.
+    pub deployment_status: HashMap<String, DeploymentStatus>,
+    /// Secret name → Secret.
+    pub secrets: HashMap<String, Secret>,
+    /// Path prefixes answered with 500 Internal Server Error.
+    pub fail: Vec<String>,
+}
+
+fn status_response(code: StatusCode, message: &str) -> Response<Body> {
+    let reason = if code == StatusCode::NOT_FOUND {
+        "NotFound"
+    } else {
+        "InternalError"
+    };
+    let body = json!({
+        "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+        "message": message, "reason": reason, "code": code.as_u16(),
+    });
+    Response::builder()
+        .status(code)
+        .body(Body::from(serde_json::to_vec(&body).unwrap()))
+        .unwrap()
+}
+
+fn ok(body: &Value) -> Response<Body> {
+    Response::builder()
+        .body(Body::from(serde_json::to_vec(body).unwrap()))
+        .unwrap()
+}
+
+impl ApiServer {
+    fn answer(&self, method: &str, path: &str, body: &Value) -> Response<Body> {
+        if self.fail.iter().any(|p| path.starts_with(p)) {
+            return status_response(StatusCode::INTERNAL_SERVER_ERROR, "injected failure");
+        }
+        let name = path.rsplit('/').next().unwrap_or_default();
+        match method {
+            "PATCH" if path.ends_with("/status") => {
+                let mut tp =
+                    serde_json::to_value(self.pipeline.as_ref().expect("pipeline")).unwrap();
+                tp["status"] = body["status"].clone();
+                ok(&tp)
+            }
+            "PATCH" if path.contains("/deployments/") => {
+                let mut d = body.clone();
+                d["metadata"]["generation"] = json!(1);
+                if let Some(st) = self.deployment_status.get(name) {
+                    d["status"] = serde_json::to_value(st).unwrap();
+                }
+                ok(&d)
+            }
+            "PATCH" => ok(body),
+            "GET" if path.contains("/secrets/") => match self.secrets.get(name) {
+                Some(s) => ok(&serde_json::to_value(s).unwrap()),
+                None => status_response(
+                    StatusCode::NOT_FOUND,
+                    &format!("secrets \"{name}\" not found"),
+                ),
+            },
+            _ => status_response(StatusCode::NOT_FOUND, "not mocked"),
+        }
+    }
+
+    /// Starts serving; returns a client talking to it and the log of received requests.
+    pub fn start(self) -> (Client, Arc<Mutex<Vec<Recorded>>>) {
+        let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let recorded = log.clone();
+        tokio::spawn(async move {
+            pin_mut!(handle);
+            while let Some((request, send)) = handle.next_request().await {
+                let method = request.method().to_string();
+                let uri = request.uri().to_string();
+                let path = request.uri().path().to_string();
+                let content_type = request
+                    .headers()
+                    .get(http::header::CONTENT_TYPE)
+                    .map(|v| v.to_str().unwrap().to_string());
+                let bytes = request.into_body().collect_bytes().await.unwrap();
+                let body: Value = if bytes.is_empty() {
+                    Value::Null
+                } else {
+                    serde_json::from_slice(&bytes).unwrap()
+                };
+                let response = self.answer(&method, &path, &body);
+                recorded.lock().unwrap().push(Recorded {
+                    method,
+                    uri,
+                    content_type,
+                    body,
+                });
+                send.send_response(response);
+            }
+        });
+        (Client::new(service, "default"), log)
+    }
+}
+
+impl Context {
+    /// A context on a mocked API server and a fake Kafka, with unregistered metrics and the
+    /// clock fixed at [`now`].
+    pub fn test(client: Client, kafka: Arc<FakeKafka>) -> Arc<Self> {
+        let registry = prometheus::Registry::new();
+        Arc::new(Self {
+            client,
+            kafka,
+            metrics: Metrics::new(&registry).expect("metrics"),
+            clock: Arc::new(now),
+            failures: Mutex::new(HashMap::new()),
+        })
+    }
+}

@@ -431,68 +431,7 @@ impl KafkaAdmin for RdKafkaAdmin {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::Mutex;
-
-    /// A fake cluster: topic partition counts, and a log of the calls that change it.
-    #[derive(Default)]
-    struct FakeAdmin {
-        topics: Mutex<std::collections::BTreeMap<String, i32>>,
-        calls: Mutex<Vec<String>>,
-        fail_grow: bool,
-    }
-
-    #[async_trait]
-    impl KafkaAdmin for FakeAdmin {
-        async fn topic_partitions(
-            &self,
-            _: &KafkaConnection,
-            topic: &str,
-        ) -> Result<Option<i32>, KafkaError> {
-            Ok(self.topics.lock().unwrap().get(topic).copied())
-        }
-        async fn create_topic(
-            &self,
-            _: &KafkaConnection,
-            topic: &str,
-            partitions: i32,
-            replication: Option<i32>,
-        ) -> Result<(), KafkaError> {
-            self.calls
-                .lock()
-                .unwrap()
-                .push(format!("create {topic} {partitions} {replication:?}"));
-            self.topics.lock().unwrap().insert(topic.into(), partitions);
-            Ok(())
-        }
-        async fn grow_topic(
-            &self,
-            _: &KafkaConnection,
-            topic: &str,
-            total: i32,
-        ) -> Result<(), KafkaError> {
-            self.calls
-                .lock()
-                .unwrap()
-                .push(format!("grow {topic} {total}"));
-            if self.fail_grow {
-                return Err(KafkaError::Topic {
-                    op: "grow",
-                    topic: topic.into(),
-                    code: RDKafkaErrorCode::PolicyViolation,
-                });
-            }
-            self.topics.lock().unwrap().insert(topic.into(), total);
-            Ok(())
-        }
-        async fn consumer_lag(
-            &self,
-            _: &KafkaConnection,
-            _: &str,
-            _: &str,
-        ) -> Result<LagReport, KafkaError> {
-            unreachable!("not used by ensure_topic")
-        }
-    }
+    use crate::fixtures::FakeKafka as FakeAdmin;
 
     fn conn() -> KafkaConnection {
         KafkaConnection::plaintext("k:9092")
@@ -505,7 +444,10 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(out, TopicOutcome::Created { partitions: 6 });
-        assert_eq!(*admin.calls.lock().unwrap(), vec!["create ticks 6 Some(3)"]);
+        assert_eq!(
+            admin.calls(),
+            vec!["describe ticks", "create ticks 6 Some(3)"]
+        );
         assert_eq!(admin.topics.lock().unwrap()["ticks"], 6);
     }
 
@@ -534,8 +476,13 @@ mod tests {
         );
         assert_eq!(out.partitions(), 6);
         assert_eq!(
-            *admin.calls.lock().unwrap(),
-            vec!["grow ticks 6"],
+            admin.calls(),
+            vec![
+                "describe ticks",
+                "grow ticks 6",
+                "describe ticks",
+                "describe ticks"
+            ],
             "one change only"
         );
         assert_eq!(admin.topics.lock().unwrap()["ticks"], 6);

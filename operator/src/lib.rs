@@ -5,18 +5,26 @@
 //! - [`desired`]: pure functions from a `TickPipeline` to the child objects it should have;
 //! - [`conditions`]: status condition transitions;
 //! - [`autoscale`]: the lag-based worker autoscaling decision;
-//! - [`kafka`]: topic admin and consumer-lag measurement behind small traits;
+//! - [`kafka`]: topic admin and consumer-lag measurement behind a small trait;
 //! - [`controller`]: the reconcile loop (server-side apply of children, status);
 //! - [`metrics`]: Prometheus metrics of the operator;
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease.
 
 pub mod autoscale;
 pub mod conditions;
+pub mod controller;
 pub mod crd;
 pub mod desired;
+mod error;
 pub mod kafka;
+pub mod leader;
+pub mod metrics;
 
 #[cfg(test)]
 pub mod fixtures;
 
 pub use crd::{TickPipeline, TickPipelineSpec, TickPipelineStatus};
+pub use error::Error;
+
+/// Result with the operator's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

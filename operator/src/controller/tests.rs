@@ -1,0 +1,492 @@
+//! Reconcile tests against a mocked API server, asserting the exact requests made.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use k8s_openapi::api::apps::v1::DeploymentStatus;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
+use kube::runtime::controller::Action;
+use serde_json::json;
+
+use super::*;
+use crate::crd::{AutoscalingSpec, TickPipelineStatus};
+use crate::fixtures::{ApiServer, FakeKafka, Recorded, now, pipeline};
+
+const APPLY: &str = "?&force=true&fieldManager=tickfleet-operator";
+const CM: &str = "/api/v1/namespaces/markets/configmaps/btc-config";
+const WORKER: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-worker";
+const PDB: &str = "/apis/policy/v1/namespaces/markets/poddisruptionbudgets/btc-worker";
+const API: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-api";
+const SVC: &str = "/api/v1/namespaces/markets/services/btc-api";
+const STATUS: &str = "/apis/tickfleet.io/v1alpha1/namespaces/markets/tickpipelines/btc/status";
+
+fn uris(log: &[Recorded]) -> Vec<String> {
+    log.iter()
+        .map(|r| format!("{} {}", r.method, r.uri))
+        .collect()
+}
+
+fn patch(path: &str) -> String {
+    format!("PATCH {path}{APPLY}")
+}
+
+fn all_applies() -> Vec<String> {
+    [CM, WORKER, PDB, API, SVC, STATUS]
+        .iter()
+        .map(|p| patch(p))
+        .collect()
+}
+
+fn status_of(log: &[Recorded]) -> TickPipelineStatus {
+    let last = log.last().expect("a request");
+    assert_eq!(last.uri, format!("{STATUS}{APPLY}"));
+    assert_eq!(last.body["apiVersion"], "tickfleet.io/v1alpha1");
+    assert_eq!(last.body["kind"], "TickPipeline");
+    serde_json::from_value(last.body["status"].clone()).expect("status body")
+}
+
+fn cond<'a>(s: &'a TickPipelineStatus, ty: &str) -> &'a Condition {
+    s.conditions
+        .iter()
+        .find(|c| c.type_ == ty)
+        .unwrap_or_else(|| panic!("no {ty} condition"))
+}
+
+fn ready_status(replicas: i32) -> DeploymentStatus {
+    DeploymentStatus {
+        observed_generation: Some(1),
+        replicas: Some(replicas),
+        updated_replicas: Some(replicas),
+        ready_replicas: Some(replicas),
+        available_replicas: Some(replicas),
+        ..DeploymentStatus::default()
+    }
+}
+
+async fn run(
+    server: ApiServer,
+    kafka: Arc<FakeKafka>,
+    tp: &TickPipeline,
+) -> (Result<Action>, Vec<Recorded>, Arc<Context>) {
+    let (client, log) = server.start();
+    let ctx = Context::test(client, kafka);
+    let res = reconcile(Arc::new(tp.clone()), ctx.clone()).await;
+    let log = log.lock().unwrap().clone();
+    (res, log, ctx)
+}
+
+fn server_for(tp: &TickPipeline) -> ApiServer {
+    ApiServer {
+        pipeline: Some(tp.clone()),
+        ..ApiServer::default()
+    }
+}
+
+#[tokio::test]
+async fn applies_every_child_with_owner_reference_then_status() {
+    let tp = pipeline();
+    let kafka = Arc::new(FakeKafka::default());
+    let (res, log, _) = run(server_for(&tp), kafka.clone(), &tp).await;
+    assert_eq!(res.expect("reconcile"), Action::requeue(RESYNC));
+    assert_eq!(uris(&log), all_applies());
+    // the topic did not exist: created with the declared partitions, broker-default replication
+    assert_eq!(kafka.calls(), vec!["describe ticks", "create ticks 6 None"]);
+
+    // each child body is exactly the desired object, sent as a server-side apply
+    let want = desired::desired(&tp, 2);
+    let bodies = [
+        serde_json::to_value(&want.config_map).unwrap(),
+        serde_json::to_value(&want.worker).unwrap(),
+        serde_json::to_value(&want.worker_pdb).unwrap(),
+        serde_json::to_value(&want.api).unwrap(),
+        serde_json::to_value(&want.api_service).unwrap(),
+    ];
+    for (req, body) in log.iter().zip(bodies) {
+        assert_eq!(
+            req.content_type.as_deref(),
+            Some("application/apply-patch+yaml")
+        );
+        assert_eq!(req.body, body, "{}", req.uri);
+        assert_eq!(
+            req.body["metadata"]["ownerReferences"],
+            json!([{
+                "apiVersion": "tickfleet.io/v1alpha1",
+                "kind": "TickPipeline",
+                "name": "btc",
+                "uid": "6b0e4a57-0d0c-4b37-9c2f-6a51d6e1f0aa",
+                "controller": true,
+            }]),
+            "{}",
+            req.uri
+        );
+    }
+    assert_eq!(log[1].body["spec"]["replicas"], 2);
+
+    // status: observedGeneration, conditions stamped with now, replicas from the Deployments
+    let st = status_of(&log);
+    assert_eq!(st.observed_generation, Some(3));
+    assert_eq!(st.partitions, Some(6));
+    assert_eq!(
+        st.workers,
+        ReplicaStatus {
+            desired: 2,
+            current: 0,
+            ready: 0
+        }
+    );
+    assert_eq!(
+        st.api,
+        ReplicaStatus {
+            desired: 1,
+            current: 0,
+            ready: 0
+        }
+    );
+    assert_eq!(
+        st.selector.as_deref(),
+        Some(
+            "app.kubernetes.io/component=worker,app.kubernetes.io/instance=btc,app.kubernetes.io/name=tickfleet"
+        )
+    );
+    let summary: Vec<_> = st
+        .conditions
+        .iter()
+        .map(|c| (c.type_.as_str(), c.status.as_str(), c.reason.as_str()))
+        .collect();
+    assert_eq!(
+        summary,
+        vec![
+            ("Ready", "False", "WorkersNotReady"),
+            ("Progressing", "True", "RollingOut"),
+            ("Degraded", "False", "AsExpected"),
+            ("Paused", "False", "NotPaused"),
+            ("WorkersCapped", "False", "WithinPartitions"),
+        ]
+    );
+    for c in &st.conditions {
+        assert_eq!(c.observed_generation, Some(3));
+        assert_eq!(c.last_transition_time, Time(now()));
+    }
+}
+
+#[tokio::test]
+async fn ready_deployments_make_the_pipeline_ready_keeping_transition_times() {
+    let mut tp = pipeline();
+    // an earlier reconcile left Degraded=False at an older time; Ready was False
+    let earlier = Time(Timestamp::from_second(1_700_000_000).unwrap());
+    let old_cond = |ty: &str, status: &str, reason: &str| Condition {
+        type_: ty.into(),
+        status: status.into(),
+        reason: reason.into(),
+        message: String::new(),
+        last_transition_time: earlier.clone(),
+        observed_generation: Some(2),
+    };
+    tp.status = Some(TickPipelineStatus {
+        conditions: vec![
+            old_cond("Ready", "False", "WorkersNotReady"),
+            old_cond("Degraded", "False", "AsExpected"),
+        ],
+        ..TickPipelineStatus::default()
+    });
+    let mut server = server_for(&tp);
+    server
+        .deployment_status
+        .insert("btc-worker".into(), ready_status(2));
+    server
+        .deployment_status
+        .insert("btc-api".into(), ready_status(1));
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
+    let (res, log, ctx) = run(server, kafka.clone(), &tp).await;
+    res.expect("reconcile");
+    assert_eq!(
+        kafka.calls(),
+        vec!["describe ticks"],
+        "topic already right: no change"
+    );
+    let st = status_of(&log);
+    let ready = cond(&st, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "AllReplicasReady")
+    );
+    assert_eq!(ready.last_transition_time, Time(now()), "status changed");
+    let degraded = cond(&st, "Degraded");
+    assert_eq!(
+        degraded.last_transition_time, earlier,
+        "status unchanged: time kept"
+    );
+    assert_eq!(degraded.observed_generation, Some(3));
+    assert_eq!(cond(&st, "Progressing").reason, "RolloutComplete");
+    assert_eq!(
+        st.workers,
+        ReplicaStatus {
+            desired: 2,
+            current: 2,
+            ready: 2
+        }
+    );
+    assert_eq!(
+        ctx.metrics
+            .workers_ready
+            .with_label_values(&["markets", "btc"])
+            .get(),
+        2
+    );
+    assert_eq!(ctx.metrics.reconciles.get(), 1);
+}
+
+#[tokio::test]
+async fn paused_pipeline_writes_nothing_but_status() {
+    let mut tp = pipeline();
+    tp.metadata.annotations = Some(
+        [(
+            crate::crd::PAUSED_ANNOTATION.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    );
+    tp.spec.workers.replicas = 5;
+    let kafka = Arc::new(FakeKafka::default());
+    let (res, log, _) = run(server_for(&tp), kafka.clone(), &tp).await;
+    assert_eq!(res.expect("reconcile"), Action::await_change());
+    assert_eq!(uris(&log), vec![patch(STATUS)]);
+    assert!(kafka.calls().is_empty(), "no Kafka changes while paused");
+    let st = status_of(&log);
+    assert_eq!(st.observed_generation, Some(3));
+    let paused = cond(&st, "Paused");
+    assert_eq!(
+        (paused.status.as_str(), paused.reason.as_str()),
+        ("True", "PausedByAnnotation")
+    );
+    assert_eq!(st.conditions.len(), 1, "nothing else was observed");
+}
+
+#[tokio::test]
+async fn invalid_spec_is_degraded_without_retry_loop() {
+    let mut tp = pipeline();
+    tp.spec.store.redis.url = Some("http://redis:6379".into());
+    let kafka = Arc::new(FakeKafka::default());
+    let (res, log, ctx) = run(server_for(&tp), kafka.clone(), &tp).await;
+    // not an error: retrying cannot fix a spec; the next spec change triggers a reconcile
+    assert_eq!(res.expect("reconcile"), Action::await_change());
+    assert_eq!(uris(&log), vec![patch(STATUS)], "no child is touched");
+    assert!(kafka.calls().is_empty());
+    let st = status_of(&log);
+    assert_eq!(st.observed_generation, Some(3));
+    let degraded = cond(&st, "Degraded");
+    assert_eq!(degraded.status, "True");
+    assert_eq!(degraded.reason, "InvalidSpec");
+    assert_eq!(
+        degraded.message,
+        "store.redis.url must start with redis:// or rediss://"
+    );
+    assert_eq!(cond(&st, "Ready").status, "False");
+    assert_eq!(cond(&st, "Progressing").reason, "InvalidSpec");
+    assert_eq!(
+        ctx.metrics
+            .failures
+            .with_label_values(&["invalid_spec"])
+            .get(),
+        1
+    );
+}
+
+#[tokio::test]
+async fn more_workers_than_partitions_are_capped_and_explained() {
+    let mut tp = pipeline();
+    tp.spec.workers.replicas = 10;
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
+    let (res, log, _) = run(server_for(&tp), kafka, &tp).await;
+    res.expect("reconcile");
+    assert_eq!(uris(&log), all_applies());
+    assert_eq!(log[1].body["spec"]["replicas"], 6);
+    let st = status_of(&log);
+    let capped = cond(&st, "WorkersCapped");
+    assert_eq!(
+        (capped.status.as_str(), capped.reason.as_str()),
+        ("True", "MoreWorkersThanPartitions")
+    );
+    assert!(
+        capped
+            .message
+            .starts_with("10 workers asked for but the topic has 6 partitions")
+    );
+    assert_eq!(st.workers.desired, 6);
+}
+
+#[tokio::test]
+async fn grows_topic_and_reports_when_it_cannot_shrink() {
+    let tp = pipeline();
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 4));
+    let (res, _, _) = run(server_for(&tp), kafka.clone(), &tp).await;
+    res.expect("reconcile");
+    assert_eq!(kafka.calls(), vec!["describe ticks", "grow ticks 6"]);
+
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 12));
+    let (res, log, _) = run(server_for(&tp), kafka.clone(), &tp).await;
+    res.expect("a bigger topic still works");
+    assert_eq!(kafka.calls(), vec!["describe ticks"]);
+    let st = status_of(&log);
+    assert_eq!(st.partitions, Some(12));
+    let degraded = cond(&st, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "PartitionsCannotShrink")
+    );
+}
+
+#[tokio::test]
+async fn kafka_failure_degrades_then_requeues_with_backoff() {
+    let tp = pipeline();
+    let kafka = Arc::new(FakeKafka {
+        fail_describe: true,
+        ..FakeKafka::default()
+    });
+    let (res, log, ctx) = run(server_for(&tp), kafka, &tp).await;
+    let err = res.expect_err("transient failure is an error");
+    assert_eq!(err.metric_label(), "kafka");
+    // children are still kept in shape, and status says what is wrong
+    assert_eq!(uris(&log), all_applies());
+    let st = status_of(&log);
+    let degraded = cond(&st, "Degraded");
+    assert_eq!(
+        (degraded.status.as_str(), degraded.reason.as_str()),
+        ("True", "TopicUnavailable")
+    );
+    assert_eq!(cond(&st, "Ready").reason, "TopicUnavailable");
+
+    let tp = Arc::new(tp);
+    let delays: Vec<Action> = (0..4)
+        .map(|_| error_policy(tp.clone(), &err, ctx.clone()))
+        .collect();
+    assert_eq!(
+        delays,
+        [5, 10, 20, 40]
+            .map(|s| Action::requeue(Duration::from_secs(s)))
+            .to_vec()
+    );
+    assert_eq!(ctx.metrics.failures.with_label_values(&["kafka"]).get(), 4);
+}
+
+#[tokio::test]
+async fn api_server_error_is_returned_for_retry() {
+    let tp = pipeline();
+    let mut server = server_for(&tp);
+    server.fail.push(WORKER.into());
+    let (res, log, _) = run(server, Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
+    assert_eq!(res.expect_err("500").metric_label(), "kube");
+    assert_eq!(
+        uris(&log),
+        vec![patch(CM), patch(WORKER)],
+        "stops at the failing apply"
+    );
+}
+
+#[tokio::test]
+async fn autoscaling_sizes_workers_from_lag() {
+    let mut tp = pipeline();
+    tp.spec.workers.autoscaling = Some(AutoscalingSpec {
+        enabled: true,
+        min_replicas: 1,
+        max_replicas: 10,
+        target_lag_per_worker: 1000,
+        scale_down_stabilization_seconds: 300,
+        poll_interval_seconds: 15,
+    });
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
+    *kafka.lag.lock().unwrap() = Some(4500);
+    let (res, log, ctx) = run(server_for(&tp), kafka.clone(), &tp).await;
+    assert_eq!(
+        res.expect("reconcile"),
+        Action::requeue(Duration::from_secs(15))
+    );
+    assert_eq!(
+        kafka.calls(),
+        vec!["describe ticks", "lag ticks tickfleet.markets.btc"]
+    );
+    assert_eq!(log[1].body["spec"]["replicas"], 5, "ceil(4500 / 1000)");
+    let st = status_of(&log);
+    assert_eq!(st.lag, Some(4500));
+    let a = st.autoscaling.expect("autoscaling status");
+    assert_eq!(
+        (a.lag, a.target_lag_per_worker, a.recommended, a.desired),
+        (4500, 1000, 5, 5)
+    );
+    assert_eq!(a.reason, "ScaleUp");
+    assert_eq!(
+        ctx.metrics.lag.with_label_values(&["markets", "btc"]).get(),
+        4500
+    );
+
+    // lag unreadable next time: keep 5 workers, say why, retry with backoff
+    let mut again = tp.clone();
+    again.status = Some(TickPipelineStatus {
+        autoscaling: Some(a),
+        ..TickPipelineStatus::default()
+    });
+    *kafka.lag.lock().unwrap() = None;
+    let (res, log, _) = run(server_for(&again), kafka, &again).await;
+    assert_eq!(res.expect_err("lag failure").metric_label(), "kafka");
+    assert_eq!(log[1].body["spec"]["replicas"], 5);
+    let st = status_of(&log);
+    assert_eq!(cond(&st, "Degraded").reason, "LagUnavailable");
+    assert_eq!(
+        cond(&st, "Ready").status,
+        "False",
+        "pods not ready in this mock"
+    );
+}
+
+#[tokio::test]
+async fn sasl_credentials_come_from_the_secret() {
+    use k8s_openapi::ByteString;
+    use k8s_openapi::api::core::v1::Secret;
+    let mut tp = pipeline();
+    tp.spec.kafka.auth = Some(crate::crd::KafkaAuth {
+        security_protocol: crate::crd::SecurityProtocol::SaslSsl,
+        sasl: Some(crate::crd::SaslSpec {
+            mechanism: crate::crd::SaslMechanism::Plain,
+            credentials_secret: crate::crd::CredentialsSecretRef {
+                name: "kafka-creds".into(),
+                username_key: "username".into(),
+                password_key: "password".into(),
+            },
+        }),
+    });
+    let mut server = server_for(&tp);
+    server.secrets.insert(
+        "kafka-creds".into(),
+        Secret {
+            data: Some(
+                [
+                    ("username".to_string(), ByteString(b"ops".to_vec())),
+                    ("password".to_string(), ByteString(b"s3cret".to_vec())),
+                ]
+                .into(),
+            ),
+            ..Secret::default()
+        },
+    );
+    let (client, log) = server.start();
+    let conn = kafka_connection(&client, &tp, "markets")
+        .await
+        .expect("connection");
+    assert_eq!(conn.sasl_username.as_deref(), Some("ops"));
+    assert_eq!(conn.sasl_password.as_deref(), Some("s3cret"));
+    assert_eq!(conn.sasl_mechanism.as_deref(), Some("PLAIN"));
+    assert_eq!(conn.security_protocol.as_deref(), Some("SASL_SSL"));
+    let reqs: Vec<String> = uris(&log.lock().unwrap());
+    assert_eq!(
+        reqs,
+        vec!["GET /api/v1/namespaces/markets/secrets/kafka-creds"]
+    );
+
+    // a missing Secret: Degraded, children still applied, retried
+    let (res, log, _) = run(server_for(&tp), Arc::new(FakeKafka::default()), &tp).await;
+    assert_eq!(res.expect_err("no secret").metric_label(), "secret");
+    assert_eq!(log[0].uri, "/api/v1/namespaces/markets/secrets/kafka-creds");
+    let st = status_of(&log);
+    assert_eq!(cond(&st, "Degraded").reason, "KafkaCredentialsUnavailable");
+    assert_eq!(log[1].uri, format!("{CM}{APPLY}"));
+}
