@@ -63,10 +63,18 @@ async fn next_signal() -> &'static str {
 /// Sets up `tracing` output on stderr: human-readable text, or one JSON object per line when `json`.
 /// The filter comes from `RUST_LOG` (default `info`). Calling it twice is harmless.
 pub fn init_tracing(json: bool) {
+    init_tracing_with(json, "info");
+}
+
+/// [`init_tracing`] with another default filter, for commands that should be quiet unless asked.
+pub fn init_tracing_with(json: bool, default_filter: &str) {
+    use std::io::IsTerminal;
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = if json {
         builder.json().flatten_event(true).try_init()

@@ -1,0 +1,219 @@
+//! `tickctl demo`: the whole pipeline on one machine, on embedded defaults.
+//!
+//! An in-process Kafka-protocol broker (librdkafka's mock cluster), the in-memory store (or `--redis`),
+//! several workers in one consumer group and the generator, with live throughput — until Ctrl-C (or
+//! `--duration`). Then it stops the generator, lets the workers drain, and audits the store like
+//! `tickctl verify`: every produced tick stored once, in order.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::Args;
+use prometheus::core::Collector;
+use tickfleet_proto::Format;
+use tickfleet_service::{CancellationToken, Health};
+use tickfleet_store::{MemoryStore, RedisStore, Retention, TickStore};
+use tickfleet_worker::{KafkaOptions, Metrics, WorkerConfig};
+
+use crate::dev_broker::DevBroker;
+use crate::produce::{Amount, Generator, Plan, produce};
+use crate::verify;
+
+/// Options of `tickctl demo`.
+#[derive(Args, Debug)]
+pub struct DemoArgs {
+    /// Use these Kafka bootstrap servers instead of the in-process broker (the topic must exist).
+    #[arg(long)]
+    brokers: Option<String>,
+    /// Use this Redis instead of the in-memory store.
+    #[arg(long)]
+    redis: Option<String>,
+    /// Key prefix in Redis.
+    #[arg(long, default_value = "tf-demo")]
+    redis_prefix: String,
+    /// Topic.
+    #[arg(long, default_value = "ticks")]
+    topic: String,
+    /// Partitions of the topic on the in-process broker.
+    #[arg(long, default_value_t = 8)]
+    partitions: i32,
+    /// Workers (consumers in one group).
+    #[arg(long, default_value_t = 3)]
+    workers: usize,
+    /// Assets.
+    #[arg(long, default_value_t = 20)]
+    assets: u32,
+    /// Ticks per second produced; 0 = flat out.
+    #[arg(long, default_value_t = 5_000)]
+    rate: u64,
+    /// Stop by itself after this many seconds (default: run until Ctrl-C).
+    #[arg(long)]
+    duration: Option<f64>,
+}
+
+fn counter_total(c: &prometheus::IntCounterVec) -> u64 {
+    c.collect()
+        .iter()
+        .flat_map(|family| family.get_metric())
+        .map(|m| m.get_counter().get_value() as u64)
+        .sum()
+}
+
+pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
+    let broker = match &args.brokers {
+        Some(_) => None,
+        None => Some(DevBroker::start(
+            1,
+            &[(args.topic.clone(), args.partitions)],
+        )?),
+    };
+    let brokers = match (&args.brokers, &broker) {
+        (Some(b), _) => b.clone(),
+        (None, Some(dev)) => dev.bootstrap_servers(),
+        (None, None) => unreachable!("a broker is started when none is given"),
+    };
+    let store: Arc<dyn TickStore> = match &args.redis {
+        Some(url) => Arc::new(RedisStore::open(
+            url,
+            &args.redis_prefix,
+            Retention::default(),
+        )?),
+        None => Arc::new(MemoryStore::new()),
+    };
+    store.ping().await?;
+
+    let stop = tickfleet_service::shutdown_on_signals();
+    let workers_stop = CancellationToken::new();
+    let kafka = KafkaOptions::new(&brokers);
+    let mut config = WorkerConfig {
+        kafka: kafka.clone(),
+        topic: args.topic.clone(),
+        group: "tickfleet-demo".into(),
+        format: Format::Protobuf,
+        dlq_topic: None,
+        batch_size: 1000,
+        batch_linger_ms: 20,
+        commit_interval_ms: 500,
+        drain_timeout_secs: 15,
+        lane_capacity: 2000,
+        max_payload_bytes: 64 * 1024,
+        max_skew_secs: None,
+        redis_url: args.redis.clone().unwrap_or_default(),
+        redis_prefix: args.redis_prefix.clone(),
+        retention_max_age_secs: None,
+        retention_max_count: None,
+        admin_addr: "127.0.0.1:0".parse()?,
+        log_format: "text".into(),
+    };
+    config
+        .kafka
+        .kafka_options
+        .push(("session.timeout.ms".into(), "6000".into()));
+    let mut workers = Vec::new();
+    let mut metrics = Vec::new();
+    for _ in 0..args.workers.max(1) {
+        let m = Metrics::new();
+        metrics.push(m.clone());
+        let (config, store, stop) = (config.clone(), store.clone(), workers_stop.clone());
+        workers.push(tokio::spawn(async move {
+            tickfleet_worker::run(&config, store, None, m, Health::new(), stop).await
+        }));
+    }
+
+    println!("tickfleet demo");
+    println!(
+        "  kafka   {brokers} (topic {}, {} partitions){}",
+        args.topic,
+        args.partitions,
+        if broker.is_some() {
+            ", in-process dev broker"
+        } else {
+            ""
+        }
+    );
+    println!(
+        "  store   {}",
+        args.redis
+            .as_deref()
+            .map_or("in-memory".to_string(), |u| format!(
+                "redis {u} prefix {}",
+                args.redis_prefix
+            ))
+    );
+    println!(
+        "  workers {} in group tickfleet-demo; generator: {} assets at {}",
+        args.workers,
+        args.assets,
+        if args.rate == 0 {
+            "full speed".to_string()
+        } else {
+            format!("{}/s", args.rate)
+        }
+    );
+    println!(
+        "  try, in another terminal: tickctl produce --brokers {brokers} --topic {} --count 1000",
+        args.topic
+    );
+    println!("  Ctrl-C stops the generator, drains the workers and audits the store.");
+
+    let produce_stop = stop.child_token();
+    if let Some(secs) = args.duration {
+        let s = produce_stop.clone();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs_f64(secs)).await;
+            s.cancel();
+        });
+    }
+    let plan = Plan {
+        topic: args.topic.clone(),
+        format: Format::Protobuf,
+        amount: Amount::UntilStopped,
+        rate: args.rate,
+        batch: 200,
+    };
+    let mut generator = Generator::new(args.assets, "A", rand::random());
+    let stored = || {
+        metrics
+            .iter()
+            .map(|m| counter_total(&m.stored))
+            .sum::<u64>()
+    };
+    let started = Instant::now();
+    let mut last = (Instant::now(), 0u64);
+    let report = produce(&kafka, &plan, &mut generator, &produce_stop, |sent| {
+        if last.0.elapsed() >= Duration::from_secs(1) {
+            let now = stored();
+            let rate = (now - last.1) as f64 / last.0.elapsed().as_secs_f64();
+            println!(
+                "  {:>6.1}s  produced {sent:>9}  stored {now:>9}  ({rate:>8.0} ticks/s stored)",
+                started.elapsed().as_secs_f64()
+            );
+            last = (Instant::now(), now);
+        }
+    })
+    .await?;
+
+    // Let the workers catch up with what was acknowledged, then drain them.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while stored() < report.acknowledged && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    workers_stop.cancel();
+    for w in workers {
+        w.await??;
+    }
+    let audit = verify::audit(&report, store.as_ref()).await?;
+    println!(
+        "  produced {} ticks, stored {} (each once)",
+        report.acknowledged,
+        stored()
+    );
+    verify::print(&audit);
+    drop(broker);
+    Ok(if audit.is_clean() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

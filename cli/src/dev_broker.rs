@@ -1,0 +1,83 @@
+//! `tickctl dev-broker`: librdkafka's mock cluster as a process.
+//!
+//! It speaks the Kafka protocol on loopback TCP ports, so any Kafka client (the worker, kcat, Python's
+//! confluent-kafka) can use it. Its limits: topics are created here (`--topic NAME:PARTITIONS`), not
+//! through the admin API; unknown topics auto-create with 4 partitions; about 5 MiB are kept per
+//! partition; nothing is persisted; offset commits are refused while a rebalance is in progress.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::Args;
+use rdkafka::mocking::MockCluster;
+use rdkafka::producer::DefaultProducerContext;
+
+/// Options of `tickctl dev-broker`.
+#[derive(Args, Debug)]
+pub struct DevBrokerArgs {
+    /// Topics to create, `NAME:PARTITIONS` (repeatable).
+    #[arg(long = "topic", default_value = "ticks:8", value_parser = parse_topic)]
+    topics: Vec<(String, i32)>,
+    /// Number of brokers in the cluster.
+    #[arg(long, default_value_t = 1)]
+    brokers: i32,
+    /// Also write the bootstrap servers to this file (written atomically once the broker is up).
+    #[arg(long)]
+    bootstrap_file: Option<PathBuf>,
+}
+
+fn parse_topic(s: &str) -> Result<(String, i32), String> {
+    let (name, partitions) = s.rsplit_once(':').unwrap_or((s, "8"));
+    let partitions: i32 = partitions
+        .parse()
+        .map_err(|_| format!("{s:?}: partitions must be a number"))?;
+    if name.is_empty() || partitions < 1 {
+        return Err(format!(
+            "{s:?}: expected NAME:PARTITIONS with PARTITIONS >= 1"
+        ));
+    }
+    Ok((name.to_owned(), partitions))
+}
+
+/// A running mock cluster with its topics.
+pub struct DevBroker {
+    cluster: MockCluster<'static, DefaultProducerContext>,
+}
+
+impl DevBroker {
+    /// Starts a cluster of `brokers` brokers and creates `topics`.
+    pub fn start(brokers: i32, topics: &[(String, i32)]) -> anyhow::Result<Self> {
+        let cluster = MockCluster::new(brokers)?;
+        for (name, partitions) in topics {
+            cluster.create_topic(name, *partitions, 1)?;
+        }
+        Ok(DevBroker { cluster })
+    }
+
+    /// The bootstrap servers list.
+    pub fn bootstrap_servers(&self) -> String {
+        self.cluster.bootstrap_servers()
+    }
+}
+
+pub async fn run(args: DevBrokerArgs) -> anyhow::Result<ExitCode> {
+    let broker = DevBroker::start(args.brokers, &args.topics)?;
+    let servers = broker.bootstrap_servers();
+    if let Some(path) = &args.bootstrap_file {
+        let tmp = path.with_extension("tmp");
+        std::fs::write(&tmp, format!("{servers}\n"))?;
+        std::fs::rename(&tmp, path)?;
+    }
+    println!("{servers}");
+    std::io::stdout().flush()?;
+    let topics: Vec<String> = args
+        .topics
+        .iter()
+        .map(|(n, p)| format!("{n}:{p}"))
+        .collect();
+    tracing::info!(bootstrap = %servers, ?topics, "dev broker up; SIGTERM or SIGINT stops it");
+    tickfleet_service::shutdown_on_signals().cancelled().await;
+    drop(broker);
+    Ok(ExitCode::SUCCESS)
+}
