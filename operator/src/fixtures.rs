@@ -189,7 +189,8 @@ pub struct Recorded {
 /// A mocked Kubernetes API server (a `tower-test` service behind a real `kube::Client`). It
 /// records every request and answers like the API server would: server-side applies echo the
 /// applied object (Deployments with the configured status), a status apply returns the pipeline
-/// with that status, Secrets come from a map, and any path in `fail` answers 500.
+/// with that status, Secrets come from a map, and requests matching `fail` get the given error
+/// status, and a Lease can be read and written.
 #[derive(Default)]
 pub struct ApiServer {
     /// The pipeline being reconciled (returned by status patches).
@@ -198,8 +199,10 @@ pub struct ApiServer {
     pub deployment_status: HashMap<String, DeploymentStatus>,
     /// Secret name → Secret.
     pub secrets: HashMap<String, Secret>,
-    /// Path prefixes answered with 500 Internal Server Error.
-    pub fail: Vec<String>,
+    /// The Lease returned by `GET .../leases/NAME` (404 when `None`).
+    pub lease: Option<k8s_openapi::api::coordination::v1::Lease>,
+    /// `(method, path prefix, status code)`: matching requests fail with that code.
+    pub fail: Vec<(&'static str, String, u16)>,
 }
 
 fn status_response(code: StatusCode, message: &str) -> Response<Body> {
@@ -226,8 +229,12 @@ fn ok(body: &Value) -> Response<Body> {
 
 impl ApiServer {
     fn answer(&self, method: &str, path: &str, body: &Value) -> Response<Body> {
-        if self.fail.iter().any(|p| path.starts_with(p)) {
-            return status_response(StatusCode::INTERNAL_SERVER_ERROR, "injected failure");
+        if let Some((_, _, code)) = self
+            .fail
+            .iter()
+            .find(|(m, p, _)| *m == method && path.starts_with(p.as_str()))
+        {
+            return status_response(StatusCode::from_u16(*code).unwrap(), "injected failure");
         }
         let name = path.rsplit('/').next().unwrap_or_default();
         match method {
@@ -245,7 +252,14 @@ impl ApiServer {
                 }
                 ok(&d)
             }
-            "PATCH" => ok(body),
+            "PATCH" | "POST" | "PUT" => ok(body),
+            "GET" if path.contains("/leases/") => match &self.lease {
+                Some(l) => ok(&serde_json::to_value(l).unwrap()),
+                None => status_response(
+                    StatusCode::NOT_FOUND,
+                    &format!("leases \"{name}\" not found"),
+                ),
+            },
             "GET" if path.contains("/secrets/") => match self.secrets.get(name) {
                 Some(s) => ok(&serde_json::to_value(s).unwrap()),
                 None => status_response(

@@ -373,7 +373,7 @@ async fn kafka_failure_degrades_then_requeues_with_backoff() {
 async fn api_server_error_is_returned_for_retry() {
     let tp = pipeline();
     let mut server = server_for(&tp);
-    server.fail.push(WORKER.into());
+    server.fail.push(("PATCH", WORKER.into(), 500));
     let (res, log, _) = run(server, Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
     assert_eq!(res.expect_err("500").metric_label(), "kube");
     assert_eq!(
