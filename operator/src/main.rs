@@ -1,2 +1,159 @@
-//! tickfleet-operator binary.
-fn main() {}
+//! `tickfleet-operator`: runs the TickPipeline controller.
+//!
+//! Serves `/healthz`, `/readyz` and `/metrics` on the admin address, logs with `tracing` (text or
+//! JSON), takes part in leader election on a Lease so only one replica reconciles, and shuts down
+//! gracefully on SIGTERM/SIGINT (in-flight reconciles finish, the Lease is released).
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use clap::{ArgAction, Parser, ValueEnum};
+use kube::Client;
+use kube::api::{Api, ListParams};
+use tickfleet_operator::TickPipeline;
+use tickfleet_operator::controller::{self, Context};
+use tickfleet_operator::kafka::RdKafkaAdmin;
+use tickfleet_operator::leader::{HoldEnd, LeaderElector, LeaseConfig};
+use tickfleet_operator::metrics::Metrics;
+use tickfleet_service::{Health, init_tracing, serve_admin, shutdown_on_signals};
+use tokio_util::sync::CancellationToken;
+use tracing::{error, info};
+
+#[derive(Clone, Copy, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The TickPipeline Kubernetes operator.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// Address of the admin server (`/healthz`, `/readyz`, `/metrics`).
+    #[arg(long, env = "TICKFLEET_ADMIN_ADDR", default_value = "0.0.0.0:8080")]
+    admin_addr: SocketAddr,
+    /// Log format.
+    #[arg(long, env = "TICKFLEET_LOG_FORMAT", value_enum, default_value = "json")]
+    log_format: LogFormat,
+    /// Take part in leader election; turn off only when running a single replica.
+    #[arg(long, env = "TICKFLEET_LEADER_ELECTION", action = ArgAction::Set, default_value_t = true)]
+    leader_election: bool,
+    /// Name of the leader election Lease.
+    #[arg(
+        long,
+        env = "TICKFLEET_LEASE_NAME",
+        default_value = "tickfleet-operator"
+    )]
+    lease_name: String,
+    /// Namespace of the Lease (the operator's own, from the downward API).
+    #[arg(long, env = "POD_NAMESPACE", default_value = "tickfleet-system")]
+    lease_namespace: String,
+    /// Identity in the election (the pod name, from the downward API).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// Seconds a Lease stays valid without renewal.
+    #[arg(long, env = "TICKFLEET_LEASE_DURATION_SECS", default_value_t = 15)]
+    lease_duration_secs: u64,
+    /// Seconds between renewals (and between attempts of a standby).
+    #[arg(long, env = "TICKFLEET_LEASE_RETRY_SECS", default_value_t = 5)]
+    lease_retry_secs: u64,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    init_tracing(matches!(args.log_format, LogFormat::Json));
+    let shutdown = shutdown_on_signals();
+
+    let registry = prometheus::Registry::new();
+    let metrics = Metrics::new(&registry).context("registering metrics")?;
+    let health = Health::new();
+    let (_, admin) = serve_admin(args.admin_addr, registry, health.clone(), shutdown.clone())
+        .await
+        .with_context(|| format!("binding admin address {}", args.admin_addr))?;
+
+    let client = Client::try_default()
+        .await
+        .context("creating the Kubernetes client")?;
+    Api::<TickPipeline>::all(client.clone())
+        .list(&ListParams::default().limit(1))
+        .await
+        .context("listing TickPipelines; is the CRD installed (manifests/crd.yaml)?")?;
+    // ready = up and talking to the API server; a standby replica is ready too
+    health.set_ready(true);
+
+    let elector = if args.leader_election {
+        let identity = args
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .context("no identity for leader election: set POD_NAME or --identity")?;
+        let elector = LeaderElector::new(
+            client.clone(),
+            LeaseConfig {
+                name: args.lease_name.clone(),
+                namespace: args.lease_namespace.clone(),
+                identity,
+                lease_duration: Duration::from_secs(args.lease_duration_secs),
+                retry_period: Duration::from_secs(args.lease_retry_secs),
+            },
+        );
+        info!(lease = %args.lease_name, "waiting to become leader");
+        if !elector.acquire(&shutdown).await {
+            info!("shut down before becoming leader");
+            let _ = admin.await;
+            return Ok(());
+        }
+        Some(Arc::new(elector))
+    } else {
+        None
+    };
+    metrics.leader.set(1);
+
+    // the controller stops on shutdown or when leadership is lost
+    let stop = CancellationToken::new();
+    let holder = elector.clone().map(|elector| {
+        let shutdown = shutdown.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let end = elector.hold(&shutdown).await;
+            stop.cancel();
+            end
+        })
+    });
+    {
+        let shutdown = shutdown.clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            shutdown.cancelled().await;
+            stop.cancel();
+        });
+    }
+
+    let ctx = Arc::new(Context::new(
+        client,
+        Arc::new(RdKafkaAdmin::default()),
+        metrics.clone(),
+    ));
+    info!("controller starting");
+    controller::run(ctx, stop.cancelled_owned()).await;
+    metrics.leader.set(0);
+
+    let lost = match holder {
+        Some(h) => h.await.map(|end| end == HoldEnd::Lost).unwrap_or(true),
+        None => false,
+    };
+    if let Some(elector) = elector.as_ref().filter(|_| !lost) {
+        elector.release().await;
+    }
+    shutdown.cancel();
+    let _ = admin.await;
+    if lost {
+        error!("lost the leader lease; exiting so a fresh start rejoins the election");
+        std::process::exit(1);
+    }
+    info!("stopped");
+    Ok(())
+}
