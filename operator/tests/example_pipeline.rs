@@ -1,0 +1,67 @@
+//! The example in `manifests/example-pipeline.yaml` must be a valid TickPipeline: it parses into
+//! the Rust type, every field it sets is a field of the type (no typo silently dropped), and the
+//! operator's own validation accepts it.
+
+use serde_json::Value;
+use tickfleet_operator::TickPipeline;
+use tickfleet_operator::desired::validate;
+
+/// Whether every key/value in `part` is present in `whole` (arrays compared element-wise).
+fn included(part: &Value, whole: &Value, path: &str) -> Result<(), String> {
+    match (part, whole) {
+        (Value::Object(p), Value::Object(w)) => {
+            for (k, v) in p {
+                let sub = format!("{path}.{k}");
+                let Some(wv) = w.get(k) else {
+                    return Err(format!("{sub} is not a TickPipeline field"));
+                };
+                included(v, wv, &sub)?;
+            }
+            Ok(())
+        }
+        (Value::Array(p), Value::Array(w)) if p.len() == w.len() => {
+            for (i, (pv, wv)) in p.iter().zip(w).enumerate() {
+                included(pv, wv, &format!("{path}[{i}]"))?;
+            }
+            Ok(())
+        }
+        (p, w) if p == w => Ok(()),
+        (p, w) => Err(format!("{path}: {p} became {w}")),
+    }
+}
+
+#[test]
+fn example_pipeline_is_valid() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/example-pipeline.yaml"
+    );
+    let text = std::fs::read_to_string(path).expect("read example");
+    let raw: Value = serde_saphyr::from_str(&text).expect("yaml");
+    let mut tp: TickPipeline = serde_json::from_value(raw.clone()).expect("a TickPipeline");
+    let round_trip = serde_json::to_value(&tp).expect("serialize");
+    included(&raw, &round_trip, "").expect("every field is known");
+    // kubectl apply -n puts it in a namespace
+    tp.metadata.namespace = Some("markets".into());
+    assert_eq!(validate(&tp), Ok(()));
+    assert!(
+        tp.spec
+            .workers
+            .autoscaling
+            .as_ref()
+            .is_some_and(|a| a.enabled)
+    );
+}
+
+#[test]
+fn typo_in_a_field_is_caught() {
+    let raw: Value = serde_json::json!({
+        "apiVersion": "tickfleet.io/v1alpha1", "kind": "TickPipeline", "metadata": {"name": "x"},
+        "spec": {"image": "i", "kafka": {"bootstrapServers": "k:9092", "topic": "t", "partitions": 1,
+                 "partitons": 2}, "store": {"redis": {"url": "redis://r"}}}
+    });
+    let tp: TickPipeline =
+        serde_json::from_value(raw.clone()).expect("parses: serde ignores unknown fields");
+    let err = included(&raw, &serde_json::to_value(&tp).unwrap(), "").unwrap_err();
+    assert_eq!(err, ".spec.kafka.partitons is not a TickPipeline field");
+}
