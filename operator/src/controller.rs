@@ -282,7 +282,8 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
             None
         }
     };
-    let mut partitions = old.partitions.unwrap_or(spec.kafka.partitions);
+    // what the topic has; until Kafka answers, the last known count (or the declared one)
+    let mut known_partitions = None;
     if let Some(conn) = &conn {
         match ensure_topic(
             ctx.kafka.as_ref(),
@@ -294,7 +295,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
         .await
         {
             Ok(outcome) => {
-                partitions = outcome.partitions();
+                known_partitions = Some(outcome.partitions());
                 match outcome {
                     TopicOutcome::Created { partitions } => {
                         info!(pipeline = %key(tp), topic = %spec.kafka.topic, partitions, "created topic");
@@ -328,6 +329,9 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
         }
     }
 
+    let partitions = known_partitions
+        .or(old.partitions)
+        .unwrap_or(spec.kafka.partitions);
     let autoscaling = spec.workers.autoscaling.as_ref().filter(|a| a.enabled);
     let mut capped = None;
     let requested = match autoscaling {
@@ -411,7 +415,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
         conditions::merge(&old.conditions, &conditions::wanted(&obs), &now, generation);
     status.workers = obs.workers.clone();
     status.api = obs.api.clone();
-    status.partitions = Some(partitions);
+    status.partitions = known_partitions.or(old.partitions);
     status.selector = Some(desired::worker_selector_string(tp));
     write_status(ctx, tp, &ns, &status).await?;
     ctx.metrics.pipeline(

@@ -31,6 +31,8 @@ pub const PAUSED_ANNOTATION: &str = "tickfleet.io/paused";
     shortname = "tp",
     status = "TickPipelineStatus",
     doc = "A stream of market price ticks read from a Kafka topic and stored in Redis by a fleet of workers.",
+    validation = kube::core::Rule::new("size(self.metadata.name) <= 56")
+        .message("metadata.name must be at most 56 characters (children are named <name>-config etc.)"),
     scale(
         spec_replicas_path = ".spec.workers.replicas",
         status_replicas_path = ".status.workers.current",

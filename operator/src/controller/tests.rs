@@ -355,6 +355,11 @@ async fn kafka_failure_degrades_then_requeues_with_backoff() {
         ("True", "TopicUnavailable")
     );
     assert_eq!(cond(&st, "Ready").reason, "TopicUnavailable");
+    assert_eq!(st.partitions, None, "not known: not reported");
+    assert_eq!(
+        log[1].body["spec"]["replicas"], 2,
+        "capped by the declared partitions"
+    );
 
     let tp = Arc::new(tp);
     let delays: Vec<Action> = (0..4)
