@@ -1,0 +1,51 @@
+#!/usr/bin/env bash
+# Installs what tickfleet's tests need on a fresh Debian machine, starts a real redis-server on a free
+# loopback port, builds the binaries, runs formatting and lint checks and every workspace test (unit,
+# conformance and end-to-end), stops redis, and exits with the tests' status.
+#
+# The Kafka side needs no install: end-to-end tests start `tickctl dev-broker` (librdkafka's mock cluster,
+# built from source with the workspace) themselves.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+log() { printf '\n==> %s\n' "$*"; }
+as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
+
+if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
+  log "installing redis-server (apt)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+fi
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest"
+  cargo install cargo-nextest --locked
+fi
+
+work=$(mktemp -d)
+redis_pid=""
+cleanup() {
+  if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
+  rm -rf "$work"
+}
+trap cleanup EXIT
+
+port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+log "starting redis-server on 127.0.0.1:$port"
+redis-server --bind 127.0.0.1 --port "$port" --dir "$work" --save "" --appendonly no \
+  --logfile "$work/redis.log" --daemonize no &
+redis_pid=$!
+for _ in $(seq 1 100); do
+  redis-cli -p "$port" ping >/dev/null 2>&1 && break
+  sleep 0.1
+done
+redis-cli -p "$port" ping >/dev/null
+export TICKFLEET_TEST_REDIS_URL="redis://127.0.0.1:$port"
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+log "cargo clippy (warnings are errors)"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+log "building the binaries the end-to-end tests run"
+cargo build --workspace --bins --locked
+log "running the tests"
+cargo nextest run --workspace --locked --profile ci

@@ -1,0 +1,295 @@
+//! Harness for tickfleet's end-to-end tests: starts the real binaries (`tickctl dev-broker`,
+//! `tickfleet-worker`, `tickctl produce`/`verify`) as processes on loopback, against the redis-server
+//! named by `TICKFLEET_TEST_REDIS_URL` (`scripts/test.sh` starts one and sets it).
+//!
+//! Binaries are taken from `TICKFLEET_BIN_DIR`, or else from the target directory this test was built
+//! into (`cargo build --bins` first; `scripts/test.sh` does).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of one of the workspace's binaries.
+pub fn bin(name: &str) -> PathBuf {
+    let dir = match std::env::var_os("TICKFLEET_BIN_DIR") {
+        Some(d) => PathBuf::from(d),
+        None => {
+            // target/<profile>/deps/<test-binary> → target/<profile>
+            let exe = std::env::current_exe().expect("current exe");
+            exe.parent()
+                .and_then(Path::parent)
+                .expect("target dir")
+                .to_path_buf()
+        }
+    };
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (cargo build --bins) or set TICKFLEET_BIN_DIR",
+        path.display()
+    );
+    path
+}
+
+/// The test Redis URL.
+pub fn redis_url() -> String {
+    std::env::var("TICKFLEET_TEST_REDIS_URL").expect(
+        "TICKFLEET_TEST_REDIS_URL is not set: run scripts/test.sh, which starts redis-server and sets it",
+    )
+}
+
+/// A name no other test run uses: for key prefixes, groups and temp files.
+pub fn unique(name: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_nanos();
+    format!("{name}-{}-{nanos}", std::process::id())
+}
+
+/// A free loopback port (bound and released; the window for a clash is tiny).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .expect("free port")
+        .port()
+}
+
+/// Polls `check` every `every` until it returns `Some`, or panics with `what` after `timeout`.
+pub fn wait_for<T>(
+    timeout: Duration,
+    every: Duration,
+    what: &str,
+    mut check: impl FnMut() -> Option<T>,
+) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = check() {
+            return v;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(every);
+    }
+}
+
+/// Sends a signal by name (TERM, INT, KILL) with the system's `kill`.
+pub fn signal(child: &Child, sig: &str) {
+    let status = Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(child.id().to_string())
+        .status()
+        .expect("run kill");
+    assert!(status.success(), "kill -{sig} {} failed", child.id());
+}
+
+/// Waits for a child to exit, at most `timeout`.
+pub fn wait_exit(child: &mut Child, timeout: Duration) -> Option<ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().expect("try_wait") {
+            return Some(status);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A `tickctl dev-broker` process.
+pub struct DevBroker {
+    child: Child,
+    /// Its bootstrap servers.
+    pub bootstrap: String,
+}
+
+impl DevBroker {
+    /// Starts a broker with `topics` (`NAME:PARTITIONS`) and waits for its bootstrap list.
+    pub fn start(topics: &[&str]) -> Self {
+        let mut cmd = Command::new(bin("tickctl"));
+        cmd.arg("dev-broker");
+        for t in topics {
+            cmd.arg("--topic").arg(t);
+        }
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tickctl dev-broker");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout"))
+            .read_line(&mut line)
+            .expect("read bootstrap servers");
+        let bootstrap = line.trim().to_owned();
+        assert!(
+            !bootstrap.is_empty(),
+            "dev-broker printed no bootstrap servers"
+        );
+        DevBroker { child, bootstrap }
+    }
+}
+
+impl Drop for DevBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A `tickfleet-worker` process whose stderr goes to a log file.
+pub struct Worker {
+    /// The process.
+    pub child: Child,
+    /// Its admin endpoint, `127.0.0.1:PORT`.
+    pub admin: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+/// What every worker of a test shares.
+#[derive(Clone, Debug)]
+pub struct WorkerSetup {
+    /// Kafka bootstrap servers.
+    pub bootstrap: String,
+    /// Topic.
+    pub topic: String,
+    /// Consumer group.
+    pub group: String,
+    /// Redis key prefix.
+    pub prefix: String,
+    /// Directory for logs.
+    pub dir: PathBuf,
+    /// Extra arguments.
+    pub args: Vec<String>,
+}
+
+impl Worker {
+    /// Starts worker number `n` of `setup`.
+    pub fn start(setup: &WorkerSetup, n: usize) -> Self {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let log = setup.dir.join(format!("worker-{n}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin("tickfleet-worker"))
+            .args([
+                "--brokers",
+                &setup.bootstrap,
+                "--topic",
+                &setup.topic,
+                "--group",
+                &setup.group,
+            ])
+            .args(["--redis-url", &redis_url(), "--redis-prefix", &setup.prefix])
+            .args(["--admin-addr", &admin, "--drain-timeout-secs", "20"])
+            .args(["--kafka-option", "session.timeout.ms=6000"])
+            .args(&setup.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start tickfleet-worker");
+        Worker { child, admin, log }
+    }
+
+    /// The worker's `/metrics` text, or `None` if it does not answer.
+    pub fn metrics(&self) -> Option<String> {
+        http_get(&self.admin, "/metrics")
+    }
+
+    /// Sum of one metric's samples (all label sets), 0 when absent.
+    pub fn metric(&self, name: &str) -> f64 {
+        self.metrics().map(|m| metric_sum(&m, name)).unwrap_or(0.0)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Sum of the samples of metric `name` in Prometheus text.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with(' ') || rest.starts_with('{'))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// A plain HTTP/1.1 GET on loopback; the body on 200.
+pub fn http_get(addr: &str, path: &str) -> Option<String> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
+}
+
+/// Runs `tickctl produce` (blocking) and returns its report file.
+pub fn produce(bootstrap: &str, topic: &str, dir: &Path, extra: &[&str]) -> PathBuf {
+    let report = dir.join("report.json");
+    let out = Command::new(bin("tickctl"))
+        .args([
+            "produce",
+            "--brokers",
+            bootstrap,
+            "--topic",
+            topic,
+            "--report",
+        ])
+        .arg(&report)
+        .args(extra)
+        .output()
+        .expect("run tickctl produce");
+    assert!(
+        out.status.success(),
+        "tickctl produce failed: {}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    report
+}
+
+/// `tickctl verify --json` of `report` against the test Redis under `prefix`: (clean?, summary).
+pub fn verify(report: &Path, prefix: &str) -> (bool, serde_json::Value) {
+    let out = Command::new(bin("tickctl"))
+        .args([
+            "verify",
+            "--json",
+            "--redis-url",
+            &redis_url(),
+            "--redis-prefix",
+            prefix,
+            "--report",
+        ])
+        .arg(report)
+        .output()
+        .expect("run tickctl verify");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "tickctl verify printed no JSON ({e}): {}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    (out.status.success(), summary)
+}
