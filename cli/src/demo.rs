@@ -171,6 +171,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         amount: Amount::UntilStopped,
         rate: args.rate,
         batch: 200,
+        poison_every: None,
     };
     let mut generator = Generator::new(args.assets, "A", rand::random());
     let stored = || {

@@ -2,6 +2,7 @@
 
 mod demo;
 mod dev_broker;
+mod dlq;
 mod produce;
 mod verify;
 
@@ -28,6 +29,8 @@ enum Command {
     DevBroker(dev_broker::DevBrokerArgs),
     /// Check the store against a `produce --report`: per asset, no tick lost, none doubled, order kept.
     Verify(verify::VerifyArgs),
+    /// List the dead-letter topic, or replay it after a fix.
+    Dlq(dlq::DlqArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -47,6 +50,7 @@ fn main() -> std::process::ExitCode {
             Command::Produce(args) => produce::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Verify(args) => verify::run(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
         }
     });
     match result {

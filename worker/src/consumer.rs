@@ -15,7 +15,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -176,29 +175,7 @@ impl Lanes {
                 let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(w));
             }
         }
-        if tpl.count() > 0 {
-            match consumer.commit(&tpl, CommitMode::Sync) {
-                Ok(()) => {
-                    for (p, watermark, _) in &offsets {
-                        if let Some(w) = watermark.get() {
-                            self.shared
-                                .metrics
-                                .committed_offset
-                                .with_label_values(&[&p.to_string()])
-                                .set(w);
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.shared
-                        .metrics
-                        .commit_failures
-                        .with_label_values(&["sync"])
-                        .inc();
-                    warn!(why, error = %e, "final commit refused; the next owner re-reads from the last commit (writes are idempotent)");
-                }
-            }
-        }
+        self.commit(consumer, &tpl, why);
         info!(why, partitions = ?partitions, drained, elapsed_ms = started.elapsed().as_millis() as u64, "partitions released");
     }
 
@@ -273,7 +250,7 @@ impl Lanes {
         any_held
     }
 
-    /// Commits (async) every partition whose watermark moved since its last commit.
+    /// Commits every partition whose watermark moved since its last commit.
     fn commit_stored<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
         let mut map = self.lock();
         let mut tpl = TopicPartitionList::new();
@@ -284,16 +261,45 @@ impl Lanes {
             }
         }
         drop(map);
-        if tpl.count() > 0
-            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
-        {
+        if !self.commit(consumer, &tpl, "periodic") {
             self.forget_commits(&tpl);
-            self.shared
-                .metrics
-                .commit_failures
-                .with_label_values(&["async"])
-                .inc();
-            debug!(error = %e, "async commit not sent; will retry");
+        }
+    }
+
+    /// Commits `tpl` synchronously — one round trip per commit interval, not per message — so the
+    /// committed-offset metric reports what Kafka accepted. Returns whether it was accepted.
+    fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+        trigger: &str,
+    ) -> bool {
+        if tpl.count() == 0 {
+            return true;
+        }
+        match consumer.commit(tpl, CommitMode::Sync) {
+            Ok(()) => {
+                for e in tpl.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        self.shared
+                            .metrics
+                            .committed_offset
+                            .with_label_values(&[&e.partition().to_string()])
+                            .set(o);
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .commit_failures
+                    .with_label_values(&[trigger])
+                    .inc();
+                warn!(trigger, error = %e,
+                    "commit refused; retried later, or the next owner re-reads from the last commit (writes are idempotent)");
+                false
+            }
         }
     }
 
@@ -353,33 +359,6 @@ impl ConsumerContext for WorkerContext {
             }
             Rebalance::Revoke(_) => {}
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
-        }
-    }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                for e in offsets.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        self.lanes
-                            .shared
-                            .metrics
-                            .committed_offset
-                            .with_label_values(&[&e.partition().to_string()])
-                            .set(o);
-                    }
-                }
-            }
-            Err(e) => {
-                self.lanes.forget_commits(offsets);
-                self.lanes
-                    .shared
-                    .metrics
-                    .commit_failures
-                    .with_label_values(&["async"])
-                    .inc();
-                debug!(error = %e, "commit refused; will retry");
-            }
         }
     }
 }
