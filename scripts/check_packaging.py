@@ -79,8 +79,33 @@ def warn(msg: str) -> None:
     print(f"WARN {msg}", flush=True)
 
 
+class StrictLoader(yaml.SafeLoader):
+    """Rejects duplicate mapping keys, as Kubernetes' and Helm's YAML decoders do (PyYAML keeps the
+    last one silently)."""
+
+
+def _construct_mapping(loader, node, deep=False):
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)
+        if key in seen:
+            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+        seen.add(key)
+    return yaml.SafeLoader.construct_mapping(loader, node, deep)
+
+
+StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def load_all_text(text: str, where: str) -> list[dict]:
+    try:
+        return [d for d in yaml.load_all(text, Loader=StrictLoader) if d]
+    except yaml.YAMLError as e:
+        raise AssertionError(f"{where} is not valid YAML:\n{e}") from None
+
+
 def load_all(path: Path) -> list[dict]:
-    return [d for d in yaml.safe_load_all(path.read_text()) if d]
+    return load_all_text(path.read_text(), rel(path))
 
 
 def rel(p: Path) -> str:
@@ -224,10 +249,7 @@ def rendered_docs(rendered: dict[str, str]) -> list[tuple[str, dict]]:
     for path, text in sorted(rendered.items()):
         if path.endswith("NOTES.txt"):
             continue
-        try:
-            docs += [(path, d) for d in yaml.safe_load_all(text) if d]
-        except yaml.YAMLError as e:
-            raise AssertionError(f"{path} is not valid YAML:\n{e}") from None
+        docs += [(path, d) for d in load_all_text(text, path)]
     return docs
 
 

@@ -26,13 +26,18 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels on every object of the release. */}}
-{{- define "tickfleet.labels" -}}
+{{/* Labels on every object of the release that the operator's labels below do not cover. */}}
+{{- define "tickfleet.commonLabels" -}}
 helm.sh/chart: {{ include "tickfleet.chart" . }}
 app.kubernetes.io/part-of: tickfleet
-app.kubernetes.io/instance: {{ .Release.Name }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/* Labels of the release's objects that are not the operator's (monitors, rules, dashboards, pipelines). */}}
+{{- define "tickfleet.labels" -}}
+{{ include "tickfleet.commonLabels" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{/* Labels selecting the operator pods (stable across upgrades: never add to these). */}}
@@ -42,7 +47,7 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{- define "tickfleet.operatorLabels" -}}
-{{ include "tickfleet.labels" . }}
+{{ include "tickfleet.commonLabels" . }}
 {{ include "tickfleet.selectorLabels" . }}
 app.kubernetes.io/component: operator
 {{- end }}
