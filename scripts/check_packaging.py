@@ -354,6 +354,8 @@ def check_template():
     (cm,) = by_kind["ConfigMap"]
     assert cm["metadata"]["labels"].get("grafana_dashboard") == "1", "dashboards ConfigMap lacks grafana_dashboard: \"1\""
     assert json.loads(cm["data"]["zz-fixture.json"])["title"] == "fixture", "fixture dashboard not in the ConfigMap"
+    size = sum(len(v.encode()) for v in cm["data"].values())
+    assert size < 900 * 1024, f"dashboards ConfigMap holds {size} bytes; Kubernetes caps a ConfigMap at 1 MiB"
     assert by_kind["PrometheusRule"][0]["spec"]["groups"] == want_groups, "PrometheusRule groups differ from alerts.yml"
     (tp,) = by_kind["TickPipeline"]
     assert tp["metadata"]["namespace"] == "markets" and tp["spec"]["image"] == "ghcr.io/tickfleet/tickfleet@sha256:" + "a" * 64, tp
