@@ -42,6 +42,19 @@ else
   echo "FAIL shellcheck"
   status=1
 fi
+# promtool comes with Debian's prometheus package (which the metrics tests install); when present it
+# checks compose's Prometheus config and the alert rules it loads
+if command -v promtool >/dev/null; then
+  if promtool check config --syntax-only prometheus/prometheus.yml >/dev/null &&
+    { [ ! -f prometheus/alerts.yml ] || promtool check rules prometheus/alerts.yml >/dev/null; }; then
+    echo "PASS promtool check config prometheus/prometheus.yml (and rules, when present)"
+  else
+    echo "FAIL promtool check config prometheus/prometheus.yml"
+    status=1
+  fi
+else
+  echo "SKIP promtool check config (no promtool on PATH; apt-get install prometheus)"
+fi
 # Helm's library logs an INFO line for each symlink it follows (files/dashboards, files/prometheus)
 "$venv/bin/python" scripts/check_packaging.py "$@" 2> >(grep -v 'found symbolic link in path' >&2) || status=1
 exit "$status"
