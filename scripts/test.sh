@@ -41,6 +41,7 @@ done
 redis-cli -p "$port" ping >/dev/null
 export TICKFLEET_TEST_REDIS_URL="redis://127.0.0.1:$port"
 
+bash scripts/check-packaging.sh  # manifests, Helm chart, docker-compose, Dockerfile (no Docker needed)
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"
