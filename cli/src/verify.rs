@@ -157,7 +157,9 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             report.failed
         );
     }
-    let store = args.redis_tls.open(&args.redis_url, &args.redis_prefix, Retention::default())?;
+    let store = args
+        .redis_tls
+        .open(&args.redis_url, &args.redis_prefix, Retention::default())?;
     let audit = audit(&report, &store).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&audit)?);
