@@ -65,8 +65,9 @@ impl Api {
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
         let result = match deadline {
-            // A little early, so this answer (DEADLINE_EXCEEDED) wins over tonic's own timer (CANCELLED).
-            Some(d) => tokio::time::timeout(d.saturating_sub(Duration::from_millis(2)), work)
+            // A little early (by up to 10 ms), so this answer (DEADLINE_EXCEEDED, as the gRPC spec asks)
+            // wins over the transport's own timer, which answers CANCELLED.
+            Some(d) => tokio::time::timeout(d - (d / 4).min(Duration::from_millis(10)), work)
                 .await
                 .unwrap_or_else(|_| {
                     Err(Status::deadline_exceeded(format!(
