@@ -8,8 +8,8 @@
 //!   `tickctl demo`.
 //!
 //! Live streams read the store's live feed ([`TickStore::subscribe`]): with Redis that is pub/sub, so any
-//! number of api replicas serve any client. Each stream has a buffer of [`service::STREAM_BUFFER`]
-//! messages; a client that does not keep up loses the newest messages (for it alone; nobody else waits)
+//! number of api replicas serve any client. Each stream has a bounded buffer ([`Options::stream_buffer`]
+//! messages); a client that does not keep up loses the newest messages (for it alone; nobody else waits)
 //! and then receives a `Gap` notice saying how many it missed.
 
 pub mod calc;
@@ -34,6 +34,24 @@ pub use service::Api;
 /// The gRPC service name of [`Api`], as health checks and reflection know it.
 pub const SERVICE_NAME: &str = "tickfleet.v1.TickService";
 
+/// How the server runs.
+#[derive(Debug, Clone, Copy)]
+pub struct Options {
+    /// Bound on a graceful shutdown.
+    pub drain_timeout: Duration,
+    /// Messages buffered per stream client (see [`Api::with_stream_buffer`]).
+    pub stream_buffer: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            drain_timeout: Duration::from_secs(30),
+            stream_buffer: service::STREAM_BUFFER,
+        }
+    }
+}
+
 /// A running api server.
 pub struct Running {
     /// The address the gRPC server listens on.
@@ -47,15 +65,16 @@ pub struct Running {
 /// Readiness (`health`, and the gRPC health status of [`SERVICE_NAME`] and of the server as a whole)
 /// follows the store: serving while it answers a ping. On shutdown, in this order: health goes
 /// NOT_SERVING, the listener closes, live streams end cleanly (status OK), in-flight calls finish; if
-/// that takes longer than `drain_timeout` the task ends with an error.
+/// that takes longer than [`Options::drain_timeout`] the task ends with an error.
 pub async fn start(
     store: Arc<dyn TickStore>,
     addr: SocketAddr,
     metrics: ApiMetrics,
     health: Arc<Health>,
     shutdown: CancellationToken,
-    drain_timeout: Duration,
+    options: Options,
 ) -> anyhow::Result<Running> {
+    let drain_timeout = options.drain_timeout;
     let listener = tokio::net::TcpListener::bind(addr)
         .await
         .with_context(|| format!("binding the gRPC address {addr}"))?;
@@ -72,7 +91,8 @@ pub async fn start(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building the reflection service")?;
-    let api = Api::new(store.clone(), metrics, shutdown.clone());
+    let api = Api::new(store.clone(), metrics, shutdown.clone())
+        .with_stream_buffer(options.stream_buffer);
 
     let readiness = tokio::spawn(watch_store(
         store,

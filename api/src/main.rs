@@ -39,6 +39,10 @@ struct Config {
     /// Bound on a graceful shutdown (seconds): in-flight calls still running after it are cut (exit 1).
     #[arg(long, env = "TICKFLEET_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     drain_timeout_secs: u64,
+    /// Messages buffered per live-stream client; a client further behind loses the newest messages (for
+    /// it alone) and gets a gap notice.
+    #[arg(long, env = "TICKFLEET_STREAM_BUFFER", default_value_t = tickfleet_api::service::STREAM_BUFFER)]
+    stream_buffer: usize,
 }
 
 #[tokio::main]
@@ -77,7 +81,10 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics,
         health,
         shutdown,
-        Duration::from_secs(config.drain_timeout_secs),
+        tickfleet_api::Options {
+            drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+            stream_buffer: config.stream_buffer,
+        },
     )
     .await?;
     info!(grpc = %running.addr, prefix = %config.redis_prefix, "tickfleet-api started");

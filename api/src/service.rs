@@ -30,9 +30,8 @@ pub const MAX_CANDLES: usize = 10_000;
 /// Most ticks one query may read to compute candles or a windowed average; beyond it the range must be
 /// narrowed (this bounds the work any single call can ask of the store).
 pub const MAX_SCAN: usize = 1_000_000;
-/// Messages buffered per stream client; when full, newer messages are dropped for that client and it gets
-/// a gap notice once it catches up.
-pub const STREAM_BUFFER: usize = 1024;
+/// Default of [`Api::with_stream_buffer`].
+pub const STREAM_BUFFER: usize = 8192;
 
 /// The gRPC service.
 #[derive(Clone)]
@@ -40,6 +39,7 @@ pub struct Api {
     store: Arc<dyn TickStore>,
     metrics: ApiMetrics,
     shutdown: CancellationToken,
+    stream_buffer: usize,
 }
 
 impl Api {
@@ -53,7 +53,16 @@ impl Api {
             store,
             metrics,
             shutdown,
+            stream_buffer: STREAM_BUFFER,
         }
+    }
+
+    /// Sets how many messages each stream buffers for its client (at least 1). When a client's buffer
+    /// is full, newer messages are dropped for that client alone and it gets a gap notice once there
+    /// is room: a slow client never slows the feed or other clients down.
+    pub fn with_stream_buffer(mut self, messages: usize) -> Self {
+        self.stream_buffer = messages.max(1);
+        self
     }
 
     /// Runs a unary handler: honours the client's deadline and records the metrics.
@@ -228,7 +237,7 @@ impl Api {
                 return Err(status);
             }
         };
-        let (tx, rx) = mpsc::channel(STREAM_BUFFER);
+        let (tx, rx) = mpsc::channel(self.stream_buffer);
         let ctx = StreamCtx {
             method,
             feed,

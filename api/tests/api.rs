@@ -48,6 +48,7 @@ fn store(prefix: &str) -> Arc<RedisStore> {
 
 /// An api server on a free loopback port over Redis keys under `prefix`.
 struct Server {
+    addr: std::net::SocketAddr,
     client: TickServiceClient<Channel>,
     channel: Channel,
     stop: CancellationToken,
@@ -57,6 +58,10 @@ struct Server {
 
 impl Server {
     async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, tickfleet_api::Options::default()).await
+    }
+
+    async fn start_with(prefix: &str, options: tickfleet_api::Options) -> Self {
         let stop = CancellationToken::new();
         let registry = prometheus::Registry::new();
         let running = tickfleet_api::start(
@@ -65,7 +70,7 @@ impl Server {
             ApiMetrics::new(&registry).unwrap(),
             Health::new(),
             stop.clone(),
-            Duration::from_secs(10),
+            options,
         )
         .await
         .unwrap();
@@ -75,12 +80,17 @@ impl Server {
             .await
             .unwrap();
         Server {
+            addr: running.addr,
             client: TickServiceClient::new(channel.clone()),
             channel,
             stop,
             task: running.task,
             registry,
         }
+    }
+
+    fn channel_url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
@@ -973,4 +983,107 @@ async fn health_and_reflection_list_the_services() {
         assert_eq!(r.into_inner().status(), ServingStatus::NotServing);
     }
     api.task.await.unwrap().unwrap();
+}
+
+/// A client that stops reading loses messages (and is told how many), while another client of the same
+/// replica gets every tick: a slow client blocks nobody.
+#[tokio::test]
+async fn a_slow_client_gets_a_gap_notice_and_blocks_nobody() {
+    let prefix = unique_prefix();
+    let api = Server::start_with(
+        &prefix,
+        tickfleet_api::Options {
+            stream_buffer: 512,
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut fast = api
+        .client
+        .clone()
+        .stream_ticks(StreamTicksRequest { asset_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+    // Small HTTP/2 windows, so an unread stream backs up into the server soon.
+    let slow_channel = Channel::from_shared(api.channel_url())
+        .unwrap()
+        .initial_stream_window_size(65_535)
+        .initial_connection_window_size(65_535)
+        .connect()
+        .await
+        .unwrap();
+    let mut slow = TickServiceClient::new(slow_channel)
+        .stream_ticks(StreamTicksRequest { asset_ids: vec![] })
+        .await
+        .unwrap()
+        .into_inner();
+
+    // 100k ticks (about 7 MB on the wire, far more than the windows, socket buffers and 512 messages
+    // hold), written in batches of 500; the fast client reads each batch before the next is written.
+    let writer = store(&prefix);
+    let mut seq = 0u64;
+    for _ in 0..200 {
+        let batch: Vec<Tick> = (0..500)
+            .map(|_| {
+                seq += 1;
+                tick("S", T0 + seq as i64, seq, "1.5", None)
+            })
+            .collect();
+        writer.write_batch(&batch).await.unwrap();
+        for want in &batch {
+            assert_eq!(
+                next_tick(&mut fast).await,
+                stream_ticks_response::Event::Tick(wire(want)),
+                "the fast client gets every tick, in order, no gap"
+            );
+        }
+    }
+
+    // The slow client now reads. Markers are written until one reaches it: by then every gap before the
+    // marker has been reported, so what it received plus what it was told it missed is everything.
+    let mut received = 0u64;
+    let mut missed = 0u64;
+    let mut gaps = 0;
+    let mut last_seq = 0;
+    let mut marker = None;
+    while marker.is_none() {
+        tokio::select! {
+            event = next_tick(&mut slow) => match event {
+                stream_ticks_response::Event::Tick(t) => {
+                    assert!(t.seq > last_seq, "in order, none twice");
+                    last_seq = t.seq;
+                    received += 1;
+                    if t.seq > 100_000 {
+                        marker = Some(t.seq);
+                    }
+                }
+                stream_ticks_response::Event::Gap(g) => {
+                    assert_eq!(g.reason, "client_slow");
+                    missed += g.missed;
+                    gaps += 1;
+                }
+            },
+            _ = tokio::time::sleep(Duration::from_millis(100)) => {
+                seq += 1;
+                writer.write_batch(&[tick("S", T0 + seq as i64, seq, "2", None)]).await.unwrap();
+            }
+        }
+    }
+    assert!(
+        gaps >= 1 && missed > 0,
+        "the slow client was told it missed ticks"
+    );
+    assert_eq!(
+        received + missed,
+        marker.unwrap(),
+        "every tick received or reported missed"
+    );
+    assert_eq!(
+        api.metric(
+            "tickfleet_api_stream_messages_dropped_total",
+            &[("method", "StreamTicks")]
+        ),
+        missed as f64
+    );
 }
