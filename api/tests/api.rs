@@ -972,6 +972,60 @@ async fn health_and_reflection_list_the_services() {
         assert!(names.iter().any(|n| n == want), "{want} not in {names:?}");
     }
 
+    // The schema comes by reflection too: the file defining the service, and the file it imports.
+    let mut files = std::collections::BTreeMap::new();
+    let mut wanted = vec![MessageRequest::FileContainingSymbol(
+        "tickfleet.v1.TickService".into(),
+    )];
+    while let Some(request) = wanted.pop() {
+        let mut responses = reflection
+            .server_reflection_info(tokio_stream::iter([ServerReflectionRequest {
+                host: String::new(),
+                message_request: Some(request),
+            }]))
+            .await
+            .unwrap()
+            .into_inner();
+        let response = responses.message().await.unwrap().unwrap();
+        let Some(MessageResponse::FileDescriptorResponse(fds)) = response.message_response else {
+            panic!("unexpected reflection answer {response:?}");
+        };
+        for bytes in fds.file_descriptor_proto {
+            let file =
+                <prost_types::FileDescriptorProto as prost::Message>::decode(&bytes[..]).unwrap();
+            for dep in &file.dependency {
+                if !files.contains_key(dep) {
+                    wanted.push(MessageRequest::FileByFilename(dep.clone()));
+                }
+            }
+            files.insert(file.name().to_owned(), file);
+        }
+    }
+    let api_file = &files["tickfleet/v1/api.proto"];
+    let methods: Vec<&str> = api_file.service[0]
+        .method
+        .iter()
+        .map(|m| m.name())
+        .collect();
+    assert_eq!(
+        methods,
+        [
+            "GetLatest",
+            "BatchGetLatest",
+            "ListTicks",
+            "GetCandles",
+            "GetMovingAverage",
+            "ListAssets",
+            "StreamTicks",
+            "StreamCandles"
+        ]
+    );
+    assert!(
+        files.contains_key("tickfleet/v1/tick.proto"),
+        "{:?}",
+        files.keys()
+    );
+
     // On shutdown health turns NOT_SERVING before the listener closes.
     api.stop.cancel();
     let after = health
