@@ -64,7 +64,8 @@ pub struct Running {
 ///
 /// Readiness (`health`, and the gRPC health status of [`SERVICE_NAME`] and of the server as a whole)
 /// follows the store: serving while it answers a ping. On shutdown, in this order: health goes
-/// NOT_SERVING, the listener closes, live streams end cleanly (status OK), in-flight calls finish; if
+/// NOT_SERVING, the listener closes, live streams and health watches end cleanly (status OK), in-flight
+/// calls finish; if
 /// that takes longer than [`Options::drain_timeout`] the task ends with an error.
 pub async fn start(
     store: Arc<dyn TickStore>,
@@ -128,6 +129,11 @@ pub async fn start(
             "draining: NOT_SERVING, no new connections, streams ending"
         );
         let _ = stop_tx.send(());
+        // Health Watch streams never end by themselves; dropping the statuses ends them (after they
+        // delivered NOT_SERVING), so a client watching health cannot hold the drain up.
+        let mut reporter = reporter;
+        reporter.clear_service_status("").await;
+        reporter.clear_service_status(SERVICE_NAME).await;
         match tokio::time::timeout(drain_timeout, server).await {
             Ok(r) => {
                 r.context("gRPC server failed")?;

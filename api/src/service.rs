@@ -432,7 +432,7 @@ async fn stream_candles(api: Api, interval: i64, mut ctx: StreamCtx<StreamCandle
                     }
                     Err(e) => {
                         warn!(asset, error = %e, "cannot seed a live candle from the store");
-                        ctx.gap("feed_reconnected");
+                        ctx.gap("store_unavailable");
                     }
                 },
             }

@@ -1026,16 +1026,29 @@ async fn health_and_reflection_list_the_services() {
         files.keys()
     );
 
-    // On shutdown health turns NOT_SERVING before the listener closes.
-    api.stop.cancel();
-    let after = health
-        .check(HealthCheckRequest {
+    // On shutdown a health watcher sees NOT_SERVING, then its stream ends cleanly, and the server drains
+    // (a watch left open would hold the drain up until its timeout, and the task would fail).
+    let mut watch = health
+        .watch(HealthCheckRequest {
             service: "tickfleet.v1.TickService".into(),
         })
-        .await;
-    if let Ok(r) = after {
-        assert_eq!(r.into_inner().status(), ServingStatus::NotServing);
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        watch.message().await.unwrap().unwrap().status(),
+        ServingStatus::Serving
+    );
+    api.stop.cancel();
+    let mut seen = Vec::new();
+    while let Some(m) = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the watch ends")
+        .expect("ends cleanly")
+    {
+        seen.push(m.status());
     }
+    assert_eq!(seen, vec![ServingStatus::NotServing]);
     api.task.await.unwrap().unwrap();
 }
 
