@@ -530,9 +530,15 @@ impl TickService for Api {
         let r = req.into_inner();
         self.unary("BatchGetLatest", deadline, async {
             validate::asset_ids("asset_ids", &r.asset_ids, false)?;
+            // Concurrent lookups share the store's connection (the Redis client pipelines them), so a
+            // thousand assets cost about one round trip, not a thousand.
+            let latest =
+                futures::future::try_join_all(r.asset_ids.iter().map(|id| self.store.latest(id)))
+                    .await
+                    .map_err(store_error)?;
             let mut out = BatchGetLatestResponse::default();
-            for id in &r.asset_ids {
-                match self.store.latest(id).await.map_err(store_error)? {
+            for (id, tick) in r.asset_ids.iter().zip(latest) {
+                match tick {
                     Some(t) => out.ticks.push((&t).into()),
                     None => out.missing.push(id.clone()),
                 }

@@ -349,3 +349,87 @@ async fn redis_reloads_scripts_it_lost() {
         .unwrap();
     assert_eq!(all(&store, "A").await, series("A", 4));
 }
+
+/// A redis-server of this test's own on a free port (so killing its connections disturbs no other test).
+struct OwnRedis {
+    child: std::process::Child,
+    url: String,
+    _dir: std::path::PathBuf,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("tickfleet-own-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OwnRedis {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+/// When the live feed's pub/sub connection is cut, the store reconnects, tells its feeds there may be a
+/// gap, and announces new ticks again.
+#[tokio::test]
+async fn redis_live_feed_reconnects_and_reports_the_gap() {
+    let redis = OwnRedis::start();
+    let store = RedisStore::open(&redis.url, "live", Retention::default()).unwrap();
+    let mut feed = store.subscribe().await.unwrap();
+    store.write_batch(&series("A", 2)).await.unwrap();
+    assert_eq!(next_batch(&mut feed).await.1, series("A", 2));
+
+    let client = ::redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = ::redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the store's one pub/sub connection");
+    match tokio::time::timeout(Duration::from_secs(10), feed.recv()).await {
+        Ok(Some(LiveEvent::Gap { reason, .. })) => assert_eq!(reason, "reconnected"),
+        other => panic!("expected a gap notice, got {other:?}"),
+    }
+    let more = series("A", 4);
+    store.write_batch(&more).await.unwrap();
+    assert_eq!(next_batch(&mut feed).await.1, more[2..].to_vec());
+}
