@@ -204,8 +204,10 @@ fn tickctl_demo_serves_queries_and_stops_on_ctrl_c() {
         "the generator's ticks have sizes: {ma}"
     );
 
+    // `--api host:port` works as well as a URL.
     let out = Command::new(bin("tickctl"))
-        .args(["watch", "A0001", "--count", "3", "--json", "--api", &url])
+        .args(["watch", "A0001", "--count", "3", "--json"])
+        .args(["--api", &format!("127.0.0.1:{port}")])
         .output()
         .unwrap();
     assert!(out.status.success());

@@ -20,7 +20,7 @@ use tonic::transport::Channel;
 /// Where the api is and how to print.
 #[derive(Args, Debug, Clone)]
 pub struct ApiArgs {
-    /// The api's gRPC address.
+    /// The api's gRPC address (`host:port` means `http://host:port`).
     #[arg(long, env = "TICKFLEET_API", default_value = "http://127.0.0.1:50051")]
     api: String,
     /// Print JSON (for scripts) instead of a table.
@@ -163,6 +163,13 @@ fn fmt_time(ns: i64) -> String {
 }
 
 async fn connect(api: &str) -> anyhow::Result<TickServiceClient<Channel>> {
+    // `host:port` is taken as plaintext `http://host:port`, as grpcurl -plaintext does.
+    let api = if api.contains("://") {
+        api.to_owned()
+    } else {
+        format!("http://{api}")
+    };
+    let api = api.as_str();
     let channel = Channel::from_shared(api.to_owned())
         .with_context(|| format!("bad --api address {api:?}"))?
         .connect_timeout(Duration::from_secs(5))
