@@ -1154,3 +1154,129 @@ async fn a_slow_client_gets_a_gap_notice_and_blocks_nobody() {
         missed as f64
     );
 }
+
+/// Pauses every client of the test Redis for `ms` (the pausing connection included).
+async fn pause_redis(ms: u64) {
+    let redis = redis::Client::open(redis_url()).unwrap();
+    let mut conn = redis.get_multiplexed_async_connection().await.unwrap();
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(ms)
+        .arg("ALL")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+}
+
+/// Shutdown lets a call already in flight finish (it answers once Redis does); a drain that outlasts
+/// its bound ends the server with an error instead of hanging.
+#[tokio::test]
+async fn shutdown_finishes_in_flight_calls_within_its_bound() {
+    let prefix = unique_prefix();
+    store(&prefix)
+        .write_batch(&[tick("A", T0, 1, "1", None)])
+        .await
+        .unwrap();
+    for (drain, finishes) in [
+        (Duration::from_secs(20), true),
+        (Duration::from_millis(200), false),
+    ] {
+        let mut api = Server::start_with(
+            &prefix,
+            tickfleet_api::Options {
+                drain_timeout: drain,
+                ..Default::default()
+            },
+        )
+        .await;
+        // Warm the api's Redis connection, then hold Redis still so the next call stays in flight.
+        api.client
+            .get_latest(GetLatestRequest {
+                asset_id: "A".into(),
+            })
+            .await
+            .unwrap();
+        pause_redis(1500).await;
+        let mut client = api.client.clone();
+        let call = tokio::spawn(async move {
+            client
+                .get_latest(GetLatestRequest {
+                    asset_id: "A".into(),
+                })
+                .await
+        });
+        // Give the call time to reach the server before shutdown begins.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        api.stop.cancel();
+        let served = call.await.unwrap();
+        let drained = (&mut api.task).await.unwrap();
+        if finishes {
+            let tick = served
+                .expect("the in-flight call is answered")
+                .into_inner()
+                .tick;
+            assert_eq!(tick.unwrap().seq, 1);
+            drained.expect("a clean drain");
+        } else {
+            let e = drained.expect_err("the drain outlasted its 200 ms bound");
+            assert!(e.to_string().contains("did not finish"), "{e:#}");
+        }
+    }
+}
+
+/// With Redis unreachable, calls fail with UNAVAILABLE (retryable) and health says NOT_SERVING.
+#[tokio::test]
+async fn an_unreachable_store_is_unavailable_not_serving() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::{HealthCheckRequest, health_check_response::ServingStatus};
+    // A port nobody listens on.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let store = RedisStore::open(
+        &format!("redis://127.0.0.1:{port}"),
+        "x",
+        Retention::default(),
+    )
+    .unwrap();
+    let stop = CancellationToken::new();
+    let running = tickfleet_api::start(
+        Arc::new(store),
+        "127.0.0.1:0".parse().unwrap(),
+        ApiMetrics::new(&prometheus::Registry::new()).unwrap(),
+        Health::new(),
+        stop.clone(),
+        tickfleet_api::Options::default(),
+    )
+    .await
+    .unwrap();
+    let channel = Channel::from_shared(format!("http://{}", running.addr))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let status = TickServiceClient::new(channel.clone())
+        .get_latest(GetLatestRequest {
+            asset_id: "A".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let status = TickServiceClient::new(channel.clone())
+        .stream_ticks(StreamTicksRequest { asset_ids: vec![] })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let health = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: "tickfleet.v1.TickService".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(health.status(), ServingStatus::NotServing);
+    stop.cancel();
+    running.task.await.unwrap().unwrap();
+}
