@@ -916,6 +916,25 @@ async fn live_candles_start_from_the_store_and_follow_new_ticks() {
         ),
         (T0 + SEC, "95", 1, false)
     );
+    // A late tick for the closed candle: it is sent again, recomputed from the store, still closed.
+    writer
+        .write_batch(&[tick("A", T0 + 40, 4_000, "130", Some("0.5"))])
+        .await
+        .unwrap();
+    let mut updates = [next().await, next().await];
+    updates.sort_by_key(|c| c.start_ns);
+    assert_eq!(
+        (
+            updates[0].start_ns,
+            updates[0].high.as_str(),
+            updates[0].close.as_str(),
+            updates[0].volume.as_str(),
+            updates[0].tick_count,
+            updates[0].closed
+        ),
+        (T0, "130", "130", "3.5", 4, true)
+    );
+    assert_eq!((updates[1].start_ns, updates[1].tick_count), (T0 + SEC, 1));
 }
 
 #[tokio::test]
