@@ -11,10 +11,17 @@ cd "$(dirname "$0")/.."
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then
-  log "installing redis-server (apt)"
+# redis-server for the store tests; openssl for the TLS tests' certificates; libssl-dev and pkg-config
+# to build librdkafka and the Redis client with TLS.
+need=()
+{ command -v redis-server && command -v redis-cli; } >/dev/null || need+=(redis-server)
+command -v openssl >/dev/null || need+=(openssl)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+if [ ${#need[@]} -gt 0 ]; then
+  log "installing ${need[*]} (apt)"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"
@@ -41,6 +48,7 @@ done
 redis-cli -p "$port" ping >/dev/null
 export TICKFLEET_TEST_REDIS_URL="redis://127.0.0.1:$port"
 
+bash scripts/check-packaging.sh  # manifests, Helm chart, docker-compose, Dockerfile (no Docker needed)
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"

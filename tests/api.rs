@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tickfleet_e2e::{
-    Api, DevBroker, Watch, Worker, WorkerSetup, bin, free_port, produce, signal, tickctl_json,
-    unique, verify, wait_exit, wait_for,
+    Api, DevBroker, Watch, Worker, WorkerSetup, bin, free_port, produce, redis_url, signal,
+    tickctl_json, unique, verify, wait_exit, wait_for,
 };
 
 const TICKS: u64 = 3_000;
@@ -35,12 +35,8 @@ fn two_api_replicas_stream_every_tick_a_worker_stores_once() {
     let broker = DevBroker::start(&["ticks:4"]);
     let prefix = unique("e2e-api");
     let setup = WorkerSetup {
-        bootstrap: broker.bootstrap.clone(),
-        topic: "ticks".into(),
-        group: unique("group"),
         prefix: prefix.clone(),
-        dir: dir.path().to_path_buf(),
-        args: Vec::new(),
+        ..WorkerSetup::new(&broker, dir.path(), &redis_url())
     };
     let apis = [
         Api::start(&prefix, dir.path(), 0),
@@ -85,7 +81,7 @@ fn two_api_replicas_stream_every_tick_a_worker_stores_once() {
         Duration::from_millis(500),
         "the worker to store every tick",
         || {
-            let (clean, summary) = verify(&report, &prefix);
+            let (clean, summary) = verify(&report, &redis_url(), &prefix);
             clean.then_some((clean, summary))
         },
     );

@@ -5,71 +5,24 @@
 use std::time::Duration;
 
 use tickfleet_e2e::{
-    DevBroker, Worker, WorkerSetup, produce, signal, unique, verify, wait_exit, wait_for,
+    DevBroker, Worker, WorkerSetup, assert_exact, dump_logs, produce_in_background, redis_url,
+    signal, total, verify, wait_exit, wait_for,
 };
 
 const TICKS: u64 = 100_000;
 const STORED: &str = "tickfleet_worker_ticks_stored_total";
 const ASSIGNED: &str = "tickfleet_worker_assigned_partitions";
-
-fn setup(broker: &DevBroker, dir: &std::path::Path) -> WorkerSetup {
-    WorkerSetup {
-        bootstrap: broker.bootstrap.clone(),
-        topic: "ticks".into(),
-        group: unique("group"),
-        prefix: unique("e2e"),
-        dir: dir.to_path_buf(),
-        args: Vec::new(),
-    }
-}
-
-/// Produces `TICKS` ticks over 50 assets at 10k/s in the background (10 s of traffic).
-fn produce_in_background(
-    broker: &DevBroker,
-    dir: &std::path::Path,
-) -> std::thread::JoinHandle<std::path::PathBuf> {
-    let (bootstrap, dir) = (broker.bootstrap.clone(), dir.to_path_buf());
-    std::thread::spawn(move || {
-        produce(
-            &bootstrap,
-            "ticks",
-            &dir,
-            &[
-                "--count",
-                &TICKS.to_string(),
-                "--assets",
-                "50",
-                "--rate",
-                "10000",
-                "--seed",
-                "7",
-            ],
-        )
-    })
-}
-
-fn assert_exact(summary: &serde_json::Value) {
-    assert_eq!(summary["assets"], 50, "{summary}");
-    assert_eq!(summary["expected"], TICKS, "{summary}");
-    assert_eq!(summary["stored"], TICKS, "{summary}");
-    for field in ["lost", "duplicated", "out_of_order", "unexpected"] {
-        assert_eq!(summary[field], 0, "{field}: {summary}");
-    }
-}
-
-fn dump_logs(workers: &[Worker]) -> String {
-    workers
-        .iter()
-        .map(|w| format!("--- {}\n{}", w.log.display(), w.log_text()))
-        .collect()
-}
+/// 100k ticks over 50 assets at 10k/s: 10 s of traffic.
+const LOAD: &[&str] = &[
+    "--count", "100000", "--assets", "50", "--rate", "10000", "--seed", "7",
+];
 
 #[test]
 fn one_then_three_workers_store_every_tick_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
     let broker = DevBroker::start(&["ticks:8"]);
-    let setup = setup(&broker, dir.path());
-    let producer = produce_in_background(&broker, dir.path());
+    let setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
+    let producer = produce_in_background(&broker.bootstrap, dir.path(), LOAD);
 
     let mut workers = vec![Worker::start(&setup, 0)];
     wait_for(
@@ -98,11 +51,11 @@ fn one_then_three_workers_store_every_tick_exactly_once() {
         Duration::from_secs(120),
         Duration::from_millis(500),
         "all ticks stored",
-        || (workers.iter().map(|w| w.metric(STORED)).sum::<f64>() >= TICKS as f64).then_some(()),
+        || (total(&workers, STORED) >= TICKS as f64).then_some(()),
     );
-    let (clean, summary) = verify(&report, &setup.prefix);
+    let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
     assert!(clean, "{summary}\n{}", dump_logs(&workers));
-    assert_exact(&summary);
+    assert_exact(&summary, 50, TICKS);
 
     let assigned: Vec<f64> = workers.iter().map(|w| w.metric(ASSIGNED)).collect();
     assert_eq!(
@@ -130,8 +83,8 @@ fn one_then_three_workers_store_every_tick_exactly_once() {
 fn sigterm_mid_stream_drains_exits_zero_and_totals_stay_exact() {
     let dir = tempfile::tempdir().unwrap();
     let broker = DevBroker::start(&["ticks:8"]);
-    let setup = setup(&broker, dir.path());
-    let producer = produce_in_background(&broker, dir.path());
+    let setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
+    let producer = produce_in_background(&broker.bootstrap, dir.path(), LOAD);
     let mut workers: Vec<Worker> = (0..3).map(|n| Worker::start(&setup, n)).collect();
 
     wait_for(
@@ -139,8 +92,8 @@ fn sigterm_mid_stream_drains_exits_zero_and_totals_stay_exact() {
         Duration::from_millis(200),
         "30k ticks stored, every worker busy",
         || {
-            let total: f64 = workers.iter().map(|w| w.metric(STORED)).sum();
-            (total >= 30_000.0 && workers.iter().all(|w| w.metric(STORED) > 0.0)).then_some(())
+            (total(&workers, STORED) >= 30_000.0 && workers.iter().all(|w| w.metric(STORED) > 0.0))
+                .then_some(())
         },
     );
     signal(&workers[0].child, "TERM");
@@ -167,12 +120,12 @@ fn sigterm_mid_stream_drains_exits_zero_and_totals_stay_exact() {
         Duration::from_secs(1),
         "the two others to store the rest",
         || {
-            let (clean, summary) = verify(&report, &setup.prefix);
+            let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
             clean.then_some(summary)
         },
     );
-    assert_exact(&summary);
+    assert_exact(&summary, 50, TICKS);
     // The survivors took over all 8 partitions.
-    let assigned: f64 = workers[1..].iter().map(|w| w.metric(ASSIGNED)).sum();
+    let assigned = total(&workers[1..], ASSIGNED);
     assert_eq!(assigned, 8.0, "{}", dump_logs(&workers));
 }

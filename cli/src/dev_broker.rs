@@ -4,6 +4,9 @@
 //! confluent-kafka) can use it. Its limits: topics are created here (`--topic NAME:PARTITIONS`), not
 //! through the admin API; unknown topics auto-create with 4 partitions; about 5 MiB are kept per
 //! partition; nothing is persisted; offset commits are refused while a rebalance is in progress.
+//!
+//! Outages on demand, for tests and drills: `kill -USR1 PID` takes every broker down (connections are
+//! closed and refused), `kill -USR2 PID` brings them back; data and committed offsets survive.
 
 use std::io::Write;
 use std::path::PathBuf;
@@ -76,8 +79,49 @@ pub async fn run(args: DevBrokerArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|(n, p)| format!("{n}:{p}"))
         .collect();
-    tracing::info!(bootstrap = %servers, ?topics, "dev broker up; SIGTERM or SIGINT stops it");
-    tickfleet_service::shutdown_on_signals().cancelled().await;
+    tracing::info!(bootstrap = %servers, ?topics,
+        "dev broker up; SIGTERM or SIGINT stops it, SIGUSR1/SIGUSR2 take it down/up");
+    let stop = tickfleet_service::shutdown_on_signals();
+    serve_outages(&broker, args.brokers, &stop).await?;
     drop(broker);
     Ok(ExitCode::SUCCESS)
+}
+
+/// Until `stop`: SIGUSR1 takes every broker down, SIGUSR2 brings them all back up.
+#[cfg(unix)]
+async fn serve_outages(
+    broker: &DevBroker,
+    brokers: i32,
+    stop: &tickfleet_service::CancellationToken,
+) -> anyhow::Result<()> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut down = signal(SignalKind::user_defined1())?;
+    let mut up = signal(SignalKind::user_defined2())?;
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => return Ok(()),
+            _ = down.recv() => {
+                for id in 1..=brokers {
+                    broker.cluster.broker_down(id)?;
+                }
+                eprintln!("dev-broker: all {brokers} broker(s) DOWN");
+            }
+            _ = up.recv() => {
+                for id in 1..=brokers {
+                    broker.cluster.broker_up(id)?;
+                }
+                eprintln!("dev-broker: all {brokers} broker(s) UP");
+            }
+        }
+    }
+}
+
+#[cfg(not(unix))]
+async fn serve_outages(
+    _: &DevBroker,
+    _: i32,
+    stop: &tickfleet_service::CancellationToken,
+) -> anyhow::Result<()> {
+    stop.cancelled().await;
+    Ok(())
 }

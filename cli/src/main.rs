@@ -1,7 +1,9 @@
 //! `tickctl`: the tickfleet command line — load generator, dev broker, local demo and store audit.
 
+mod bench;
 mod demo;
 mod dev_broker;
+mod dlq;
 mod produce;
 mod query;
 mod verify;
@@ -32,6 +34,10 @@ enum Command {
     DevBroker(dev_broker::DevBrokerArgs),
     /// Check the store against a `produce --report`: per asset, no tick lost, none doubled, order kept.
     Verify(verify::VerifyArgs),
+    /// List the dead-letter topic, or replay it after a fix.
+    Dlq(dlq::DlqArgs),
+    /// Measure: worker ingest throughput, CPU and memory; the broker's raw consume rate.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -52,6 +58,8 @@ fn main() -> std::process::ExitCode {
             Command::Produce(args) => produce::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Verify(args) => verify::run(args).await,
+            Command::Dlq(args) => dlq::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

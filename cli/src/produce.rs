@@ -60,6 +60,10 @@ pub struct ProduceArgs {
     /// Write the per-asset report as JSON to this file.
     #[arg(long)]
     pub report: Option<PathBuf>,
+    /// After every N ticks also send one poison message (cycling through malformed, invalid price,
+    /// key mismatch, missing asset id, bad timestamp, oversized), to exercise the dead-letter path.
+    #[arg(long)]
+    pub poison_every: Option<u64>,
 }
 
 /// What was produced: the input of `tickctl verify`.
@@ -73,6 +77,9 @@ pub struct Report {
     pub failed: u64,
     /// Per asset: count and sequence numbers.
     pub assets: BTreeMap<String, AssetReport>,
+    /// Poison messages sent, by the dead-letter reason the worker should give them.
+    #[serde(default)]
+    pub poison: BTreeMap<String, u64>,
 }
 
 /// One asset's part of a [`Report`].
@@ -174,6 +181,46 @@ pub fn encode(tick: &Tick, format: Format) -> Vec<u8> {
     }
 }
 
+/// The poison message kinds `--poison-every` cycles through, by the dead-letter reason they must get.
+pub const POISON_REASONS: [&str; 6] = [
+    "malformed",
+    "invalid_price",
+    "key_mismatch",
+    "invalid_asset_id",
+    "invalid_timestamp",
+    "oversized",
+];
+
+/// Poison message number `n`: (expected reason, key, payload). None of them is a valid tick.
+pub fn poison(n: u64, format: Format) -> (&'static str, &'static str, Vec<u8>) {
+    let reason = POISON_REASONS[(n % POISON_REASONS.len() as u64) as usize];
+    let mut tick = Tick {
+        asset_id: "POISON".into(),
+        price: Decimal::ONE,
+        size: None,
+        event_time_ns: now_ns(),
+        seq: n + 1,
+        source: "tickctl-poison".into(),
+    };
+    let mut key = "POISON";
+    match reason {
+        "malformed" => {
+            let payload = match format {
+                // Field 1 claims 100 bytes and has 1.
+                Format::Protobuf => vec![0x0a, 0x64, b'x'],
+                Format::Json => br#"{"symbol": "POISON", "price": "#.to_vec(),
+            };
+            return (reason, key, payload);
+        }
+        "invalid_price" => tick.price = Decimal::NEGATIVE_ONE,
+        "key_mismatch" => key = "NOT-POISON",
+        "invalid_asset_id" => tick.asset_id.clear(),
+        "invalid_timestamp" => tick.event_time_ns = -5,
+        _ => tick.source = "x".repeat(70_000),
+    }
+    (reason, key, encode(&tick, format))
+}
+
 /// Counts broker acknowledgements.
 #[derive(Default)]
 struct Acks {
@@ -193,6 +240,26 @@ impl ProducerContext for Acks {
                 self.failed.fetch_add(1, Ordering::Relaxed)
             }
         };
+    }
+}
+
+/// Hands one message to the producer, waiting while its queue is full.
+fn send(
+    producer: &ThreadedProducer<Acks>,
+    topic: &str,
+    key: &str,
+    payload: &[u8],
+) -> anyhow::Result<()> {
+    let mut record = BaseRecord::to(topic).key(key).payload(payload);
+    loop {
+        match producer.send(record) {
+            Ok(()) => return Ok(()),
+            Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
+                record = r;
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err((e, _)) => bail!("producing to {topic}: {e}"),
+        }
     }
 }
 
@@ -220,6 +287,8 @@ pub struct Plan {
     pub rate: u64,
     /// Ticks per step.
     pub batch: u64,
+    /// One poison message after every this many ticks.
+    pub poison_every: Option<u64>,
 }
 
 /// Produces ticks from `generator` until the plan's amount is reached or `stop` is cancelled; waits for
@@ -237,6 +306,7 @@ pub async fn produce(
         amount,
         rate,
         batch,
+        poison_every,
     } = plan.clone();
     let topic = topic.as_str();
     let producer: ThreadedProducer<Acks> = kafka
@@ -267,20 +337,7 @@ pub async fn produce(
         }
         for _ in 0..batch.min(remaining) {
             let tick = generator.next_tick();
-            let payload = encode(&tick, format);
-            let mut record = BaseRecord::to(topic)
-                .key(tick.asset_id.as_str())
-                .payload(&payload);
-            loop {
-                match producer.send(record) {
-                    Ok(()) => break,
-                    Err((KafkaError::MessageProduction(RDKafkaErrorCode::QueueFull), r)) => {
-                        record = r;
-                        std::thread::sleep(Duration::from_millis(1));
-                    }
-                    Err((e, _)) => bail!("producing to {topic}: {e}"),
-                }
-            }
+            send(&producer, topic, &tick.asset_id, &encode(&tick, format))?;
             let a = report.assets.entry(tick.asset_id.clone()).or_default();
             if a.count == 0 {
                 a.first_seq = tick.seq;
@@ -288,6 +345,12 @@ pub async fn produce(
             a.count += 1;
             a.last_seq = tick.seq;
             sent += 1;
+            if let Some(every) = poison_every.filter(|e| *e > 0 && sent.is_multiple_of(*e)) {
+                let n = sent / every - 1;
+                let (reason, key, payload) = poison(n, format);
+                send(&producer, topic, key, &payload)?;
+                *report.poison.entry(reason.to_owned()).or_default() += 1;
+            }
         }
         on_progress(sent);
         if rate > 0 {
@@ -346,6 +409,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         amount,
         rate: args.rate,
         batch: args.batch,
+        poison_every: args.poison_every,
     };
     let report = produce(&args.kafka, &plan, &mut generator, &stop, |n| {
         bar.set_position(n)
@@ -353,7 +417,8 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     .await?;
     bar.finish_and_clear();
     let secs = started.elapsed().as_secs_f64();
-    let sent: u64 = report.assets.values().map(|a| a.count).sum();
+    let sent: u64 =
+        report.assets.values().map(|a| a.count).sum::<u64>() + report.poison.values().sum::<u64>();
     println!(
         "produced {sent} ticks over {} assets in {secs:.2}s ({:.0}/s): {} acknowledged, {} failed",
         report.assets.len(),

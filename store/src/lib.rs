@@ -18,7 +18,7 @@ use std::time::Duration;
 
 pub use live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{RedisStore, RedisTls};
 pub use tickfleet_proto::{Tick, TickId};
 
 /// The largest page [`TickStore::range`] returns, whatever the caller asks for.

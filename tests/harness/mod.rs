@@ -134,6 +134,18 @@ impl DevBroker {
     }
 }
 
+impl DevBroker {
+    /// Takes every broker down (connections closed and refused) — `kill -USR1`.
+    pub fn down(&self) {
+        signal(&self.child, "USR1");
+    }
+
+    /// Brings the brokers back — `kill -USR2`.
+    pub fn up(&self) {
+        signal(&self.child, "USR2");
+    }
+}
+
 impl Drop for DevBroker {
     fn drop(&mut self) {
         let _ = self.child.kill();
@@ -160,12 +172,29 @@ pub struct WorkerSetup {
     pub topic: String,
     /// Consumer group.
     pub group: String,
+    /// Redis URL.
+    pub redis_url: String,
     /// Redis key prefix.
     pub prefix: String,
     /// Directory for logs.
     pub dir: PathBuf,
     /// Extra arguments.
     pub args: Vec<String>,
+}
+
+impl WorkerSetup {
+    /// Workers on `broker`'s topic `ticks`, a fresh group and key prefix, logs in `dir`.
+    pub fn new(broker: &DevBroker, dir: &Path, redis_url: &str) -> Self {
+        WorkerSetup {
+            bootstrap: broker.bootstrap.clone(),
+            topic: "ticks".into(),
+            group: unique("group"),
+            redis_url: redis_url.to_owned(),
+            prefix: unique("e2e"),
+            dir: dir.to_path_buf(),
+            args: Vec::new(),
+        }
+    }
 }
 
 impl Worker {
@@ -183,7 +212,12 @@ impl Worker {
                 "--group",
                 &setup.group,
             ])
-            .args(["--redis-url", &redis_url(), "--redis-prefix", &setup.prefix])
+            .args([
+                "--redis-url",
+                &setup.redis_url,
+                "--redis-prefix",
+                &setup.prefix,
+            ])
             .args(["--admin-addr", &admin, "--drain-timeout-secs", "20"])
             .args(["--kafka-option", "session.timeout.ms=6000"])
             .args(&setup.args)
@@ -216,6 +250,19 @@ impl Drop for Worker {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Sum of a metric over several workers (those that answer).
+pub fn total(workers: &[Worker], metric: &str) -> f64 {
+    workers.iter().map(|w| w.metric(metric)).sum()
+}
+
+/// Every worker's log, for failure messages.
+pub fn dump_logs(workers: &[Worker]) -> String {
+    workers
+        .iter()
+        .map(|w| format!("--- {}\n{}", w.log.display(), w.log_text()))
+        .collect()
 }
 
 /// Sum of the samples of metric `name` in Prometheus text.
@@ -269,14 +316,38 @@ pub fn produce(bootstrap: &str, topic: &str, dir: &Path, extra: &[&str]) -> Path
     report
 }
 
-/// `tickctl verify --json` of `report` against the test Redis under `prefix`: (clean?, summary).
-pub fn verify(report: &Path, prefix: &str) -> (bool, serde_json::Value) {
+/// Runs `tickctl produce` on a thread of its own (`--topic ticks` plus `args`); join it for the report.
+pub fn produce_in_background(
+    bootstrap: &str,
+    dir: &Path,
+    args: &[&str],
+) -> std::thread::JoinHandle<PathBuf> {
+    let (bootstrap, dir) = (bootstrap.to_owned(), dir.to_path_buf());
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    std::thread::spawn(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        produce(&bootstrap, "ticks", &dir, &args)
+    })
+}
+
+/// Asserts a `tickctl verify --json` summary shows exactly `ticks` ticks of `assets` assets, each once.
+pub fn assert_exact(summary: &serde_json::Value, assets: u64, ticks: u64) {
+    assert_eq!(summary["assets"], assets, "{summary}");
+    assert_eq!(summary["expected"], ticks, "{summary}");
+    assert_eq!(summary["stored"], ticks, "{summary}");
+    for field in ["lost", "duplicated", "out_of_order", "unexpected"] {
+        assert_eq!(summary[field], 0, "{field}: {summary}");
+    }
+}
+
+/// `tickctl verify --json` of `report` against `redis_url` under `prefix`: (clean?, summary).
+pub fn verify(report: &Path, redis_url: &str, prefix: &str) -> (bool, serde_json::Value) {
     let out = Command::new(bin("tickctl"))
         .args([
             "verify",
             "--json",
             "--redis-url",
-            &redis_url(),
+            redis_url,
             "--redis-prefix",
             prefix,
             "--report",
@@ -424,4 +495,124 @@ impl Drop for Watch {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// A redis-server of a test's own (for tests that stop and restart it), with every write fsynced to
+/// its append-only file before it is acknowledged — so a SIGKILLed server loses nothing acknowledged.
+pub struct RedisServer {
+    child: Option<Child>,
+    port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+}
+
+impl RedisServer {
+    /// Starts one on a free loopback port, keeping its files in `dir`.
+    pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// Like [`start`](Self::start) with extra `redis-server` arguments, in which `{port}` stands for
+    /// the chosen port (e.g. `["--port", "0", "--tls-port", "{port}", ...]` for TLS only).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
+        std::fs::create_dir_all(dir).expect("redis data dir");
+        let port = free_port();
+        let mut server = RedisServer {
+            child: None,
+            port,
+            dir: dir.to_path_buf(),
+            extra: extra
+                .iter()
+                .map(|a| a.replace("{port}", &port.to_string()))
+                .collect(),
+        };
+        server.start_again();
+        server
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server with SIGKILL (no shutdown, no final save).
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(&child, "KILL");
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the server (again) on the same port and data directory, and waits until it answers.
+    pub fn start_again(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &self.port.to_string(),
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--appendfsync", "always"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start redis-server (apt-get install redis-server)");
+        self.child = Some(child);
+        let addr = format!("127.0.0.1:{}", self.port);
+        let plain = self.extra.is_empty();
+        wait_for(
+            Duration::from_secs(20),
+            Duration::from_millis(50),
+            "redis-server to answer",
+            || {
+                let mut s = TcpStream::connect(&addr).ok()?;
+                if !plain {
+                    // TLS or AUTH: a listening port is all we can check without a client of our own.
+                    return Some(());
+                }
+                s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+                s.write_all(b"PING\r\n").ok()?;
+                let mut buf = [0u8; 7];
+                s.read_exact(&mut buf).ok()?;
+                (&buf == b"+PONG\r\n").then_some(())
+            },
+        );
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Runs `tickctl` with `args` to completion: (success?, stdout).
+pub fn tickctl(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("tickctl"))
+        .args(args)
+        .output()
+        .expect("run tickctl");
+    if !out.status.success() {
+        eprintln!(
+            "tickctl {args:?} failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
 }

@@ -15,7 +15,6 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use tokio::runtime::Handle;
@@ -122,13 +121,13 @@ impl Lanes {
     }
 
     /// Stops the lanes of `partitions`: no more input, let them store what they hold (bounded by the drain
-    /// timeout), then commit their watermarks synchronously.
+    /// timeout), then commit their watermarks synchronously. Returns whether every lane drained.
     fn retire<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
         partitions: &[i32],
         why: &str,
-    ) {
+    ) -> bool {
         let lanes: Vec<(i32, Lane)> = {
             let mut map = self.lock();
             let lanes = partitions
@@ -142,7 +141,7 @@ impl Lanes {
             lanes
         };
         if lanes.is_empty() {
-            return;
+            return true;
         }
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -176,30 +175,9 @@ impl Lanes {
                 let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(w));
             }
         }
-        if tpl.count() > 0 {
-            match consumer.commit(&tpl, CommitMode::Sync) {
-                Ok(()) => {
-                    for (p, watermark, _) in &offsets {
-                        if let Some(w) = watermark.get() {
-                            self.shared
-                                .metrics
-                                .committed_offset
-                                .with_label_values(&[&p.to_string()])
-                                .set(w);
-                        }
-                    }
-                }
-                Err(e) => {
-                    self.shared
-                        .metrics
-                        .commit_failures
-                        .with_label_values(&["sync"])
-                        .inc();
-                    warn!(why, error = %e, "final commit refused; the next owner re-reads from the last commit (writes are idempotent)");
-                }
-            }
-        }
+        self.commit(consumer, &tpl, why);
         info!(why, partitions = ?partitions, drained, elapsed_ms = started.elapsed().as_millis() as u64, "partitions released");
+        drained
     }
 
     /// Hands a polled message to its lane, or holds it (pausing the partition) when the lane is full.
@@ -273,7 +251,7 @@ impl Lanes {
         any_held
     }
 
-    /// Commits (async) every partition whose watermark moved since its last commit.
+    /// Commits every partition whose watermark moved since its last commit.
     fn commit_stored<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
         let mut map = self.lock();
         let mut tpl = TopicPartitionList::new();
@@ -284,16 +262,45 @@ impl Lanes {
             }
         }
         drop(map);
-        if tpl.count() > 0
-            && let Err(e) = consumer.commit(&tpl, CommitMode::Async)
-        {
+        if !self.commit(consumer, &tpl, "periodic") {
             self.forget_commits(&tpl);
-            self.shared
-                .metrics
-                .commit_failures
-                .with_label_values(&["async"])
-                .inc();
-            debug!(error = %e, "async commit not sent; will retry");
+        }
+    }
+
+    /// Commits `tpl` synchronously — one round trip per commit interval, not per message — so the
+    /// committed-offset metric reports what Kafka accepted. Returns whether it was accepted.
+    fn commit<C: ConsumerContext>(
+        &self,
+        consumer: &BaseConsumer<C>,
+        tpl: &TopicPartitionList,
+        trigger: &str,
+    ) -> bool {
+        if tpl.count() == 0 {
+            return true;
+        }
+        match consumer.commit(tpl, CommitMode::Sync) {
+            Ok(()) => {
+                for e in tpl.elements() {
+                    if let Offset::Offset(o) = e.offset() {
+                        self.shared
+                            .metrics
+                            .committed_offset
+                            .with_label_values(&[&e.partition().to_string()])
+                            .set(o);
+                    }
+                }
+                true
+            }
+            Err(e) => {
+                self.shared
+                    .metrics
+                    .commit_failures
+                    .with_label_values(&[trigger])
+                    .inc();
+                warn!(trigger, error = %e,
+                    "commit refused; retried later, or the next owner re-reads from the last commit (writes are idempotent)");
+                false
+            }
         }
     }
 
@@ -355,43 +362,16 @@ impl ConsumerContext for WorkerContext {
             Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
         }
     }
-
-    fn commit_callback(&self, result: KafkaResult<()>, offsets: &TopicPartitionList) {
-        match result {
-            Ok(()) => {
-                for e in offsets.elements() {
-                    if let Offset::Offset(o) = e.offset() {
-                        self.lanes
-                            .shared
-                            .metrics
-                            .committed_offset
-                            .with_label_values(&[&e.partition().to_string()])
-                            .set(o);
-                    }
-                }
-            }
-            Err(e) => {
-                self.lanes.forget_commits(offsets);
-                self.lanes
-                    .shared
-                    .metrics
-                    .commit_failures
-                    .with_label_values(&["async"])
-                    .inc();
-                debug!(error = %e, "commit refused; will retry");
-            }
-        }
-    }
 }
 
 /// The poll loop: runs on its own thread until `stop` is cancelled, then drains every lane, commits and
-/// closes the consumer (which leaves the group).
+/// closes the consumer (which leaves the group). Returns whether every lane drained in time.
 pub(crate) fn poll_loop(
     consumer: BaseConsumer<WorkerContext>,
     lanes: Arc<Lanes>,
     stop: CancellationToken,
     commit_every: Duration,
-) {
+) -> bool {
     let mut last_commit = Instant::now();
     let mut held = false;
     while !stop.is_cancelled() {
@@ -429,8 +409,9 @@ pub(crate) fn poll_loop(
     if let Err(e) = consumer.pause(&lanes.tpl(&assigned)) {
         debug!(error = %e, "pause before drain failed");
     }
-    lanes.retire(&consumer, &assigned, "shutdown");
+    let drained = lanes.retire(&consumer, &assigned, "shutdown");
     // Dropping the consumer closes it: it leaves the group, so its partitions move at once.
     drop(consumer);
     info!("consumer closed");
+    drained
 }

@@ -82,7 +82,7 @@ impl Metrics {
         let commit_failures = counter(
             "tickfleet_worker_commit_failures_total",
             "Offset commits Kafka refused (the next owner re-reads; writes are idempotent).",
-            &["mode"],
+            &["trigger"],
         );
         let batch_size = Histogram::with_opts(
             HistogramOpts::new(
