@@ -361,7 +361,9 @@ pub async fn produce(
         }
     }
     let flush = tokio::task::spawn_blocking(move || {
-        let result = producer.flush(Duration::from_secs(60));
+        // Longer than librdkafka's message.timeout.ms (300 s): every message is then either
+        // acknowledged or reported failed, even across a broker outage on a loaded machine.
+        let result = producer.flush(Duration::from_secs(330));
         (result, producer)
     });
     let (result, producer) = flush.await?;
