@@ -8,7 +8,7 @@ use std::time::Duration;
 use clap::Parser;
 use tickfleet_api::ApiMetrics;
 use tickfleet_service::Health;
-use tickfleet_store::{RedisStore, Retention};
+use tickfleet_store::Retention;
 use tracing::{error, info};
 
 /// tickfleet's gRPC api (tickfleet.v1.TickService, grpc.health.v1, server reflection) over the Redis the
@@ -33,6 +33,9 @@ struct Config {
     /// Key prefix in Redis: the same as the pipeline's workers.
     #[arg(long, env = "TICKFLEET_REDIS_PREFIX", default_value = "tf")]
     redis_prefix: String,
+    /// TLS files for rediss:// URLs.
+    #[command(flatten)]
+    redis_tls: tickfleet_store::RedisTlsOptions,
     /// Log format: text or json.
     #[arg(long, env = "TICKFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -60,7 +63,7 @@ async fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = tickfleet_service::shutdown_on_signals();
-    let store = Arc::new(RedisStore::open(
+    let store = Arc::new(config.redis_tls.open(
         &config.redis_url,
         &config.redis_prefix,
         Retention::default(),

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 pub use live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 pub use memory::MemoryStore;
+#[cfg(feature = "clap")]
+pub use redis::RedisTlsOptions;
 pub use redis::{RedisStore, RedisTls};
 pub use tickfleet_proto::{Tick, TickId};
 
@@ -131,6 +133,9 @@ pub enum StoreError {
         /// What was wrong.
         detail: String,
     },
+    /// The store is misconfigured (say, a TLS file cannot be read).
+    #[error("store configuration: {0}")]
+    Config(String),
     /// A failure injected by a test double.
     #[error("injected failure: {0}")]
     Injected(String),
@@ -142,6 +147,7 @@ impl StoreError {
         match self {
             StoreError::Redis(_) => "redis",
             StoreError::Corrupt { .. } => "corrupt",
+            StoreError::Config(_) => "config",
             StoreError::Injected(_) => "injected",
         }
     }

@@ -36,6 +36,11 @@ use crate::live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 use crate::member;
 use crate::{MAX_PAGE, RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
 
+#[cfg(feature = "clap")]
+mod options;
+#[cfg(feature = "clap")]
+pub use options::RedisTlsOptions;
+
 const WRITE_LUA: &str = include_str!("write.lua");
 const RANGE_LUA: &str = include_str!("range.lua");
 
