@@ -35,12 +35,14 @@ pub use service::Api;
 pub const SERVICE_NAME: &str = "tickfleet.v1.TickService";
 
 /// How the server runs.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Options {
     /// Bound on a graceful shutdown.
     pub drain_timeout: Duration,
     /// Messages buffered per stream client (see [`Api::with_stream_buffer`]).
     pub stream_buffer: usize,
+    /// Serve TLS with this certificate and key instead of plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
 }
 
 impl Default for Options {
@@ -48,6 +50,7 @@ impl Default for Options {
         Options {
             drain_timeout: Duration::from_secs(30),
             stream_buffer: service::STREAM_BUFFER,
+            tls: None,
         }
     }
 }
@@ -103,7 +106,11 @@ pub async fn start(
     ));
     // The server stops accepting only after health has gone NOT_SERVING.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-    let server = tonic::transport::Server::builder()
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        builder = builder.tls_config(tls).context("the api's TLS settings")?;
+    }
+    let server = builder
         .add_service(health_service)
         .add_service(reflection)
         .add_service(reflection_alpha)

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use anyhow::Context;
 use clap::Parser;
 use tickfleet_api::ApiMetrics;
 use tickfleet_service::Health;
@@ -36,6 +37,12 @@ struct Config {
     /// TLS files for rediss:// URLs.
     #[command(flatten)]
     redis_tls: tickfleet_store::RedisTlsOptions,
+    /// Serve gRPC over TLS with this PEM certificate (chain), e.g. from a mounted Secret.
+    #[arg(long, env = "TICKFLEET_GRPC_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, env = "TICKFLEET_GRPC_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<std::path::PathBuf>,
     /// Log format: text or json.
     #[arg(long, env = "TICKFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     log_format: String,
@@ -63,6 +70,16 @@ async fn main() -> ExitCode {
 
 async fn run(config: Config) -> anyhow::Result<()> {
     let shutdown = tickfleet_service::shutdown_on_signals();
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &std::path::PathBuf| {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+            Some(tonic::transport::ServerTlsConfig::new().identity(identity))
+        }
+        _ => None,
+    };
     let store = Arc::new(config.redis_tls.open(
         &config.redis_url,
         &config.redis_prefix,
@@ -87,6 +104,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         tickfleet_api::Options {
             drain_timeout: Duration::from_secs(config.drain_timeout_secs),
             stream_buffer: config.stream_buffer,
+            tls,
         },
     )
     .await?;

@@ -23,6 +23,9 @@ pub struct ApiArgs {
     /// The api's gRPC address (`host:port` means `http://host:port`).
     #[arg(long, env = "TICKFLEET_API", default_value = "http://127.0.0.1:50051")]
     api: String,
+    /// PEM CA that signed an `https://` api's certificate (default: the system's CAs).
+    #[arg(long, env = "TICKFLEET_API_CA_FILE")]
+    ca_file: Option<std::path::PathBuf>,
     /// Print JSON (for scripts) instead of a table.
     #[arg(long)]
     json: bool,
@@ -162,7 +165,8 @@ fn fmt_time(ns: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
-async fn connect(api: &str) -> anyhow::Result<TickServiceClient<Channel>> {
+async fn connect(args: &ApiArgs) -> anyhow::Result<TickServiceClient<Channel>> {
+    let api = args.api.as_str();
     // `host:port` is taken as plaintext `http://host:port`, as grpcurl -plaintext does.
     let api = if api.contains("://") {
         api.to_owned()
@@ -170,14 +174,26 @@ async fn connect(api: &str) -> anyhow::Result<TickServiceClient<Channel>> {
         format!("http://{api}")
     };
     let api = api.as_str();
-    let channel = Channel::from_shared(api.to_owned())
+    let mut endpoint = Channel::from_shared(api.to_owned())
         .with_context(|| format!("bad --api address {api:?}"))?
-        .connect_timeout(Duration::from_secs(5))
-        .connect()
-        .await
-        .with_context(|| {
-            format!("cannot reach the api at {api} (is `tickctl demo` or tickfleet-api running?)")
-        })?;
+        .connect_timeout(Duration::from_secs(5));
+    if api.starts_with("https://") {
+        let tls = match &args.ca_file {
+            Some(path) => {
+                let pem =
+                    std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem))
+            }
+            None => tonic::transport::ClientTlsConfig::new().with_native_roots(),
+        };
+        endpoint = endpoint
+            .tls_config(tls)
+            .context("TLS settings for the api")?;
+    }
+    let channel = endpoint.connect().await.with_context(|| {
+        format!("cannot reach the api at {api} (is `tickctl demo` or tickfleet-api running?)")
+    })?;
     Ok(TickServiceClient::new(channel))
 }
 
@@ -276,7 +292,7 @@ pub async fn run(query: Query) -> anyhow::Result<ExitCode> {
         | Query::Assets { api }
         | Query::Watch { api, .. } => api.clone(),
     };
-    let mut client = connect(&args.api).await?;
+    let mut client = connect(&args).await?;
     match query {
         Query::Latest { assets, .. } => {
             let assets = if assets.is_empty() {
