@@ -72,7 +72,7 @@ impl DeadLetterSink for KafkaDeadLetters {
             })
             .insert(Header {
                 key: headers::SOURCE_TOPIC,
-                value: Some(&record.topic),
+                value: Some(record.topic.as_bytes()),
             })
             .insert(Header {
                 key: headers::SOURCE_PARTITION,

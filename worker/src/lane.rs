@@ -22,8 +22,8 @@ use crate::metrics::Metrics;
 /// A Kafka message, owned, as handed from the consumer thread to a lane.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
-    /// Source topic.
-    pub topic: String,
+    /// Source topic (shared: one allocation per consumer, not per message).
+    pub topic: Arc<str>,
     /// Source partition.
     pub partition: i32,
     /// Offset in the partition.
