@@ -263,11 +263,15 @@ fn default_key_prefix() -> String {
     "tf".into()
 }
 
-/// Redis address, given inline or from a Secret (use the Secret when the URL carries a password).
+/// Redis address, given inline or from a Secret (use the Secret when the URL carries a password),
+/// and the TLS files for a `rediss://` URL.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("has(self.url) != has(self.urlSecretRef)")
     .message("set exactly one of redis.url and redis.urlSecretRef"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.tls) || !has(self.url) || self.url.startsWith('rediss://')"
+).message("redis.tls needs a rediss:// url"))]
 pub struct RedisSpec {
     /// `redis://` or `rediss://` URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -276,6 +280,30 @@ pub struct RedisSpec {
     /// Secret key holding the URL.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_secret_ref: Option<SecretKeyRef>,
+    /// TLS files for a `rediss://` URL, mounted from Secrets into the worker and api pods. Not
+    /// needed when the server's certificate is signed by a public CA and it does not check clients.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<RedisTlsSpec>,
+}
+
+/// Private CA and client certificate for Redis over TLS. The Secrets are mounted read-only into
+/// the worker and api pods (never read by the operator); a Secret or key that is missing keeps the
+/// pods from starting.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new("has(self.caSecretRef) || has(self.clientCertSecretName)")
+    .message("redis.tls needs caSecretRef or clientCertSecretName (leave tls out to use the system CAs)"))]
+pub struct RedisTlsSpec {
+    /// Secret key holding the PEM CA certificate(s) that signed the Redis server's certificate
+    /// (`TICKFLEET_REDIS_CA_FILE`); the system CAs are used when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
+    /// `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`) with the client certificate for
+    /// Redis servers that verify clients (mutual TLS; `TICKFLEET_REDIS_CLIENT_CERT_FILE` and
+    /// `TICKFLEET_REDIS_CLIENT_KEY_FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub client_cert_secret_name: Option<String>,
 }
 
 /// Retention of stored ticks; both limits apply when both are set.
@@ -401,6 +429,9 @@ pub struct ApiSpec {
     /// Compute resources of an api container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
+    /// Serve gRPC over TLS; plaintext gRPC when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<ApiTlsSpec>,
 }
 
 impl Default for ApiSpec {
@@ -410,8 +441,20 @@ impl Default for ApiSpec {
             port: default_grpc_port(),
             service_type: ServiceType::default(),
             resources: None,
+            tls: None,
         }
     }
+}
+
+/// gRPC over TLS for the api.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct ApiTlsSpec {
+    /// `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`; e.g. issued by cert-manager) in the
+    /// pipeline's namespace, mounted read-only into the api pods (never read by the operator). A
+    /// renewed certificate is picked up when the api pods restart.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
 }
 
 fn default_grpc_port() -> i32 {

@@ -11,9 +11,9 @@ use k8s_openapi::api::apps::v1::{
 };
 use k8s_openapi::api::core::v1::{
     Capabilities, ConfigMap, ConfigMapEnvSource, Container, ContainerPort, EmptyDirVolumeSource,
-    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, PodSecurityContext, PodSpec,
-    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecurityContext, Service,
-    ServicePort, ServiceSpec, Volume, VolumeMount,
+    EnvFromSource, EnvVar, EnvVarSource, HTTPGetAction, KeyToPath, PodSecurityContext, PodSpec,
+    PodTemplateSpec, Probe, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Service, ServicePort, ServiceSpec, Volume, VolumeMount,
 };
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta, OwnerReference};
@@ -40,6 +40,16 @@ pub const IMAGE_UID: i64 = 65532;
 pub const GRACE_MARGIN_SECONDS: i64 = 15;
 /// Longest pipeline name: the longest child name (`<name>-config`) must stay a 63-character DNS label.
 pub const MAX_NAME_LEN: usize = 56;
+/// Directory of the api's gRPC certificate (`tls.crt`) and key (`tls.key`), from `spec.api.tls`.
+pub const GRPC_TLS_DIR: &str = "/etc/tickfleet/grpc-tls";
+/// Directory of the Redis CA (`ca.crt`), from `spec.store.redis.tls.caSecretRef`.
+pub const REDIS_CA_DIR: &str = "/etc/tickfleet/redis-ca";
+/// Directory of the Redis client certificate (`tls.crt`) and key (`tls.key`), from
+/// `spec.store.redis.tls.clientCertSecretName`.
+pub const REDIS_CLIENT_TLS_DIR: &str = "/etc/tickfleet/redis-client-tls";
+/// Mode of files mounted from Secrets: readable by their owner (root) and the pod's `fsGroup` (the
+/// image's group, which the containers run as), by no one else.
+pub const SECRET_FILE_MODE: i32 = 0o440;
 
 /// Names of a pipeline's children.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -112,6 +122,31 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
         _ => problems
             .push("set exactly one of store.redis.url and store.redis.urlSecretRef".to_string()),
     }
+    if let Some(tls) = &redis.tls {
+        if redis
+            .url
+            .as_ref()
+            .is_some_and(|u| !u.starts_with("rediss://"))
+        {
+            problems.push("store.redis.tls needs a rediss:// url".to_string());
+        }
+        match (&tls.ca_secret_ref, &tls.client_cert_secret_name) {
+            (None, None) => problems
+                .push("store.redis.tls needs caSecretRef or clientCertSecretName".to_string()),
+            (ca, client) => {
+                if ca
+                    .as_ref()
+                    .is_some_and(|r| r.name.is_empty() || r.key.is_empty())
+                {
+                    problems.push("store.redis.tls.caSecretRef needs a name and a key".to_string());
+                }
+                if client.as_ref().is_some_and(|n| n.is_empty()) {
+                    problems
+                        .push("store.redis.tls.clientCertSecretName must not be empty".to_string());
+                }
+            }
+        }
+    }
     if spec.workers.replicas < 0 {
         problems.push("workers.replicas must not be negative".to_string());
     }
@@ -135,6 +170,14 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
     }
     if !(1..=65535).contains(&spec.api.port) {
         problems.push("api.port must be between 1 and 65535".to_string());
+    }
+    if spec
+        .api
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.secret_name.is_empty())
+    {
+        problems.push("api.tls.secretName must not be empty".to_string());
     }
     if problems.is_empty() {
         Ok(())
@@ -292,9 +335,11 @@ pub fn config_data(tp: &TickPipeline) -> BTreeMap<String, String> {
     data
 }
 
-/// Hex SHA-256 (first 16 bytes) of the config data and the Secret references, as a pod template
-/// annotation: any change to either changes the template and so rolls the pods.
-pub fn config_hash(tp: &TickPipeline, data: &BTreeMap<String, String>) -> String {
+/// Hex SHA-256 (first 16 bytes) of the config data and the Secret references of a component's
+/// pods (`worker` or `api`: env vars and mounted files), as a pod template annotation: any change
+/// to either changes the template and so rolls the pods. A pipeline without mounted Secrets hashes
+/// as it did before they existed, so upgrading the operator does not roll its pods.
+pub fn config_hash(tp: &TickPipeline, component: &str, data: &BTreeMap<String, String>) -> String {
     let mut hasher = Sha256::new();
     for (k, v) in data {
         hasher.update(k.as_bytes());
@@ -311,6 +356,23 @@ pub fn config_hash(tp: &TickPipeline, data: &BTreeMap<String, String>) -> String
             hasher.update(sel.key.as_bytes());
             hasher.update([0]);
         }
+    }
+    for m in secret_mounts(tp, component) {
+        let Some(secret) = m.volume.secret else {
+            continue;
+        };
+        hasher.update(m.volume.name.as_bytes());
+        hasher.update([0]);
+        hasher.update(secret.secret_name.unwrap_or_default().as_bytes());
+        hasher.update([0]);
+        for item in secret.items.unwrap_or_default() {
+            hasher.update(item.key.as_bytes());
+            hasher.update([0]);
+            hasher.update(item.path.as_bytes());
+            hasher.update([0]);
+        }
+        hasher.update(m.mount.mount_path.as_bytes());
+        hasher.update([0]);
     }
     hasher.finalize()[..16]
         .iter()
@@ -363,6 +425,100 @@ pub fn secret_env(tp: &TickPipeline) -> Vec<EnvVar> {
         ));
     }
     env
+}
+
+/// A Secret mounted read-only as files, with the environment variables naming those files.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SecretMount {
+    /// Secret volume projecting only the keys the binary reads.
+    pub volume: Volume,
+    /// Read-only mount of the volume.
+    pub mount: VolumeMount,
+    /// `TICKFLEET_*_FILE` variables with the paths of the files (paths only, never contents).
+    pub env: Vec<EnvVar>,
+}
+
+/// Mounts `secret` at `dir` with `files` as (Secret key, file name, env var naming the file).
+fn secret_mount(
+    volume: &str,
+    secret: &str,
+    dir: &str,
+    files: &[(&str, &str, &str)],
+) -> SecretMount {
+    SecretMount {
+        volume: Volume {
+            name: volume.to_string(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(secret.to_string()),
+                items: Some(
+                    files
+                        .iter()
+                        .map(|(key, path, _)| KeyToPath {
+                            key: (*key).to_string(),
+                            path: (*path).to_string(),
+                            ..KeyToPath::default()
+                        })
+                        .collect(),
+                ),
+                default_mode: Some(SECRET_FILE_MODE),
+                optional: Some(false),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        },
+        mount: VolumeMount {
+            name: volume.to_string(),
+            mount_path: dir.to_string(),
+            read_only: Some(true),
+            ..VolumeMount::default()
+        },
+        env: files
+            .iter()
+            .map(|(_, path, var)| plain_env(var, format!("{dir}/{path}")))
+            .collect(),
+    }
+}
+
+/// Secrets mounted as files into a component's pods (`worker` or `api`): the Redis CA and client
+/// certificate (both), the gRPC certificate (api only). The operator only references them; it
+/// never reads them.
+pub fn secret_mounts(tp: &TickPipeline, component: &str) -> Vec<SecretMount> {
+    let mut mounts = Vec::new();
+    if let Some(tls) = &tp.spec.store.redis.tls {
+        if let Some(ca) = &tls.ca_secret_ref {
+            mounts.push(secret_mount(
+                "redis-ca",
+                &ca.name,
+                REDIS_CA_DIR,
+                &[(&ca.key, "ca.crt", "TICKFLEET_REDIS_CA_FILE")],
+            ));
+        }
+        if let Some(name) = &tls.client_cert_secret_name {
+            mounts.push(secret_mount(
+                "redis-client-tls",
+                name,
+                REDIS_CLIENT_TLS_DIR,
+                &[
+                    ("tls.crt", "tls.crt", "TICKFLEET_REDIS_CLIENT_CERT_FILE"),
+                    ("tls.key", "tls.key", "TICKFLEET_REDIS_CLIENT_KEY_FILE"),
+                ],
+            ));
+        }
+    }
+    if component == "api"
+        && let Some(tls) = &tp.spec.api.tls
+    {
+        mounts.push(secret_mount(
+            "grpc-tls",
+            &tls.secret_name,
+            GRPC_TLS_DIR,
+            &[
+                ("tls.crt", "tls.crt", "TICKFLEET_GRPC_TLS_CERT_FILE"),
+                ("tls.key", "tls.key", "TICKFLEET_GRPC_TLS_KEY_FILE"),
+            ],
+        ));
+    }
+    mounts
 }
 
 fn plain_env(name: &str, value: String) -> EnvVar {
@@ -468,12 +624,19 @@ fn component_deployment(
 ) -> Deployment {
     let names = Names::of(tp);
     let (volume, mount) = tmp_volume();
+    let mut volumes = vec![volume];
+    let mut mounts = vec![mount];
     let mut env = vec![plain_env(
         "TICKFLEET_ADMIN_ADDR",
         format!("0.0.0.0:{}", c.admin_port),
     )];
     env.extend(c.extra_env);
     env.extend(secret_env(tp));
+    for m in secret_mounts(tp, c.component) {
+        volumes.push(m.volume);
+        mounts.push(m.mount);
+        env.extend(m.env);
+    }
     let mut ports = vec![ContainerPort {
         name: Some("admin".to_string()),
         container_port: c.admin_port,
@@ -499,7 +662,7 @@ fn component_deployment(
         liveness_probe: Some(http_probe("/healthz", 10, 10)),
         resources: c.resources,
         security_context: Some(container_security_context()),
-        volume_mounts: Some(vec![mount]),
+        volume_mounts: Some(mounts),
         ..Container::default()
     };
     let selector = selector_labels(tp, c.component);
@@ -526,7 +689,7 @@ fn component_deployment(
                     enable_service_links: Some(false),
                     termination_grace_period_seconds: Some(c.grace_seconds),
                     security_context: Some(pod_security_context()),
-                    volumes: Some(vec![volume]),
+                    volumes: Some(volumes),
                     ..PodSpec::default()
                 }),
             },
@@ -642,12 +805,11 @@ pub struct Children {
 /// All children of `tp` with `worker_replicas` workers (the caller caps it at the partitions).
 pub fn desired(tp: &TickPipeline, worker_replicas: i32) -> Children {
     let data = config_data(tp);
-    let hash = config_hash(tp, &data);
     Children {
         config_map: config_map(tp),
-        worker: worker_deployment(tp, worker_replicas, &hash),
+        worker: worker_deployment(tp, worker_replicas, &config_hash(tp, "worker", &data)),
         worker_pdb: worker_pdb(tp),
-        api: api_deployment(tp, &hash),
+        api: api_deployment(tp, &config_hash(tp, "api", &data)),
         api_service: api_service(tp),
     }
 }
@@ -833,6 +995,7 @@ mod tests {
                 name: "redis-auth".into(),
                 key: "url".into(),
             }),
+            tls: None,
         };
         tp.spec.kafka.auth = Some(crate::crd::KafkaAuth {
             security_protocol: SecurityProtocol::SaslSsl,
@@ -870,8 +1033,8 @@ mod tests {
         let mut other = tp.clone();
         other.spec.store.redis.url_secret_ref.as_mut().unwrap().name = "redis-auth-2".into();
         assert_ne!(
-            config_hash(&tp, &config_data(&tp)),
-            config_hash(&other, &config_data(&other))
+            config_hash(&tp, "worker", &config_data(&tp)),
+            config_hash(&other, "worker", &config_data(&other))
         );
     }
 
@@ -967,6 +1130,395 @@ mod tests {
             sasl: None,
         });
         assert!(validate(&sasl).unwrap_err().contains("kafka.auth.sasl"));
+    }
+
+    fn pod_of(d: &Deployment) -> &PodSpec {
+        d.spec.template.spec.as_ref().unwrap()
+    }
+
+    fn hash_of(d: &Deployment) -> String {
+        d.spec
+            .template
+            .metadata
+            .as_ref()
+            .unwrap()
+            .annotations
+            .as_ref()
+            .unwrap()[CONFIG_HASH_ANNOTATION]
+            .clone()
+    }
+
+    fn volume<'a>(pod: &'a PodSpec, name: &str) -> Option<&'a Volume> {
+        pod.volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|v| v.name == name)
+    }
+
+    fn mount<'a>(pod: &'a PodSpec, name: &str) -> Option<&'a VolumeMount> {
+        pod.containers[0]
+            .volume_mounts
+            .as_ref()
+            .unwrap()
+            .iter()
+            .find(|m| m.name == name)
+    }
+
+    fn items(v: &Volume) -> Vec<(String, String)> {
+        v.secret
+            .as_ref()
+            .unwrap()
+            .items
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|i| (i.key.clone(), i.path.clone()))
+            .collect()
+    }
+
+    /// The Secret volume `name` of `pod`: its Secret, projected keys, mode and optionality.
+    fn assert_secret_volume(pod: &PodSpec, name: &str, secret: &str, want: &[(&str, &str)]) {
+        let v = volume(pod, name).unwrap_or_else(|| panic!("no volume {name}"));
+        let src = v.secret.as_ref().expect("a Secret volume");
+        assert_eq!(src.secret_name.as_deref(), Some(secret));
+        assert_eq!(src.default_mode, Some(0o440));
+        assert_eq!(
+            src.optional,
+            Some(false),
+            "a missing Secret must keep the pod from starting"
+        );
+        let want: Vec<(String, String)> = want
+            .iter()
+            .map(|(k, p)| (k.to_string(), p.to_string()))
+            .collect();
+        assert_eq!(items(v), want);
+    }
+
+    fn tls_pipeline() -> TickPipeline {
+        let mut tp = pipeline();
+        tp.spec.store.redis = crate::crd::RedisSpec {
+            url: None,
+            url_secret_ref: Some(crate::crd::SecretKeyRef {
+                name: "redis-auth".into(),
+                key: "url".into(),
+            }),
+            tls: Some(crate::crd::RedisTlsSpec {
+                ca_secret_ref: Some(crate::crd::SecretKeyRef {
+                    name: "redis-ca".into(),
+                    key: "ca.pem".into(),
+                }),
+                client_cert_secret_name: Some("redis-client".into()),
+            }),
+        };
+        tp.spec.api.tls = Some(crate::crd::ApiTlsSpec {
+            secret_name: "btc-api-cert".into(),
+        });
+        tp
+    }
+
+    /// Env vars set from literals, other than the admin and gRPC addresses.
+    fn file_env(d: &Deployment) -> BTreeMap<String, String> {
+        env_of(d)
+            .into_iter()
+            .filter(|e| e.name.ends_with("_FILE"))
+            .map(|e| {
+                assert!(e.value_from.is_none(), "{} is a literal path", e.name);
+                (e.name, e.value.unwrap())
+            })
+            .collect()
+    }
+
+    #[test]
+    fn api_tls_mounts_the_certificate_secret_into_the_api_only() {
+        let mut tp = pipeline();
+        let plain = desired(&tp, 2);
+        tp.spec.api.tls = Some(crate::crd::ApiTlsSpec {
+            secret_name: "btc-api-cert".into(),
+        });
+        assert_eq!(validate(&tp), Ok(()));
+        let c = desired(&tp, 2);
+        let pod = pod_of(&c.api);
+        assert_secret_volume(
+            pod,
+            "grpc-tls",
+            "btc-api-cert",
+            &[("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
+        );
+        let m = mount(pod, "grpc-tls").unwrap();
+        assert_eq!(m.mount_path, "/etc/tickfleet/grpc-tls");
+        assert_eq!(m.read_only, Some(true));
+        assert_eq!(
+            m.sub_path, None,
+            "a directory mount, so kubelet can update renewed files"
+        );
+        assert_eq!(
+            file_env(&c.api),
+            BTreeMap::from([
+                (
+                    "TICKFLEET_GRPC_TLS_CERT_FILE".to_string(),
+                    "/etc/tickfleet/grpc-tls/tls.crt".to_string()
+                ),
+                (
+                    "TICKFLEET_GRPC_TLS_KEY_FILE".to_string(),
+                    "/etc/tickfleet/grpc-tls/tls.key".to_string()
+                ),
+            ])
+        );
+        // still locked down, /tmp still there, probes still HTTP on the admin port
+        let container = &pod.containers[0];
+        assert_eq!(
+            container
+                .security_context
+                .as_ref()
+                .unwrap()
+                .read_only_root_filesystem,
+            Some(true)
+        );
+        assert!(mount(pod, "tmp").is_some());
+        for probe in [&container.readiness_probe, &container.liveness_probe] {
+            let get = probe.as_ref().unwrap().http_get.as_ref().unwrap();
+            assert_eq!(get.port, IntOrString::String("admin".into()));
+            assert_eq!(get.scheme, None);
+        }
+        // the workers neither get the certificate nor roll for it; the ConfigMap does not change
+        assert_eq!(c.worker, plain.worker);
+        assert_eq!(c.config_map, plain.config_map);
+        assert_ne!(hash_of(&c.api), hash_of(&plain.api));
+        // another Secret rolls the api pods
+        let mut other = tp.clone();
+        other.spec.api.tls.as_mut().unwrap().secret_name = "btc-api-cert-2".into();
+        assert_ne!(hash_of(&desired(&other, 2).api), hash_of(&c.api));
+    }
+
+    #[test]
+    fn redis_tls_mounts_ca_and_client_certificate_into_workers_and_api() {
+        let tp = tls_pipeline();
+        assert_eq!(validate(&tp), Ok(()));
+        let c = desired(&tp, 2);
+        for d in [&c.worker, &c.api] {
+            let pod = pod_of(d);
+            assert_secret_volume(pod, "redis-ca", "redis-ca", &[("ca.pem", "ca.crt")]);
+            assert_secret_volume(
+                pod,
+                "redis-client-tls",
+                "redis-client",
+                &[("tls.crt", "tls.crt"), ("tls.key", "tls.key")],
+            );
+            for (name, dir) in [
+                ("redis-ca", "/etc/tickfleet/redis-ca"),
+                ("redis-client-tls", "/etc/tickfleet/redis-client-tls"),
+            ] {
+                let m = mount(pod, name).unwrap();
+                assert_eq!((m.mount_path.as_str(), m.read_only), (dir, Some(true)));
+            }
+            let env = file_env(d);
+            assert_eq!(
+                env["TICKFLEET_REDIS_CA_FILE"],
+                "/etc/tickfleet/redis-ca/ca.crt"
+            );
+            assert_eq!(
+                env["TICKFLEET_REDIS_CLIENT_CERT_FILE"],
+                "/etc/tickfleet/redis-client-tls/tls.crt"
+            );
+            assert_eq!(
+                env["TICKFLEET_REDIS_CLIENT_KEY_FILE"],
+                "/etc/tickfleet/redis-client-tls/tls.key"
+            );
+            // every volume is mounted, and no two mounts share a path
+            let mounts = pod.containers[0].volume_mounts.as_ref().unwrap();
+            let paths: std::collections::BTreeSet<_> =
+                mounts.iter().map(|m| &m.mount_path).collect();
+            assert_eq!(paths.len(), mounts.len());
+            assert_eq!(mounts.len(), pod.volumes.as_ref().unwrap().len());
+        }
+        assert_eq!(
+            file_env(&c.worker).len(),
+            3,
+            "no gRPC certificate for workers"
+        );
+        assert_eq!(file_env(&c.api).len(), 5);
+        assert!(volume(pod_of(&c.worker), "grpc-tls").is_none());
+        // the URL (with its password) still comes from its Secret
+        assert!(env_of(&c.worker).contains(&secret_env_var(
+            "TICKFLEET_REDIS_URL",
+            "redis-auth",
+            "url"
+        )));
+        // only the CA or only the client certificate
+        let mut ca_only = tp.clone();
+        ca_only
+            .spec
+            .store
+            .redis
+            .tls
+            .as_mut()
+            .unwrap()
+            .client_cert_secret_name = None;
+        let w = worker_deployment(&ca_only, 1, "h");
+        assert_eq!(
+            file_env(&w).keys().collect::<Vec<_>>(),
+            ["TICKFLEET_REDIS_CA_FILE"]
+        );
+        assert!(volume(pod_of(&w), "redis-client-tls").is_none());
+        let mut client_only = tp.clone();
+        client_only
+            .spec
+            .store
+            .redis
+            .tls
+            .as_mut()
+            .unwrap()
+            .ca_secret_ref = None;
+        assert_eq!(validate(&client_only), Ok(()));
+        let w = worker_deployment(&client_only, 1, "h");
+        assert_eq!(
+            file_env(&w).keys().collect::<Vec<_>>(),
+            [
+                "TICKFLEET_REDIS_CLIENT_CERT_FILE",
+                "TICKFLEET_REDIS_CLIENT_KEY_FILE"
+            ]
+        );
+    }
+
+    #[test]
+    fn tls_secrets_are_referenced_never_copied() {
+        let tp = tls_pipeline();
+        let c = desired(&tp, 2);
+        // the ConfigMap is exactly the one without TLS: no paths, no Secret names, no contents
+        let mut no_tls = tp.clone();
+        no_tls.spec.store.redis.tls = None;
+        no_tls.spec.api.tls = None;
+        assert_eq!(c.config_map, desired(&no_tls, 2).config_map);
+        // every env var is a literal the operator knows without reading a Secret, or a reference
+        for d in [&c.worker, &c.api] {
+            for e in env_of(d) {
+                match (&e.value, &e.value_from) {
+                    (Some(v), None) => assert!(
+                        v.starts_with("0.0.0.0:") || v.starts_with("/etc/tickfleet/"),
+                        "{} = {v}",
+                        e.name
+                    ),
+                    (None, Some(from)) => assert!(from.secret_key_ref.is_some(), "{}", e.name),
+                    _ => panic!("{} is neither a literal nor a reference", e.name),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn switching_a_tls_secret_rolls_the_pods_that_mount_it() {
+        let tp = tls_pipeline();
+        let data = config_data(&tp);
+        let base = (
+            config_hash(&tp, "worker", &data),
+            config_hash(&tp, "api", &data),
+        );
+        let mut ca_name = tp.clone();
+        ca_name
+            .spec
+            .store
+            .redis
+            .tls
+            .as_mut()
+            .unwrap()
+            .ca_secret_ref
+            .as_mut()
+            .unwrap()
+            .name = "redis-ca-2".into();
+        let mut ca_key = tp.clone();
+        ca_key
+            .spec
+            .store
+            .redis
+            .tls
+            .as_mut()
+            .unwrap()
+            .ca_secret_ref
+            .as_mut()
+            .unwrap()
+            .key = "other.pem".into();
+        let mut client = tp.clone();
+        client
+            .spec
+            .store
+            .redis
+            .tls
+            .as_mut()
+            .unwrap()
+            .client_cert_secret_name = Some("redis-client-2".into());
+        for changed in [ca_name, ca_key, client] {
+            assert_ne!(config_hash(&changed, "worker", &data), base.0);
+            assert_ne!(config_hash(&changed, "api", &data), base.1);
+        }
+        let mut api_cert = tp.clone();
+        api_cert.spec.api.tls.as_mut().unwrap().secret_name = "other".into();
+        assert_eq!(config_hash(&api_cert, "worker", &data), base.0);
+        assert_ne!(config_hash(&api_cert, "api", &data), base.1);
+        // without any mounted Secret both components hash as before (no roll on operator upgrade)
+        let plain = pipeline();
+        let plain_data = config_data(&plain);
+        assert_eq!(
+            config_hash(&plain, "worker", &plain_data),
+            config_hash(&plain, "api", &plain_data)
+        );
+    }
+
+    #[test]
+    fn tls_validation_reports_each_problem() {
+        let mut tp = tls_pipeline();
+        tp.spec.store.redis.url = Some("redis://redis:6379".into());
+        tp.spec.store.redis.url_secret_ref = None;
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "store.redis.tls needs a rediss:// url"
+        );
+        tp.spec.store.redis.url = Some("rediss://redis:6380".into());
+        assert_eq!(validate(&tp), Ok(()));
+        tp.spec.store.redis.tls = Some(crate::crd::RedisTlsSpec {
+            ca_secret_ref: None,
+            client_cert_secret_name: None,
+        });
+        tp.spec.api.tls.as_mut().unwrap().secret_name = String::new();
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "store.redis.tls needs caSecretRef or clientCertSecretName; \
+             api.tls.secretName must not be empty"
+        );
+        tp.spec.store.redis.tls = Some(crate::crd::RedisTlsSpec {
+            ca_secret_ref: Some(crate::crd::SecretKeyRef {
+                name: "ca".into(),
+                key: String::new(),
+            }),
+            client_cert_secret_name: Some(String::new()),
+        });
+        tp.spec.api.tls = None;
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "store.redis.tls.caSecretRef needs a name and a key; \
+             store.redis.tls.clientCertSecretName must not be empty"
+        );
+    }
+
+    /// The file variables the operator sets are ones the binaries read (the packaging check only
+    /// covers manifests and the chart).
+    #[test]
+    fn file_env_vars_are_read_by_the_binaries() {
+        let store = include_str!("../../store/src/redis/options.rs");
+        let api = include_str!("../../api/src/main.rs");
+        let tp = tls_pipeline();
+        for (d, sources) in [
+            (worker_deployment(&tp, 1, "h"), vec![store]),
+            (api_deployment(&tp, "h"), vec![store, api]),
+        ] {
+            for name in file_env(&d).keys() {
+                let needle = format!("env = \"{name}\"");
+                assert!(
+                    sources.iter().any(|s| s.contains(&needle)),
+                    "no binary reads {name}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -25,6 +25,7 @@ pub fn pipeline() -> TickPipeline {
                 redis: RedisSpec {
                     url: Some("redis://redis:6379".into()),
                     url_secret_ref: None,
+                    tls: None,
                 },
                 key_prefix: "tf".into(),
                 retention: None,

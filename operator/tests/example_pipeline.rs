@@ -65,3 +65,29 @@ fn typo_in_a_field_is_caught() {
     let err = included(&raw, &serde_json::to_value(&tp).unwrap(), "").unwrap_err();
     assert_eq!(err, ".spec.kafka.partitons is not a TickPipeline field");
 }
+
+/// The TLS fields as `operator/README.md` and the commented example spell them.
+#[test]
+fn tls_fields_parse_as_documented() {
+    let raw: Value = serde_json::json!({
+        "apiVersion": "tickfleet.io/v1alpha1", "kind": "TickPipeline",
+        "metadata": {"name": "btc", "namespace": "markets"},
+        "spec": {"image": "i", "kafka": {"bootstrapServers": "k:9092", "topic": "t", "partitions": 1},
+                 "store": {"redis": {"urlSecretRef": {"name": "redis-auth", "key": "url"},
+                                     "tls": {"caSecretRef": {"name": "redis-ca", "key": "ca.crt"},
+                                             "clientCertSecretName": "redis-client"}}},
+                 "api": {"tls": {"secretName": "btc-api-tls"}}}
+    });
+    let tp: TickPipeline = serde_json::from_value(raw.clone()).expect("a TickPipeline");
+    included(&raw, &serde_json::to_value(&tp).unwrap(), "").expect("every field is known");
+    assert_eq!(validate(&tp), Ok(()));
+    let redis_tls = tp.spec.store.redis.tls.as_ref().expect("redis tls");
+    assert_eq!(
+        redis_tls.client_cert_secret_name.as_deref(),
+        Some("redis-client")
+    );
+    assert_eq!(
+        tp.spec.api.tls.as_ref().map(|t| t.secret_name.as_str()),
+        Some("btc-api-tls")
+    );
+}
