@@ -200,7 +200,6 @@ impl WorkerSetup {
 impl Worker {
     /// Starts worker number `n` of `setup`.
     pub fn start(setup: &WorkerSetup, n: usize) -> Self {
-        let admin = format!("127.0.0.1:{}", free_port());
         let log = setup.dir.join(format!("worker-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(bin("tickfleet-worker"))
@@ -218,7 +217,9 @@ impl Worker {
                 "--redis-prefix",
                 &setup.prefix,
             ])
-            .args(["--admin-addr", &admin, "--drain-timeout-secs", "20"])
+            // Port 0: the worker binds a free port itself and logs it, so concurrent tests never
+            // race for a port.
+            .args(["--admin-addr", "127.0.0.1:0", "--drain-timeout-secs", "20"])
             .args(["--kafka-option", "session.timeout.ms=6000"])
             .args(&setup.args)
             .env("RUST_LOG", "info")
@@ -226,6 +227,12 @@ impl Worker {
             .stderr(file)
             .spawn()
             .expect("start tickfleet-worker");
+        let admin = wait_for(
+            Duration::from_secs(30),
+            Duration::from_millis(20),
+            "the worker's admin address in its log",
+            || logged_admin_addr(&std::fs::read_to_string(&log).unwrap_or_default()),
+        );
         Worker { child, admin, log }
     }
 
@@ -243,6 +250,15 @@ impl Worker {
     pub fn log_text(&self) -> String {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
+}
+
+/// The address in the `admin endpoint listening … addr=HOST:PORT` log line.
+fn logged_admin_addr(log: &str) -> Option<String> {
+    let line = log
+        .lines()
+        .find(|l| l.contains("admin endpoint listening"))?;
+    let addr = line.split("addr=").nth(1)?.split_whitespace().next()?;
+    Some(addr.trim_matches('"').to_owned())
 }
 
 impl Drop for Worker {
