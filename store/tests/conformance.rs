@@ -223,6 +223,20 @@ async fn retention_by_age(store: impl TickStore) {
     assert_eq!(all(&store, "A").await, ticks[6..].to_vec());
 }
 
+async fn big_batches_with_overlaps_and_repeats_count_exactly(store: impl TickStore) {
+    // More ticks of one asset than the Redis script handles per chunk, overlapping what is stored,
+    // and with ticks repeated inside the batch.
+    let ticks = series("A", 2500);
+    let s = store.write_batch(&ticks[1000..1700]).await.unwrap();
+    assert_eq!((s.inserted, s.duplicates), (700, 0));
+    let mut batch = ticks.clone();
+    batch.extend_from_slice(&ticks[..10]);
+    let s = store.write_batch(&batch).await.unwrap();
+    assert_eq!((s.inserted, s.duplicates), (1800, 710));
+    assert_eq!(all(&store, "A").await, ticks);
+    assert_eq!(store.latest("A").await.unwrap().unwrap().seq, 2500);
+}
+
 async fn ping_answers(store: impl TickStore) {
     store.ping().await.unwrap();
 }
@@ -324,6 +338,7 @@ conformance! {
     retention_by_count: Retention { max_count: Some(5), max_age: None },
     retention_by_age: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
     ping_answers,
+    big_batches_with_overlaps_and_repeats_count_exactly,
     tail_is_the_newest_ticks_in_order,
     the_live_feed_announces_each_new_tick_once,
 }
