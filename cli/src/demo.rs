@@ -122,7 +122,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         batch_linger_ms: 20,
         commit_interval_ms: 500,
         drain_timeout_secs: 15,
-        lane_capacity: 5000,
+        lane_capacity: 2000,
         max_payload_bytes: 64 * 1024,
         max_skew_secs: None,
         redis_url: args.redis.clone().unwrap_or_default(),

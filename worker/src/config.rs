@@ -111,7 +111,7 @@ pub struct WorkerConfig {
     #[arg(long, env = "TICKFLEET_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
     pub drain_timeout_secs: u64,
     /// Messages buffered per partition between the consumer and its lane.
-    #[arg(long, env = "TICKFLEET_LANE_CAPACITY", default_value_t = 5000)]
+    #[arg(long, env = "TICKFLEET_LANE_CAPACITY", default_value_t = 2000)]
     pub lane_capacity: usize,
     /// Largest accepted message, in bytes.
     #[arg(long, env = "TICKFLEET_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
