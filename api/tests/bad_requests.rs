@@ -95,7 +95,8 @@ proptest! {
                       unset in any::<bool>()) {
         let rt = runtime();
         let api = api(&rt);
-        let over = (!unset).then(|| if by_points { Over::Points(points) } else { Over::Window(window) });
+        let over = if by_points { Over::Points(points) } else { Over::Window(window) };
+        let over = (!unset).then_some(over);
         let request = GetMovingAverageRequest { asset_id: asset, over };
         acceptable(rt.block_on(api.get_moving_average(Request::new(request))))?;
     }
