@@ -112,7 +112,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         anyhow::anyhow!("{e:#} (is another demo running? pick a free port with --api-addr)")
     })?;
     let kafka = KafkaOptions::new(&brokers);
-    let mut config = WorkerConfig {
+    let config = WorkerConfig {
         kafka: kafka.clone(),
         topic: args.topic.clone(),
         group: "tickfleet-demo".into(),
@@ -133,10 +133,6 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         admin_addr: "127.0.0.1:0".parse()?,
         log_format: "text".into(),
     };
-    config
-        .kafka
-        .kafka_options
-        .push(("session.timeout.ms".into(), "6000".into()));
     let mut workers = Vec::new();
     let mut metrics = Vec::new();
     for _ in 0..args.workers.max(1) {

@@ -311,8 +311,21 @@ impl Lanes {
                     .commit_failures
                     .with_label_values(&[trigger])
                     .inc();
-                warn!(trigger, error = %e,
-                    "commit refused; retried later, or the next owner re-reads from the last commit (writes are idempotent)");
+                // Kafka refuses commits while the group rebalances (members joining or leaving): expected,
+                // and harmless since the store's writes are idempotent. Anything else deserves a warning.
+                let rebalancing = matches!(
+                    e,
+                    rdkafka::error::KafkaError::ConsumerCommit(
+                        rdkafka::types::RDKafkaErrorCode::RebalanceInProgress
+                            | rdkafka::types::RDKafkaErrorCode::IllegalGeneration
+                    )
+                );
+                if rebalancing {
+                    info!(trigger, error = %e, "commit refused during a rebalance; the next owner re-reads from the last commit (writes are idempotent)");
+                } else {
+                    warn!(trigger, error = %e,
+                        "commit refused; retried later, or the next owner re-reads from the last commit (writes are idempotent)");
+                }
                 false
             }
         }
