@@ -2,6 +2,9 @@
 //! `tickfleet-worker`, `tickctl produce`/`verify`) as processes on loopback, against the redis-server
 //! named by `TICKFLEET_TEST_REDIS_URL` (`scripts/test.sh` starts one and sets it).
 //!
+//! [`kube::FakeKube`] stands in for a Kubernetes API server so the real `tickfleet-operator` can run, and
+//! [`prometheus::Prometheus`] is a real Prometheus of a test's own.
+//!
 //! Binaries are taken from `TICKFLEET_BIN_DIR`, or else from the target directory this test was built
 //! into (`cargo build --bins` first; `scripts/test.sh` does).
 
@@ -10,6 +13,9 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod kube;
+pub mod prometheus;
 
 /// Path of one of the workspace's binaries.
 pub fn bin(name: &str) -> PathBuf {
@@ -460,4 +466,46 @@ pub fn tickctl(args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// A `tickfleet-operator` process (leader election off) talking to the API server of `kubeconfig`,
+/// stderr to a log file.
+pub struct Operator {
+    child: Child,
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`), `127.0.0.1:PORT`.
+    pub admin: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts the operator with `KUBECONFIG=kubeconfig`, logging into `dir`.
+    pub fn start(kubeconfig: &Path, dir: &Path) -> Self {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let log = dir.join("operator.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin("tickfleet-operator"))
+            .args(["--admin-addr", &admin, "--leader-election", "false"])
+            .args(["--log-format", "text"])
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start tickfleet-operator");
+        Operator { child, admin, log }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
