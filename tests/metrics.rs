@@ -5,7 +5,7 @@
 //! not ready and its partitions do not progress; the real `tickfleet-operator` binary (leader election
 //! off) against [`FakeKube`], a small fake Kubernetes API server serving a valid autoscaled
 //! `TickPipeline` (whose lag the operator measures on the dev broker, for the `prices` workers' group)
-//! and an invalid one (a reconcile failure); `tickctl produce` with every 200th message poison, so
+//! and an invalid one (a reconcile failure); `tickctl produce` (2000 ticks/s until the end) with every 200th message poison, so
 //! messages are dead-lettered; and a real `prometheus` (Debian's package) with its own config, data
 //! directory and port, scraping every admin endpoint each second and loading `prometheus/alerts.yml`.
 //!
@@ -37,8 +37,7 @@ use serde_json::{Value, json};
 use tickfleet_e2e::kube::FakeKube;
 use tickfleet_e2e::prometheus::{Prometheus, has_finite_sample};
 use tickfleet_e2e::{
-    DevBroker, Operator, Worker, WorkerSetup, dump_logs, free_port, produce_in_background,
-    redis_url, wait_for,
+    DevBroker, Operator, Producer, Worker, WorkerSetup, dump_logs, free_port, redis_url, wait_for,
 };
 
 /// Dashboards this test cannot prove yet, and why.
@@ -87,6 +86,15 @@ fn panel_exprs(panels: &[Value], file: &str, out: &mut Vec<Expr>) {
         if let Some(nested) = panel["panels"].as_array() {
             panel_exprs(nested, file, out);
         }
+        if panel["type"] != "row" {
+            // compose provisions the datasource with uid "prometheus"; the sidecar setup picks its own
+            let uid = &panel["datasource"]["uid"];
+            assert!(
+                uid == "${datasource}" || uid == "prometheus",
+                "{file}: panel {:?} uses datasource {uid}",
+                panel["title"]
+            );
+        }
         for target in panel["targets"].as_array().into_iter().flatten() {
             if let Some(e) = target["expr"].as_str().filter(|e| !e.trim().is_empty()) {
                 out.push(Expr {
@@ -111,20 +119,28 @@ fn dashboard_exprs() -> Vec<Expr> {
         .filter(|p| p.extension().is_some_and(|x| x == "json"))
         .collect();
     files.sort();
+    let mut uids = std::collections::BTreeSet::new();
     assert!(
         files.len() >= 3,
         "expected the fleet, api and operator dashboards"
     );
     for path in files {
         let file = path.file_name().unwrap().to_string_lossy().into_owned();
+        let board: Value = serde_json::from_slice(&std::fs::read(&path).unwrap())
+            .unwrap_or_else(|e| panic!("{file}: {e}"));
+        let uid = board["uid"].as_str().expect("dashboard uid").to_owned();
+        assert!(uids.insert(uid.clone()), "{file}: uid {uid} used twice");
+        let mut exprs = Vec::new();
+        panel_exprs(
+            board["panels"].as_array().expect("panels"),
+            &file,
+            &mut exprs,
+        );
+        assert!(!exprs.is_empty(), "{file} has no queries");
         if UNPROVEN.iter().any(|(f, _)| *f == file) {
             continue;
         }
-        let board: Value = serde_json::from_slice(&std::fs::read(&path).unwrap())
-            .unwrap_or_else(|e| panic!("{file}: {e}"));
-        let before = out.len();
-        panel_exprs(board["panels"].as_array().expect("panels"), &file, &mut out);
-        assert!(out.len() > before, "{file} has no queries");
+        out.extend(exprs);
         for var in board["templating"]["list"].as_array().into_iter().flatten() {
             if var["type"] != "query" {
                 continue;
@@ -330,14 +346,15 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     ]);
     let operator = Operator::start(&kube.kubeconfig(dir.path()), dir.path());
 
-    let producer = produce_in_background(
+    // load for as long as the proof takes (killed at the end)
+    let _producer = Producer::start(
         &broker.bootstrap,
-        dir.path(),
+        "ticks",
         &[
             "--rate",
             "2000",
             "--duration",
-            "30",
+            "300",
             "--assets",
             "20",
             "--poison-every",
@@ -489,5 +506,4 @@ scrape_configs:
         whole_rules.len(),
         started.elapsed()
     );
-    producer.join().expect("producer");
 }

@@ -336,6 +336,30 @@ pub fn produce_in_background(
     })
 }
 
+/// A `tickctl produce` process for load that runs until the test is done with it: killed when dropped.
+pub struct Producer(Child);
+
+impl Producer {
+    /// Starts `tickctl produce --brokers bootstrap --topic topic` plus `args`.
+    pub fn start(bootstrap: &str, topic: &str, args: &[&str]) -> Self {
+        let child = Command::new(bin("tickctl"))
+            .args(["produce", "--brokers", bootstrap, "--topic", topic])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tickctl produce");
+        Producer(child)
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Asserts a `tickctl verify --json` summary shows exactly `ticks` ticks of `assets` assets, each once.
 pub fn assert_exact(summary: &serde_json::Value, assets: u64, ticks: u64) {
     assert_eq!(summary["assets"], assets, "{summary}");
