@@ -3,7 +3,6 @@
 # loopback port, builds the binaries, runs formatting and lint checks and every workspace test (unit,
 # conformance and end-to-end), stops redis, and exits with the tests' status.
 #
-# Prometheus (Debian's package) is installed for the metrics proof and `promtool check rules`.
 # The Kafka side needs no install: end-to-end tests start `tickctl dev-broker` (librdkafka's mock cluster,
 # built from source with the workspace) themselves.
 set -euo pipefail
@@ -12,15 +11,20 @@ cd "$(dirname "$0")/.."
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
+# redis-server for the store tests; openssl for the TLS tests' certificates; libssl-dev and pkg-config
+# to build librdkafka and the Redis client with TLS; prometheus for the metrics proof (tests/metrics.rs
+# runs a server of its own on a free loopback port; the daemon the package may start is not used)
+# and promtool (alerts.yml checks and unit tests).
 need=()
-if ! command -v redis-server >/dev/null || ! command -v redis-cli >/dev/null; then need+=(redis-server); fi
-# prometheus: the metrics proof (tests/metrics.rs) runs a real server of its own on a free loopback
-# port, and promtool checks alerts.yml. The daemon the package may start on :9090 is not used.
-if ! command -v prometheus >/dev/null || ! command -v promtool >/dev/null; then need+=(prometheus); fi
+{ command -v redis-server && command -v redis-cli; } >/dev/null || need+=(redis-server)
+command -v openssl >/dev/null || need+=(openssl)
+command -v pkg-config >/dev/null || need+=(pkg-config)
+dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+{ command -v prometheus && command -v promtool; } >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]} (apt)"
   as_root apt-get update -qq
-  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
 if ! cargo nextest --version >/dev/null 2>&1; then
   log "installing cargo-nextest"

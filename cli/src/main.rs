@@ -1,5 +1,6 @@
 //! `tickctl`: the tickfleet command line — load generator, dev broker, local demo and store audit.
 
+mod bench;
 mod demo;
 mod dev_broker;
 mod dlq;
@@ -31,6 +32,8 @@ enum Command {
     Verify(verify::VerifyArgs),
     /// List the dead-letter topic, or replay it after a fix.
     Dlq(dlq::DlqArgs),
+    /// Measure: worker ingest throughput, CPU and memory; the broker's raw consume rate.
+    Bench(bench::BenchArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -51,6 +54,7 @@ fn main() -> std::process::ExitCode {
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Verify(args) => verify::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
+            Command::Bench(args) => bench::run(args).await,
         }
     });
     match result {

@@ -10,7 +10,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Args;
 use serde::Serialize;
-use tickfleet_store::{RangeQuery, RedisStore, Retention, TickStore};
+use tickfleet_store::{RangeQuery, Retention, TickStore};
 
 use crate::produce::Report;
 
@@ -31,6 +31,9 @@ pub struct VerifyArgs {
     /// Key prefix of the pipeline in Redis.
     #[arg(long, env = "TICKFLEET_REDIS_PREFIX", default_value = "tf")]
     redis_prefix: String,
+    /// TLS files for rediss:// URLs.
+    #[command(flatten)]
+    redis_tls: tickfleet_worker::config::RedisTlsOptions,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -154,7 +157,9 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             report.failed
         );
     }
-    let store = RedisStore::open(&args.redis_url, &args.redis_prefix, Retention::default())?;
+    let store = args
+        .redis_tls
+        .open(&args.redis_url, &args.redis_prefix, Retention::default())?;
     let audit = audit(&report, &store).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&audit)?);

@@ -16,7 +16,7 @@ use async_trait::async_trait;
 use std::time::Duration;
 
 pub use memory::MemoryStore;
-pub use redis::RedisStore;
+pub use redis::{RedisStore, RedisTls};
 pub use tickfleet_proto::{Tick, TickId};
 
 /// The largest page [`TickStore::range`] returns, whatever the caller asks for.

@@ -401,19 +401,36 @@ pub struct RedisServer {
     child: Option<Child>,
     port: u16,
     dir: PathBuf,
+    extra: Vec<String>,
 }
 
 impl RedisServer {
     /// Starts one on a free loopback port, keeping its files in `dir`.
     pub fn start(dir: &Path) -> Self {
+        Self::start_with(dir, &[])
+    }
+
+    /// Like [`start`](Self::start) with extra `redis-server` arguments, in which `{port}` stands for
+    /// the chosen port (e.g. `["--port", "0", "--tls-port", "{port}", ...]` for TLS only).
+    pub fn start_with(dir: &Path, extra: &[&str]) -> Self {
         std::fs::create_dir_all(dir).expect("redis data dir");
+        let port = free_port();
         let mut server = RedisServer {
             child: None,
-            port: free_port(),
+            port,
             dir: dir.to_path_buf(),
+            extra: extra
+                .iter()
+                .map(|a| a.replace("{port}", &port.to_string()))
+                .collect(),
         };
         server.start_again();
         server
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -443,18 +460,24 @@ impl RedisServer {
             .args(["--appendonly", "yes", "--appendfsync", "always"])
             .arg("--dir")
             .arg(&self.dir)
+            .args(&self.extra)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
             .expect("start redis-server (apt-get install redis-server)");
         self.child = Some(child);
         let addr = format!("127.0.0.1:{}", self.port);
+        let plain = self.extra.is_empty();
         wait_for(
             Duration::from_secs(20),
             Duration::from_millis(50),
             "redis-server to answer",
             || {
                 let mut s = TcpStream::connect(&addr).ok()?;
+                if !plain {
+                    // TLS or AUTH: a listening port is all we can check without a client of our own.
+                    return Some(());
+                }
                 s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
                 s.write_all(b"PING\r\n").ok()?;
                 let mut buf = [0u8; 7];

@@ -4,7 +4,6 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tickfleet_service::{Health, init_tracing, serve_admin, shutdown_on_signals};
-use tickfleet_store::RedisStore;
 use tickfleet_worker::{Drain, Metrics, WorkerConfig};
 
 /// Consume ticks from a Kafka topic and store each exactly once in effect in Redis.
@@ -25,7 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
     let metrics = Metrics::new();
     let health = Health::new();
-    let store = Arc::new(RedisStore::open(
+    let store = Arc::new(config.redis_tls.open(
         &config.redis_url,
         &config.redis_prefix,
         config.retention(),

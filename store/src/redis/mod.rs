@@ -26,6 +26,25 @@ use crate::{RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteS
 const WRITE_LUA: &str = include_str!("write.lua");
 const RANGE_LUA: &str = include_str!("range.lua");
 
+/// TLS material for `rediss://` (all PEM).
+#[derive(Clone, Default)]
+pub struct RedisTls {
+    /// CA certificate(s) to trust instead of the system's.
+    pub ca_pem: Option<Vec<u8>>,
+    /// Client certificate and private key, for servers that verify clients.
+    pub client_cert_and_key: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for RedisTls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print key material.
+        f.debug_struct("RedisTls")
+            .field("ca", &self.ca_pem.is_some())
+            .field("client_cert", &self.client_cert_and_key.is_some())
+            .finish()
+    }
+}
+
 /// A [`TickStore`] on Redis (standalone; the key layout is ready for Redis Cluster).
 #[derive(Clone)]
 pub struct RedisStore {
@@ -52,7 +71,30 @@ impl RedisStore {
     /// No connection is made here: the first command connects, and the connection is re-established
     /// after failures, so a worker can start before Redis does.
     pub fn open(url: &str, prefix: &str, retention: Retention) -> Result<Self, StoreError> {
-        let client = Client::open(url)?;
+        Self::open_tls(url, prefix, retention, None)
+    }
+
+    /// [`open`](Self::open) for `rediss://` URLs with a private CA and/or a client certificate (mTLS).
+    /// With `tls` `None`, a `rediss://` server must present a certificate the system trusts.
+    pub fn open_tls(
+        url: &str,
+        prefix: &str,
+        retention: Retention,
+        tls: Option<RedisTls>,
+    ) -> Result<Self, StoreError> {
+        let client = match tls {
+            Some(tls) => Client::build_with_tls(
+                url,
+                redis::TlsCertificates {
+                    client_tls: tls.client_cert_and_key.map(|(cert, key)| redis::ClientTlsConfig {
+                        client_cert: cert,
+                        client_key: key,
+                    }),
+                    root_cert: tls.ca_pem,
+                },
+            )?,
+            None => Client::open(url)?,
+        };
         let config = redis::aio::ConnectionManagerConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(2)))
             .set_response_timeout(Some(Duration::from_secs(10)))

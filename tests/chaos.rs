@@ -1,0 +1,186 @@
+//! The chaos suite: 300k ticks over 100 assets into 8 partitions while a seeded driver SIGKILLs and
+//! SIGTERMs workers, scales the group 1 → 4 → 2, restarts Redis once (SIGKILL, then start on the same
+//! data) and takes the broker down and up once. At the end `tickctl verify` must report 0 lost,
+//! 0 duplicated, order kept.
+//!
+//! The seed is printed; `TICKFLEET_CHAOS_SEED=N` replays the same schedule (which workers, when, how
+//! long; process timing on a shared machine still varies).
+
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+use rand::{Rng, SeedableRng};
+use tickfleet_e2e::{
+    DevBroker, RedisServer, Worker, WorkerSetup, assert_exact, dump_logs, produce_in_background,
+    signal, verify, wait_exit, wait_for,
+};
+
+const TICKS: u64 = 300_000;
+const ASSETS: u64 = 100;
+
+/// The workers alive now, and the numbering of the next one.
+struct Fleet {
+    setup: WorkerSetup,
+    live: Vec<Worker>,
+    gone: Vec<Worker>,
+    next: usize,
+    started: Instant,
+}
+
+impl Fleet {
+    fn log(&self, what: &str) {
+        eprintln!(
+            "chaos [{:>5.1}s] {what} (live workers: {})",
+            self.started.elapsed().as_secs_f64(),
+            self.live.len()
+        );
+    }
+
+    fn add(&mut self) {
+        self.live.push(Worker::start(&self.setup, self.next));
+        self.next += 1;
+    }
+
+    fn kill(&mut self, rng: &mut StdRng) {
+        let i = rng.random_range(0..self.live.len());
+        let mut w = self.live.remove(i);
+        signal(&w.child, "KILL");
+        wait_exit(&mut w.child, Duration::from_secs(10)).expect("SIGKILLed worker gone");
+        self.log(&format!("SIGKILLed {}", w.log.display()));
+        self.gone.push(w);
+    }
+
+    fn terminate(&mut self, rng: &mut StdRng) {
+        let i = rng.random_range(0..self.live.len());
+        let mut w = self.live.remove(i);
+        signal(&w.child, "TERM");
+        let status = wait_exit(&mut w.child, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("SIGTERMed worker did not exit in time\n{}", w.log_text()));
+        assert!(
+            status.success(),
+            "SIGTERMed worker exited with {status}\n{}",
+            w.log_text()
+        );
+        self.log(&format!("SIGTERMed {} (exit 0)", w.log.display()));
+        self.gone.push(w);
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Event {
+    KillOne,
+    TerminateOne,
+    RestartRedis,
+    BrokerOutage,
+}
+
+#[test]
+fn chaos_loses_nothing_and_doubles_nothing() {
+    let seed: u64 = std::env::var("TICKFLEET_CHAOS_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    eprintln!("chaos seed: {seed} (replay with TICKFLEET_CHAOS_SEED={seed})");
+    let mut rng = StdRng::seed_from_u64(seed);
+    let pause = |rng: &mut StdRng, lo: u64, hi: u64| {
+        std::thread::sleep(Duration::from_millis(rng.random_range(lo..hi)))
+    };
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(&dir.path().join("redis"));
+    let broker = DevBroker::start(&["ticks:8"]);
+    let setup = WorkerSetup::new(&broker, dir.path(), &redis.url());
+    let mut fleet = Fleet {
+        setup: setup.clone(),
+        live: Vec::new(),
+        gone: Vec::new(),
+        next: 0,
+        started: Instant::now(),
+    };
+    let producer = produce_in_background(
+        &broker.bootstrap,
+        dir.path(),
+        &[
+            "--count",
+            &TICKS.to_string(),
+            "--assets",
+            &ASSETS.to_string(),
+            "--rate",
+            "5000",
+            "--seed",
+            &seed.to_string(),
+        ],
+    );
+
+    fleet.add();
+    fleet.log("started 1 worker");
+    pause(&mut rng, 3_000, 6_000);
+    for _ in 0..3 {
+        fleet.add();
+    }
+    fleet.log("scaled to 4");
+
+    let mut events = [
+        Event::KillOne,
+        Event::TerminateOne,
+        Event::RestartRedis,
+        Event::BrokerOutage,
+        Event::KillOne,
+    ];
+    events.shuffle(&mut rng);
+    for event in events {
+        pause(&mut rng, 3_000, 7_000);
+        match event {
+            Event::KillOne => {
+                fleet.kill(&mut rng);
+                fleet.add();
+                fleet.log("replacement started");
+            }
+            Event::TerminateOne => {
+                fleet.terminate(&mut rng);
+                fleet.add();
+                fleet.log("replacement started");
+            }
+            Event::RestartRedis => {
+                redis.kill();
+                fleet.log("Redis SIGKILLed");
+                pause(&mut rng, 2_000, 6_000);
+                redis.start_again();
+                fleet.log("Redis back");
+            }
+            Event::BrokerOutage => {
+                broker.down();
+                fleet.log("broker down");
+                pause(&mut rng, 3_000, 8_000);
+                broker.up();
+                fleet.log("broker up");
+            }
+        }
+    }
+    pause(&mut rng, 2_000, 5_000);
+    fleet.terminate(&mut rng);
+    fleet.terminate(&mut rng);
+    fleet.log("scaled to 2");
+
+    let report = producer.join().unwrap();
+    fleet.log("producer done");
+    let summary = wait_for(
+        Duration::from_secs(240),
+        Duration::from_secs(2),
+        "every tick stored",
+        || {
+            let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
+            clean.then_some(summary)
+        },
+    );
+    fleet.log(&format!("verify: {summary}"));
+    assert!(
+        summary["lost"] == 0 && summary["duplicated"] == 0,
+        "seed {seed}: {summary}\n{}",
+        dump_logs(&fleet.live)
+    );
+    assert_exact(&summary, ASSETS, TICKS);
+    // The schedule really ran: 2 SIGKILLs and 3 SIGTERMs, and 2 workers are left.
+    assert_eq!((fleet.gone.len(), fleet.live.len()), (5, 2));
+}
