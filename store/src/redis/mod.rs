@@ -86,10 +86,12 @@ impl RedisStore {
             Some(tls) => Client::build_with_tls(
                 url,
                 redis::TlsCertificates {
-                    client_tls: tls.client_cert_and_key.map(|(cert, key)| redis::ClientTlsConfig {
-                        client_cert: cert,
-                        client_key: key,
-                    }),
+                    client_tls: tls
+                        .client_cert_and_key
+                        .map(|(cert, key)| redis::ClientTlsConfig {
+                            client_cert: cert,
+                            client_key: key,
+                        }),
                     root_cert: tls.ca_pem,
                 },
             )?,
