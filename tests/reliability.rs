@@ -318,3 +318,71 @@ fn sigkill_mid_batch_moves_partitions_and_redelivery_changes_nothing() {
         8.0
     );
 }
+
+#[test]
+fn drain_is_bounded_and_a_second_signal_exits_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut redis = RedisServer::start(&dir.path().join("redis"));
+    let broker = DevBroker::start(&["ticks:4"]);
+    let mut setup = WorkerSetup::new(&broker, dir.path(), &redis.url());
+    setup.args = vec!["--drain-timeout-secs".into(), "4".into()];
+    let mut bounded = Worker::start(&setup, 0);
+    let mut impatient = Worker::start(&setup, 1);
+    produce(
+        &broker.bootstrap,
+        "ticks",
+        dir.path(),
+        &["--count", "2000", "--assets", "40"],
+    );
+    wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "the first ticks stored, both workers assigned",
+        || {
+            let stored = bounded.metric(STORED) + impatient.metric(STORED);
+            let assigned = [&bounded, &impatient]
+                .iter()
+                .all(|w| w.metric("tickfleet_worker_assigned_partitions") >= 1.0);
+            (stored >= 2000.0 && assigned).then_some(())
+        },
+    );
+    // With Redis gone and ticks in flight, a drain cannot finish: it must stop at its bound, not hang.
+    redis.kill();
+    produce(
+        &broker.bootstrap,
+        "ticks",
+        dir.path(),
+        &["--count", "2000", "--assets", "40", "--seed", "2"],
+    );
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "ticks held in flight",
+        || {
+            (bounded.metric("tickfleet_worker_in_flight_messages") > 0.0
+                && impatient.metric("tickfleet_worker_in_flight_messages") > 0.0)
+                .then_some(())
+        },
+    );
+
+    signal(&bounded.child, "TERM");
+    signal(&impatient.child, "TERM");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        impatient.child.try_wait().unwrap().is_none(),
+        "still draining after one signal"
+    );
+    signal(&impatient.child, "TERM");
+    let status = wait_exit(&mut impatient.child, Duration::from_secs(2))
+        .expect("second signal exits at once");
+    assert_eq!(status.code(), Some(130), "{}", impatient.log_text());
+
+    let status = wait_exit(&mut bounded.child, Duration::from_secs(15)).expect("drain bounded");
+    let log = bounded.log_text();
+    assert_eq!(
+        status.code(),
+        Some(1),
+        "a drain cut short by its bound exits 1\n{log}"
+    );
+    assert!(log.contains("did not drain in time"), "{log}");
+}

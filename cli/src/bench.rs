@@ -279,6 +279,11 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             if Instant::now() > deadline {
                 bail!("{n} worker(s) did not finish in 10 minutes");
             }
+            for p in &mut procs {
+                if let Some(status) = p.child.try_wait()? {
+                    bail!("a worker exited early ({status}); see its output above");
+                }
+            }
             let mut stored = 0.0;
             let mut all_assigned = true;
             let mut committed: BTreeMap<i32, f64> = BTreeMap::new();
@@ -300,9 +305,10 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             if first.is_none() && all_assigned {
                 first = Some((Instant::now(), stored));
             }
-            let done = marks
-                .iter()
-                .all(|(p, _, high)| committed.get(p).is_some_and(|c| *c as i64 >= *high));
+            // Empty partitions have nothing to commit.
+            let done = marks.iter().all(|(p, low, high)| {
+                high <= low || committed.get(p).is_some_and(|c| *c as i64 >= *high)
+            });
             if done {
                 break Instant::now();
             }

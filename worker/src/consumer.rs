@@ -121,13 +121,13 @@ impl Lanes {
     }
 
     /// Stops the lanes of `partitions`: no more input, let them store what they hold (bounded by the drain
-    /// timeout), then commit their watermarks synchronously.
+    /// timeout), then commit their watermarks synchronously. Returns whether every lane drained.
     fn retire<C: ConsumerContext>(
         &self,
         consumer: &BaseConsumer<C>,
         partitions: &[i32],
         why: &str,
-    ) {
+    ) -> bool {
         let lanes: Vec<(i32, Lane)> = {
             let mut map = self.lock();
             let lanes = partitions
@@ -141,7 +141,7 @@ impl Lanes {
             lanes
         };
         if lanes.is_empty() {
-            return;
+            return true;
         }
         for (p, _) in &lanes {
             // this worker no longer reports lag for them; their next owner does
@@ -185,6 +185,7 @@ impl Lanes {
         }
         self.commit(consumer, &tpl, why);
         info!(why, partitions = ?partitions, drained, elapsed_ms = started.elapsed().as_millis() as u64, "partitions released");
+        drained
     }
 
     /// Hands a polled message to its lane, or holds it (pausing the partition) when the lane is full.
@@ -410,13 +411,13 @@ impl ConsumerContext for WorkerContext {
 }
 
 /// The poll loop: runs on its own thread until `stop` is cancelled, then drains every lane, commits and
-/// closes the consumer (which leaves the group).
+/// closes the consumer (which leaves the group). Returns whether every lane drained in time.
 pub(crate) fn poll_loop(
     consumer: BaseConsumer<WorkerContext>,
     lanes: Arc<Lanes>,
     stop: CancellationToken,
     commit_every: Duration,
-) {
+) -> bool {
     let mut last_commit = Instant::now();
     let mut held = false;
     while !stop.is_cancelled() {
@@ -454,10 +455,11 @@ pub(crate) fn poll_loop(
     if let Err(e) = consumer.pause(&lanes.tpl(&assigned)) {
         debug!(error = %e, "pause before drain failed");
     }
-    lanes.retire(&consumer, &assigned, "shutdown");
+    let drained = lanes.retire(&consumer, &assigned, "shutdown");
     // Dropping the consumer closes it: it leaves the group, so its partitions move at once.
     drop(consumer);
     info!("consumer closed");
+    drained
 }
 
 #[cfg(test)]

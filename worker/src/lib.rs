@@ -96,8 +96,8 @@ pub async fn run(
     std::thread::Builder::new()
         .name("kafka-poll".into())
         .spawn(move || {
-            poll_loop(consumer, lanes, poll_stop, commit_every);
-            let _ = done_tx.send(());
+            let drained = poll_loop(consumer, lanes, poll_stop, commit_every);
+            let _ = done_tx.send(drained);
         })
         .context("starting the poll thread")?;
 
@@ -109,8 +109,8 @@ pub async fn run(
     stop_polling.cancel();
     readiness.abort();
     let outcome = match tokio::time::timeout(drain_timeout, done_rx).await {
-        Ok(_) => Drain::Clean,
-        Err(_) => {
+        Ok(Ok(true)) => Drain::Clean,
+        _ => {
             warn!("drain timed out; unstored messages were not committed and will be redelivered");
             Drain::TimedOut
         }

@@ -11,7 +11,7 @@ use tickfleet_worker::{Drain, Metrics, WorkerConfig};
 /// Every option is also an environment variable (shown in brackets). SIGTERM or SIGINT drains: stop
 /// fetching, store and commit what is in flight, leave the group, exit 0; a second signal exits at once.
 #[derive(Parser, Debug)]
-#[command(name = "tickfleet-worker", version)]
+#[command(name = "tickfleet-worker", version, args_override_self = true)]
 struct Cli {
     #[command(flatten)]
     config: WorkerConfig,

@@ -1,0 +1,59 @@
+//! CI's smoke run of `tickctl bench`: the benchmark works end to end on a small backlog (20k ticks). The
+//! figures it prints are not checked — speed is measured by `scripts/bench.sh`, not asserted in tests.
+
+use tickfleet_e2e::{DevBroker, redis_url, tickctl};
+
+#[test]
+fn bench_ingest_and_consume_run_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let broker = DevBroker::start(&["bench:16"]);
+    let out = dir.path().join("ingest.json");
+    let redis = redis_url();
+    let (ok, stdout) = tickctl(&[
+        "bench",
+        "ingest",
+        "--brokers",
+        &broker.bootstrap,
+        "--redis",
+        &redis,
+        "--ticks",
+        "20000",
+        "--assets",
+        "20",
+        "--workers",
+        "1,2",
+        "--json",
+        out.to_str().unwrap(),
+    ]);
+    assert!(ok, "{stdout}");
+    let runs: Vec<serde_json::Value> =
+        serde_json::from_slice(&std::fs::read(&out).unwrap()).unwrap();
+    assert_eq!(runs.len(), 2, "{runs:?}");
+    for (run, workers) in runs.iter().zip([1, 2]) {
+        assert_eq!(run["workers"], workers);
+        assert_eq!(
+            run["ticks"], 20_000,
+            "every produced tick was stored and committed: {run}"
+        );
+        assert!(run["peak_rss_mib"].as_f64().unwrap() > 0.0, "{run}");
+    }
+
+    // A worker that cannot start fails the run at once instead of hanging it.
+    let (ok, _) = tickctl(&[
+        "bench",
+        "ingest",
+        "--brokers",
+        &broker.bootstrap,
+        "--redis",
+        &redis,
+        "--skip-produce",
+        "--workers",
+        "1",
+        "--worker-arg=--no-such-flag",
+    ]);
+    assert!(!ok, "a broken worker must fail the bench");
+
+    let (ok, stdout) = tickctl(&["bench", "consume", "--brokers", &broker.bootstrap]);
+    assert!(ok);
+    assert!(stdout.contains("raw consume: 20000 messages"), "{stdout}");
+}
