@@ -4,7 +4,8 @@
 #   2. tickctl bench consume: the dev broker's raw consume rate with librdkafka (the Kafka side's ceiling);
 #   3. tickctl bench ingest: 1 and 2 tickfleet-worker processes storing the same pre-produced backlog;
 #   4. scripts/bench_peer.py: a plain Python consumer (confluent-kafka + redis-py) storing it too;
-#   5. memory: 1 worker on a backlog of several million ticks (64 partitions), peak RSS.
+#   5. memory: 1 worker on a backlog of several million ticks (64 partitions), peak RSS;
+#   6. the api: GetLatest flat out and at 5k rps, ListTicks(limit 1000), 16 clients, over what step 3 stored.
 # Results go to bench-results/<timestamp>/ (summary.md has the table quoted in BENCHMARKS.md).
 # Settings: TICKS (default 1000000), ASSETS (100), PARTITIONS (16), BIG_TICKS (4000000).
 set -euo pipefail
@@ -29,7 +30,7 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 
 log "building release binaries"
-cargo build --release --locked --bins -p tickfleet-cli -p tickfleet-worker
+cargo build --release --locked --bins -p tickfleet-cli -p tickfleet-worker -p tickfleet-api
 tickctl=target/release/tickctl
 
 out="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
@@ -73,6 +74,19 @@ log "5. memory: 1 worker, backlog of $BIG_TICKS ticks in 64 partitions"
 "$tickctl" bench ingest --brokers "$brokers" --topic big --redis "$redis" --ticks "$BIG_TICKS" \
   --assets "$ASSETS" --workers 1 --json "$out/memory.json" | tee "$out/memory.txt"
 
+log "6. api load (16 clients, 10 s each)"
+prefix=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["prefix"])' "$out/ingest.json")
+gport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+aport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+RUST_LOG=warn target/release/tickfleet-api --grpc-addr "127.0.0.1:$gport" --admin-addr "127.0.0.1:$aport" \
+  --redis-url "$redis" --redis-prefix "$prefix" &
+pids+=($!)
+until curl -sf "http://127.0.0.1:$aport/readyz" >/dev/null 2>&1; do sleep 0.1; done
+api="http://127.0.0.1:$gport"
+"$tickctl" bench api --api "$api" --method latest --clients 16 --seconds 10 --json "$out/api-latest-max.json"
+"$tickctl" bench api --api "$api" --method latest --clients 16 --rps 5000 --seconds 10 --json "$out/api-latest-5k.json"
+"$tickctl" bench api --api "$api" --method ticks --limit 1000 --clients 16 --seconds 10 --json "$out/api-ticks.json"
+
 python3 - "$out" <<'PY'
 import json, re, sys, pathlib
 out = pathlib.Path(sys.argv[1])
@@ -99,6 +113,11 @@ ratios = [
     ("tickfleet 1 worker / Python peer", one["ticks_per_second"] / peer),
     ("tickfleet 2 workers / 1 worker", two["ticks_per_second"] / one["ticks_per_second"]),
 ]
+for name, label in [("api-latest-max", "GetLatest, flat out"), ("api-latest-5k", "GetLatest at 5k rps"),
+                    ("api-ticks", "ListTicks(limit 1000), flat out")]:
+    a = json.loads((out / f"{name}.json").read_text())
+    rows.append((f"api {label}, {a['clients']} clients", f"{a['rps']:,.0f} req/s",
+                 f"p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms, p999 {a['p999_ms']:.2f} ms, {a['errors']} errors"))
 lines = ["| what | rate | notes |", "|---|---|---|"]
 lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
 lines += ["", "| ratio | value |", "|---|---|"]

@@ -1,7 +1,7 @@
 //! CI's smoke run of `tickctl bench`: the benchmark works end to end on a small backlog (20k ticks). The
 //! figures it prints are not checked — speed is measured by `scripts/bench.sh`, not asserted in tests.
 
-use tickfleet_e2e::{DevBroker, redis_url, tickctl};
+use tickfleet_e2e::{Api, DevBroker, redis_url, tickctl};
 
 #[test]
 fn bench_ingest_and_consume_run_end_to_end() {
@@ -36,6 +36,31 @@ fn bench_ingest_and_consume_run_end_to_end() {
             "every produced tick was stored and committed: {run}"
         );
         assert!(run["peak_rss_mib"].as_f64().unwrap() > 0.0, "{run}");
+    }
+
+    // The api under load, over what the first run stored.
+    let api = Api::start(runs[0]["prefix"].as_str().unwrap(), dir.path(), 0);
+    let load = dir.path().join("api.json");
+    for method in ["latest", "ticks"] {
+        let (ok, stdout) = tickctl(&[
+            "bench",
+            "api",
+            "--api",
+            &api.url,
+            "--method",
+            method,
+            "--clients",
+            "2",
+            "--seconds",
+            "1",
+            "--json",
+            load.to_str().unwrap(),
+        ]);
+        assert!(ok, "{stdout}");
+        let result: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&load).unwrap()).unwrap();
+        assert!(result["requests"].as_u64().unwrap() > 0, "{result}");
+        assert_eq!(result["errors"], 0, "{result}");
     }
 
     // A worker that cannot start fails the run at once instead of hanging it.

@@ -5,8 +5,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tickfleet_e2e::{
-    DevBroker, RedisServer, Worker, WorkerSetup, assert_exact, bin, http_get, produce, unique,
-    wait_for,
+    DevBroker, RedisServer, Worker, WorkerSetup, assert_exact, bin, free_port, http_get, produce,
+    redis_url, unique, wait_for,
 };
 
 const PASSWORD: &str = "s3cret-Pa55word";
@@ -205,4 +205,68 @@ fn redis_over_tls_with_a_private_ca_stores_everything() {
         },
     );
     assert!(http_get(&refused.admin, "/readyz").is_none());
+}
+
+#[test]
+fn api_serves_grpc_over_tls_and_tickctl_verifies_it() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let file = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (grpc, admin) = (free_port(), format!("127.0.0.1:{}", free_port()));
+    let log = std::fs::File::create(dir.path().join("api.log")).unwrap();
+    let mut api = Command::new(bin("tickfleet-api"))
+        .args([
+            "--grpc-addr",
+            &format!("127.0.0.1:{grpc}"),
+            "--admin-addr",
+            &admin,
+        ])
+        .args([
+            "--redis-url",
+            &redis_url(),
+            "--redis-prefix",
+            &unique("tls"),
+        ])
+        .args([
+            "--tls-cert-file",
+            &file("server.pem"),
+            "--tls-key-file",
+            &file("server.key"),
+        ])
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "the api to be ready",
+        || http_get(&admin, "/readyz"),
+    );
+    let assets = |api_url: &str, extra: &[&str]| {
+        Command::new(bin("tickctl"))
+            .args(["assets", "--json", "--api", api_url])
+            .args(extra)
+            .output()
+            .unwrap()
+    };
+    let https = format!("https://127.0.0.1:{grpc}");
+    let ok = assets(&https, &["--ca-file", &file("ca.pem")]);
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    // The certificate is checked: without the CA it is refused, and plaintext gets no answer.
+    assert!(
+        !assets(&https, &[]).status.success(),
+        "an untrusted certificate was accepted"
+    );
+    assert!(
+        !assets(&format!("http://127.0.0.1:{grpc}"), &[])
+            .status
+            .success(),
+        "plaintext was served"
+    );
+    let _ = api.kill();
+    let _ = api.wait();
 }

@@ -39,6 +39,33 @@ enum BenchCommand {
     Ingest(IngestArgs),
     /// Time a bare librdkafka consumer reading the whole topic (no decoding, no store).
     Consume(ConsumeArgs),
+    /// Load the gRPC api: K concurrent clients calling GetLatest or ListTicks for T seconds.
+    Api(ApiBenchArgs),
+}
+
+#[derive(Args, Debug)]
+struct ApiBenchArgs {
+    /// The api's gRPC URL.
+    #[arg(long, default_value = "http://127.0.0.1:50051")]
+    api: String,
+    /// Which call: latest (GetLatest) or ticks (ListTicks, --limit ticks per call).
+    #[arg(long, default_value = "latest", value_parser = ["latest", "ticks"])]
+    method: String,
+    /// Page size for ListTicks.
+    #[arg(long, default_value_t = 1000)]
+    limit: u32,
+    /// Concurrent clients (one HTTP/2 connection each).
+    #[arg(long, default_value_t = 16)]
+    clients: usize,
+    /// How long to run, in seconds.
+    #[arg(long, default_value_t = 10.0)]
+    seconds: f64,
+    /// Target total request rate (open loop, spread over the clients); 0 = as fast as possible.
+    #[arg(long, default_value_t = 0)]
+    rps: u64,
+    /// Write the result as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args, Debug)]
@@ -90,6 +117,8 @@ struct ConsumeArgs {
 #[derive(Debug, Serialize)]
 struct IngestRun {
     workers: usize,
+    /// The Redis key prefix (and consumer group) of the run, for querying what it stored.
+    prefix: String,
     ticks: i64,
     seconds: f64,
     ticks_per_second: f64,
@@ -326,6 +355,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         let timed = total as f64 - already;
         let run = IngestRun {
             workers: n,
+            prefix: group.clone(),
             ticks: total,
             seconds,
             ticks_per_second: timed / seconds,
@@ -404,8 +434,129 @@ fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     Ok(ExitCode::SUCCESS)
 }
 
+/// Latency percentile (0..=1) of sorted samples, in milliseconds.
+fn percentile_ms(sorted_us: &[u64], q: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return 0.0;
+    }
+    let i = ((sorted_us.len() as f64 * q).ceil() as usize).clamp(1, sorted_us.len()) - 1;
+    sorted_us[i] as f64 / 1000.0
+}
+
+async fn api_load(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
+    use tickfleet_proto::v1::tick_service_client::TickServiceClient;
+    use tickfleet_proto::v1::{GetLatestRequest, ListAssetsRequest, ListTicksRequest};
+
+    let connect = || async {
+        let channel = tonic::transport::Channel::from_shared(args.api.clone())?
+            .connect()
+            .await
+            .with_context(|| format!("connecting to {}", args.api))?;
+        anyhow::Ok(TickServiceClient::new(channel))
+    };
+    let assets = connect()
+        .await?
+        .list_assets(ListAssetsRequest::default())
+        .await?
+        .into_inner()
+        .asset_ids;
+    if assets.is_empty() {
+        bail!("the api has no assets to query");
+    }
+    let clients = args.clients.max(1);
+    let duration = Duration::from_secs_f64(args.seconds);
+    let per_client_interval =
+        (args.rps > 0).then(|| Duration::from_secs_f64(clients as f64 / args.rps as f64));
+    let started = Instant::now();
+    let mut tasks = Vec::new();
+    for c in 0..clients {
+        let mut client = connect().await?;
+        let (assets, method, limit) = (assets.clone(), args.method.clone(), args.limit);
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut errors = 0u64;
+            let mut ticker = per_client_interval.map(|i| {
+                let mut t = tokio::time::interval(i);
+                t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+                t
+            });
+            let mut n = c;
+            while started.elapsed() < duration {
+                if let Some(t) = ticker.as_mut() {
+                    t.tick().await;
+                }
+                let asset_id = assets[n % assets.len()].clone();
+                n += 1;
+                let sent = Instant::now();
+                let ok = if method == "latest" {
+                    client
+                        .get_latest(GetLatestRequest { asset_id })
+                        .await
+                        .is_ok()
+                } else {
+                    let request = ListTicksRequest {
+                        asset_id,
+                        limit,
+                        ..Default::default()
+                    };
+                    client.list_ticks(request).await.is_ok()
+                };
+                if ok {
+                    latencies.push(sent.elapsed().as_micros() as u64);
+                } else {
+                    errors += 1;
+                }
+            }
+            (latencies, errors)
+        }));
+    }
+    let mut latencies = Vec::new();
+    let mut errors = 0;
+    for t in tasks {
+        let (l, e) = t.await?;
+        latencies.extend(l);
+        errors += e;
+    }
+    let seconds = started.elapsed().as_secs_f64();
+    latencies.sort_unstable();
+    let result = serde_json::json!({
+        "method": args.method,
+        "clients": clients,
+        "target_rps": args.rps,
+        "seconds": seconds,
+        "requests": latencies.len(),
+        "errors": errors,
+        "rps": latencies.len() as f64 / seconds,
+        "p50_ms": percentile_ms(&latencies, 0.50),
+        "p99_ms": percentile_ms(&latencies, 0.99),
+        "p999_ms": percentile_ms(&latencies, 0.999),
+    });
+    println!(
+        "api {} x{clients} clients{}: {:.0} rps, p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, {errors} errors",
+        args.method,
+        if args.rps > 0 {
+            format!(" at {} rps target", args.rps)
+        } else {
+            String::new()
+        },
+        result["rps"].as_f64().unwrap_or(0.0),
+        result["p50_ms"].as_f64().unwrap_or(0.0),
+        result["p99_ms"].as_f64().unwrap_or(0.0),
+        result["p999_ms"].as_f64().unwrap_or(0.0),
+    );
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_vec_pretty(&result)?)?;
+    }
+    Ok(if errors == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
 pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
     match args.command {
+        BenchCommand::Api(a) => api_load(a).await,
         BenchCommand::Ingest(a) => ingest(a).await,
         BenchCommand::Consume(a) => tokio::task::spawn_blocking(move || consume(a)).await?,
     }

@@ -1,9 +1,9 @@
 //! `tickctl demo`: the whole pipeline on one machine, on embedded defaults.
 //!
 //! An in-process Kafka-protocol broker (librdkafka's mock cluster), the in-memory store (or `--redis`),
-//! several workers in one consumer group and the generator, with live throughput — until Ctrl-C (or
-//! `--duration`). Then it stops the generator, lets the workers drain, and audits the store like
-//! `tickctl verify`: every produced tick stored once, in order.
+//! several workers in one consumer group, the gRPC api on a local port and the generator, with live
+//! throughput — until Ctrl-C (or `--duration`). Then it stops the generator, lets the workers drain,
+//! stops the api, and audits the store like `tickctl verify`: every produced tick stored once, in order.
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -50,6 +50,16 @@ pub struct DemoArgs {
     /// Stop by itself after this many seconds (default: run until Ctrl-C).
     #[arg(long)]
     duration: Option<f64>,
+    /// Where the gRPC api listens (`tickctl latest|ticks|candles|ma|watch` talk to it).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    api_addr: std::net::SocketAddr,
+}
+
+/// The id of the generator's first asset (what `Generator::new(n, "A", _)` names it).
+fn generator_first_asset(assets: u32) -> String {
+    Generator::new(assets.max(1), "A", 0)
+        .first_asset_id()
+        .to_owned()
 }
 
 fn counter_total(c: &prometheus::IntCounterVec) -> u64 {
@@ -85,6 +95,22 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
 
     let stop = tickfleet_service::shutdown_on_signals();
     let workers_stop = CancellationToken::new();
+    let api_stop = stop.child_token();
+    let api = tickfleet_api::start(
+        store.clone(),
+        args.api_addr,
+        tickfleet_api::ApiMetrics::new(&prometheus::Registry::new())?,
+        Health::new(),
+        api_stop.clone(),
+        tickfleet_api::Options {
+            drain_timeout: Duration::from_secs(10),
+            ..Default::default()
+        },
+    )
+    .await
+    .map_err(|e| {
+        anyhow::anyhow!("{e:#} (is another demo running? pick a free port with --api-addr)")
+    })?;
     let kafka = KafkaOptions::new(&brokers);
     let mut config = WorkerConfig {
         kafka: kafka.clone(),
@@ -152,11 +178,39 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             format!("{}/s", args.rate)
         }
     );
+    let api_url = format!("http://{}", api.addr);
+    let flag = if api.addr.to_string() == "127.0.0.1:50051" {
+        String::new()
+    } else {
+        format!(" --api {api_url}")
+    };
+    let first = generator_first_asset(args.assets);
+    println!("  api     {api_url} (gRPC tickfleet.v1.TickService, health, reflection)");
+    println!("  try, in another terminal:");
+    for (cmd, what) in [
+        (format!("tickctl watch {first}{flag}"), "live ticks"),
+        (
+            format!("tickctl latest{flag}"),
+            "newest price of every asset",
+        ),
+        (
+            format!("tickctl candles {first} --interval 5s{flag}"),
+            "OHLCV candles",
+        ),
+        (
+            format!("tickctl ma {first} --points 20{flag}"),
+            "moving average and VWAP",
+        ),
+        (
+            format!("grpcurl -plaintext {} list", api.addr),
+            "the api, by reflection",
+        ),
+    ] {
+        println!("    {cmd:<58} {what}");
+    }
     println!(
-        "  try, in another terminal: tickctl produce --brokers {brokers} --topic {} --count 1000",
-        args.topic
+        "  Ctrl-C stops the generator, drains the workers, stops the api and audits the store."
     );
-    println!("  Ctrl-C stops the generator, drains the workers and audits the store.");
 
     let produce_stop = stop.child_token();
     if let Some(secs) = args.duration {
@@ -205,6 +259,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     for w in workers {
         w.await??;
     }
+    api_stop.cancel();
+    api.task.await??;
     let audit = verify::audit(&report, store.as_ref()).await?;
     println!(
         "  produced {} ticks, stored {} (each once)",

@@ -5,12 +5,13 @@ mod demo;
 mod dev_broker;
 mod dlq;
 mod produce;
+mod query;
 mod verify;
 
 use clap::{Parser, Subcommand};
 
-/// tickfleet's command line: produce ticks, run a dev Kafka broker or the whole pipeline locally, and
-/// check what the store holds.
+/// tickfleet's command line: run the whole pipeline locally, query and watch it through the api, produce
+/// ticks, run a dev Kafka broker, and check what the store holds.
 #[derive(Parser, Debug)]
 #[command(name = "tickctl", version)]
 struct Cli {
@@ -21,8 +22,11 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the whole pipeline on this machine with embedded defaults: an in-process Kafka-protocol broker,
-    /// the in-memory store (or --redis), several workers and the generator, printing live throughput.
+    /// the in-memory store (or --redis), several workers, the gRPC api and the generator, printing live
+    /// throughput.
     Demo(demo::DemoArgs),
+    #[command(flatten)]
+    Query(query::Query),
     /// Produce random-walk ticks for N assets (the load generator).
     Produce(produce::ProduceArgs),
     /// Run an in-memory Kafka-protocol broker (librdkafka's mock cluster) for tests and laptops; prints its
@@ -50,6 +54,7 @@ fn main() -> std::process::ExitCode {
     let result = runtime.block_on(async {
         match cli.command {
             Command::Demo(args) => demo::run(args).await,
+            Command::Query(q) => query::run(q).await,
             Command::Produce(args) => produce::run(args).await,
             Command::DevBroker(args) => dev_broker::run(args).await,
             Command::Verify(args) => verify::run(args).await,

@@ -126,6 +126,11 @@ impl Generator {
         }
     }
 
+    /// The id of the first asset.
+    pub fn first_asset_id(&self) -> &str {
+        self.assets.first().map_or("", |a| a.id.as_str())
+    }
+
     /// The next tick of a random asset: price moves by up to ±0.10% (4 decimals, never below 0.0001),
     /// event time is now (strictly increasing per asset), sequence number + 1.
     pub fn next_tick(&mut self) -> Tick {
@@ -356,7 +361,9 @@ pub async fn produce(
         }
     }
     let flush = tokio::task::spawn_blocking(move || {
-        let result = producer.flush(Duration::from_secs(60));
+        // Longer than librdkafka's message.timeout.ms (300 s): every message is then either
+        // acknowledged or reported failed, even across a broker outage on a loaded machine.
+        let result = producer.flush(Duration::from_secs(330));
         (result, producer)
     });
     let (result, producer) = flush.await?;

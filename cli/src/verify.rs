@@ -33,7 +33,7 @@ pub struct VerifyArgs {
     redis_prefix: String,
     /// TLS files for rediss:// URLs.
     #[command(flatten)]
-    redis_tls: tickfleet_worker::config::RedisTlsOptions,
+    redis_tls: tickfleet_store::RedisTlsOptions,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,

@@ -8,6 +8,7 @@
 //!
 //! Both pass one conformance suite (`store/tests/conformance.rs`), run against a real `redis-server`.
 
+pub mod live;
 mod member;
 mod memory;
 pub mod redis;
@@ -15,7 +16,10 @@ pub mod redis;
 use async_trait::async_trait;
 use std::time::Duration;
 
+pub use live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 pub use memory::MemoryStore;
+#[cfg(feature = "clap")]
+pub use redis::RedisTlsOptions;
 pub use redis::{RedisStore, RedisTls};
 pub use tickfleet_proto::{Tick, TickId};
 
@@ -37,8 +41,15 @@ pub trait TickStore: Send + Sync + 'static {
     /// One page of `asset_id`'s ticks in `[from_ns, to_ns)`, in [`TickId`] order.
     async fn range(&self, asset_id: &str, query: &RangeQuery) -> Result<TickPage, StoreError>;
 
+    /// The newest `n` ticks of `asset_id` (at most [`MAX_PAGE`]), in [`TickId`] order.
+    async fn tail(&self, asset_id: &str, n: usize) -> Result<Vec<Tick>, StoreError>;
+
     /// Every asset id that has ever been written, sorted.
     async fn assets(&self) -> Result<Vec<String>, StoreError>;
+
+    /// Subscribes to every asset's newly stored ticks (see [`live`]). When this returns, the
+    /// subscription is in place: every tick stored afterwards is announced to it.
+    async fn subscribe(&self) -> Result<LiveFeed, StoreError>;
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
@@ -122,6 +133,9 @@ pub enum StoreError {
         /// What was wrong.
         detail: String,
     },
+    /// The store is misconfigured (say, a TLS file cannot be read).
+    #[error("store configuration: {0}")]
+    Config(String),
     /// A failure injected by a test double.
     #[error("injected failure: {0}")]
     Injected(String),
@@ -133,6 +147,7 @@ impl StoreError {
         match self {
             StoreError::Redis(_) => "redis",
             StoreError::Corrupt { .. } => "corrupt",
+            StoreError::Config(_) => "config",
             StoreError::Injected(_) => "injected",
         }
     }
@@ -149,8 +164,14 @@ impl<S: TickStore + ?Sized> TickStore for std::sync::Arc<S> {
     async fn range(&self, asset_id: &str, query: &RangeQuery) -> Result<TickPage, StoreError> {
         (**self).range(asset_id, query).await
     }
+    async fn tail(&self, asset_id: &str, n: usize) -> Result<Vec<Tick>, StoreError> {
+        (**self).tail(asset_id, n).await
+    }
     async fn assets(&self) -> Result<Vec<String>, StoreError> {
         (**self).assets().await
+    }
+    async fn subscribe(&self) -> Result<LiveFeed, StoreError> {
+        (**self).subscribe().await
     }
     async fn ping(&self) -> Result<(), StoreError> {
         (**self).ping().await

@@ -5,17 +5,27 @@ use std::ops::Bound;
 use std::sync::Mutex;
 
 use async_trait::async_trait;
+use tokio::sync::broadcast;
 
+use crate::live::{self, LIVE_BUFFER, LiveEvent, LiveFeed};
 use crate::member::{self, ID_LEN};
-use crate::{RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
+use crate::{MAX_PAGE, RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
 
 /// An in-memory [`TickStore`]: the mocked datastore of the worker's unit tests and the embedded default
 /// of `tickctl demo`. It stores the same member strings as [`RedisStore`](crate::RedisStore) in the same
-/// order, so both stores agree on identity, ordering, latest and retention.
-#[derive(Debug, Default)]
+/// order, so both stores agree on identity, ordering, latest and retention. Its live feed is an
+/// in-process broadcast channel.
+#[derive(Debug)]
 pub struct MemoryStore {
     retention: Retention,
     assets: Mutex<BTreeMap<String, Series>>,
+    live: broadcast::Sender<LiveEvent>,
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::with_retention(Retention::default())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -35,6 +45,7 @@ impl MemoryStore {
         MemoryStore {
             retention,
             assets: Mutex::default(),
+            live: broadcast::channel(LIVE_BUFFER).0,
         }
     }
 
@@ -84,6 +95,7 @@ impl TickStore for MemoryStore {
         let mut assets = self.lock();
         let mut summary = WriteSummary::default();
         let mut touched = BTreeSet::new();
+        let mut new = Vec::new();
         for tick in ticks {
             let series = assets.entry(tick.asset_id.clone()).or_default();
             let m = member::encode(tick);
@@ -96,6 +108,7 @@ impl TickStore for MemoryStore {
             }
             if series.members.insert(m) {
                 summary.inserted += 1;
+                new.push(tick.clone());
             } else {
                 summary.duplicates += 1;
             }
@@ -106,6 +119,12 @@ impl TickStore for MemoryStore {
                 series.apply_retention(&self.retention);
             }
         }
+        // Announced while the lock is still held, so feeds see batches in the order they were applied.
+        // `send` only fails when nobody listens, which is fine.
+        for batch in live::batches(new) {
+            let _ = self.live.send(LiveEvent::Ticks(batch.into()));
+        }
+        drop(assets);
         Ok(summary)
     }
 
@@ -156,8 +175,33 @@ impl TickStore for MemoryStore {
         Ok(page)
     }
 
+    async fn tail(&self, asset_id: &str, n: usize) -> Result<Vec<Tick>, StoreError> {
+        let assets = self.lock();
+        let Some(series) = assets.get(asset_id) else {
+            return Ok(Vec::new());
+        };
+        let mut out = series
+            .members
+            .iter()
+            .rev()
+            .take(n.min(MAX_PAGE))
+            .map(|m| {
+                member::decode(asset_id, m).map_err(|detail| StoreError::Corrupt {
+                    key: asset_id.to_owned(),
+                    detail,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        out.reverse();
+        Ok(out)
+    }
+
     async fn assets(&self) -> Result<Vec<String>, StoreError> {
         Ok(self.lock().keys().cloned().collect())
+    }
+
+    async fn subscribe(&self) -> Result<LiveFeed, StoreError> {
+        Ok(LiveFeed::new(self.live.subscribe()))
     }
 
     async fn ping(&self) -> Result<(), StoreError> {

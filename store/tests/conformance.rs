@@ -7,7 +7,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use rust_decimal::Decimal;
-use tickfleet_store::{MemoryStore, RangeQuery, RedisStore, Retention, Tick, TickId, TickStore};
+use tickfleet_store::{
+    LiveEvent, LiveFeed, MemoryStore, RangeQuery, RedisStore, Retention, Tick, TickId, TickStore,
+};
 
 fn redis_store(retention: Retention) -> RedisStore {
     static N: AtomicU32 = AtomicU32::new(0);
@@ -225,6 +227,65 @@ async fn ping_answers(store: impl TickStore) {
     store.ping().await.unwrap();
 }
 
+async fn tail_is_the_newest_ticks_in_order(store: impl TickStore) {
+    let mut ticks = series("A", 30);
+    // Two ticks in one microsecond, so rank order within equal scores matters.
+    ticks.push(tick("A", T0 + 31_000_000, 31, "9"));
+    ticks.push(tick("A", T0 + 31_000_500, 32, "9"));
+    store.write_batch(&ticks).await.unwrap();
+    assert_eq!(store.tail("A", 5).await.unwrap(), ticks[27..].to_vec());
+    assert_eq!(store.tail("A", 1000).await.unwrap(), ticks);
+    assert!(store.tail("A", 0).await.unwrap().is_empty());
+    assert!(store.tail("nope", 3).await.unwrap().is_empty());
+}
+
+/// The next tick batch on `feed`, skipping nothing else (a gap here would be a failure).
+async fn next_batch(feed: &mut LiveFeed) -> (String, Vec<Tick>) {
+    match tokio::time::timeout(Duration::from_secs(10), feed.recv()).await {
+        Ok(Some(LiveEvent::Ticks(b))) => (b.asset_id.clone(), b.ticks.clone()),
+        other => panic!("expected a live batch, got {other:?}"),
+    }
+}
+
+async fn the_live_feed_announces_each_new_tick_once(store: impl TickStore) {
+    let mut feed = store.subscribe().await.unwrap();
+    let mut other = store.subscribe().await.unwrap();
+    let a = series("A", 6);
+    let b = series("B", 2);
+    let mut batch = a[..4].to_vec();
+    batch.extend(b.clone());
+    batch.reverse();
+    store.write_batch(&batch).await.unwrap();
+    // A redelivery of the same batch announces nothing; the next batch announces only its new ticks.
+    store.write_batch(&batch).await.unwrap();
+    store.write_batch(&a[2..]).await.unwrap();
+    let mut got = vec![
+        next_batch(&mut feed).await,
+        next_batch(&mut feed).await,
+        next_batch(&mut feed).await,
+    ];
+    got.sort_by(|x, y| x.0.cmp(&y.0).then(x.1.len().cmp(&y.1.len()).reverse()));
+    assert_eq!(
+        got,
+        vec![
+            ("A".to_string(), a[..4].to_vec()),
+            ("A".to_string(), a[4..].to_vec()),
+            ("B".to_string(), b),
+        ]
+    );
+    // Every feed gets every announcement.
+    for _ in 0..3 {
+        next_batch(&mut other).await;
+    }
+    // Nothing more was announced: a marker batch is the very next thing each feed sees.
+    let marker = tick("Z", T0, 1, "1");
+    store
+        .write_batch(std::slice::from_ref(&marker))
+        .await
+        .unwrap();
+    assert_eq!(next_batch(&mut feed).await, ("Z".to_string(), vec![marker]));
+}
+
 macro_rules! conformance {
     ($($name:ident $(: $retention:expr)?),* $(,)?) => {
         mod memory {
@@ -263,6 +324,8 @@ conformance! {
     retention_by_count: Retention { max_count: Some(5), max_age: None },
     retention_by_age: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
     ping_answers,
+    tail_is_the_newest_ticks_in_order,
+    the_live_feed_announces_each_new_tick_once,
 }
 
 /// A restarted Redis has forgotten the Lua scripts; the store must load them again, not fail.
@@ -285,4 +348,88 @@ async fn redis_reloads_scripts_it_lost() {
         .await
         .unwrap();
     assert_eq!(all(&store, "A").await, series("A", 4));
+}
+
+/// A redis-server of this test's own on a free port (so killing its connections disturbs no other test).
+struct OwnRedis {
+    child: std::process::Child,
+    url: String,
+    _dir: std::path::PathBuf,
+}
+
+impl OwnRedis {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .unwrap()
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("tickfleet-own-redis-{}-{port}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let child = std::process::Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server is installed (scripts/test.sh installs it)");
+        let url = format!("redis://127.0.0.1:{port}");
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OwnRedis {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self._dir);
+    }
+}
+
+/// When the live feed's pub/sub connection is cut, the store reconnects, tells its feeds there may be a
+/// gap, and announces new ticks again.
+#[tokio::test]
+async fn redis_live_feed_reconnects_and_reports_the_gap() {
+    let redis = OwnRedis::start();
+    let store = RedisStore::open(&redis.url, "live", Retention::default()).unwrap();
+    let mut feed = store.subscribe().await.unwrap();
+    store.write_batch(&series("A", 2)).await.unwrap();
+    assert_eq!(next_batch(&mut feed).await.1, series("A", 2));
+
+    let client = ::redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let killed: i64 = ::redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(killed, 1, "the store's one pub/sub connection");
+    match tokio::time::timeout(Duration::from_secs(10), feed.recv()).await {
+        Ok(Some(LiveEvent::Gap { reason, .. })) => assert_eq!(reason, "reconnected"),
+        other => panic!("expected a gap notice, got {other:?}"),
+    }
+    let more = series("A", 4);
+    store.write_batch(&more).await.unwrap();
+    assert_eq!(next_batch(&mut feed).await.1, more[2..].to_vec());
 }

@@ -395,6 +395,138 @@ pub fn verify(report: &Path, redis_url: &str, prefix: &str) -> (bool, serde_json
     (out.status.success(), summary)
 }
 
+/// A `tickfleet-api` process over the test Redis, its stderr in a log file.
+pub struct Api {
+    /// The process.
+    pub child: Child,
+    /// Its gRPC address as a URL, `http://127.0.0.1:PORT`.
+    pub url: String,
+    /// Its admin endpoint, `127.0.0.1:PORT`.
+    pub admin: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Api {
+    /// Starts an api over the keys under `prefix` and waits until it is ready (`/readyz`).
+    pub fn start(prefix: &str, dir: &Path, n: usize) -> Self {
+        let grpc = format!("127.0.0.1:{}", free_port());
+        let admin = format!("127.0.0.1:{}", free_port());
+        let log = dir.join(format!("api-{n}.log"));
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin("tickfleet-api"))
+            .args(["--grpc-addr", &grpc, "--admin-addr", &admin])
+            .args(["--redis-url", &redis_url(), "--redis-prefix", prefix])
+            // Variables meant for the worker must not bother the api.
+            .env("TICKFLEET_BROKERS", "127.0.0.1:1")
+            .env("TICKFLEET_TOPIC", "ticks")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start tickfleet-api");
+        let api = Api {
+            child,
+            url: format!("http://{grpc}"),
+            admin,
+            log,
+        };
+        wait_for(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            "tickfleet-api to be ready",
+            || http_get(&api.admin, "/readyz"),
+        );
+        api
+    }
+
+    /// Sum of one metric's samples whose line contains `filter` (e.g. `method="StreamTicks"`).
+    pub fn metric(&self, name: &str, filter: &str) -> f64 {
+        let text = http_get(&self.admin, "/metrics").unwrap_or_default();
+        let lines: String = text
+            .lines()
+            .filter(|l| l.contains(filter))
+            .flat_map(|l| [l, "\n"])
+            .collect();
+        metric_sum(&lines, name)
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Api {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a `tickctl` query command with `--api URL --json` and parses what it prints.
+pub fn tickctl_json(api: &str, args: &[&str]) -> Result<serde_json::Value, String> {
+    let out = Command::new(bin("tickctl"))
+        .args(args)
+        .args(["--api", api, "--json"])
+        .output()
+        .expect("run tickctl");
+    if !out.status.success() {
+        return Err(format!(
+            "tickctl {args:?} exited with {}: {}{}",
+            out.status,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ));
+    }
+    serde_json::from_slice(&out.stdout).map_err(|e| {
+        format!(
+            "tickctl {args:?} printed no JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// A `tickctl watch --json` process: one JSON object per line on its stdout, collected in a file.
+pub struct Watch {
+    /// The process.
+    pub child: Child,
+    /// Where its stdout goes.
+    pub out: PathBuf,
+}
+
+impl Watch {
+    /// Starts `tickctl watch --json --api URL ARGS…`.
+    pub fn start(api: &str, args: &[&str], out: PathBuf) -> Self {
+        let file = std::fs::File::create(&out).expect("watch output file");
+        let child = Command::new(bin("tickctl"))
+            .arg("watch")
+            .args(args)
+            .args(["--api", api, "--json"])
+            .stdout(file)
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tickctl watch");
+        Watch { child, out }
+    }
+
+    /// The lines printed so far, parsed.
+    pub fn lines(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(&self.out)
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str(l).ok())
+            .collect()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// A redis-server of a test's own (for tests that stop and restart it), with every write fsynced to
 /// its append-only file before it is acknowledged — so a SIGKILLed server loses nothing acknowledged.
 pub struct RedisServer {

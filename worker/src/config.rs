@@ -2,14 +2,12 @@
 //! them with their defaults).
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::Context;
 use clap::Args;
 use rdkafka::ClientConfig;
 use tickfleet_proto::{Format, Limits};
-use tickfleet_store::{RedisStore, RedisTls, Retention};
+use tickfleet_store::{RedisTlsOptions, Retention};
 
 use crate::lane::{Backoff, LaneConfig};
 
@@ -79,59 +77,6 @@ impl KafkaOptions {
             c.set(k, v);
         }
         c
-    }
-}
-
-/// TLS files for `rediss://` URLs. Shared by the worker and `tickctl`.
-#[derive(Args, Debug, Clone, Default)]
-pub struct RedisTlsOptions {
-    /// PEM file of the CA that signed the Redis server's certificate (instead of the system's CAs).
-    #[arg(long, env = "TICKFLEET_REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
-    /// PEM client certificate, for Redis servers that verify clients (with --redis-client-key-file).
-    #[arg(
-        long,
-        env = "TICKFLEET_REDIS_CLIENT_CERT_FILE",
-        requires = "redis_client_key_file"
-    )]
-    pub redis_client_cert_file: Option<PathBuf>,
-    /// PEM private key of the client certificate.
-    #[arg(
-        long,
-        env = "TICKFLEET_REDIS_CLIENT_KEY_FILE",
-        requires = "redis_client_cert_file"
-    )]
-    pub redis_client_key_file: Option<PathBuf>,
-}
-
-impl RedisTlsOptions {
-    /// Opens the store at `url` with these TLS files (if any).
-    pub fn open(
-        &self,
-        url: &str,
-        prefix: &str,
-        retention: Retention,
-    ) -> anyhow::Result<RedisStore> {
-        let read =
-            |p: &PathBuf| std::fs::read(p).with_context(|| format!("reading {}", p.display()));
-        let client = match (&self.redis_client_cert_file, &self.redis_client_key_file) {
-            (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
-            _ => None,
-        };
-        let tls = (self.redis_ca_file.is_some() || client.is_some()).then(
-            || -> anyhow::Result<RedisTls> {
-                Ok(RedisTls {
-                    ca_pem: self.redis_ca_file.as_ref().map(read).transpose()?,
-                    client_cert_and_key: client,
-                })
-            },
-        );
-        Ok(RedisStore::open_tls(
-            url,
-            prefix,
-            retention,
-            tls.transpose()?,
-        )?)
     }
 }
 

@@ -25,6 +25,9 @@ use tracing::{debug, info, warn};
 
 use crate::lane::{LaneConfig, LaneShared, Record, Watermark, run_lane};
 
+/// How long the poll thread waits for room in a full lane before pausing its partition.
+const FULL_LANE_WAIT: Duration = Duration::from_millis(100);
+
 /// The per-partition lanes of one consumer, shared by the poll loop and the rebalance callbacks.
 pub(crate) struct Lanes {
     runtime: Handle,
@@ -209,6 +212,17 @@ impl Lanes {
         match lane.tx.try_send(record) {
             Ok(()) => false,
             Err(mpsc::error::TrySendError::Full(record)) => {
+                // A busy lane usually frees room within one store write: wait for it briefly rather
+                // than pausing, because a pause makes librdkafka drop what it prefetched for the
+                // partition and fetch it again on resume. Only a lane that stays full (the store is
+                // slow or down) gets its partition paused.
+                let waited = self.runtime.block_on(async {
+                    tokio::time::timeout(FULL_LANE_WAIT, lane.tx.reserve()).await
+                });
+                if let Ok(Ok(permit)) = waited {
+                    permit.send(record);
+                    return false;
+                }
                 let p = record.partition;
                 lane.stash.push_back(record);
                 if !lane.paused {

@@ -289,8 +289,14 @@ mod tests {
         async fn range(&self, a: &str, q: &RangeQuery) -> Result<TickPage, StoreError> {
             self.inner.range(a, q).await
         }
+        async fn tail(&self, a: &str, n: usize) -> Result<Vec<Tick>, StoreError> {
+            self.inner.tail(a, n).await
+        }
         async fn assets(&self) -> Result<Vec<String>, StoreError> {
             self.inner.assets().await
+        }
+        async fn subscribe(&self) -> Result<tickfleet_store::LiveFeed, StoreError> {
+            self.inner.subscribe().await
         }
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())

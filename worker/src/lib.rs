@@ -90,7 +90,7 @@ pub async fn run(
     info!(topic = %config.topic, group = %config.group, brokers = %config.kafka.brokers, "worker started");
 
     let stop_polling = CancellationToken::new();
-    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
     let commit_every = Duration::from_millis(config.commit_interval_ms.max(10));
     let poll_stop = stop_polling.clone();
     std::thread::Builder::new()
@@ -102,7 +102,15 @@ pub async fn run(
         .context("starting the poll thread")?;
 
     let readiness = tokio::spawn(watch_store(store, health.clone(), shutdown.clone()));
-    shutdown.cancelled().await;
+    tokio::select! {
+        _ = shutdown.cancelled() => {}
+        ended = &mut done_rx => {
+            // Only a panic ends the poll thread before shutdown: fail, so the process is restarted.
+            health.set_ready(false);
+            readiness.abort();
+            anyhow::bail!("the Kafka poll thread stopped unexpectedly ({ended:?})");
+        }
+    }
     health.set_ready(false);
     let started = Instant::now();
     info!(timeout_s = drain_timeout.as_secs(), "draining");

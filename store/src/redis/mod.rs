@@ -7,21 +7,39 @@
 //! | `PREFIX:{ASSET}:ticks` | sorted set | one member per tick, scored by event time in µs |
 //! | `PREFIX:{ASSET}:latest` | string | the member of the tick with the greatest (event time, seq) |
 //! | `PREFIX:assets` | set | every asset id written |
+//! | `PREFIX:{ASSET}:live` | pub/sub channel | the ticks each batch added, as a JSON array of members |
 //!
 //! A member is `TIME(19 digits)SEQ(20 digits)|price|size|source`, so equal ticks are equal members and
 //! `ZADD NX` of a redelivered tick is a no-op. A batch is one pipeline: one `EVALSHA` of `write.lua` per
 //! asset (which adds with `ZADD NX`, moves `latest` only forward, and applies retention) plus one `SADD`.
 //! Scripts are loaded on first use and again after a `NOSCRIPT` (a restarted Redis forgets them).
+//!
+//! **Live feed.** `write.lua` publishes the members it newly added on the asset's live channel, inside
+//! the same atomic script, so a tick is announced once, only after it is stored, and a redelivered batch
+//! announces nothing. [`RedisStore::subscribe`](crate::TickStore::subscribe) shares one pub/sub connection
+//! (`PSUBSCRIBE PREFIX:{*}:live`) among all feeds of the store; if that connection breaks it reconnects
+//! with backoff and reports a [`LiveEvent::Gap`] (`reconnected`), since announcements made meanwhile are
+//! lost (Redis pub/sub is fire-and-forget).
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use futures::StreamExt;
 use redis::aio::ConnectionManager;
 use redis::{Client, ErrorKind, RedisError, ServerErrorKind};
+use tokio::sync::broadcast;
+use tracing::{info, warn};
 
+use crate::live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 use crate::member;
-use crate::{RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
+use crate::{MAX_PAGE, RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
+
+#[cfg(feature = "clap")]
+mod options;
+#[cfg(feature = "clap")]
+pub use options::RedisTlsOptions;
 
 const WRITE_LUA: &str = include_str!("write.lua");
 const RANGE_LUA: &str = include_str!("range.lua");
@@ -48,7 +66,9 @@ impl std::fmt::Debug for RedisTls {
 /// A [`TickStore`] on Redis (standalone; the key layout is ready for Redis Cluster).
 #[derive(Clone)]
 pub struct RedisStore {
+    client: Client,
     conn: ConnectionManager,
+    live: Arc<tokio::sync::Mutex<Option<LiveHub>>>,
     prefix: String,
     retention: Retention,
     write_sha: String,
@@ -102,10 +122,12 @@ impl RedisStore {
             .set_response_timeout(Some(Duration::from_secs(10)))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(client, config)?;
+        let conn = ConnectionManager::new_lazy_with_config(client.clone(), config)?;
 
         Ok(RedisStore {
+            client,
             conn,
+            live: Arc::default(),
             prefix: prefix.to_owned(),
             retention,
             write_sha: redis::Script::new(WRITE_LUA).get_hash().to_owned(),
@@ -128,6 +150,18 @@ impl RedisStore {
 
     fn assets_key(&self) -> String {
         format!("{}:assets", self.prefix)
+    }
+
+    fn live_channel(&self, asset: &str) -> String {
+        format!("{}:{{{asset}}}:live", self.prefix)
+    }
+
+    /// The asset of a live channel name, if it is one of this store's.
+    fn asset_of_channel<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
+        channel
+            .strip_prefix(prefix)?
+            .strip_prefix(":{")?
+            .strip_suffix("}:live")
     }
 
     /// Runs a pipeline; after a `NOSCRIPT` loads both scripts and runs it once more (it is idempotent).
@@ -159,6 +193,106 @@ impl RedisStore {
     }
 }
 
+/// The shared pub/sub connection of a store's live feeds.
+struct LiveHub {
+    tx: broadcast::Sender<LiveEvent>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Escapes Redis glob characters, so a prefix matches only itself in a pattern.
+fn glob_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            out.push('\\');
+        }
+        out.push(c);
+    }
+    out
+}
+
+async fn live_connect(client: &Client, prefix: &str) -> Result<redis::aio::PubSub, StoreError> {
+    let mut pubsub = client.get_async_pubsub().await?;
+    pubsub
+        .psubscribe(format!("{}:{{*}}:live", glob_escape(prefix)))
+        .await?;
+    Ok(pubsub)
+}
+
+/// Forwards live messages to the feeds until none is left; reconnects (reporting a gap) when the
+/// connection breaks.
+async fn live_loop(
+    client: Client,
+    prefix: String,
+    mut pubsub: redis::aio::PubSub,
+    tx: broadcast::Sender<LiveEvent>,
+) {
+    let mut backoff = Duration::from_millis(100);
+    loop {
+        {
+            let mut messages = pubsub.on_message();
+            // Checked every few seconds too, so an idle feed with no listener left goes away.
+            loop {
+                let msg = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await
+                {
+                    Ok(Some(msg)) => msg,
+                    Ok(None) => break,
+                    Err(_) if tx.receiver_count() == 0 => return,
+                    Err(_) => continue,
+                };
+                if tx.receiver_count() == 0 {
+                    return;
+                }
+                backoff = Duration::from_millis(100);
+                let Some(asset) = RedisStore::asset_of_channel(&prefix, msg.get_channel_name())
+                else {
+                    continue;
+                };
+                match decode_live(asset, msg.get_payload_bytes()) {
+                    Ok(batch) => {
+                        let _ = tx.send(LiveEvent::Ticks(Arc::new(batch)));
+                    }
+                    Err(e) => warn!(asset, error = %e, "undecodable live message skipped"),
+                }
+            }
+        }
+        warn!("live feed connection lost; reconnecting");
+        loop {
+            if tx.receiver_count() == 0 {
+                return;
+            }
+            tokio::time::sleep(backoff).await;
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+            match live_connect(&client, &prefix).await {
+                Ok(p) => {
+                    pubsub = p;
+                    info!("live feed reconnected");
+                    let _ = tx.send(LiveEvent::Gap {
+                        missed: 0,
+                        reason: "reconnected",
+                    });
+                    break;
+                }
+                Err(e) => warn!(error = %e, "live feed reconnect failed"),
+            }
+        }
+    }
+}
+
+/// Decodes a live message: a JSON array of members of `asset`.
+fn decode_live(asset: &str, payload: &[u8]) -> Result<LiveBatch, String> {
+    let members: Vec<String> = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let mut ticks = members
+        .iter()
+        .map(|m| member::decode(asset, m))
+        .collect::<Result<Vec<_>, _>>()?;
+    ticks.sort_by_key(Tick::id);
+    Ok(LiveBatch {
+        asset_id: asset.to_owned(),
+        ticks,
+    })
+}
+
 fn is_noscript(e: &RedisError) -> bool {
     e.kind() == ErrorKind::Server(ServerErrorKind::NoScript)
 }
@@ -187,7 +321,8 @@ impl TickStore for RedisStore {
                 .arg(self.ticks_key(asset))
                 .arg(self.latest_key(asset))
                 .arg(max_age_us)
-                .arg(max_count);
+                .arg(max_count)
+                .arg(self.live_channel(asset));
             for t in ticks {
                 cmd.arg(member::score(t.event_time_ns))
                     .arg(member::encode(t));
@@ -244,6 +379,40 @@ impl TickStore for RedisStore {
             page.next = page.ticks.last().map(Tick::id);
         }
         Ok(page)
+    }
+
+    async fn tail(&self, asset_id: &str, n: usize) -> Result<Vec<Tick>, StoreError> {
+        let n = n.min(MAX_PAGE);
+        if n == 0 {
+            return Ok(Vec::new());
+        }
+        // Rank order is tick-id order: scores are µs and, within a µs, members sort by their id prefix.
+        let mut conn = self.conn.clone();
+        let members: Vec<String> = redis::cmd("ZRANGE")
+            .arg(self.ticks_key(asset_id))
+            .arg(-(n as i64))
+            .arg(-1)
+            .query_async(&mut conn)
+            .await?;
+        members.iter().map(|m| self.decode(asset_id, m)).collect()
+    }
+
+    async fn subscribe(&self) -> Result<LiveFeed, StoreError> {
+        let mut hub = self.live.lock().await;
+        if let Some(h) = hub.as_ref().filter(|h| !h.task.is_finished()) {
+            return Ok(LiveFeed::new(h.tx.subscribe()));
+        }
+        let (tx, rx) = broadcast::channel(LIVE_BUFFER);
+        // The first connection is made here, so a caller learns at once when Redis is unreachable.
+        let pubsub = live_connect(&self.client, &self.prefix).await?;
+        let task = tokio::spawn(live_loop(
+            self.client.clone(),
+            self.prefix.clone(),
+            pubsub,
+            tx.clone(),
+        ));
+        *hub = Some(LiveHub { tx, task });
+        Ok(LiveFeed::new(rx))
     }
 
     async fn assets(&self) -> Result<Vec<String>, StoreError> {

@@ -1,0 +1,319 @@
+//! Exact arithmetic over ticks: intervals, candles, simple moving average and VWAP. No `f64` anywhere:
+//! prices are [`Decimal`]s and so is everything computed from them.
+//!
+//! Division (averages) is the only inexact step: a quotient is rounded half-to-even to
+//! [`AVG_EXTRA_DP`] more decimal places than the most precise input (at most 28), then trailing zeros
+//! are dropped — so `[100, 101, 99, 102, 98]` averages to exactly `100`.
+
+use std::collections::BTreeMap;
+
+use rust_decimal::{Decimal, RoundingStrategy};
+use tickfleet_proto::{Tick, TickId};
+
+/// Decimal places an average keeps beyond its most precise input.
+pub const AVG_EXTRA_DP: u32 = 8;
+
+/// The longest candle interval.
+pub const MAX_INTERVAL_NS: i64 = 86_400 * 1_000_000_000;
+
+/// Parses an interval such as `1s`, `5s`, `1m`, `5m`, `1h`, `1d` or `250ms` into nanoseconds.
+pub fn parse_interval(s: &str) -> Result<i64, String> {
+    let digits = s.chars().take_while(char::is_ascii_digit).count();
+    let (n, unit) = s.split_at(digits);
+    let unit_ns: i64 = match unit {
+        "ms" => 1_000_000,
+        "s" => 1_000_000_000,
+        "m" => 60_000_000_000,
+        "h" => 3_600_000_000_000,
+        "d" => MAX_INTERVAL_NS,
+        _ => {
+            return Err(format!(
+                "interval {s:?} is not a whole number followed by ms, s, m, h or d (e.g. 1s, 5m, 1h)"
+            ));
+        }
+    };
+    let n: i64 = n
+        .parse()
+        .map_err(|_| format!("interval {s:?} has no number (e.g. 1s, 5m, 1h)"))?;
+    match n.checked_mul(unit_ns) {
+        Some(ns) if ns > 0 && ns <= MAX_INTERVAL_NS => Ok(ns),
+        _ => Err(format!("interval {s:?} must be more than 0 and at most 1d")),
+    }
+}
+
+/// Start of the epoch-aligned bucket of width `interval_ns` holding `t_ns`.
+pub fn bucket_start(t_ns: i64, interval_ns: i64) -> i64 {
+    t_ns - t_ns.rem_euclid(interval_ns)
+}
+
+/// An arithmetic overflow (`Decimal` holds 96-bit integers; sums of huge values can exceed it).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("decimal overflow computing the {0}")]
+pub struct Overflow(pub &'static str);
+
+/// One candle being built from ticks given in any order, each exactly once.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CandleAcc {
+    /// Bucket start (ns).
+    pub start_ns: i64,
+    /// Bucket end (ns, exclusive).
+    pub end_ns: i64,
+    open: (TickId, Decimal),
+    close: (TickId, Decimal),
+    /// Highest price.
+    pub high: Decimal,
+    /// Lowest price.
+    pub low: Decimal,
+    /// Sum of sizes.
+    pub volume: Decimal,
+    /// Ticks added.
+    pub count: u64,
+}
+
+impl CandleAcc {
+    /// A candle of the bucket `tick` falls in, holding just `tick`.
+    pub fn new(tick: &Tick, interval_ns: i64) -> Self {
+        let start_ns = bucket_start(tick.event_time_ns, interval_ns);
+        CandleAcc {
+            start_ns,
+            end_ns: start_ns.saturating_add(interval_ns),
+            open: (tick.id(), tick.price),
+            close: (tick.id(), tick.price),
+            high: tick.price,
+            low: tick.price,
+            volume: tick.size.unwrap_or_default(),
+            count: 1,
+        }
+    }
+
+    /// Adds a tick of the same bucket. Order does not matter: open and close go by tick id.
+    pub fn add(&mut self, tick: &Tick) -> Result<(), Overflow> {
+        let id = tick.id();
+        if id < self.open.0 {
+            self.open = (id, tick.price);
+        }
+        if id > self.close.0 {
+            self.close = (id, tick.price);
+        }
+        self.high = self.high.max(tick.price);
+        self.low = self.low.min(tick.price);
+        if let Some(size) = tick.size {
+            self.volume = self
+                .volume
+                .checked_add(size)
+                .ok_or(Overflow("candle volume"))?;
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// Opening price.
+    pub fn open(&self) -> Decimal {
+        self.open.1
+    }
+
+    /// Closing price.
+    pub fn close(&self) -> Decimal {
+        self.close.1
+    }
+}
+
+/// Candles of `ticks` (any order, each once) in buckets of `interval_ns`, in time order; empty buckets
+/// have no candle.
+pub fn candles<'a>(
+    ticks: impl IntoIterator<Item = &'a Tick>,
+    interval_ns: i64,
+) -> Result<Vec<CandleAcc>, Overflow> {
+    let mut out: BTreeMap<i64, CandleAcc> = BTreeMap::new();
+    for t in ticks {
+        let start = bucket_start(t.event_time_ns, interval_ns);
+        match out.get_mut(&start) {
+            Some(c) => c.add(t)?,
+            None => {
+                out.insert(start, CandleAcc::new(t, interval_ns));
+            }
+        }
+    }
+    Ok(out.into_values().collect())
+}
+
+/// Simple moving average and VWAP of some ticks.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Average {
+    /// Mean price.
+    pub sma: Decimal,
+    /// Σ(price·size)/Σsize over ticks with a size, when that sum is not 0.
+    pub vwap: Option<Decimal>,
+    /// Ticks averaged.
+    pub count: u64,
+}
+
+/// Averages `ticks`; `None` when there are none.
+pub fn average(ticks: &[Tick]) -> Result<Option<Average>, Overflow> {
+    if ticks.is_empty() {
+        return Ok(None);
+    }
+    let mut sum = Decimal::ZERO;
+    let mut pv = Decimal::ZERO;
+    let mut volume = Decimal::ZERO;
+    let mut price_dp = 0;
+    for t in ticks {
+        sum = sum.checked_add(t.price).ok_or(Overflow("sum of prices"))?;
+        price_dp = price_dp.max(t.price.scale());
+        if let Some(size) = t.size {
+            let v = t.price.checked_mul(size).ok_or(Overflow("price × size"))?;
+            pv = pv.checked_add(v).ok_or(Overflow("sum of price × size"))?;
+            volume = volume.checked_add(size).ok_or(Overflow("sum of sizes"))?;
+        }
+    }
+    let sma = divide(sum, Decimal::from(ticks.len() as u64), price_dp)?;
+    let vwap = if volume.is_zero() {
+        None
+    } else {
+        Some(divide(pv, volume, price_dp)?)
+    };
+    Ok(Some(Average {
+        sma,
+        vwap,
+        count: ticks.len() as u64,
+    }))
+}
+
+/// `a / b` rounded half-to-even to `dp + AVG_EXTRA_DP` places, trailing zeros dropped.
+fn divide(a: Decimal, b: Decimal, dp: u32) -> Result<Decimal, Overflow> {
+    let q = a.checked_div(b).ok_or(Overflow("average"))?;
+    Ok(q.round_dp_with_strategy(
+        (dp + AVG_EXTRA_DP).min(28),
+        RoundingStrategy::MidpointNearestEven,
+    )
+    .normalize())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::str::FromStr;
+
+    fn d(s: &str) -> Decimal {
+        Decimal::from_str(s).unwrap()
+    }
+
+    fn tick(t: i64, seq: u64, price: &str, size: Option<&str>) -> Tick {
+        Tick {
+            asset_id: "A".into(),
+            price: d(price),
+            size: size.map(d),
+            event_time_ns: t,
+            seq,
+            source: String::new(),
+        }
+    }
+
+    #[test]
+    fn intervals_parse_and_reject_what_they_should() {
+        assert_eq!(parse_interval("1s"), Ok(1_000_000_000));
+        assert_eq!(parse_interval("5m"), Ok(300_000_000_000));
+        assert_eq!(parse_interval("1h"), Ok(3_600_000_000_000));
+        assert_eq!(parse_interval("250ms"), Ok(250_000_000));
+        assert_eq!(parse_interval("1d"), Ok(MAX_INTERVAL_NS));
+        for bad in [
+            "",
+            "s",
+            "0s",
+            "1",
+            "1x",
+            "-1s",
+            "1.5s",
+            "2d",
+            "99999999999999999999h",
+            "1 s",
+        ] {
+            assert!(parse_interval(bad).is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn the_moving_average_of_the_issue_example_is_exactly_100() {
+        let ticks: Vec<Tick> = ["100", "101", "99", "102", "98"]
+            .iter()
+            .enumerate()
+            .map(|(i, p)| tick(i as i64, i as u64, p, None))
+            .collect();
+        let avg = average(&ticks).unwrap().unwrap();
+        assert_eq!(avg.sma.to_string(), "100");
+        assert_eq!(avg.vwap, None);
+        assert_eq!(avg.count, 5);
+    }
+
+    #[test]
+    fn averages_round_half_to_even_at_a_documented_place() {
+        // 1/3 with 2-dp inputs: 2 + 8 = 10 places.
+        let ticks = [
+            tick(1, 1, "0.01", None),
+            tick(2, 2, "0", None),
+            tick(3, 3, "0", None),
+        ];
+        // Prices must be > 0 in real data; the arithmetic does not care.
+        assert_eq!(
+            average(&ticks).unwrap().unwrap().sma.to_string(),
+            "0.0033333333"
+        );
+    }
+
+    #[test]
+    fn vwap_uses_only_ticks_with_a_size() {
+        let ticks = [
+            tick(1, 1, "10", Some("1")),
+            tick(2, 2, "20", Some("3")),
+            tick(3, 3, "1000", None),
+        ];
+        let avg = average(&ticks).unwrap().unwrap();
+        assert_eq!(avg.vwap.unwrap().to_string(), "17.5"); // (10 + 60) / 4
+        assert_eq!(avg.sma.to_string(), "343.33333333"); // 1030 / 3 to 8 places
+        let zero = [tick(1, 1, "10", Some("0"))];
+        assert_eq!(average(&zero).unwrap().unwrap().vwap, None);
+        assert_eq!(average(&[]).unwrap(), None);
+    }
+
+    #[test]
+    fn candles_are_exact_whatever_the_order_of_their_ticks() {
+        let s = 1_000_000_000;
+        let ticks = vec![
+            tick(10 * s + 1, 1, "100", Some("1")),
+            tick(10 * s + 5, 2, "105", Some("2")),
+            tick(10 * s + 7, 3, "95", None),
+            tick(10 * s + 9, 4, "101", Some("0.5")),
+            tick(11 * s, 5, "200", None),
+            tick(13 * s + 3, 6, "7", Some("1")),
+        ];
+        let mut shuffled = ticks.clone();
+        shuffled.reverse();
+        shuffled.swap(1, 4);
+        for input in [&ticks, &shuffled] {
+            let c = candles(input.iter(), s).unwrap();
+            assert_eq!(c.len(), 3, "no candle for the empty 12 s bucket");
+            assert_eq!((c[0].start_ns, c[0].end_ns), (10 * s, 11 * s));
+            assert_eq!(
+                (c[0].open(), c[0].high, c[0].low, c[0].close()),
+                (d("100"), d("105"), d("95"), d("101"))
+            );
+            assert_eq!((c[0].volume, c[0].count), (d("3.5"), 4));
+            assert_eq!(
+                (c[1].start_ns, c[1].open(), c[1].volume),
+                (11 * s, d("200"), d("0"))
+            );
+            assert_eq!(
+                (c[2].start_ns, c[2].close(), c[2].count),
+                (13 * s, d("7"), 1)
+            );
+        }
+    }
+
+    #[test]
+    fn overflow_is_an_error_not_a_panic() {
+        let max = Decimal::MAX.to_string();
+        let ticks = [tick(1, 1, &max, Some(&max)), tick(2, 2, &max, Some(&max))];
+        assert!(average(&ticks).is_err());
+        assert!(candles(ticks.iter(), 10).is_err());
+    }
+}

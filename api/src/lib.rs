@@ -1,0 +1,200 @@
+//! tickfleet's gRPC api, `tickfleet.v1.TickService`: queries over the ticks the workers stored (latest,
+//! ranges with opaque page tokens, OHLCV candles, moving averages and VWAP, assets) and live streams of
+//! the ticks they store from now on, plus `grpc.health.v1` and server reflection.
+//!
+//! * [`calc`]: exact decimal arithmetic (candles, averages) — no `f64`.
+//! * [`service::Api`]: the handlers, over any [`TickStore`]; argument checks in [`validate`].
+//! * [`start`]: binds and serves, with graceful shutdown; used by the `tickfleet-api` binary and by
+//!   `tickctl demo`.
+//!
+//! Live streams read the store's live feed ([`TickStore::subscribe`]): with Redis that is pub/sub, so any
+//! number of api replicas serve any client. Each stream has a bounded buffer ([`Options::stream_buffer`]
+//! messages); a client that does not keep up loses the newest messages (for it alone; nobody else waits)
+//! and then receives a `Gap` notice saying how many it missed.
+
+pub mod calc;
+pub mod metrics;
+pub mod service;
+pub mod validate;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use tickfleet_proto::v1::tick_service_server::TickServiceServer;
+use tickfleet_service::{CancellationToken, Health};
+use tickfleet_store::TickStore;
+use tonic_health::ServingStatus;
+use tracing::{info, warn};
+
+pub use metrics::ApiMetrics;
+pub use service::Api;
+
+/// The gRPC service name of [`Api`], as health checks and reflection know it.
+pub const SERVICE_NAME: &str = "tickfleet.v1.TickService";
+
+/// How the server runs.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Bound on a graceful shutdown.
+    pub drain_timeout: Duration,
+    /// Messages buffered per stream client (see [`Api::with_stream_buffer`]).
+    pub stream_buffer: usize,
+    /// Serve TLS with this certificate and key instead of plaintext.
+    pub tls: Option<tonic::transport::ServerTlsConfig>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            drain_timeout: Duration::from_secs(30),
+            stream_buffer: service::STREAM_BUFFER,
+            tls: None,
+        }
+    }
+}
+
+/// A running api server.
+pub struct Running {
+    /// The address the gRPC server listens on.
+    pub addr: SocketAddr,
+    /// Ends when the server has stopped: `Ok` after a clean drain.
+    pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+/// Binds `addr` and serves the api, health and reflection until `shutdown` is cancelled.
+///
+/// Readiness (`health`, and the gRPC health status of [`SERVICE_NAME`] and of the server as a whole)
+/// follows the store: serving while it answers a ping. On shutdown, in this order: health goes
+/// NOT_SERVING, the listener closes, live streams and health watches end cleanly (status OK), in-flight
+/// calls finish; if
+/// that takes longer than [`Options::drain_timeout`] the task ends with an error.
+pub async fn start(
+    store: Arc<dyn TickStore>,
+    addr: SocketAddr,
+    metrics: ApiMetrics,
+    health: Arc<Health>,
+    shutdown: CancellationToken,
+    options: Options,
+) -> anyhow::Result<Running> {
+    let drain_timeout = options.drain_timeout;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding the gRPC address {addr}"))?;
+    let addr = listener.local_addr()?;
+    let (reporter, health_service) = tonic_health::server::health_reporter();
+    set_status(&reporter, ServingStatus::NotServing).await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tickfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+    let reflection_alpha = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(tickfleet_proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1alpha()
+        .context("building the reflection service")?;
+    let api = Api::new(store.clone(), metrics, shutdown.clone())
+        .with_stream_buffer(options.stream_buffer);
+
+    let readiness = tokio::spawn(watch_store(
+        store,
+        health.clone(),
+        reporter.clone(),
+        shutdown.clone(),
+    ));
+    // The server stops accepting only after health has gone NOT_SERVING.
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = options.tls {
+        builder = builder.tls_config(tls).context("the api's TLS settings")?;
+    }
+    let server = builder
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(reflection_alpha)
+        .add_service(TickServiceServer::new(api))
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener),
+            async move {
+                let _ = stop_rx.await;
+            },
+        );
+    info!(%addr, "gRPC api listening ({SERVICE_NAME}, grpc.health.v1, reflection)");
+    let task = tokio::spawn(async move {
+        let mut server = std::pin::pin!(server);
+        tokio::select! {
+            r = &mut server => return r.context("gRPC server failed"),
+            _ = shutdown.cancelled() => {}
+        }
+        health.set_ready(false);
+        readiness.abort();
+        set_status(&reporter, ServingStatus::NotServing).await;
+        info!(
+            timeout_s = drain_timeout.as_secs(),
+            "draining: NOT_SERVING, no new connections, streams ending"
+        );
+        let _ = stop_tx.send(());
+        // Health Watch streams never end by themselves; dropping the statuses ends them (after they
+        // delivered NOT_SERVING), so a client watching health cannot hold the drain up.
+        let mut reporter = reporter;
+        reporter.clear_service_status("").await;
+        reporter.clear_service_status(SERVICE_NAME).await;
+        match tokio::time::timeout(drain_timeout, server).await {
+            Ok(r) => {
+                r.context("gRPC server failed")?;
+                info!("drained");
+                Ok(())
+            }
+            Err(_) => {
+                warn!("drain timed out; calls still in flight were cut");
+                anyhow::bail!("drain did not finish within {drain_timeout:?}")
+            }
+        }
+    });
+    Ok(Running { addr, task })
+}
+
+async fn set_status(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {
+    reporter.set_service_status("", status).await;
+    reporter.set_service_status(SERVICE_NAME, status).await;
+}
+
+/// Keeps readiness in step with the store: serving while it answers a ping.
+async fn watch_store(
+    store: Arc<dyn TickStore>,
+    health: Arc<Health>,
+    reporter: tonic_health::server::HealthReporter,
+    shutdown: CancellationToken,
+) {
+    let mut was_ok = None;
+    while !shutdown.is_cancelled() {
+        let ok = matches!(
+            tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
+            Ok(Ok(()))
+        );
+        if was_ok != Some(ok) {
+            if ok {
+                info!("store reachable: serving");
+            } else {
+                warn!("store unreachable: not serving");
+            }
+            health.set_ready(ok);
+            set_status(
+                &reporter,
+                if ok {
+                    ServingStatus::Serving
+                } else {
+                    ServingStatus::NotServing
+                },
+            )
+            .await;
+        }
+        was_ok = Some(ok);
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! `tickfleet-api`: the gRPC api over a tickfleet Redis store.
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::Parser;
+use tickfleet_api::ApiMetrics;
+use tickfleet_service::Health;
+use tickfleet_store::Retention;
+use tracing::{error, info};
+
+/// tickfleet's gRPC api (tickfleet.v1.TickService, grpc.health.v1, server reflection) over the Redis the
+/// workers write to. Every option is also an environment variable; other TICKFLEET_* variables are ignored.
+#[derive(Parser, Debug)]
+#[command(name = "tickfleet-api", version)]
+struct Config {
+    /// gRPC listen address.
+    #[arg(long, env = "TICKFLEET_GRPC_ADDR", default_value = "0.0.0.0:50051")]
+    grpc_addr: SocketAddr,
+    /// Admin endpoint (/healthz, /readyz, /metrics) listen address.
+    #[arg(long, env = "TICKFLEET_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
+    admin_addr: SocketAddr,
+    /// Redis URL (may carry a password: redis://:PASSWORD@HOST:PORT/DB).
+    #[arg(
+        long,
+        env = "TICKFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    redis_url: String,
+    /// Key prefix in Redis: the same as the pipeline's workers.
+    #[arg(long, env = "TICKFLEET_REDIS_PREFIX", default_value = "tf")]
+    redis_prefix: String,
+    /// TLS files for rediss:// URLs.
+    #[command(flatten)]
+    redis_tls: tickfleet_store::RedisTlsOptions,
+    /// Serve gRPC over TLS with this PEM certificate (chain), e.g. from a mounted Secret.
+    #[arg(long, env = "TICKFLEET_GRPC_TLS_CERT_FILE", requires = "tls_key_file")]
+    tls_cert_file: Option<std::path::PathBuf>,
+    /// The PEM private key of --tls-cert-file.
+    #[arg(long, env = "TICKFLEET_GRPC_TLS_KEY_FILE", requires = "tls_cert_file")]
+    tls_key_file: Option<std::path::PathBuf>,
+    /// Log format: text or json.
+    #[arg(long, env = "TICKFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    log_format: String,
+    /// Bound on a graceful shutdown (seconds): in-flight calls still running after it are cut (exit 1).
+    #[arg(long, env = "TICKFLEET_DRAIN_TIMEOUT_SECS", default_value_t = 30)]
+    drain_timeout_secs: u64,
+    /// Messages buffered per live-stream client; a client further behind loses the newest messages (for
+    /// it alone) and gets a gap notice.
+    #[arg(long, env = "TICKFLEET_STREAM_BUFFER", default_value_t = tickfleet_api::service::STREAM_BUFFER)]
+    stream_buffer: usize,
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let config = Config::parse();
+    tickfleet_service::init_tracing(config.log_format == "json");
+    match run(config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let shutdown = tickfleet_service::shutdown_on_signals();
+    let tls = match (&config.tls_cert_file, &config.tls_key_file) {
+        (Some(cert), Some(key)) => {
+            let read = |p: &std::path::PathBuf| {
+                std::fs::read(p).with_context(|| format!("reading {}", p.display()))
+            };
+            let identity = tonic::transport::Identity::from_pem(read(cert)?, read(key)?);
+            Some(tonic::transport::ServerTlsConfig::new().identity(identity))
+        }
+        _ => None,
+    };
+    let store = Arc::new(config.redis_tls.open(
+        &config.redis_url,
+        &config.redis_prefix,
+        Retention::default(),
+    )?);
+    let registry = prometheus::Registry::new();
+    let metrics = ApiMetrics::new(&registry)?;
+    let health = Health::new();
+    let (_, admin) = tickfleet_service::serve_admin(
+        config.admin_addr,
+        registry,
+        health.clone(),
+        shutdown.clone(),
+    )
+    .await?;
+    let running = tickfleet_api::start(
+        store,
+        config.grpc_addr,
+        metrics,
+        health,
+        shutdown,
+        tickfleet_api::Options {
+            drain_timeout: Duration::from_secs(config.drain_timeout_secs),
+            stream_buffer: config.stream_buffer,
+            tls,
+        },
+    )
+    .await?;
+    info!(grpc = %running.addr, prefix = %config.redis_prefix, "tickfleet-api started");
+    running.task.await??;
+    admin.await??;
+    Ok(())
+}
