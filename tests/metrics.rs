@@ -5,7 +5,10 @@
 //! not ready and its partitions do not progress; the real `tickfleet-operator` binary (leader election
 //! off) against [`FakeKube`], a small fake Kubernetes API server serving a valid autoscaled
 //! `TickPipeline` (whose lag the operator measures on the dev broker, for the `prices` workers' group)
-//! and an invalid one (a reconcile failure); `tickctl produce` (2000 ticks/s until the end) with every 200th message poison, so
+//! and an invalid one (a reconcile failure); a `tickfleet-api` over pipeline `prices`' keys (stream buffer
+//! of 16 messages) with one `tickctl watch` reading its tick stream, one `tickctl watch` stopped with
+//! SIGSTOP (a client too slow to read: its messages are dropped), and a loop of `tickctl latest` queries
+//! and of queries with an invalid asset id (INVALID_ARGUMENT); `tickctl produce` (2000 ticks/s until the end) with every 200th message poison, so
 //! messages are dead-lettered; and a real `prometheus` (Debian's package) with its own config, data
 //! directory and port, scraping every admin endpoint each second and loading `prometheus/alerts.yml`.
 //!
@@ -31,20 +34,17 @@
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use tickfleet_e2e::kube::FakeKube;
 use tickfleet_e2e::prometheus::{Prometheus, has_finite_sample};
 use tickfleet_e2e::{
-    DevBroker, Operator, Producer, Worker, WorkerSetup, dump_logs, free_port, redis_url, wait_for,
+    Api, DevBroker, Operator, Producer, Watch, Worker, WorkerSetup, dump_logs, free_port,
+    redis_url, signal, tickctl_json, wait_for,
 };
-
-/// Dashboards this test cannot prove yet, and why.
-const UNPROVEN: &[(&str, &str)] = &[(
-    "tickfleet-api.json",
-    "tickfleet-api is not in this workspace yet (gRPC api issue)",
-)];
 
 /// Rules whose condition the test brings about (poison messages; a worker without its Redis): their
 /// whole expression, threshold included, must return series too.
@@ -137,9 +137,6 @@ fn dashboard_exprs() -> Vec<Expr> {
             &mut exprs,
         );
         assert!(!exprs.is_empty(), "{file} has no queries");
-        if UNPROVEN.iter().any(|(f, _)| *f == file) {
-            continue;
-        }
         out.extend(exprs);
         for var in board["templating"]["list"].as_array().into_iter().flatten() {
             if var["type"] != "query" {
@@ -301,13 +298,6 @@ fn pipeline(name: &str, spec: Value) -> Value {
 
 #[test]
 fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
-    if let Some((file, why)) = UNPROVEN.first() {
-        assert!(
-            !repo().join("api").join("Cargo.toml").exists(),
-            "the api is in the workspace now: start it here and prove {file} too (was: {why})"
-        );
-        eprintln!("NOT PROVEN here: {file}: {why}");
-    }
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
     let broker = DevBroker::start(&["ticks:8", "ticks.dlq:2"]);
@@ -345,6 +335,35 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
         ),
     ]);
     let operator = Operator::start(&kube.kubeconfig(dir.path()), dir.path());
+
+    // the api over pipeline prices' keys: one live stream, one stopped client, queries (OK and invalid)
+    let api = Api::start_with(&prices.prefix, dir.path(), 0, &["--stream-buffer", "16"]);
+    let streams = |n: f64| {
+        wait_for(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            &format!("{n} open tick streams"),
+            || (api.metric("tickfleet_api_active_streams", "StreamTicks") == n).then_some(()),
+        )
+    };
+    let _reader = Watch::start(&api.url, &[], dir.path().join("watch-reader.jsonl"));
+    streams(1.0);
+    let stopped = Watch::start(&api.url, &[], dir.path().join("watch-stopped.jsonl"));
+    streams(2.0);
+    // the second client stops reading; its stream stays open
+    signal(&stopped.child, "STOP");
+    let querying = Arc::new(AtomicBool::new(true));
+    let queries = {
+        let (querying, url) = (querying.clone(), api.url.clone());
+        std::thread::spawn(move || {
+            while querying.load(Ordering::Relaxed) {
+                let _ = tickctl_json(&url, &["latest"]);
+                // an asset id the api rejects: INVALID_ARGUMENT
+                let _ = tickctl_json(&url, &["ticks", "not an asset!"]);
+                std::thread::sleep(Duration::from_millis(200));
+            }
+        })
+    };
 
     // load for as long as the proof takes (killed at the end)
     let _producer = Producer::start(
@@ -385,6 +404,10 @@ scrape_configs:
         labels: {{pipeline: prices, namespace: markets}}
       - targets: [{stalled}]
         labels: {{pipeline: stalled, namespace: markets}}
+  - job_name: tickfleet-api
+    static_configs:
+      - targets: ["{api}"]
+        labels: {{pipeline: prices, namespace: markets}}
   - job_name: tickfleet-operator
     static_configs:
       - targets: ["{operator}"]
@@ -393,6 +416,7 @@ scrape_configs:
         prices = worker_targets(&workers.iter().collect::<Vec<_>>()),
         stalled = worker_targets(&[&stalled]),
         operator = operator.admin,
+        api = api.admin,
     );
     let prom_dir = dir.path().join("prometheus");
     std::fs::create_dir_all(&prom_dir).unwrap();
@@ -400,8 +424,9 @@ scrape_configs:
 
     let logs = || {
         format!(
-            "{}--- operator\n{}\n--- fake kube requests\n{:?}\n--- prometheus\n{}",
+            "{}--- api\n{}\n--- operator\n{}\n--- fake kube requests\n{:?}\n--- prometheus\n{}",
             dump_logs(&workers),
+            api.log_text(),
             operator.log_text(),
             kube.requests(),
             std::fs::read_to_string(prom_dir.join("prometheus.log")).unwrap_or_default()
@@ -412,10 +437,10 @@ scrape_configs:
     wait_for(
         Duration::from_secs(30),
         Duration::from_millis(500),
-        "all 4 targets up",
+        "all 5 targets up",
         || {
             let up = prometheus.query("up == 1").ok()?;
-            (up.len() == 4).then_some(())
+            (up.len() == 5).then_some(())
         },
     );
 
@@ -479,6 +504,10 @@ scrape_configs:
             .join("\n"),
         logs()
     );
+
+    querying.store(false, Ordering::Relaxed);
+    queries.join().expect("query loop");
+    signal(&stopped.child, "CONT");
 
     // what each expression shows now, for the log
     for e in &exprs {

@@ -410,6 +410,11 @@ pub struct Api {
 impl Api {
     /// Starts an api over the keys under `prefix` and waits until it is ready (`/readyz`).
     pub fn start(prefix: &str, dir: &Path, n: usize) -> Self {
+        Self::start_with(prefix, dir, n, &[])
+    }
+
+    /// [`Api::start`] with extra arguments (e.g. `--stream-buffer 16`).
+    pub fn start_with(prefix: &str, dir: &Path, n: usize, extra: &[&str]) -> Self {
         let grpc = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let log = dir.join(format!("api-{n}.log"));
@@ -417,6 +422,7 @@ impl Api {
         let child = Command::new(bin("tickfleet-api"))
             .args(["--grpc-addr", &grpc, "--admin-addr", &admin])
             .args(["--redis-url", &redis_url(), "--redis-prefix", prefix])
+            .args(extra)
             // Variables meant for the worker must not bother the api.
             .env("TICKFLEET_BROKERS", "127.0.0.1:1")
             .env("TICKFLEET_TOPIC", "ticks")
