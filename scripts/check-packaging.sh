@@ -52,6 +52,14 @@ if command -v promtool >/dev/null; then
     echo "FAIL promtool check config prometheus/prometheus.yml"
     status=1
   fi
+  # the alert rules' unit tests: each alert fires on its condition after its for:, not on look-alikes
+  if promtool test rules prometheus/tests/alerts-test.yml >/dev/null; then
+    echo "PASS promtool test rules prometheus/tests/alerts-test.yml"
+  else
+    promtool test rules prometheus/tests/alerts-test.yml || true
+    echo "FAIL promtool test rules prometheus/tests/alerts-test.yml"
+    status=1
+  fi
 else
   echo "SKIP promtool check config (no promtool on PATH; apt-get install prometheus)"
 fi

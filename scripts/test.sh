@@ -12,12 +12,15 @@ log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
 # redis-server for the store tests; openssl for the TLS tests' certificates; libssl-dev and pkg-config
-# to build librdkafka and the Redis client with TLS.
+# to build librdkafka and the Redis client with TLS; prometheus for the metrics proof (tests/metrics.rs
+# runs a server of its own on a free loopback port; the daemon the package may start is not used)
+# and promtool (alerts.yml checks and unit tests).
 need=()
 { command -v redis-server && command -v redis-cli; } >/dev/null || need+=(redis-server)
 command -v openssl >/dev/null || need+=(openssl)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
+{ command -v prometheus && command -v promtool; } >/dev/null || need+=(prometheus)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]} (apt)"
   as_root apt-get update -qq

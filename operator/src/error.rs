@@ -26,6 +26,10 @@ pub enum Error {
 }
 
 impl Error {
+    /// Every value [`metric_label`](Error::metric_label) returns; the failures counter starts each at
+    /// 0, so `rate()` and `increase()` see the first failure of a kind too.
+    pub const METRIC_LABELS: [&'static str; 4] = ["kube", "kafka", "secret", "invalid_spec"];
+
     /// Label value of `tickfleet_operator_reconcile_failures_total{error}`.
     pub fn metric_label(&self) -> &'static str {
         match self {
@@ -34,5 +38,29 @@ impl Error {
             Self::Secret { .. } => "secret",
             Self::InvalidSpec(_) => "invalid_spec",
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Error;
+
+    #[test]
+    fn every_metric_label_is_listed() {
+        let errors = [
+            Error::Kafka(crate::kafka::KafkaError::Client(
+                rdkafka::error::KafkaError::Canceled,
+            )),
+            Error::Secret {
+                name: "s".into(),
+                reason: "r".into(),
+            },
+            Error::InvalidSpec("x".into()),
+        ];
+        for e in &errors {
+            assert!(Error::METRIC_LABELS.contains(&e.metric_label()), "{e}");
+        }
+        // kube::Error has no cheap constructor here; its label is checked by name
+        assert!(Error::METRIC_LABELS.contains(&"kube"));
     }
 }

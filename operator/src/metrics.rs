@@ -1,10 +1,17 @@
 //! Prometheus metrics of the operator.
 //!
 //! - `tickfleet_operator_reconcile_runs_total`: reconciles started;
-//! - `tickfleet_operator_reconcile_failures_total{error}`: failed reconciles by [`Error::metric_label`];
+//! - `tickfleet_operator_reconcile_failures_total{error}`: failed reconciles by [`Error::metric_label`]
+//!   (every label present from the start, at 0);
 //! - `tickfleet_operator_reconcile_duration_seconds`: reconcile duration histogram;
-//! - `tickfleet_operator_pipeline_lag{namespace,name}`: last measured consumer lag per pipeline;
-//! - `tickfleet_operator_pipeline_workers_desired` / `..._ready{namespace,name}`: worker replicas;
+//! - `tickfleet_operator_pipeline_lag{namespace,pipeline}`: last measured consumer lag per pipeline
+//!   (measured when the pipeline autoscales);
+//! - `tickfleet_operator_pipeline_workers_desired` / `..._ready{namespace,pipeline}`: worker replicas;
+//!
+//! Per-pipeline series carry the TickPipeline's namespace and name as `namespace` and `pipeline`, the
+//! labels its worker and api series get from the chart's PodMonitor, so dashboards can put them side
+//! by side. The chart's ServiceMonitor scrapes with `honorLabels: true` so the pipeline's namespace is
+//! kept rather than replaced by the operator pod's own (as kube-state-metrics is scraped).
 //! - `tickfleet_operator_leader`: 1 while this replica holds the leader Lease.
 
 use prometheus::{
@@ -35,7 +42,7 @@ pub struct Metrics {
 impl Metrics {
     /// Creates the metrics and registers them in `registry`.
     pub fn new(registry: &Registry) -> prometheus::Result<Self> {
-        let pipeline = ["namespace", "name"];
+        let pipeline = ["namespace", "pipeline"];
         let m = Self {
             reconciles: IntCounter::new(
                 "tickfleet_operator_reconcile_runs_total",
@@ -85,6 +92,9 @@ impl Metrics {
         registry.register(Box::new(m.workers_desired.clone()))?;
         registry.register(Box::new(m.workers_ready.clone()))?;
         registry.register(Box::new(m.leader.clone()))?;
+        for label in Error::METRIC_LABELS {
+            m.failures.with_label_values(&[label]);
+        }
         Ok(m)
     }
 

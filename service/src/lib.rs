@@ -88,6 +88,8 @@ pub fn init_tracing_with(json: bool, default_filter: &str) {
 pub struct Health {
     live: AtomicBool,
     ready: AtomicBool,
+    /// A gauge kept equal to readiness (1/0), so Prometheus can alert on it.
+    ready_gauge: std::sync::OnceLock<prometheus::IntGauge>,
 }
 
 impl Default for Health {
@@ -95,6 +97,7 @@ impl Default for Health {
         Health {
             live: AtomicBool::new(true),
             ready: AtomicBool::new(false),
+            ready_gauge: std::sync::OnceLock::new(),
         }
     }
 }
@@ -108,6 +111,20 @@ impl Health {
     /// Marks the process ready (or not) to do its work; `/readyz` answers 200 only when ready.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
+        if let Some(gauge) = self.ready_gauge.get() {
+            gauge.set(i64::from(ready));
+        }
+    }
+
+    /// Keeps `gauge` equal to readiness from now on (1 ready, 0 not), e.g. `tickfleet_worker_ready`.
+    /// Only the first gauge given is kept.
+    pub fn mirror_ready(&self, gauge: prometheus::IntGauge) {
+        gauge.set(i64::from(self.is_ready()));
+        let _ = self.ready_gauge.set(gauge);
+        // a set_ready racing with the line above may have missed the gauge: write it once more
+        if let Some(gauge) = self.ready_gauge.get() {
+            gauge.set(i64::from(self.is_ready()));
+        }
     }
 
     /// Marks the process alive (or wedged); `/healthz` answers 200 only when live.
@@ -213,7 +230,10 @@ mod tests {
         let c = prometheus::IntCounter::new("tickfleet_test_things_total", "things").unwrap();
         registry.register(Box::new(c.clone())).unwrap();
         c.inc_by(3);
+        let ready = prometheus::IntGauge::new("tickfleet_test_ready", "ready").unwrap();
+        registry.register(Box::new(ready.clone())).unwrap();
         let health = Health::new();
+        health.mirror_ready(ready);
         let stop = CancellationToken::new();
         let (addr, task) = serve_admin(
             "127.0.0.1:0".parse().unwrap(),
@@ -224,8 +244,18 @@ mod tests {
         .await
         .unwrap();
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        assert!(
+            get(addr, "/metrics")
+                .await
+                .contains("tickfleet_test_ready 0")
+        );
         health.set_ready(true);
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(
+            get(addr, "/metrics")
+                .await
+                .contains("tickfleet_test_ready 1")
+        );
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
         health.set_live(false);
         assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 503"));

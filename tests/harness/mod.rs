@@ -2,6 +2,9 @@
 //! `tickfleet-worker`, `tickctl produce`/`verify`) as processes on loopback, against the redis-server
 //! named by `TICKFLEET_TEST_REDIS_URL` (`scripts/test.sh` starts one and sets it).
 //!
+//! [`kube::FakeKube`] stands in for a Kubernetes API server so the real `tickfleet-operator` can run, and
+//! [`prometheus::Prometheus`] is a real Prometheus of a test's own.
+//!
 //! Binaries are taken from `TICKFLEET_BIN_DIR`, or else from the target directory this test was built
 //! into (`cargo build --bins` first; `scripts/test.sh` does).
 
@@ -10,6 +13,9 @@ use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+pub mod kube;
+pub mod prometheus;
 
 /// Path of one of the workspace's binaries.
 pub fn bin(name: &str) -> PathBuf {
@@ -346,6 +352,30 @@ pub fn produce_in_background(
     })
 }
 
+/// A `tickctl produce` process for load that runs until the test is done with it: killed when dropped.
+pub struct Producer(Child);
+
+impl Producer {
+    /// Starts `tickctl produce --brokers bootstrap --topic topic` plus `args`.
+    pub fn start(bootstrap: &str, topic: &str, args: &[&str]) -> Self {
+        let child = Command::new(bin("tickctl"))
+            .args(["produce", "--brokers", bootstrap, "--topic", topic])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tickctl produce");
+        Producer(child)
+    }
+}
+
+impl Drop for Producer {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// Asserts a `tickctl verify --json` summary shows exactly `ticks` ticks of `assets` assets, each once.
 pub fn assert_exact(summary: &serde_json::Value, assets: u64, ticks: u64) {
     assert_eq!(summary["assets"], assets, "{summary}");
@@ -396,6 +426,11 @@ pub struct Api {
 impl Api {
     /// Starts an api over the keys under `prefix` and waits until it is ready (`/readyz`).
     pub fn start(prefix: &str, dir: &Path, n: usize) -> Self {
+        Self::start_with(prefix, dir, n, &[])
+    }
+
+    /// [`Api::start`] with extra arguments (e.g. `--stream-buffer 16`).
+    pub fn start_with(prefix: &str, dir: &Path, n: usize, extra: &[&str]) -> Self {
         let grpc = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let log = dir.join(format!("api-{n}.log"));
@@ -403,6 +438,7 @@ impl Api {
         let child = Command::new(bin("tickfleet-api"))
             .args(["--grpc-addr", &grpc, "--admin-addr", &admin])
             .args(["--redis-url", &redis_url(), "--redis-prefix", prefix])
+            .args(extra)
             // Variables meant for the worker must not bother the api.
             .env("TICKFLEET_BROKERS", "127.0.0.1:1")
             .env("TICKFLEET_TOPIC", "ticks")
@@ -631,4 +667,46 @@ pub fn tickctl(args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
     )
+}
+
+/// A `tickfleet-operator` process (leader election off) talking to the API server of `kubeconfig`,
+/// stderr to a log file.
+pub struct Operator {
+    child: Child,
+    /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`), `127.0.0.1:PORT`.
+    pub admin: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Operator {
+    /// Starts the operator with `KUBECONFIG=kubeconfig`, logging into `dir`.
+    pub fn start(kubeconfig: &Path, dir: &Path) -> Self {
+        let admin = format!("127.0.0.1:{}", free_port());
+        let log = dir.join("operator.log");
+        let file = std::fs::File::create(&log).expect("log file");
+        let child = Command::new(bin("tickfleet-operator"))
+            .args(["--admin-addr", &admin, "--leader-election", "false"])
+            .args(["--log-format", "text"])
+            .env("KUBECONFIG", kubeconfig)
+            .env_remove("KUBERNETES_SERVICE_HOST")
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(file)
+            .spawn()
+            .expect("start tickfleet-operator");
+        Operator { child, admin, log }
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Operator {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }

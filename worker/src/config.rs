@@ -196,7 +196,9 @@ impl WorkerConfig {
             ("session.timeout.ms", "10000"),
             // Bound what librdkafka prefetches, so a backlog costs Kafka disk, not worker memory.
             ("queued.max.messages.kbytes", "8192"),
-            ("statistics.interval.ms", "0"),
+            // librdkafka statistics feed the per-partition consumer lag metric; every 5 s is finer than
+            // any scrape interval worth having and costs one small JSON document per interval.
+            ("statistics.interval.ms", "5000"),
         ])
     }
 }

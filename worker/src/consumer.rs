@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
 use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -102,7 +102,7 @@ impl Lanes {
                 .shared
                 .metrics
                 .consumed
-                .with_label_values(&[&p.to_string()]);
+                .with_label_values(&[&self.topic, &p.to_string()]);
             map.insert(
                 p,
                 Lane {
@@ -145,6 +145,14 @@ impl Lanes {
         };
         if lanes.is_empty() {
             return true;
+        }
+        for (p, _) in &lanes {
+            // this worker no longer reports lag for them; their next owner does
+            let _ = self
+                .shared
+                .metrics
+                .consumer_lag
+                .remove_label_values(&[&self.topic, &p.to_string()]);
         }
         let started = Instant::now();
         let mut tasks = Vec::new();
@@ -299,7 +307,7 @@ impl Lanes {
                         self.shared
                             .metrics
                             .committed_offset
-                            .with_label_values(&[&e.partition().to_string()])
+                            .with_label_values(&[e.topic(), &e.partition().to_string()])
                             .set(o);
                     }
                 }
@@ -353,7 +361,45 @@ pub(crate) struct WorkerContext {
     pub(crate) lanes: Arc<Lanes>,
 }
 
-impl ClientContext for WorkerContext {}
+impl ClientContext for WorkerContext {
+    /// librdkafka's statistics (every `statistics.interval.ms`, on the poll thread): the consumer lag of
+    /// each assigned partition becomes `tickfleet_worker_consumer_lag_messages`.
+    fn stats(&self, statistics: Statistics) {
+        let assigned = self.lanes.assigned();
+        let Some(topic) = statistics.topics.get(&self.lanes.topic) else {
+            return;
+        };
+        for (p, lag) in partition_lags(topic, &assigned) {
+            self.lanes
+                .shared
+                .metrics
+                .consumer_lag
+                .with_label_values(&[&self.lanes.topic, &p.to_string()])
+                .set(lag);
+        }
+    }
+}
+
+/// The lag of each of `assigned` partitions that librdkafka knows the end of: messages after the committed
+/// offset, or — before this group ever committed one — every message still in the partition (the worker
+/// starts from the earliest offset, `auto.offset.reset=earliest`). Partitions whose high watermark is not
+/// known yet are left out rather than reported as 0.
+fn partition_lags(topic: &rdkafka::statistics::Topic, assigned: &[i32]) -> Vec<(i32, i64)> {
+    assigned
+        .iter()
+        .filter_map(|p| {
+            let s = topic.partitions.get(p)?;
+            let lag = if s.consumer_lag >= 0 {
+                s.consumer_lag
+            } else if s.committed_offset < 0 && s.hi_offset >= 0 && s.lo_offset >= 0 {
+                s.hi_offset - s.lo_offset
+            } else {
+                return None;
+            };
+            Some((*p, lag))
+        })
+        .collect()
+}
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
     tpl.elements().iter().map(|e| e.partition()).collect()
@@ -447,4 +493,48 @@ pub(crate) fn poll_loop(
     drop(consumer);
     info!("consumer closed");
     drained
+}
+
+#[cfg(test)]
+mod tests {
+    use super::partition_lags;
+    use rdkafka::statistics::{Partition, Topic};
+
+    fn partition(p: i32, lo: i64, hi: i64, committed: i64, lag: i64) -> (i32, Partition) {
+        (
+            p,
+            Partition {
+                partition: p,
+                lo_offset: lo,
+                hi_offset: hi,
+                committed_offset: committed,
+                consumer_lag: lag,
+                ..Partition::default()
+            },
+        )
+    }
+
+    #[test]
+    fn lag_is_reported_for_assigned_partitions_whose_end_is_known() {
+        let topic = Topic {
+            partitions: [
+                // committed: librdkafka's own lag
+                partition(0, 0, 500, 200, 300),
+                // never committed by this group: everything still in the partition
+                partition(1, 100, 400, -1001, -1),
+                // high watermark not fetched yet: unknown, not 0
+                partition(2, -1001, -1001, -1001, -1),
+                // not assigned here: another worker reports it
+                partition(3, 0, 900, 10, 890),
+                // librdkafka's internal "unassigned" partition
+                partition(-1, -1001, -1001, -1001, -1),
+            ]
+            .into_iter()
+            .collect(),
+            ..Topic::default()
+        };
+        let mut lags = partition_lags(&topic, &[0, 1, 2]);
+        lags.sort_unstable();
+        assert_eq!(lags, vec![(0, 300), (1, 300)]);
+    }
 }

@@ -166,6 +166,7 @@ async fn handle_batch(batch: &[Record], shared: &LaneShared, config: &LaneConfig
         return;
     }
     let partition = batch[0].partition.to_string();
+    let topic = batch[0].topic.as_str();
     let mut delay = config.backoff.initial;
     loop {
         let started = Instant::now();
@@ -180,12 +181,12 @@ async fn handle_batch(batch: &[Record], shared: &LaneShared, config: &LaneConfig
                 shared
                     .metrics
                     .stored
-                    .with_label_values(&[&partition])
+                    .with_label_values(&[topic, &partition])
                     .inc_by(summary.inserted as u64);
                 shared
                     .metrics
                     .duplicates
-                    .with_label_values(&[&partition])
+                    .with_label_values(&[topic, &partition])
                     .inc_by(summary.duplicates as u64);
                 if !shared.health.is_ready() {
                     debug!("store writes succeed again");

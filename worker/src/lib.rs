@@ -60,6 +60,7 @@ pub async fn run(
                 .context("creating the dead-letter producer")?,
         ),
     };
+    health.mirror_ready(metrics.ready.clone());
     let drain_timeout = config.drain_timeout();
     let shared = LaneShared {
         store: store.clone(),

@@ -1,4 +1,10 @@
-//! The worker's Prometheus metrics. Labels stay low-cardinality: partition, reason, kind — never asset id.
+//! The worker's Prometheus metrics. Labels stay low-cardinality: topic, partition, reason, kind, outcome,
+//! trigger — never asset id.
+//!
+//! There is no `pipeline` label here on purpose: which pipeline a worker belongs to is a fact of where it
+//! runs, so the scrape sets it as a target label (the chart's PodMonitor from the TickPipeline's name,
+//! docker-compose's Prometheus as `compose`). A label the process exposed itself would collide with that
+//! target label and be renamed `exported_pipeline`.
 
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry,
@@ -10,11 +16,11 @@ use prometheus::{
 pub struct Metrics {
     /// The registry the admin endpoint serves.
     pub registry: Registry,
-    /// Messages taken from Kafka, by partition.
+    /// Messages taken from Kafka, by topic and partition.
     pub consumed: IntCounterVec,
-    /// Ticks newly written to the store, by partition.
+    /// Ticks newly written to the store, by topic and partition.
     pub stored: IntCounterVec,
-    /// Ticks the store already had (redeliveries), by partition.
+    /// Ticks the store already had (redeliveries), by topic and partition.
     pub duplicates: IntCounterVec,
     /// Messages sent to the dead-letter topic, by reason.
     pub dead_lettered: IntCounterVec,
@@ -30,8 +36,13 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Messages taken from Kafka and not yet stored.
     pub in_flight: IntGauge,
-    /// Last committed offset, by partition.
+    /// Last committed offset, by topic and partition.
     pub committed_offset: IntGaugeVec,
+    /// Consumer lag (messages in the partition past the committed offset), by topic and partition, from
+    /// librdkafka's statistics; only for partitions assigned to this worker.
+    pub consumer_lag: IntGaugeVec,
+    /// 1 while the worker is ready (`/readyz` answers 200), else 0.
+    pub ready: IntGauge,
     /// Offset commit failures.
     pub commit_failures: IntCounterVec,
     /// How long the last drain took, in seconds.
@@ -52,17 +63,17 @@ impl Metrics {
         let consumed = counter(
             "tickfleet_worker_messages_consumed_total",
             "Messages taken from Kafka.",
-            &["partition"],
+            &["topic", "partition"],
         );
         let stored = counter(
             "tickfleet_worker_ticks_stored_total",
             "Ticks newly written to the store.",
-            &["partition"],
+            &["topic", "partition"],
         );
         let duplicates = counter(
             "tickfleet_worker_ticks_duplicate_total",
             "Redelivered ticks the store already had (no effect).",
-            &["partition"],
+            &["topic", "partition"],
         );
         let dead_lettered = counter(
             "tickfleet_worker_messages_dead_lettered_total",
@@ -125,14 +136,29 @@ impl Metrics {
         let committed_offset = IntGaugeVec::new(
             Opts::new(
                 "tickfleet_worker_committed_offset",
-                "Last offset committed, by partition.",
+                "Last offset committed (the next offset to read).",
             ),
-            &["partition"],
+            &["topic", "partition"],
         )
         .expect("valid metric");
         registry
             .register(Box::new(committed_offset.clone()))
             .expect("unique metric");
+        let consumer_lag = IntGaugeVec::new(
+            Opts::new(
+                "tickfleet_worker_consumer_lag_messages",
+                "Messages in an assigned partition past the committed offset (librdkafka statistics).",
+            ),
+            &["topic", "partition"],
+        )
+        .expect("valid metric");
+        registry
+            .register(Box::new(consumer_lag.clone()))
+            .expect("unique metric");
+        let ready = gauge(
+            "tickfleet_worker_ready",
+            "1 while the worker is ready (/readyz answers 200).",
+        );
         let drain_seconds = prometheus::Gauge::new(
             "tickfleet_worker_drain_seconds",
             "Duration of the last drain.",
@@ -141,6 +167,18 @@ impl Metrics {
         registry
             .register(Box::new(drain_seconds.clone()))
             .expect("unique metric");
+        // Start the counters whose label values are known at 0, so `rate()`/`increase()` see their first
+        // increment and dashboards show 0 rather than "no data" on a healthy worker.
+        for kind in ["redis", "corrupt"] {
+            // StoreError::kind() of the real stores (the third, "injected", exists only in tests)
+            store_errors.with_label_values(&[kind]);
+        }
+        for trigger in ["periodic", "revoke", "shutdown"] {
+            commit_failures.with_label_values(&[trigger]);
+        }
+        for kind in ["assign", "revoke"] {
+            rebalances.with_label_values(&[kind]);
+        }
         Metrics {
             registry,
             consumed,
@@ -154,6 +192,8 @@ impl Metrics {
             rebalances,
             in_flight,
             committed_offset,
+            consumer_lag,
+            ready,
             commit_failures,
             drain_seconds,
         }

@@ -1,0 +1,221 @@
+//! A small fake Kubernetes API server for running the real `tickfleet-operator` binary in tests (there
+//! is no Kubernetes API server on the build machines). It serves, over plain HTTP on loopback:
+//!
+//! * lists of the `TickPipeline`s it was given (every other kind lists empty), and watches that stay
+//!   open without events — what kube-runtime's controller needs to start and reconcile;
+//! * server-side apply `PATCH`es of the children, answered with the applied object; a Deployment
+//!   comes back with a status saying all its replicas are ready (the fake plays the kubelet and the
+//!   Deployment controller, which do not exist here);
+//! * `PATCH …/status` of a `TickPipeline`, answered with the pipeline carrying that status;
+//! * 404 `Status` for anything else.
+//!
+//! It does not validate against the CRD schema, keep state between requests, or send watch events.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// The fake API server; stops (and closes held watches) when dropped.
+pub struct FakeKube {
+    /// `http://127.0.0.1:PORT`.
+    pub url: String,
+    stop: Arc<AtomicBool>,
+    requests: Arc<Mutex<Vec<String>>>,
+}
+
+impl FakeKube {
+    /// Serves `pipelines` (full `TickPipeline` objects with `metadata.namespace`).
+    pub fn start(pipelines: Vec<Value>) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").expect("bind fake kube");
+        let url = format!("http://{}", listener.local_addr().expect("addr"));
+        let stop = Arc::new(AtomicBool::new(false));
+        let requests = Arc::new(Mutex::new(Vec::new()));
+        let pipelines = Arc::new(pipelines);
+        listener.set_nonblocking(true).expect("nonblocking");
+        let (stop2, requests2) = (stop.clone(), requests.clone());
+        std::thread::spawn(move || {
+            while !stop2.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let (stop, requests, pipelines) =
+                            (stop2.clone(), requests2.clone(), pipelines.clone());
+                        std::thread::spawn(move || {
+                            let _ = serve(stream, &pipelines, &stop, &requests);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(20)),
+                }
+            }
+        });
+        FakeKube {
+            url,
+            stop,
+            requests,
+        }
+    }
+
+    /// Writes a kubeconfig pointing at this server into `dir`; returns its path (for `KUBECONFIG`).
+    pub fn kubeconfig(&self, dir: &Path) -> PathBuf {
+        let path = dir.join("kubeconfig");
+        let config = format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             users:\n- name: fake\n  user: {{}}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             current-context: fake\n",
+            self.url
+        );
+        std::fs::write(&path, config).expect("write kubeconfig");
+        path
+    }
+
+    /// The requests served so far (`METHOD PATH`), for failure messages.
+    pub fn requests(&self) -> Vec<String> {
+        self.requests.lock().expect("requests").clone()
+    }
+}
+
+impl Drop for FakeKube {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn serve(
+    stream: TcpStream,
+    pipelines: &[Value],
+    stop: &AtomicBool,
+    requests: &Mutex<Vec<String>>,
+) -> std::io::Result<()> {
+    stream.set_nonblocking(false)?;
+    let mut reader = BufReader::new(stream.try_clone()?);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    let mut parts = line.split_whitespace();
+    let (method, target) = (
+        parts.next().unwrap_or_default().to_owned(),
+        parts.next().unwrap_or_default().to_owned(),
+    );
+    let mut length = 0usize;
+    loop {
+        let mut header = String::new();
+        if reader.read_line(&mut header)? == 0 || header == "\r\n" {
+            break;
+        }
+        if let Some((name, value)) = header.split_once(':')
+            && name.eq_ignore_ascii_case("content-length")
+        {
+            length = value.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0; length];
+    reader.read_exact(&mut body)?;
+    requests
+        .lock()
+        .expect("requests")
+        .push(format!("{method} {target}"));
+    let (path, query) = target.split_once('?').unwrap_or((&target, ""));
+    let mut out = stream;
+    if method == "GET"
+        && query
+            .split('&')
+            .any(|p| p == "watch=true" || p == "watch=1")
+    {
+        // a watch with no events: headers now, then hold the connection until the server stops
+        out.write_all(
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+        )?;
+        out.flush()?;
+        while !stop.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        return Ok(());
+    }
+    let (code, answer) = respond(&method, path, &body, pipelines);
+    let text = answer.to_string();
+    write!(
+        out,
+        "HTTP/1.1 {code} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{text}",
+        text.len()
+    )?;
+    out.flush()
+}
+
+fn not_found(path: &str) -> (u16, Value) {
+    (
+        404,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
+    )
+}
+
+fn respond(method: &str, path: &str, body: &[u8], pipelines: &[Value]) -> (u16, Value) {
+    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    match method {
+        "GET" => {
+            // collection paths end with the plural kind: /api/v1/configmaps,
+            // /apis/GROUP/VERSION/[namespaces/NS/]KIND
+            let kind = segments.last().copied().unwrap_or_default();
+            let namespaced = segments.len() >= 3 && segments[segments.len() - 3] == "namespaces";
+            let is_collection = matches!(
+                kind,
+                "tickpipelines"
+                    | "configmaps"
+                    | "deployments"
+                    | "services"
+                    | "poddisruptionbudgets"
+            );
+            if !is_collection {
+                return not_found(path);
+            }
+            let items: Vec<Value> = if kind == "tickpipelines" {
+                pipelines
+                    .iter()
+                    .filter(|p| {
+                        !namespaced || p["metadata"]["namespace"] == segments[segments.len() - 2]
+                    })
+                    .cloned()
+                    .collect()
+            } else {
+                Vec::new()
+            };
+            (
+                200,
+                json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "1"}, "items": items}),
+            )
+        }
+        "PATCH" => {
+            let Ok(mut object) = serde_json::from_slice::<Value>(body) else {
+                return (
+                    400,
+                    json!({"kind": "Status", "code": 400, "message": "bad body"}),
+                );
+            };
+            if segments.last() == Some(&"status") {
+                let name = segments[segments.len() - 2];
+                let Some(pipeline) = pipelines.iter().find(|p| p["metadata"]["name"] == name)
+                else {
+                    return not_found(path);
+                };
+                let mut pipeline = pipeline.clone();
+                pipeline["status"] = object["status"].take();
+                return (200, pipeline);
+            }
+            let meta = &mut object["metadata"];
+            meta["uid"] = json!(format!("uid-{}", path.replace('/', "-")));
+            meta["resourceVersion"] = json!("2");
+            meta["generation"] = json!(1);
+            meta["creationTimestamp"] = json!("2026-01-01T00:00:00Z");
+            if segments.contains(&"deployments") {
+                let replicas = object["spec"]["replicas"].as_i64().unwrap_or(1);
+                object["status"] = json!({"observedGeneration": 1, "replicas": replicas,
+                    "readyReplicas": replicas, "updatedReplicas": replicas, "availableReplicas": replicas});
+            }
+            (200, object)
+        }
+        _ => not_found(path),
+    }
+}
