@@ -166,7 +166,7 @@ async fn handle_batch(batch: &[Record], shared: &LaneShared, config: &LaneConfig
         return;
     }
     let partition = batch[0].partition.to_string();
-    let topic = batch[0].topic.as_str();
+    let topic: &str = &batch[0].topic;
     let mut delay = config.backoff.initial;
     loop {
         let started = Instant::now();
