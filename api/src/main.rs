@@ -23,20 +23,9 @@ struct Config {
     /// Admin endpoint (/healthz, /readyz, /metrics) listen address.
     #[arg(long, env = "TICKFLEET_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
     admin_addr: SocketAddr,
-    /// Redis URL (may carry a password: redis://:PASSWORD@HOST:PORT/DB).
-    #[arg(
-        long,
-        env = "TICKFLEET_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    redis_url: String,
-    /// Key prefix in Redis: the same as the pipeline's workers.
-    #[arg(long, env = "TICKFLEET_REDIS_PREFIX", default_value = "tf")]
-    redis_prefix: String,
-    /// TLS files for rediss:// URLs.
+    /// The store (the same URL and prefix as the pipeline's workers).
     #[command(flatten)]
-    redis_tls: tickfleet_store::RedisTlsOptions,
+    redis: tickfleet_store::RedisOptions,
     /// Serve gRPC over TLS with this PEM certificate (chain), e.g. from a mounted Secret.
     #[arg(long, env = "TICKFLEET_GRPC_TLS_CERT_FILE", requires = "tls_key_file")]
     tls_cert_file: Option<std::path::PathBuf>,
@@ -80,11 +69,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let store = Arc::new(config.redis_tls.open(
-        &config.redis_url,
-        &config.redis_prefix,
-        Retention::default(),
-    )?);
+    let store = Arc::new(config.redis.open(Retention::default())?);
     let registry = prometheus::Registry::new();
     let metrics = ApiMetrics::new(&registry)?;
     let health = Health::new();
@@ -108,7 +93,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         },
     )
     .await?;
-    info!(grpc = %running.addr, prefix = %config.redis_prefix, "tickfleet-api started");
+    info!(grpc = %running.addr, prefix = %config.redis.redis_prefix, "tickfleet-api started");
     running.task.await??;
     admin.await??;
     Ok(())

@@ -125,9 +125,11 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         lane_capacity: 2000,
         max_payload_bytes: 64 * 1024,
         max_skew_secs: None,
-        redis_url: args.redis.clone().unwrap_or_default(),
-        redis_prefix: args.redis_prefix.clone(),
-        redis_tls: Default::default(),
+        redis: tickfleet_store::RedisOptions {
+            redis_url: args.redis.clone().unwrap_or_default(),
+            redis_prefix: args.redis_prefix.clone(),
+            ..Default::default()
+        },
         retention_max_age_secs: None,
         retention_max_count: None,
         admin_addr: "127.0.0.1:0".parse()?,

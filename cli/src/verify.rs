@@ -20,20 +20,9 @@ pub struct VerifyArgs {
     /// The JSON report written by `tickctl produce --report`.
     #[arg(long)]
     report: PathBuf,
-    /// Redis URL of the store.
-    #[arg(
-        long,
-        env = "TICKFLEET_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    redis_url: String,
-    /// Key prefix of the pipeline in Redis.
-    #[arg(long, env = "TICKFLEET_REDIS_PREFIX", default_value = "tf")]
-    redis_prefix: String,
-    /// TLS files for rediss:// URLs.
+    /// The store.
     #[command(flatten)]
-    redis_tls: tickfleet_store::RedisTlsOptions,
+    redis: tickfleet_store::RedisOptions,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -157,9 +146,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             report.failed
         );
     }
-    let store = args
-        .redis_tls
-        .open(&args.redis_url, &args.redis_prefix, Retention::default())?;
+    let store = args.redis.open(Retention::default())?;
     let audit = audit(&report, &store).await?;
     if args.json {
         println!("{}", serde_json::to_string_pretty(&audit)?);

@@ -19,7 +19,7 @@ use std::time::Duration;
 pub use live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 pub use memory::MemoryStore;
 #[cfg(feature = "clap")]
-pub use redis::RedisTlsOptions;
+pub use redis::RedisOptions;
 pub use redis::{RedisStore, RedisTls};
 pub use tickfleet_proto::{Tick, TickId};
 

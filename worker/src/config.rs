@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use rdkafka::ClientConfig;
 use tickfleet_proto::{Format, Limits};
-use tickfleet_store::{RedisTlsOptions, Retention};
+use tickfleet_store::{RedisOptions, Retention};
 
 use crate::lane::{Backoff, LaneConfig};
 
@@ -119,20 +119,9 @@ pub struct WorkerConfig {
     /// Reject ticks whose event time is further than this from the worker's clock, in seconds.
     #[arg(long, env = "TICKFLEET_MAX_SKEW_SECS")]
     pub max_skew_secs: Option<u64>,
-    /// Redis URL (redis:// or rediss://; may carry a password).
-    #[arg(
-        long,
-        env = "TICKFLEET_REDIS_URL",
-        default_value = "redis://127.0.0.1:6379",
-        hide_env_values = true
-    )]
-    pub redis_url: String,
-    /// Prefix of every Redis key, so pipelines can share a Redis.
-    #[arg(long, env = "TICKFLEET_REDIS_PREFIX", default_value = "tf")]
-    pub redis_prefix: String,
-    /// TLS files for rediss:// URLs.
+    /// The store.
     #[command(flatten)]
-    pub redis_tls: RedisTlsOptions,
+    pub redis: RedisOptions,
     /// Keep ticks at most this many seconds back from each asset's newest tick.
     #[arg(long, env = "TICKFLEET_RETENTION_MAX_AGE_SECS")]
     pub retention_max_age_secs: Option<u64>,

@@ -24,11 +24,7 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
     let metrics = Metrics::new();
     let health = Health::new();
-    let store = Arc::new(config.redis_tls.open(
-        &config.redis_url,
-        &config.redis_prefix,
-        config.retention(),
-    )?);
+    let store = Arc::new(config.redis.open(config.retention())?);
     let (admin, _) = serve_admin(
         config.admin_addr,
         metrics.registry.clone(),

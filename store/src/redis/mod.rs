@@ -39,7 +39,7 @@ use crate::{MAX_PAGE, RangeQuery, Retention, StoreError, Tick, TickPage, TickSto
 #[cfg(feature = "clap")]
 mod options;
 #[cfg(feature = "clap")]
-pub use options::RedisTlsOptions;
+pub use options::RedisOptions;
 
 const WRITE_LUA: &str = include_str!("write.lua");
 const RANGE_LUA: &str = include_str!("range.lua");

@@ -1,4 +1,4 @@
-//! Command-line and environment options for Redis TLS, shared by every tickfleet binary.
+//! Command-line and environment options for the Redis store, shared by every tickfleet binary.
 
 use std::path::PathBuf;
 
@@ -7,9 +7,21 @@ use clap::Args;
 use super::{RedisStore, RedisTls};
 use crate::{Retention, StoreError};
 
-/// TLS files for `rediss://` URLs (all PEM). Flags and `TICKFLEET_REDIS_*` environment variables.
+/// Where the store is: URL, key prefix and TLS files. Flags and `TICKFLEET_REDIS_*` environment
+/// variables, the same in every binary.
 #[derive(Args, Debug, Clone, Default)]
-pub struct RedisTlsOptions {
+pub struct RedisOptions {
+    /// Redis URL: `redis://[:PASSWORD@]HOST:PORT[/DB]`, or `rediss://` for TLS.
+    #[arg(
+        long,
+        env = "TICKFLEET_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379",
+        hide_env_values = true
+    )]
+    pub redis_url: String,
+    /// Prefix of every Redis key, so pipelines can share a Redis (a pipeline's workers and api use the same).
+    #[arg(long, env = "TICKFLEET_REDIS_PREFIX", default_value = "tf")]
+    pub redis_prefix: String,
     /// PEM file of the CA that signed the Redis server's certificate (instead of the system's CAs).
     #[arg(long, env = "TICKFLEET_REDIS_CA_FILE")]
     pub redis_ca_file: Option<PathBuf>,
@@ -29,14 +41,9 @@ pub struct RedisTlsOptions {
     pub redis_client_key_file: Option<PathBuf>,
 }
 
-impl RedisTlsOptions {
-    /// Opens the store at `url` with these TLS files (if any).
-    pub fn open(
-        &self,
-        url: &str,
-        prefix: &str,
-        retention: Retention,
-    ) -> Result<RedisStore, StoreError> {
+impl RedisOptions {
+    /// Opens the store (lazily: no connection is made until the first command).
+    pub fn open(&self, retention: Retention) -> Result<RedisStore, StoreError> {
         let read = |p: &PathBuf| {
             std::fs::read(p)
                 .map_err(|e| StoreError::Config(format!("reading {}: {e}", p.display())))
@@ -50,6 +57,6 @@ impl RedisTlsOptions {
             ca_pem,
             client_cert_and_key: client,
         });
-        RedisStore::open_tls(url, prefix, retention, tls)
+        RedisStore::open_tls(&self.redis_url, &self.redis_prefix, retention, tls)
     }
 }
