@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use tickfleet_e2e::{
     Api, DevBroker, Watch, Worker, WorkerSetup, bin, free_port, produce, redis_url, signal,
-    tickctl_json, unique, verify, wait_exit, wait_for,
+    tickctl_json, unique, wait_exit, wait_for, wait_verified,
 };
 
 const TICKS: u64 = 3_000;
@@ -76,16 +76,7 @@ fn two_api_replicas_stream_every_tick_a_worker_stores_once() {
             "3000",
         ],
     );
-    let (clean, summary) = wait_for(
-        Duration::from_secs(60),
-        Duration::from_millis(500),
-        "the worker to store every tick",
-        || {
-            let (clean, summary) = verify(&report, &redis_url(), &prefix);
-            clean.then_some((clean, summary))
-        },
-    );
-    assert!(clean, "{summary}");
+    wait_verified(&report, &redis_url(), &prefix, Duration::from_secs(60));
 
     let want = expected(&report);
     assert_eq!(want.values().sum::<u64>(), TICKS);

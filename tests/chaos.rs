@@ -13,7 +13,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tickfleet_e2e::{
     DevBroker, RedisServer, Worker, WorkerSetup, assert_exact, dump_logs, produce_in_background,
-    signal, verify, wait_exit, wait_for,
+    signal, wait_exit, wait_verified,
 };
 
 const TICKS: u64 = 300_000;
@@ -165,14 +165,11 @@ fn chaos_loses_nothing_and_doubles_nothing() {
 
     let report = producer.join().unwrap();
     fleet.log("producer done");
-    let summary = wait_for(
+    let summary = wait_verified(
+        &report,
+        &setup.redis_url,
+        &setup.prefix,
         Duration::from_secs(240),
-        Duration::from_secs(2),
-        "every tick stored",
-        || {
-            let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
-            clean.then_some(summary)
-        },
     );
     fleet.log(&format!("verify: {summary}"));
     assert!(

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use tickfleet_e2e::{
     DevBroker, Worker, WorkerSetup, assert_exact, dump_logs, produce_in_background, redis_url,
-    signal, total, verify, wait_exit, wait_for,
+    signal, total, verify, wait_exit, wait_for, wait_verified,
 };
 
 const TICKS: u64 = 100_000;
@@ -115,14 +115,11 @@ fn sigterm_mid_stream_drains_exits_zero_and_totals_stay_exact() {
     );
 
     let report = producer.join().unwrap();
-    let summary = wait_for(
+    let summary = wait_verified(
+        &report,
+        &setup.redis_url,
+        &setup.prefix,
         Duration::from_secs(120),
-        Duration::from_secs(1),
-        "the two others to store the rest",
-        || {
-            let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
-            clean.then_some(summary)
-        },
     );
     assert_exact(&summary, 50, TICKS);
     // The survivors took over all 8 partitions.

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use tickfleet_e2e::{
     DevBroker, RedisServer, Worker, WorkerSetup, assert_exact, dump_logs, http_get, produce,
-    produce_in_background, redis_url, signal, tickctl, total, verify, wait_exit, wait_for,
+    produce_in_background, redis_url, signal, tickctl, total, wait_exit, wait_for, wait_verified,
 };
 
 const STORED: &str = "tickfleet_worker_ticks_stored_total";
@@ -45,14 +45,11 @@ fn poison_goes_to_the_dlq_with_its_reason_valid_ticks_are_stored_and_replay_work
     assert_eq!(expected.len(), 6, "{expected:?}");
     assert_eq!(expected.values().sum::<u64>(), 60);
 
-    let summary = wait_for(
+    let summary = wait_verified(
+        &report,
+        &setup.redis_url,
+        &setup.prefix,
         Duration::from_secs(60),
-        Duration::from_millis(500),
-        "valid ticks stored",
-        || {
-            let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
-            clean.then_some(summary)
-        },
     );
     assert_exact(&summary, 20, 6000);
     wait_for(
@@ -198,14 +195,11 @@ fn redis_down_30s_pauses_commits_and_loses_nothing() {
         },
     );
     let report = producer.join().unwrap();
-    let summary = wait_for(
+    let summary = wait_verified(
+        &report,
+        &setup.redis_url,
+        &setup.prefix,
         Duration::from_secs(120),
-        Duration::from_secs(1),
-        "every tick stored",
-        || {
-            let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
-            clean.then_some(summary)
-        },
     );
     assert_exact(&summary, 40, 60_000);
     assert!(
@@ -250,14 +244,11 @@ fn broker_down_15s_workers_reconnect_and_resume() {
     let during = total(&workers, STORED);
     broker.up();
     let report = producer.join().unwrap();
-    let summary = wait_for(
+    let summary = wait_verified(
+        &report,
+        &setup.redis_url,
+        &setup.prefix,
         Duration::from_secs(120),
-        Duration::from_secs(1),
-        "every tick stored",
-        || {
-            let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
-            clean.then_some(summary)
-        },
     );
     assert_exact(&summary, 40, 60_000);
     assert!(
@@ -305,14 +296,11 @@ fn sigkill_mid_batch_moves_partitions_and_redelivery_changes_nothing() {
     assert!(!status.success());
 
     let report = producer.join().unwrap();
-    let summary = wait_for(
+    let summary = wait_verified(
+        &report,
+        &setup.redis_url,
+        &setup.prefix,
         Duration::from_secs(120),
-        Duration::from_secs(1),
-        "every tick stored",
-        || {
-            let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
-            clean.then_some(summary)
-        },
     );
     assert_exact(&summary, 50, 80_000);
     let redelivered = total(&workers[1..], DUPLICATES);

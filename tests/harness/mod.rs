@@ -386,6 +386,25 @@ pub fn assert_exact(summary: &serde_json::Value, assets: u64, ticks: u64) {
     }
 }
 
+/// Runs `tickctl verify` every second until the store holds exactly what `report` says (nothing lost, nothing
+/// doubled, order kept), or panics after `timeout`; returns the last summary.
+pub fn wait_verified(
+    report: &Path,
+    redis_url: &str,
+    prefix: &str,
+    timeout: Duration,
+) -> serde_json::Value {
+    wait_for(
+        timeout,
+        Duration::from_secs(1),
+        "tickctl verify to find every tick stored once",
+        || {
+            let (clean, summary) = verify(report, redis_url, prefix);
+            clean.then_some(summary)
+        },
+    )
+}
+
 /// `tickctl verify --json` of `report` against `redis_url` under `prefix`: (clean?, summary).
 pub fn verify(report: &Path, redis_url: &str, prefix: &str) -> (bool, serde_json::Value) {
     let out = Command::new(bin("tickctl"))
