@@ -110,6 +110,9 @@ fn chaos_loses_nothing_and_doubles_nothing() {
             "5000",
             "--seed",
             &seed.to_string(),
+            // A stuck producer must fail the run well inside the test's time limit, not hang it.
+            "--kafka-option",
+            "message.timeout.ms=90000",
         ],
     );
 
