@@ -9,7 +9,11 @@
 //!
 //! A leader that cannot renew before its lease would expire stops reconciling (and the binary
 //! exits), because by then another replica may already have taken over.
+//!
+//! [`Leadership`] is the wiring the binary uses: wait to lead, reconcile until shutdown or until
+//! the Lease is lost, then release it.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -17,6 +21,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::{SignedDuration, Timestamp};
 use kube::Client;
 use kube::api::{Api, PostParams};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
@@ -245,6 +250,99 @@ impl LeaderElector {
     }
 }
 
+/// This replica's turn as leader: the controller runs until [`Leadership::stop`] is cancelled
+/// (shutdown, or the Lease was lost), then [`Leadership::end`] says which and releases the Lease.
+pub struct Leadership {
+    elector: Option<Arc<LeaderElector>>,
+    stop: CancellationToken,
+    holder: Option<JoinHandle<HoldEnd>>,
+}
+
+impl Leadership {
+    /// Waits until this replica leads. With `elector` (leader election on) that is once it holds
+    /// the Lease, which it then renews in the background; without, at once. `None` when shutdown
+    /// came first.
+    pub async fn acquire(
+        elector: Option<LeaderElector>,
+        shutdown: &CancellationToken,
+    ) -> Option<Self> {
+        let Some(elector) = elector else {
+            return Some(Self::watch(
+                None,
+                None::<std::future::Ready<HoldEnd>>,
+                shutdown,
+            ));
+        };
+        info!(lease = %elector.cfg.name, "waiting to become leader");
+        if !elector.acquire(shutdown).await {
+            info!("shut down before becoming leader");
+            return None;
+        }
+        let elector = Arc::new(elector);
+        let hold = {
+            let elector = elector.clone();
+            let shutdown = shutdown.clone();
+            async move { elector.hold(&shutdown).await }
+        };
+        Some(Self::watch(Some(elector), Some(hold), shutdown))
+    }
+
+    /// Cancels [`Self::stop`] when `hold` ends (the Lease was lost, or shutdown) or on `shutdown`.
+    fn watch<F>(
+        elector: Option<Arc<LeaderElector>>,
+        hold: Option<F>,
+        shutdown: &CancellationToken,
+    ) -> Self
+    where
+        F: Future<Output = HoldEnd> + Send + 'static,
+    {
+        let stop = CancellationToken::new();
+        let holder = hold.map(|hold| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let end = hold.await;
+                stop.cancel();
+                end
+            })
+        });
+        {
+            let shutdown = shutdown.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                shutdown.cancelled().await;
+                stop.cancel();
+            });
+        }
+        Self {
+            elector,
+            stop,
+            holder,
+        }
+    }
+
+    /// Cancelled when the controller must stop: on shutdown, or when the Lease is lost.
+    pub fn stop(&self) -> CancellationToken {
+        self.stop.clone()
+    }
+
+    /// After the controller stopped: waits for the renewals to end and, unless the Lease was lost
+    /// (then another replica may hold it already), releases it so a standby takes over at once.
+    pub async fn end(self) -> HoldEnd {
+        let lost = match self.holder {
+            Some(h) => h.await.map(|end| end == HoldEnd::Lost).unwrap_or(true),
+            None => false,
+        };
+        if let Some(elector) = self.elector.as_ref().filter(|_| !lost) {
+            elector.release().await;
+        }
+        if lost {
+            HoldEnd::Lost
+        } else {
+            HoldEnd::Shutdown
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -388,5 +486,96 @@ mod tests {
         let e = LeaderElector::new(client, cfg());
         assert!(!e.try_acquire_or_renew(at(0)).await.unwrap());
         assert_eq!(requests(&log).len(), 2);
+    }
+
+    #[tokio::test]
+    async fn without_election_leads_at_once_and_stops_on_shutdown() {
+        let shutdown = CancellationToken::new();
+        let leadership = Leadership::acquire(None, &shutdown).await.expect("leads");
+        let stop = leadership.stop();
+        assert!(!stop.is_cancelled());
+        shutdown.cancel();
+        stop.cancelled().await;
+        assert_eq!(leadership.end().await, HoldEnd::Shutdown);
+    }
+
+    #[tokio::test]
+    async fn shutdown_before_becoming_leader_leads_nothing() {
+        let (client, log) = ApiServer {
+            fail: vec![("POST", LEASE.into(), 409)],
+            ..ApiServer::default()
+        }
+        .start();
+        let shutdown = CancellationToken::new();
+        shutdown.cancel();
+        let elector = LeaderElector::new(client, cfg());
+        assert!(
+            Leadership::acquire(Some(elector), &shutdown)
+                .await
+                .is_none()
+        );
+        assert_eq!(requests(&log).len(), 2, "one round: GET, lost POST");
+    }
+
+    #[tokio::test]
+    async fn leads_once_it_holds_the_lease_and_releases_it_on_shutdown() {
+        let lease = Lease {
+            metadata: ObjectMeta {
+                name: Some("tickfleet-operator".into()),
+                namespace: Some("tickfleet-system".into()),
+                resource_version: Some("7".into()),
+                ..ObjectMeta::default()
+            },
+            spec: Some(held_by("op-a", 0)),
+        };
+        let (client, log) = ApiServer {
+            lease: Some(lease),
+            ..ApiServer::default()
+        }
+        .start();
+        let shutdown = CancellationToken::new();
+        let elector = LeaderElector::new(client, cfg());
+        let leadership = Leadership::acquire(Some(elector), &shutdown)
+            .await
+            .expect("leads");
+        assert_eq!(
+            requests(&log),
+            vec![
+                format!("GET {LEASE}/tickfleet-operator"),
+                format!("PUT {LEASE}/tickfleet-operator?")
+            ],
+            "renewed its own lease"
+        );
+        let stop = leadership.stop();
+        assert!(!stop.is_cancelled());
+        shutdown.cancel();
+        stop.cancelled().await;
+        assert_eq!(leadership.end().await, HoldEnd::Shutdown);
+        let log = log.lock().unwrap();
+        let last = log.last().unwrap();
+        assert_eq!(
+            format!("{} {}", last.method, last.uri),
+            format!("PUT {LEASE}/tickfleet-operator?")
+        );
+        assert!(
+            last.body["spec"]["holderIdentity"].is_null(),
+            "released: {}",
+            last.body
+        );
+    }
+
+    #[tokio::test]
+    async fn a_lost_lease_stops_the_controller_and_is_not_released() {
+        let (client, log) = ApiServer::default().start();
+        let elector = Arc::new(LeaderElector::new(client, cfg()));
+        let shutdown = CancellationToken::new();
+        let leadership = Leadership::watch(Some(elector), Some(async { HoldEnd::Lost }), &shutdown);
+        leadership.stop().cancelled().await;
+        assert!(
+            !shutdown.is_cancelled(),
+            "stopped by the loss, not by shutdown"
+        );
+        assert_eq!(leadership.end().await, HoldEnd::Lost);
+        assert_eq!(requests(&log), Vec::<String>::new(), "no release");
     }
 }

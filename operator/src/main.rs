@@ -15,10 +15,9 @@ use kube::api::{Api, ListParams};
 use tickfleet_operator::TickPipeline;
 use tickfleet_operator::controller::{self, Context};
 use tickfleet_operator::kafka::RdKafkaAdmin;
-use tickfleet_operator::leader::{HoldEnd, LeaderElector, LeaseConfig};
+use tickfleet_operator::leader::{HoldEnd, LeaderElector, Leadership, LeaseConfig};
 use tickfleet_operator::metrics::Metrics;
 use tickfleet_service::{Health, init_tracing, serve_admin, shutdown_on_signals};
-use tokio_util::sync::CancellationToken;
 use tracing::{error, info};
 
 #[derive(Clone, Copy, Debug, ValueEnum)]
@@ -61,6 +60,27 @@ struct Args {
     lease_retry_secs: u64,
 }
 
+impl Args {
+    /// The Lease settings, or `None` when leader election is off.
+    fn lease_config(&self) -> anyhow::Result<Option<LeaseConfig>> {
+        if !self.leader_election {
+            return Ok(None);
+        }
+        let identity = self
+            .identity
+            .clone()
+            .or_else(|| std::env::var("HOSTNAME").ok())
+            .context("no identity for leader election: set POD_NAME or --identity")?;
+        Ok(Some(LeaseConfig {
+            name: self.lease_name.clone(),
+            namespace: self.lease_namespace.clone(),
+            identity,
+            lease_duration: Duration::from_secs(self.lease_duration_secs),
+            retry_period: Duration::from_secs(self.lease_retry_secs),
+        }))
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -84,70 +104,26 @@ async fn main() -> anyhow::Result<()> {
     // ready = up and talking to the API server; a standby replica is ready too
     health.set_ready(true);
 
-    let elector = if args.leader_election {
-        let identity = args
-            .identity
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .context("no identity for leader election: set POD_NAME or --identity")?;
-        let elector = LeaderElector::new(
-            client.clone(),
-            LeaseConfig {
-                name: args.lease_name.clone(),
-                namespace: args.lease_namespace.clone(),
-                identity,
-                lease_duration: Duration::from_secs(args.lease_duration_secs),
-                retry_period: Duration::from_secs(args.lease_retry_secs),
-            },
-        );
-        info!(lease = %args.lease_name, "waiting to become leader");
-        if !elector.acquire(&shutdown).await {
-            info!("shut down before becoming leader");
-            let _ = admin.await;
-            return Ok(());
-        }
-        Some(Arc::new(elector))
-    } else {
-        None
+    let elector = args
+        .lease_config()?
+        .map(|cfg| LeaderElector::new(client.clone(), cfg));
+    let Some(leadership) = Leadership::acquire(elector, &shutdown).await else {
+        let _ = admin.await;
+        return Ok(());
     };
     metrics.leader.set(1);
 
     // the controller stops on shutdown or when leadership is lost
-    let stop = CancellationToken::new();
-    let holder = elector.clone().map(|elector| {
-        let shutdown = shutdown.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            let end = elector.hold(&shutdown).await;
-            stop.cancel();
-            end
-        })
-    });
-    {
-        let shutdown = shutdown.clone();
-        let stop = stop.clone();
-        tokio::spawn(async move {
-            shutdown.cancelled().await;
-            stop.cancel();
-        });
-    }
-
     let ctx = Arc::new(Context::new(
         client,
         Arc::new(RdKafkaAdmin::default()),
         metrics.clone(),
     ));
     info!("controller starting");
-    controller::run(ctx, stop.cancelled_owned()).await;
+    controller::run(ctx, leadership.stop().cancelled_owned()).await;
     metrics.leader.set(0);
 
-    let lost = match holder {
-        Some(h) => h.await.map(|end| end == HoldEnd::Lost).unwrap_or(true),
-        None => false,
-    };
-    if let Some(elector) = elector.as_ref().filter(|_| !lost) {
-        elector.release().await;
-    }
+    let lost = leadership.end().await == HoldEnd::Lost;
     shutdown.cancel();
     let _ = admin.await;
     if lost {

@@ -1,0 +1,197 @@
+//! Checks of a pipeline that the CRD schema may not have caught.
+
+use kube::ResourceExt;
+
+use super::MAX_NAME_LEN;
+use crate::crd::{SecurityProtocol, TickPipeline};
+
+/// Checks what the CRD schema may not have caught (objects stored under an older schema, rules the
+/// API server only checks when its CEL support is on). Returns a message a user can act on.
+pub fn validate(tp: &TickPipeline) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let spec = &tp.spec;
+    let name = tp.name_any();
+    if name.len() > MAX_NAME_LEN {
+        problems.push(format!(
+            "metadata.name must be at most {MAX_NAME_LEN} characters"
+        ));
+    }
+    if tp.namespace().is_none() {
+        problems.push("the TickPipeline has no namespace".to_string());
+    }
+    if spec.image.trim().is_empty() {
+        problems.push("image must not be empty".to_string());
+    }
+    if spec.kafka.bootstrap_servers.trim().is_empty() {
+        problems.push("kafka.bootstrapServers must not be empty".to_string());
+    }
+    if spec.kafka.topic.is_empty() {
+        problems.push("kafka.topic must not be empty".to_string());
+    }
+    if spec.kafka.partitions < 1 {
+        problems.push("kafka.partitions must be at least 1".to_string());
+    }
+    if let Some(auth) = &spec.kafka.auth {
+        let sasl_protocol = matches!(
+            auth.security_protocol,
+            SecurityProtocol::SaslPlaintext | SecurityProtocol::SaslSsl
+        );
+        if sasl_protocol != auth.sasl.is_some() {
+            problems.push(
+                "kafka.auth.sasl must be set exactly when securityProtocol is SASL_PLAINTEXT or SASL_SSL".to_string(),
+            );
+        }
+    }
+    let redis = &spec.store.redis;
+    match (&redis.url, &redis.url_secret_ref) {
+        (Some(url), None) => {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                problems.push("store.redis.url must start with redis:// or rediss://".to_string());
+            }
+        }
+        (None, Some(_)) => {}
+        _ => problems
+            .push("set exactly one of store.redis.url and store.redis.urlSecretRef".to_string()),
+    }
+    if let Some(tls) = &redis.tls {
+        if redis
+            .url
+            .as_ref()
+            .is_some_and(|u| !u.starts_with("rediss://"))
+        {
+            problems.push("store.redis.tls needs a rediss:// url".to_string());
+        }
+        match (&tls.ca_secret_ref, &tls.client_cert_secret_name) {
+            (None, None) => problems
+                .push("store.redis.tls needs caSecretRef or clientCertSecretName".to_string()),
+            (ca, client) => {
+                if ca
+                    .as_ref()
+                    .is_some_and(|r| r.name.is_empty() || r.key.is_empty())
+                {
+                    problems.push("store.redis.tls.caSecretRef needs a name and a key".to_string());
+                }
+                if client.as_ref().is_some_and(|n| n.is_empty()) {
+                    problems
+                        .push("store.redis.tls.clientCertSecretName must not be empty".to_string());
+                }
+            }
+        }
+    }
+    if spec.workers.replicas < 0 {
+        problems.push("workers.replicas must not be negative".to_string());
+    }
+    if spec.workers.drain_timeout_seconds < 1 {
+        problems.push("workers.drainTimeoutSeconds must be at least 1".to_string());
+    }
+    if let Some(a) = &spec.workers.autoscaling {
+        if a.min_replicas < 1 {
+            problems.push("workers.autoscaling.minReplicas must be at least 1".to_string());
+        }
+        if a.max_replicas < a.min_replicas {
+            problems
+                .push("workers.autoscaling.maxReplicas must be at least minReplicas".to_string());
+        }
+        if a.target_lag_per_worker < 1 {
+            problems.push("workers.autoscaling.targetLagPerWorker must be at least 1".to_string());
+        }
+    }
+    if spec.api.replicas < 0 {
+        problems.push("api.replicas must not be negative".to_string());
+    }
+    if !(1..=65535).contains(&spec.api.port) {
+        problems.push("api.port must be between 1 and 65535".to_string());
+    }
+    if spec
+        .api
+        .tls
+        .as_ref()
+        .is_some_and(|t| t.secret_name.is_empty())
+    {
+        problems.push("api.tls.secretName must not be empty".to_string());
+    }
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        Err(problems.join("; "))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::testing::tls_pipeline;
+    use crate::fixtures::pipeline;
+
+    #[test]
+    fn validation_reports_each_problem() {
+        assert_eq!(validate(&pipeline()), Ok(()));
+        let mut tp = pipeline();
+        tp.spec.store.redis.url = Some("http://redis".into());
+        tp.spec.workers.autoscaling = Some(crate::crd::AutoscalingSpec {
+            enabled: true,
+            min_replicas: 4,
+            max_replicas: 2,
+            target_lag_per_worker: 1000,
+            scale_down_stabilization_seconds: 300,
+            poll_interval_seconds: 30,
+        });
+        let err = validate(&tp).unwrap_err();
+        assert_eq!(
+            err,
+            "store.redis.url must start with redis:// or rediss://; \
+             workers.autoscaling.maxReplicas must be at least minReplicas"
+        );
+        let mut both = pipeline();
+        both.spec.store.redis.url_secret_ref = Some(crate::crd::SecretKeyRef {
+            name: "s".into(),
+            key: "k".into(),
+        });
+        assert_eq!(
+            validate(&both).unwrap_err(),
+            "set exactly one of store.redis.url and store.redis.urlSecretRef"
+        );
+        let mut sasl = pipeline();
+        sasl.spec.kafka.auth = Some(crate::crd::KafkaAuth {
+            security_protocol: SecurityProtocol::SaslPlaintext,
+            sasl: None,
+        });
+        assert!(validate(&sasl).unwrap_err().contains("kafka.auth.sasl"));
+    }
+
+    #[test]
+    fn tls_validation_reports_each_problem() {
+        let mut tp = tls_pipeline();
+        tp.spec.store.redis.url = Some("redis://redis:6379".into());
+        tp.spec.store.redis.url_secret_ref = None;
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "store.redis.tls needs a rediss:// url"
+        );
+        tp.spec.store.redis.url = Some("rediss://redis:6380".into());
+        assert_eq!(validate(&tp), Ok(()));
+        tp.spec.store.redis.tls = Some(crate::crd::RedisTlsSpec {
+            ca_secret_ref: None,
+            client_cert_secret_name: None,
+        });
+        tp.spec.api.tls.as_mut().unwrap().secret_name = String::new();
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "store.redis.tls needs caSecretRef or clientCertSecretName; \
+             api.tls.secretName must not be empty"
+        );
+        tp.spec.store.redis.tls = Some(crate::crd::RedisTlsSpec {
+            ca_secret_ref: Some(crate::crd::SecretKeyRef {
+                name: "ca".into(),
+                key: String::new(),
+            }),
+            client_cert_secret_name: Some(String::new()),
+        });
+        tp.spec.api.tls = None;
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "store.redis.tls.caSecretRef needs a name and a key; \
+             store.redis.tls.clientCertSecretName must not be empty"
+        );
+    }
+}
