@@ -36,8 +36,8 @@ if ! command -v shellcheck >/dev/null; then
 fi
 
 status=0
-if shellcheck scripts/*.sh tests/e2e/*.sh .ci/run; then
-  echo "PASS shellcheck (scripts/*.sh, tests/e2e/*.sh, .ci/run)"
+if shellcheck scripts/*.sh tests/e2e/*.sh tests/kafka/*.sh .ci/run; then
+  echo "PASS shellcheck (scripts/*.sh, tests/e2e/*.sh, tests/kafka/*.sh, .ci/run)"
 else
   echo "FAIL shellcheck"
   status=1

@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
-# Installs what tickfleet's tests need on a fresh Debian machine, starts a real redis-server on a free
-# loopback port, builds the binaries, runs formatting and lint checks and every workspace test (unit,
-# conformance and end-to-end), stops redis, and exits with the tests' status.
+# Installs what tickfleet's tests need on a fresh Debian machine, starts a real redis-server and Apache
+# Kafka (one KRaft broker, tests/kafka/kafka.sh, fetched from Maven Central with mvn) on free loopback
+# ports, builds the binaries, runs formatting and lint checks and every workspace test (unit, conformance
+# and end-to-end), stops both, and exits with the tests' status.
 #
-# The Kafka side needs no install: end-to-end tests start `tickctl dev-broker` (librdkafka's mock cluster,
-# built from source with the workspace) themselves.
+# TICKFLEET_TEST_KAFKA=HOST:PORT already set: the tests use that Kafka and none is started. Tests that
+# kill, restart or secure a broker start dedicated ones through the same script; the dev broker
+# (`tickctl dev-broker`) serves the tests that are about it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -21,6 +23,9 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 { command -v prometheus && command -v promtool; } >/dev/null || need+=(prometheus)
+# A JDK and Maven for Apache Kafka (the broker is Java; its jars come from Maven Central).
+command -v java >/dev/null || need+=(openjdk-17-jre-headless)
+command -v mvn >/dev/null || need+=(maven)
 if [ ${#need[@]} -gt 0 ]; then
   log "installing ${need[*]} (apt)"
   as_root apt-get update -qq
@@ -33,8 +38,10 @@ fi
 
 work=$(mktemp -d)
 redis_pid=""
+kafka_dir=""
 cleanup() {
   if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
+  if [ -n "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir" || true; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -58,5 +65,14 @@ log "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "building the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
+if [ -z "${TICKFLEET_TEST_KAFKA:-}" ]; then
+  log "starting Apache Kafka (tests/kafka/kafka.sh, KRaft, jars fetched once with mvn)"
+  kafka_dir="$work/kafka"
+  TICKFLEET_TEST_KAFKA=$(bash tests/kafka/kafka.sh start "$kafka_dir" --owner $$)
+  echo "Kafka at $TICKFLEET_TEST_KAFKA (pid $(bash tests/kafka/kafka.sh pid "$kafka_dir"))"
+else
+  log "using the Kafka at TICKFLEET_TEST_KAFKA=$TICKFLEET_TEST_KAFKA"
+fi
+export TICKFLEET_TEST_KAFKA
 log "running the tests"
 cargo nextest run --workspace --locked --profile ci

@@ -1,12 +1,12 @@
-//! The core data path end to end, with the real binaries: `tickctl produce` → dev broker (Kafka protocol
-//! over TCP) → `tickfleet-worker` processes in one consumer group → a real redis-server, audited by
-//! `tickctl verify` (per asset: nothing lost, nothing doubled, order kept).
+//! The core data path end to end, with the real binaries: `tickctl produce` → Apache Kafka (the run's
+//! shared broker, a topic of each test's own) → `tickfleet-worker` processes in one consumer group → a
+//! real redis-server, audited by `tickctl verify` (per asset: nothing lost, nothing doubled, order kept).
 
 use std::time::Duration;
 
 use tickfleet_e2e::{
-    DevBroker, Worker, WorkerSetup, assert_exact, dump_logs, produce_in_background, redis_url,
-    signal, total, verify, wait_exit, wait_for, wait_verified,
+    Worker, WorkerSetup, assert_exact, dump_logs, produce_to_in_background, redis_url,
+    shared_topic, signal, total, verify, wait_exit, wait_for, wait_verified,
 };
 
 const TICKS: u64 = 100_000;
@@ -20,9 +20,9 @@ const LOAD: &[&str] = &[
 #[test]
 fn one_then_three_workers_store_every_tick_exactly_once() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:8"]);
-    let setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
-    let producer = produce_in_background(&broker.bootstrap, dir.path(), LOAD);
+    let (bootstrap, topic) = shared_topic("pipeline", 8);
+    let setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
+    let producer = produce_to_in_background(&bootstrap, &topic, dir.path(), LOAD);
 
     let mut workers = vec![Worker::start(&setup, 0)];
     wait_for(
@@ -82,9 +82,9 @@ fn one_then_three_workers_store_every_tick_exactly_once() {
 #[test]
 fn sigterm_mid_stream_drains_exits_zero_and_totals_stay_exact() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:8"]);
-    let setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
-    let producer = produce_in_background(&broker.bootstrap, dir.path(), LOAD);
+    let (bootstrap, topic) = shared_topic("pipeline", 8);
+    let setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
+    let producer = produce_to_in_background(&bootstrap, &topic, dir.path(), LOAD);
     let mut workers: Vec<Worker> = (0..3).map(|n| Worker::start(&setup, n)).collect();
 
     wait_for(

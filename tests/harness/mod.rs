@@ -1,6 +1,7 @@
-//! Harness for tickfleet's end-to-end tests: starts the real binaries (`tickctl dev-broker`,
-//! `tickfleet-worker`, `tickctl produce`/`verify`) as processes on loopback, against the redis-server
-//! named by `TICKFLEET_TEST_REDIS_URL` (`scripts/test.sh` starts one and sets it).
+//! Harness for tickfleet's end-to-end tests: starts the real binaries (`tickfleet-worker`,
+//! `tickctl produce`/`verify`, `tickctl dev-broker`) as processes on loopback, against the redis-server
+//! named by `TICKFLEET_TEST_REDIS_URL` and the Apache Kafka named by `TICKFLEET_TEST_KAFKA`
+//! (`scripts/test.sh` starts both and sets them; [`kafka`] has the brokers and topics).
 //!
 //! [`kube::FakeKube`] stands in for a Kubernetes API server so the real `tickfleet-operator` can run, and
 //! [`prometheus::Prometheus`] is a real Prometheus of a test's own.
@@ -14,8 +15,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod kafka;
 pub mod kube;
 pub mod prometheus;
+
+pub use kafka::{Kafka, create_topic, shared_kafka, shared_topic};
 
 /// Path of one of the workspace's binaries.
 pub fn bin(name: &str) -> PathBuf {
@@ -191,9 +195,14 @@ pub struct WorkerSetup {
 impl WorkerSetup {
     /// Workers on `broker`'s topic `ticks`, a fresh group and key prefix, logs in `dir`.
     pub fn new(broker: &DevBroker, dir: &Path, redis_url: &str) -> Self {
+        Self::on(&broker.bootstrap, "ticks", dir, redis_url)
+    }
+
+    /// Workers on `topic` at `bootstrap`, a fresh group and key prefix, logs in `dir`.
+    pub fn on(bootstrap: &str, topic: &str, dir: &Path, redis_url: &str) -> Self {
         WorkerSetup {
-            bootstrap: broker.bootstrap.clone(),
-            topic: "ticks".into(),
+            bootstrap: bootstrap.to_owned(),
+            topic: topic.to_owned(),
             group: unique("group"),
             redis_url: redis_url.to_owned(),
             prefix: unique("e2e"),
@@ -344,11 +353,21 @@ pub fn produce_in_background(
     dir: &Path,
     args: &[&str],
 ) -> std::thread::JoinHandle<PathBuf> {
-    let (bootstrap, dir) = (bootstrap.to_owned(), dir.to_path_buf());
+    produce_to_in_background(bootstrap, "ticks", dir, args)
+}
+
+/// Runs `tickctl produce --topic topic` plus `args` on a thread of its own; join it for the report.
+pub fn produce_to_in_background(
+    bootstrap: &str,
+    topic: &str,
+    dir: &Path,
+    args: &[&str],
+) -> std::thread::JoinHandle<PathBuf> {
+    let (bootstrap, topic, dir) = (bootstrap.to_owned(), topic.to_owned(), dir.to_path_buf());
     let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
     std::thread::spawn(move || {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        produce(&bootstrap, "ticks", &dir, &args)
+        produce(&bootstrap, &topic, &dir, &args)
     })
 }
 

@@ -60,7 +60,8 @@ free_port() {
   python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
 }
 
-# A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (as `kafka-storage random-uuid`).
+# A Kafka cluster id: 16 random bytes, URL-safe base64 without padding (as `kafka-storage random-uuid`);
+# it may start with "-", so it is passed as --cluster-id=ID.
 cluster_id() { head -c 16 /dev/urandom | base64 | tr '+/' '-_' | tr -d '=\n'; }
 
 java_cmd() { # NODE_DIR → the JVM command line of that node, one word per line
@@ -229,7 +230,7 @@ format_node() { # NODE_DIR CLUSTER_ID
   done
   java -Xmx256m -XX:+UseSerialGC -XX:TieredStopAtLevel=1 \
     "-Dlog4j2.configurationFile=$here/log4j2.properties" "-Dtickfleet.kafka.log=$dir/format.log" \
-    -cp "$jars/*" kafka.tools.StorageTool format -t "$id" -c "$dir/server.properties" "${args[@]}" \
+    -cp "$jars/*" kafka.tools.StorageTool format "--cluster-id=$id" -c "$dir/server.properties" "${args[@]}" \
     >"$dir/format.out" 2>&1 || { cat "$dir/format.out" >&2; die "$dir: formatting the log dirs failed"; }
 }
 
