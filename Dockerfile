@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1.7
 #
-# One image with every tickfleet binary: tickfleet-worker, tickfleet-api, tickfleet-operator, tickctl
-# and crdgen, in /usr/local/bin (plus tickfleet-probe, a healthcheck helper; see docker/healthprobe.rs).
+# One image with every tickfleet binary: tickfleet-worker, tickfleet-api, tickfleet-operator,
+# tickfleet-connector, tickctl and crdgen, in /usr/local/bin (plus tickfleet-probe, a healthcheck helper; see docker/healthprobe.rs).
 #
 # Why one image and not one per component: the binaries share almost all of their code and
 # dependencies (librdkafka, tokio, the store), so one `cargo build` produces them all and one image
@@ -32,7 +32,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
     cargo build --release --locked --workspace --bins --message-format=json-render-diagnostics > /tmp/build.json; \
     mkdir -p /out; \
     grep -o '"executable":"[^"]*"' /tmp/build.json | cut -d'"' -f4 | sort -u | xargs -r -I{} cp {} /out/; \
-    for bin in tickfleet-worker tickfleet-operator tickctl crdgen; do test -x "/out/$bin"; done; \
+    for bin in tickfleet-worker tickfleet-operator tickfleet-connector tickctl crdgen; do test -x "/out/$bin"; done; \
     if [ -f api/Cargo.toml ]; then test -x /out/tickfleet-api; fi; \
     rustc --edition 2024 -O -C strip=symbols -D warnings -o /out/tickfleet-probe docker/healthprobe.rs; \
     ls -l /out; \
@@ -42,7 +42,7 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry,sharing=locked \
 # the `nonroot` variant runs as uid/gid 65532, which the operator's pods also set.
 FROM gcr.io/distroless/cc-debian12:nonroot
 LABEL org.opencontainers.image.title="tickfleet" \
-      org.opencontainers.image.description="Kafka market ticks into Redis: worker, api, operator and tickctl" \
+      org.opencontainers.image.description="Kafka market ticks into Redis: worker, api, operator, exchange connector and tickctl" \
       org.opencontainers.image.source="https://github.com/tickfleet/tickfleet" \
       org.opencontainers.image.licenses="Apache-2.0"
 COPY --from=build /out/ /usr/local/bin/
