@@ -425,6 +425,16 @@ def env_problems(binary: str, env: list[str], where: str) -> list[str]:
     return [f"{where}: {binary} reads no variable {e}" for e in env if e not in known]
 
 
+def desired_files() -> list[Path]:
+    """The operator's desired-state sources: operator/src/desired.rs, or the files of operator/src/desired/."""
+    single = ROOT / "operator" / "src" / "desired.rs"
+    return [single] if single.exists() else sorted((ROOT / "operator" / "src" / "desired").rglob("*.rs"))
+
+
+def desired_text() -> str:
+    return "\n".join(f.read_text() for f in desired_files())
+
+
 @check("Dockerfile builds the same binaries with the same cargo flags as CI (scripts/test.sh)")
 def check_dockerfile():
     docker = (ROOT / "Dockerfile").read_text()
@@ -455,7 +465,7 @@ def check_dockerfile():
     assert arg and arg.group(1) == rust_version, f"Dockerfile RUST_VERSION {arg and arg.group(1)} != rust-version {rust_version}"
 
     # runtime user: the uid the operator puts in pod security contexts
-    uid = re.search(r"IMAGE_UID: i64 = (\d+)", (ROOT / "operator" / "src" / "desired.rs").read_text()).group(1)
+    uid = re.search(r"IMAGE_UID: i64 = (\d+)", desired_text()).group(1)
     user = re.findall(r"^USER (\S+)", docker, re.M)
     assert user and user[-1] == f"{uid}:{uid}", f"final USER {user[-1:]} != {uid}:{uid} (operator IMAGE_UID)"
     assert re.search(r"^FROM \S+:nonroot\s*$", docker, re.M), "runtime stage is not a nonroot distroless image"
@@ -481,16 +491,16 @@ def check_dockerfile():
 def check_binary_refs():
     bins = cargo_bins()
     refs: dict[str, list[str]] = {}
-    files = [ROOT / "docker-compose.yml", ROOT / "operator" / "src" / "desired.rs", ROOT / "tests" / "e2e" / "kind.sh"]
+    files = [ROOT / "docker-compose.yml", *desired_files(), ROOT / "tests" / "e2e" / "kind.sh"]
     files += sorted((ROOT / "manifests").rglob("*.yaml")) + sorted((CHART / "templates").glob("*"))
     for f in files:
         if f.exists():
             for b in re.findall(r"/usr/local/bin/([A-Za-z0-9_{}-]+)", f.read_text()):
                 if "{" not in b:
                     refs.setdefault(b, []).append(rel(f))
-    desired = (ROOT / "operator" / "src" / "desired.rs").read_text()
-    for b in re.findall(r'binary:\s*"([^"]+)"', desired):
-        refs.setdefault(b, []).append("operator/src/desired.rs")
+    for f in desired_files():
+        for b in re.findall(r'binary:\s*"([^"]+)"', f.read_text()):
+            refs.setdefault(b, []).append(rel(f))
     problems = binary_problems(refs, bins)
 
     # env vars: compose services and the chart's operator Deployment
