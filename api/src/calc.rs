@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 
 use rust_decimal::{Decimal, RoundingStrategy};
 use tickfleet_proto::{Tick, TickId};
+use tickfleet_service::{Error as DurationError, parse_duration_ns};
 
 /// Decimal places an average keeps beyond its most precise input.
 pub const AVG_EXTRA_DP: u32 = 8;
@@ -16,27 +17,17 @@ pub const AVG_EXTRA_DP: u32 = 8;
 /// The longest candle interval.
 pub const MAX_INTERVAL_NS: i64 = 86_400 * 1_000_000_000;
 
-/// Parses an interval such as `1s`, `5s`, `1m`, `5m`, `1h`, `1d` or `250ms` into nanoseconds.
+/// Parses an interval such as `1s`, `5s`, `1m`, `5m`, `1h`, `1d` or `250ms` into nanoseconds: a
+/// duration ([`parse_duration_ns`]) more than 0 and at most [`MAX_INTERVAL_NS`].
 pub fn parse_interval(s: &str) -> Result<i64, String> {
-    let digits = s.chars().take_while(char::is_ascii_digit).count();
-    let (n, unit) = s.split_at(digits);
-    let unit_ns: i64 = match unit {
-        "ms" => 1_000_000,
-        "s" => 1_000_000_000,
-        "m" => 60_000_000_000,
-        "h" => 3_600_000_000_000,
-        "d" => MAX_INTERVAL_NS,
-        _ => {
-            return Err(format!(
-                "interval {s:?} is not a whole number followed by ms, s, m, h or d (e.g. 1s, 5m, 1h)"
-            ));
+    match parse_duration_ns(s) {
+        Ok(ns) if ns > 0 && ns <= MAX_INTERVAL_NS => Ok(ns),
+        Err(DurationError::DurationUnit(_)) => Err(format!(
+            "interval {s:?} is not a whole number followed by ms, s, m, h or d (e.g. 1s, 5m, 1h)"
+        )),
+        Err(DurationError::DurationNumber(_)) => {
+            Err(format!("interval {s:?} has no number (e.g. 1s, 5m, 1h)"))
         }
-    };
-    let n: i64 = n
-        .parse()
-        .map_err(|_| format!("interval {s:?} has no number (e.g. 1s, 5m, 1h)"))?;
-    match n.checked_mul(unit_ns) {
-        Some(ns) if ns > 0 && ns <= MAX_INTERVAL_NS => Ok(ns),
         _ => Err(format!("interval {s:?} must be more than 0 and at most 1d")),
     }
 }

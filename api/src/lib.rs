@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use tickfleet_proto::v1::tick_service_server::TickServiceServer;
-use tickfleet_service::{CancellationToken, Health};
+use tickfleet_service::{CancellationToken, Health, Readiness};
 use tickfleet_store::TickStore;
 use tonic_health::ServingStatus;
 use tracing::{info, warn};
@@ -161,40 +161,26 @@ async fn set_status(reporter: &tonic_health::server::HealthReporter, status: Ser
     reporter.set_service_status(SERVICE_NAME, status).await;
 }
 
-/// Keeps readiness in step with the store: serving while it answers a ping.
+/// Keeps readiness (`health` and the gRPC health statuses) in step with the api's checks:
+/// `store`, the store answers a ping.
 async fn watch_store(
     store: Arc<dyn TickStore>,
     health: Arc<Health>,
     reporter: tonic_health::server::HealthReporter,
     shutdown: CancellationToken,
 ) {
-    let mut was_ok = None;
-    while !shutdown.is_cancelled() {
-        let ok = matches!(
-            tokio::time::timeout(Duration::from_secs(2), store.ping()).await,
-            Ok(Ok(()))
-        );
-        if was_ok != Some(ok) {
-            if ok {
-                info!("store reachable: serving");
-            } else {
-                warn!("store unreachable: not serving");
-            }
-            health.set_ready(ok);
-            set_status(
-                &reporter,
-                if ok {
+    Readiness::new()
+        .check("store", move || tickfleet_store::reachable(store.clone()))
+        .run_with(health, shutdown, |ready| {
+            let reporter = reporter.clone();
+            async move {
+                let status = if ready {
                     ServingStatus::Serving
                 } else {
                     ServingStatus::NotServing
-                },
-            )
-            .await;
-        }
-        was_ok = Some(ok);
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = shutdown.cancelled() => {}
-        }
-    }
+                };
+                set_status(&reporter, status).await;
+            }
+        })
+        .await;
 }

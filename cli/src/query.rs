@@ -145,19 +145,11 @@ fn parse_time(s: &str) -> anyhow::Result<i64> {
 }
 
 fn parse_duration(s: &str) -> anyhow::Result<i64> {
-    let digits = s.chars().take_while(char::is_ascii_digit).count();
-    let n: i64 = s[..digits]
-        .parse()
-        .with_context(|| format!("{s:?} is not a duration like 30s, 5m, 1h"))?;
-    let unit: i64 = match &s[digits..] {
-        "ms" => 1_000_000,
-        "s" => 1_000_000_000,
-        "m" => 60_000_000_000,
-        "h" => 3_600_000_000_000,
-        "d" => 86_400_000_000_000,
-        _ => bail!("{s:?} is not a duration like 30s, 5m, 1h"),
-    };
-    n.checked_mul(unit).context("duration too long")
+    match tickfleet_service::parse_duration_ns(s) {
+        Ok(ns) => Ok(ns),
+        Err(tickfleet_service::Error::DurationOverflow(_)) => bail!("duration too long"),
+        Err(_) => bail!("{s:?} is not a duration like 30s, 5m, 1h"),
+    }
 }
 
 /// RFC 3339 with nanoseconds, UTC.

@@ -7,78 +7,19 @@
 //! group (it only asks the group coordinator for committed offsets), so measuring never triggers
 //! a rebalance of the workers.
 
-use std::fmt;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
-use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
 
-/// How to reach a pipeline's Kafka cluster, with credentials already read from their Secret.
-#[derive(Clone, PartialEq, Eq)]
-pub struct KafkaConnection {
-    /// `bootstrap.servers`.
-    pub bootstrap_servers: String,
-    /// `security.protocol`, librdkafka's default (plaintext) when `None`.
-    pub security_protocol: Option<String>,
-    /// `sasl.mechanism`.
-    pub sasl_mechanism: Option<String>,
-    /// `sasl.username`.
-    pub sasl_username: Option<String>,
-    /// `sasl.password`.
-    pub sasl_password: Option<String>,
-}
-
-impl fmt::Debug for KafkaConnection {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("KafkaConnection")
-            .field("bootstrap_servers", &self.bootstrap_servers)
-            .field("security_protocol", &self.security_protocol)
-            .field("sasl_mechanism", &self.sasl_mechanism)
-            .field("sasl_username", &self.sasl_username)
-            .field(
-                "sasl_password",
-                &self.sasl_password.as_ref().map(|_| "<redacted>"),
-            )
-            .finish()
-    }
-}
-
-impl KafkaConnection {
-    /// A plaintext connection without authentication.
-    pub fn plaintext(bootstrap_servers: impl Into<String>) -> Self {
-        Self {
-            bootstrap_servers: bootstrap_servers.into(),
-            security_protocol: None,
-            sasl_mechanism: None,
-            sasl_username: None,
-            sasl_password: None,
-        }
-    }
-
-    /// librdkafka configuration for this connection.
-    pub fn client_config(&self) -> ClientConfig {
-        let mut cfg = ClientConfig::new();
-        cfg.set("bootstrap.servers", &self.bootstrap_servers);
-        let opt = [
-            ("security.protocol", &self.security_protocol),
-            ("sasl.mechanism", &self.sasl_mechanism),
-            ("sasl.username", &self.sasl_username),
-            ("sasl.password", &self.sasl_password),
-        ];
-        for (k, v) in opt {
-            if let Some(v) = v {
-                cfg.set(k, v);
-            }
-        }
-        cfg
-    }
-}
+/// How to reach a pipeline's Kafka cluster, with credentials already read from their Secret (the
+/// one librdkafka configuration every tickfleet client builds, in `tickfleet-service`).
+pub use tickfleet_service::kafka::KafkaConnection;
 
 /// A failed Kafka operation.
 #[derive(Debug, thiserror::Error)]
@@ -519,12 +460,5 @@ mod tests {
             "commit below retention"
         );
         assert_eq!(partition_lag(0, 0, None), 0);
-    }
-
-    #[test]
-    fn debug_redacts_password() {
-        let mut c = conn();
-        c.sasl_password = Some("hunter2".into());
-        assert!(!format!("{c:?}").contains("hunter2"));
     }
 }

@@ -5,6 +5,18 @@
 //! * [`init_tracing`]: `tracing` to stderr, text or JSON, filtered by `RUST_LOG` (default `info`).
 //! * [`Health`] and [`serve_admin`]: the admin HTTP endpoint with `/healthz` (liveness), `/readyz`
 //!   (readiness) and `/metrics` (Prometheus text format).
+//! * [`Readiness`]: readiness as a named set of checks (the store answers, ...) run every second.
+//! * [`parse_duration_ns`]: durations as people type them (`250ms`, `30s`, `5m`, `1h`, `1d`).
+//! * `kafka` (feature `kafka`): the librdkafka client configuration of the worker, `tickctl` and
+//!   the operator, from flags/variables (`KafkaOptions`) or a pipeline's spec (`KafkaConnection`).
+
+mod duration;
+#[cfg(feature = "kafka")]
+pub mod kafka;
+mod readiness;
+
+pub use duration::parse_duration_ns;
+pub use readiness::{Failure, Readiness};
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -18,6 +30,21 @@ use axum::routing::get;
 use prometheus::{Encoder, Registry, TextEncoder};
 pub use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
+
+/// What can go wrong in this crate: a duration that does not parse.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Not a whole number followed by `ms`, `s`, `m`, `h` or `d`.
+    #[error("{0:?} is not a whole number followed by ms, s, m, h or d")]
+    DurationUnit(String),
+    /// A unit without a number, or a number too large for nanoseconds.
+    #[error("{0:?} has no number")]
+    DurationNumber(String),
+    /// A duration longer than nanoseconds in an `i64` hold (about 292 years).
+    #[error("{0:?} is too long a duration")]
+    DurationOverflow(String),
+}
 
 /// Exit code used when a second signal cuts a drain short.
 pub const EXIT_SECOND_SIGNAL: i32 = 130;

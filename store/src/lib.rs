@@ -55,6 +55,15 @@ pub trait TickStore: Send + Sync + 'static {
     async fn ping(&self) -> Result<(), StoreError>;
 }
 
+/// The readiness check of a process that works on a store: `Ok` while `store` answers a ping, else
+/// why not (`store unreachable: ...`).
+pub async fn reachable(store: std::sync::Arc<dyn TickStore>) -> Result<(), String> {
+    store
+        .ping()
+        .await
+        .map_err(|e| format!("store unreachable: {e}"))
+}
+
 /// What a [`TickStore::write_batch`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct WriteSummary {

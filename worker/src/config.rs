@@ -11,74 +11,7 @@ use tickfleet_store::{RedisOptions, Retention};
 
 use crate::lane::{Backoff, LaneConfig};
 
-/// How to reach Kafka: bootstrap servers, security, and any extra librdkafka property.
-/// Shared by the worker and `tickctl`.
-#[derive(Args, Debug, Clone)]
-pub struct KafkaOptions {
-    /// Kafka bootstrap servers, comma-separated.
-    #[arg(long, env = "TICKFLEET_BROKERS", default_value = "127.0.0.1:9092")]
-    pub brokers: String,
-    /// Kafka security protocol (plaintext, ssl, sasl_plaintext, sasl_ssl).
-    #[arg(long, env = "TICKFLEET_KAFKA_SECURITY_PROTOCOL")]
-    pub kafka_security_protocol: Option<String>,
-    /// SASL mechanism (PLAIN, SCRAM-SHA-256, SCRAM-SHA-512).
-    #[arg(long, env = "TICKFLEET_KAFKA_SASL_MECHANISM")]
-    pub kafka_sasl_mechanism: Option<String>,
-    /// SASL username.
-    #[arg(long, env = "TICKFLEET_KAFKA_SASL_USERNAME")]
-    pub kafka_sasl_username: Option<String>,
-    /// SASL password (prefer the environment variable, from a Secret, to the flag).
-    #[arg(long, env = "TICKFLEET_KAFKA_SASL_PASSWORD", hide_env_values = true)]
-    pub kafka_sasl_password: Option<String>,
-    /// Extra librdkafka properties, `key=value`, comma-separated or repeated; they win over tickfleet's defaults.
-    #[arg(long = "kafka-option", env = "TICKFLEET_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
-    pub kafka_options: Vec<(String, String)>,
-}
-
-fn parse_key_value(s: &str) -> Result<(String, String), String> {
-    let (k, v) = s
-        .split_once('=')
-        .ok_or_else(|| format!("{s:?} is not key=value"))?;
-    Ok((k.trim().to_owned(), v.trim().to_owned()))
-}
-
-impl KafkaOptions {
-    /// Options for `brokers` with nothing else set.
-    pub fn new(brokers: &str) -> Self {
-        KafkaOptions {
-            brokers: brokers.to_owned(),
-            kafka_security_protocol: None,
-            kafka_sasl_mechanism: None,
-            kafka_sasl_username: None,
-            kafka_sasl_password: None,
-            kafka_options: Vec::new(),
-        }
-    }
-
-    /// A librdkafka client config with the servers and security set; `defaults` are applied before the
-    /// user's `--kafka-option`s, so users can override them.
-    pub fn client_config(&self, defaults: &[(&str, &str)]) -> ClientConfig {
-        let mut c = ClientConfig::new();
-        c.set("bootstrap.servers", &self.brokers);
-        for (key, value) in [
-            ("security.protocol", &self.kafka_security_protocol),
-            ("sasl.mechanism", &self.kafka_sasl_mechanism),
-            ("sasl.username", &self.kafka_sasl_username),
-            ("sasl.password", &self.kafka_sasl_password),
-        ] {
-            if let Some(v) = value {
-                c.set(key, v);
-            }
-        }
-        for (k, v) in defaults {
-            c.set(*k, *v);
-        }
-        for (k, v) in &self.kafka_options {
-            c.set(k, v);
-        }
-        c
-    }
-}
+pub use tickfleet_service::kafka::KafkaOptions;
 
 /// Everything the worker needs.
 #[derive(Args, Debug, Clone)]

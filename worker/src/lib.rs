@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use tickfleet_service::{CancellationToken, Health};
+use tickfleet_service::{CancellationToken, Health, Readiness};
 use tickfleet_store::TickStore;
 use tracing::{info, warn};
 
@@ -101,7 +101,7 @@ pub async fn run(
         })
         .context("starting the poll thread")?;
 
-    let readiness = tokio::spawn(watch_store(store, health.clone(), shutdown.clone()));
+    let readiness = tokio::spawn(readiness_checks(store).run(health.clone(), shutdown.clone()));
     tokio::select! {
         _ = shutdown.cancelled() => {}
         ended = &mut done_rx => {
@@ -132,25 +132,7 @@ pub async fn run(
     Ok(outcome)
 }
 
-/// Keeps readiness in step with the store: ready while it answers a ping.
-async fn watch_store(store: Arc<dyn TickStore>, health: Arc<Health>, shutdown: CancellationToken) {
-    let mut was_ok = None;
-    while !shutdown.is_cancelled() {
-        let ok = match tokio::time::timeout(Duration::from_secs(2), store.ping()).await {
-            Ok(Ok(())) => true,
-            Ok(Err(e)) => {
-                if was_ok != Some(false) {
-                    warn!(error = %e, "store unreachable: not ready");
-                }
-                false
-            }
-            Err(_) => false,
-        };
-        if ok && was_ok != Some(true) {
-            info!("store reachable: ready");
-        }
-        health.set_ready(ok);
-        was_ok = Some(ok);
-        tokio::time::sleep(Duration::from_secs(1)).await;
-    }
+/// The worker's readiness checks: `store`, the store answers a ping.
+fn readiness_checks(store: Arc<dyn TickStore>) -> Readiness {
+    Readiness::new().check("store", move || tickfleet_store::reachable(store.clone()))
 }
