@@ -1,3 +1,5 @@
+// Over 600 lines because tonic wants the whole TickService in one impl: the handlers, and the
+// live-stream plumbing (StreamCtx, stream_ticks, stream_candles) only they use.
 //! The `tickfleet.v1.TickService` implementation over any [`TickStore`].
 
 use std::collections::{HashMap, HashSet};

@@ -1,3 +1,5 @@
+// Over 600 lines because it is the schema of one custom resource: spec and status types with their
+// serde/schema attributes and no logic, so every field of the CRD is in one file.
 //! The `TickPipeline` custom resource (group `tickfleet.io`, version `v1alpha1`).
 //!
 //! One `TickPipeline` describes one stream of ticks: the Kafka topic it is read from, the Redis it is

@@ -28,8 +28,12 @@ pub struct WorkerConfig {
     /// Payload format: protobuf (tickfleet.v1.Tick) or json ({"symbol","price","timestamp","source"}).
     #[arg(long, env = "TICKFLEET_FORMAT", default_value = "protobuf")]
     pub format: Format,
-    /// Dead-letter topic [default: <topic>.dlq].
-    #[arg(long, env = "TICKFLEET_DLQ_TOPIC")]
+    /// Dead-letter topic (default: the topic's name and `.dlq`).
+    #[arg(
+        long,
+        env = "TICKFLEET_DLQ_TOPIC",
+        help = "Dead-letter topic [default: <topic>.dlq]"
+    )]
     pub dlq_topic: Option<String>,
     /// Most ticks per store write.
     #[arg(long, env = "TICKFLEET_BATCH_SIZE", default_value_t = 1000, value_parser = clap::value_parser!(u32).range(1..=100_000))]

@@ -7,7 +7,8 @@
 //! capacity plus librdkafka's `queued.max.messages.kbytes`.
 //!
 //! Commits: only a lane's [`Watermark`] (every earlier offset stored or dead-lettered) is ever committed —
-//! periodically (async), on revoke and on shutdown (sync).
+//! every commit interval, on revoke and on shutdown, always synchronously (one round trip per interval,
+//! not per message), so the committed-offset metric reports what Kafka accepted.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
@@ -45,7 +46,8 @@ struct Lane {
     stash: VecDeque<Record>,
     paused: bool,
     watermark: Watermark,
-    /// Last offset handed to a commit (async commits may still fail; see `commit_callback`).
+    /// Last offset sent in a (synchronous) commit; back to -1 when Kafka refused it, so the next
+    /// periodic commit sends it again.
     committed: i64,
     consumed: prometheus::IntCounter,
     task: JoinHandle<()>,

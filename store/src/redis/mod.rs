@@ -1,6 +1,7 @@
-//! [`RedisStore`]: ticks in Redis, laid out for Redis Cluster.
+//! [`RedisStore`]: ticks in one Redis server.
 //!
-//! Keys of one asset share the hash tag `{ASSET}`, so one Lua script can touch all of them on a cluster:
+//! Keys of one asset share the hash tag `{ASSET}`, so on a Redis Cluster one Lua script could touch all of
+//! them; the store itself talks to a single server (no cluster client, no cluster tests yet):
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -9,9 +10,10 @@
 //! | `PREFIX:assets` | set | every asset id written |
 //! | `PREFIX:{ASSET}:live` | pub/sub channel | the ticks each batch added, as a JSON array of members |
 //!
-//! A member is `TIME(19 digits)SEQ(20 digits)|price|size|source`, so equal ticks are equal members and
-//! `ZADD NX` of a redelivered tick is a no-op. A batch is one pipeline: one `EVALSHA` of `write.lua` per
-//! asset (which adds with `ZADD NX`, moves `latest` only forward, and applies retention) plus one `SADD`.
+//! A member is `TIME(19 digits)SEQ(20 digits)|price|size|source`, so equal ticks are equal members and a
+//! redelivered tick adds nothing. A batch is one pipeline: one `EVALSHA` of `write.lua` per asset (which
+//! asks `ZMSCORE` which members are stored already, adds the rest with one variadic `ZADD`, moves `latest`
+//! only forward, and applies retention) plus one `SADD`.
 //! Scripts are loaded on first use and again after a `NOSCRIPT` (a restarted Redis forgets them).
 //!
 //! **Live feed.** `write.lua` publishes the members it newly added on the asset's live channel, inside
