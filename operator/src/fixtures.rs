@@ -183,6 +183,8 @@ pub struct Recorded {
     pub uri: String,
     /// `Content-Type` header.
     pub content_type: Option<String>,
+    /// `Accept` header (`...;as=PartialObjectMetadata;...` for a metadata-only read).
+    pub accept: Option<String>,
     /// JSON body (`Null` when empty).
     pub body: Value,
 }
@@ -190,8 +192,10 @@ pub struct Recorded {
 /// A mocked Kubernetes API server (a `tower-test` service behind a real `kube::Client`). It
 /// records every request and answers like the API server would: server-side applies echo the
 /// applied object (Deployments with the configured status), a status apply returns the pipeline
-/// with that status, Secrets come from a map, and requests matching `fail` get the given error
-/// status, and a Lease can be read and written.
+/// with that status, Secrets come from a map (only their metadata when that is all the client
+/// asks for), requests matching `fail` get the given error status, requests matching `hang` are
+/// never answered, and one Lease is kept like the API server keeps it: created, read and replaced
+/// with `resourceVersion` checks (`409 Conflict` for a stale one).
 #[derive(Default)]
 pub struct ApiServer {
     /// The pipeline being reconciled (returned by status patches).
@@ -200,17 +204,19 @@ pub struct ApiServer {
     pub deployment_status: HashMap<String, DeploymentStatus>,
     /// Secret name → Secret.
     pub secrets: HashMap<String, Secret>,
-    /// The Lease returned by `GET .../leases/NAME` (404 when `None`).
+    /// The Lease at the start (`GET .../leases/NAME` is 404 while there is none).
     pub lease: Option<k8s_openapi::api::coordination::v1::Lease>,
     /// `(method, path prefix, status code)`: matching requests fail with that code.
     pub fail: Vec<(&'static str, String, u16)>,
+    /// `(method, path prefix)`: matching requests are never answered (a hung API server).
+    pub hang: Vec<(&'static str, String)>,
 }
 
 fn status_response(code: StatusCode, message: &str) -> Response<Body> {
-    let reason = if code == StatusCode::NOT_FOUND {
-        "NotFound"
-    } else {
-        "InternalError"
+    let reason = match code {
+        StatusCode::NOT_FOUND => "NotFound",
+        StatusCode::CONFLICT => "Conflict",
+        _ => "InternalError",
     };
     let body = json!({
         "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
@@ -229,7 +235,32 @@ fn ok(body: &Value) -> Response<Body> {
 }
 
 impl ApiServer {
-    fn answer(&self, method: &str, path: &str, body: &Value) -> Response<Body> {
+    /// Create and replace of the Lease, with the API server's optimistic concurrency.
+    fn write_lease(&mut self, method: &str, body: &Value) -> Response<Body> {
+        use k8s_openapi::api::coordination::v1::Lease;
+        let Ok(mut lease) = serde_json::from_value::<Lease>(body.clone()) else {
+            return status_response(StatusCode::BAD_REQUEST, "not a Lease");
+        };
+        let stored = self
+            .lease
+            .as_ref()
+            .map(|l| l.metadata.resource_version.clone());
+        match (method, stored) {
+            ("POST", Some(_)) => return status_response(StatusCode::CONFLICT, "already exists"),
+            ("PUT", None) => return status_response(StatusCode::NOT_FOUND, "no lease"),
+            ("PUT", Some(version)) if version != lease.metadata.resource_version => {
+                return status_response(StatusCode::CONFLICT, "the object has been modified");
+            }
+            _ => {}
+        }
+        let next = stored_version(self.lease.as_ref()) + 1;
+        lease.metadata.resource_version = Some(next.to_string());
+        let answer = serde_json::to_value(&lease).unwrap();
+        self.lease = Some(lease);
+        ok(&answer)
+    }
+
+    fn answer(&mut self, method: &str, path: &str, accept: &str, body: &Value) -> Response<Body> {
         if let Some((_, _, code)) = self
             .fail
             .iter()
@@ -253,6 +284,7 @@ impl ApiServer {
                 }
                 ok(&d)
             }
+            "POST" | "PUT" if path.contains("/leases") => self.write_lease(method, body),
             "PATCH" | "POST" | "PUT" => ok(body),
             "GET" if path.contains("/leases/") => match &self.lease {
                 Some(l) => ok(&serde_json::to_value(l).unwrap()),
@@ -262,6 +294,11 @@ impl ApiServer {
                 ),
             },
             "GET" if path.contains("/secrets/") => match self.secrets.get(name) {
+                Some(s) if accept.contains("as=PartialObjectMetadata") => ok(&json!({
+                    "apiVersion": "meta.k8s.io/v1",
+                    "kind": "PartialObjectMetadata",
+                    "metadata": serde_json::to_value(&s.metadata).unwrap(),
+                })),
                 Some(s) => ok(&serde_json::to_value(s).unwrap()),
                 None => status_response(
                     StatusCode::NOT_FOUND,
@@ -273,38 +310,61 @@ impl ApiServer {
     }
 
     /// Starts serving; returns a client talking to it and the log of received requests.
-    pub fn start(self) -> (Client, Arc<Mutex<Vec<Recorded>>>) {
+    pub fn start(mut self) -> (Client, Arc<Mutex<Vec<Recorded>>>) {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let log = Arc::new(Mutex::new(Vec::new()));
         let recorded = log.clone();
         tokio::spawn(async move {
             pin_mut!(handle);
+            let mut hung = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
                 let method = request.method().to_string();
                 let uri = request.uri().to_string();
                 let path = request.uri().path().to_string();
-                let content_type = request
-                    .headers()
-                    .get(http::header::CONTENT_TYPE)
-                    .map(|v| v.to_str().unwrap().to_string());
+                let header = |name| {
+                    request
+                        .headers()
+                        .get(name)
+                        .map(|v: &http::HeaderValue| v.to_str().unwrap().to_string())
+                };
+                let content_type = header(http::header::CONTENT_TYPE);
+                let accept = header(http::header::ACCEPT);
                 let bytes = request.into_body().collect_bytes().await.unwrap();
                 let body: Value = if bytes.is_empty() {
                     Value::Null
                 } else {
                     serde_json::from_slice(&bytes).unwrap()
                 };
-                let response = self.answer(&method, &path, &body);
+                let hang = self
+                    .hang
+                    .iter()
+                    .any(|(m, p)| *m == method && path.starts_with(p.as_str()));
+                let response = (!hang).then(|| {
+                    self.answer(&method, &path, accept.as_deref().unwrap_or_default(), &body)
+                });
                 recorded.lock().unwrap().push(Recorded {
                     method,
                     uri,
                     content_type,
+                    accept,
                     body,
                 });
-                send.send_response(response);
+                match response {
+                    Some(response) => send.send_response(response),
+                    // kept, so the client waits instead of seeing the connection drop
+                    None => hung.push(send),
+                }
             }
         });
         (Client::new(service, "default"), log)
     }
+}
+
+fn stored_version(lease: Option<&k8s_openapi::api::coordination::v1::Lease>) -> u64 {
+    lease
+        .and_then(|l| l.metadata.resource_version.as_deref())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0)
 }
 
 impl Context {

@@ -9,8 +9,14 @@
 //! * `PATCH …/status` of a `TickPipeline`, answered with the pipeline carrying that status;
 //! * 404 `Status` for anything else.
 //!
-//! It does not validate against the CRD schema, keep state between requests, or send watch events.
+//! * `coordination.k8s.io` Leases, the one kind it keeps: create, get and replace with the API
+//!   server's optimistic concurrency (`409 Conflict` for a stale `resourceVersion` or an existing
+//!   name), so real operator replicas can elect a leader through it.
+//!
+//! It does not validate against the CRD schema, keep other state between requests, or send watch
+//! events.
 
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -26,7 +32,11 @@ pub struct FakeKube {
     pub url: String,
     stop: Arc<AtomicBool>,
     requests: Arc<Mutex<Vec<String>>>,
+    leases: Leases,
 }
+
+/// Leases by path (`/apis/coordination.k8s.io/v1/namespaces/NS/leases/NAME`).
+type Leases = Arc<Mutex<BTreeMap<String, Value>>>;
 
 impl FakeKube {
     /// Serves `pipelines` (full `TickPipeline` objects with `metadata.namespace`).
@@ -36,16 +46,21 @@ impl FakeKube {
         let stop = Arc::new(AtomicBool::new(false));
         let requests = Arc::new(Mutex::new(Vec::new()));
         let pipelines = Arc::new(pipelines);
+        let leases = Leases::default();
         listener.set_nonblocking(true).expect("nonblocking");
-        let (stop2, requests2) = (stop.clone(), requests.clone());
+        let (stop2, requests2, leases2) = (stop.clone(), requests.clone(), leases.clone());
         std::thread::spawn(move || {
             while !stop2.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((stream, _)) => {
-                        let (stop, requests, pipelines) =
-                            (stop2.clone(), requests2.clone(), pipelines.clone());
+                        let (stop, requests, pipelines, leases) = (
+                            stop2.clone(),
+                            requests2.clone(),
+                            pipelines.clone(),
+                            leases2.clone(),
+                        );
                         std::thread::spawn(move || {
-                            let _ = serve(stream, &pipelines, &stop, &requests);
+                            let _ = serve(stream, &pipelines, &leases, &stop, &requests);
                         });
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -56,6 +71,7 @@ impl FakeKube {
             url,
             stop,
             requests,
+            leases,
         }
     }
 
@@ -70,6 +86,17 @@ impl FakeKube {
         );
         std::fs::write(&path, config).expect("write kubeconfig");
         path
+    }
+
+    /// The Lease `namespace/name`, as stored.
+    pub fn lease(&self, namespace: &str, name: &str) -> Option<Value> {
+        self.leases
+            .lock()
+            .expect("leases")
+            .get(&format!(
+                "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
+            ))
+            .cloned()
     }
 
     /// The requests served so far (`METHOD PATH`), for failure messages.
@@ -87,6 +114,7 @@ impl Drop for FakeKube {
 fn serve(
     stream: TcpStream,
     pipelines: &[Value],
+    leases: &Mutex<BTreeMap<String, Value>>,
     stop: &AtomicBool,
     requests: &Mutex<Vec<String>>,
 ) -> std::io::Result<()> {
@@ -134,7 +162,11 @@ fn serve(
         }
         return Ok(());
     }
-    let (code, answer) = respond(&method, path, &body, pipelines);
+    let (code, answer) = if path.starts_with("/apis/coordination.k8s.io/") {
+        lease(&method, path, &body, leases)
+    } else {
+        respond(&method, path, &body, pipelines)
+    };
     let text = answer.to_string();
     write!(
         out,
@@ -150,6 +182,59 @@ fn not_found(path: &str) -> (u16, Value) {
         json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
                "reason": "NotFound", "code": 404, "message": format!("{path} not found")}),
     )
+}
+
+fn conflict(message: String) -> (u16, Value) {
+    (
+        409,
+        json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+               "reason": "Conflict", "code": 409, "message": message}),
+    )
+}
+
+/// Create, get and replace of Leases, with `resourceVersion` checks like the API server's.
+fn lease(
+    method: &str,
+    path: &str,
+    body: &[u8],
+    leases: &Mutex<BTreeMap<String, Value>>,
+) -> (u16, Value) {
+    static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
+    let mut leases = leases.lock().expect("leases");
+    let object = serde_json::from_slice::<Value>(body).ok();
+    let stamp = |mut object: Value| {
+        let version = VERSION.fetch_add(1, Ordering::Relaxed);
+        object["metadata"]["resourceVersion"] = json!(version.to_string());
+        object
+    };
+    match (method, object) {
+        ("GET", _) => match leases.get(path) {
+            Some(l) => (200, l.clone()),
+            None => not_found(path),
+        },
+        ("POST", Some(object)) => {
+            let name = object["metadata"]["name"].as_str().unwrap_or_default();
+            let key = format!("{path}/{name}");
+            if leases.contains_key(&key) {
+                return conflict(format!("leases {name:?} already exists"));
+            }
+            let object = stamp(object);
+            leases.insert(key, object.clone());
+            (201, object)
+        }
+        ("PUT", Some(object)) => {
+            let Some(stored) = leases.get(path) else {
+                return not_found(path);
+            };
+            if stored["metadata"]["resourceVersion"] != object["metadata"]["resourceVersion"] {
+                return conflict("the object has been modified".to_string());
+            }
+            let object = stamp(object);
+            leases.insert(path.to_string(), object.clone());
+            (200, object)
+        }
+        _ => not_found(path),
+    }
 }
 
 fn respond(method: &str, path: &str, body: &[u8], pipelines: &[Value]) -> (u16, Value) {

@@ -707,8 +707,7 @@ pub fn tickctl(args: &[&str]) -> (bool, String) {
     )
 }
 
-/// A `tickfleet-operator` process (leader election off) talking to the API server of `kubeconfig`,
-/// stderr to a log file.
+/// A `tickfleet-operator` process talking to the API server of `kubeconfig`, stderr to a log file.
 pub struct Operator {
     child: Child,
     /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`), `127.0.0.1:PORT`.
@@ -718,22 +717,59 @@ pub struct Operator {
 }
 
 impl Operator {
-    /// Starts the operator with `KUBECONFIG=kubeconfig`, logging into `dir`.
+    /// Starts the operator (leader election off) with `KUBECONFIG=kubeconfig`, logging into `dir`.
     pub fn start(kubeconfig: &Path, dir: &Path) -> Self {
+        Self::spawn(
+            kubeconfig,
+            &dir.join("operator.log"),
+            &["--leader-election", "false"],
+        )
+    }
+
+    /// Starts a replica taking part in leader election (default timings, default identity: no
+    /// `POD_NAME` nor `--identity`, as when run outside a cluster), logging into `dir/NAME.log`.
+    pub fn start_elected(kubeconfig: &Path, dir: &Path, name: &str) -> Self {
+        Self::spawn(kubeconfig, &dir.join(format!("{name}.log")), &[])
+    }
+
+    fn spawn(kubeconfig: &Path, log: &Path, args: &[&str]) -> Self {
         let admin = format!("127.0.0.1:{}", free_port());
-        let log = dir.join("operator.log");
-        let file = std::fs::File::create(&log).expect("log file");
+        let file = std::fs::File::create(log).expect("log file");
         let child = Command::new(bin("tickfleet-operator"))
-            .args(["--admin-addr", &admin, "--leader-election", "false"])
+            .args(["--admin-addr", &admin])
+            .args(args)
             .args(["--log-format", "text"])
             .env("KUBECONFIG", kubeconfig)
             .env_remove("KUBERNETES_SERVICE_HOST")
+            .env_remove("POD_NAME")
+            .env_remove("POD_NAMESPACE")
+            .env_remove("HOSTNAME")
             .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()
             .expect("start tickfleet-operator");
-        Operator { child, admin, log }
+        Operator {
+            child,
+            admin,
+            log: log.to_path_buf(),
+        }
+    }
+
+    /// Kills the process with SIGKILL (no shutdown, no Lease release) and reaps it.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether the process has exited.
+    pub fn exited(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(Some(_)))
+    }
+
+    /// Its process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The log so far.
