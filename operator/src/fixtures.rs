@@ -321,14 +321,13 @@ impl ApiServer {
                 let method = request.method().to_string();
                 let uri = request.uri().to_string();
                 let path = request.uri().path().to_string();
-                let header = |name| {
-                    request
-                        .headers()
-                        .get(name)
-                        .map(|v: &http::HeaderValue| v.to_str().unwrap().to_string())
-                };
-                let content_type = header(http::header::CONTENT_TYPE);
-                let accept = header(http::header::ACCEPT);
+                let [content_type, accept] = [http::header::CONTENT_TYPE, http::header::ACCEPT]
+                    .map(|name| {
+                        request
+                            .headers()
+                            .get(name)
+                            .map(|v| v.to_str().unwrap().to_string())
+                    });
                 let bytes = request.into_body().collect_bytes().await.unwrap();
                 let body: Value = if bytes.is_empty() {
                     Value::Null

@@ -15,7 +15,7 @@ use kube::api::{Api, ListParams};
 use tickfleet_operator::TickPipeline;
 use tickfleet_operator::controller::{self, Context};
 use tickfleet_operator::kafka::RdKafkaAdmin;
-use tickfleet_operator::leader::{HoldEnd, LeaderElector, Leadership, LeaseConfig};
+use tickfleet_operator::leader::{self, HoldEnd, LeaderElector, Leadership, LeaseConfig};
 use tickfleet_operator::metrics::Metrics;
 use tickfleet_service::{Health, init_tracing, serve_admin, shutdown_on_signals};
 use tracing::{error, info};
@@ -49,14 +49,19 @@ struct Args {
     /// Namespace of the Lease (the operator's own, from the downward API).
     #[arg(long, env = "POD_NAMESPACE", default_value = "tickfleet-system")]
     lease_namespace: String,
-    /// Identity in the election (the pod name, from the downward API).
+    /// Identity in the election (the pod name, from the downward API); the host name and the
+    /// process id when unset.
     #[arg(long, env = "POD_NAME")]
     identity: Option<String>,
-    /// Seconds a Lease stays valid without renewal.
-    #[arg(long, env = "TICKFLEET_LEASE_DURATION_SECS", default_value_t = 15)]
+    /// Seconds a standby waits after it last saw the Lease change before it takes it over.
+    #[arg(long, env = "TICKFLEET_LEASE_DURATION_SECS", default_value_t = leader::DEFAULT_LEASE_DURATION_SECS)]
     lease_duration_secs: u64,
-    /// Seconds between renewals (and between attempts of a standby).
-    #[arg(long, env = "TICKFLEET_LEASE_RETRY_SECS", default_value_t = 5)]
+    /// Seconds the leader keeps trying to renew before it stops reconciling and exits; below the
+    /// lease duration.
+    #[arg(long, env = "TICKFLEET_LEASE_RENEW_DEADLINE_SECS", default_value_t = leader::DEFAULT_RENEW_DEADLINE_SECS)]
+    lease_renew_deadline_secs: u64,
+    /// Seconds between renewals (and between a standby's looks); below the renew deadline.
+    #[arg(long, env = "TICKFLEET_LEASE_RETRY_SECS", default_value_t = leader::DEFAULT_RETRY_PERIOD_SECS)]
     lease_retry_secs: u64,
 }
 
@@ -66,18 +71,16 @@ impl Args {
         if !self.leader_election {
             return Ok(None);
         }
-        let identity = self
-            .identity
-            .clone()
-            .or_else(|| std::env::var("HOSTNAME").ok())
-            .context("no identity for leader election: set POD_NAME or --identity")?;
-        Ok(Some(LeaseConfig {
+        let cfg = LeaseConfig {
             name: self.lease_name.clone(),
             namespace: self.lease_namespace.clone(),
-            identity,
+            identity: leader::identity(self.identity.clone()),
             lease_duration: Duration::from_secs(self.lease_duration_secs),
+            renew_deadline: Duration::from_secs(self.lease_renew_deadline_secs),
             retry_period: Duration::from_secs(self.lease_retry_secs),
-        }))
+        };
+        cfg.validate().map_err(anyhow::Error::msg)?;
+        Ok(Some(cfg))
     }
 }
 
@@ -85,6 +88,7 @@ impl Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(matches!(args.log_format, LogFormat::Json));
+    let lease = args.lease_config()?;
     let shutdown = shutdown_on_signals();
 
     let registry = prometheus::Registry::new();
@@ -104,23 +108,28 @@ async fn main() -> anyhow::Result<()> {
     // ready = up and talking to the API server; a standby replica is ready too
     health.set_ready(true);
 
-    let elector = args
-        .lease_config()?
-        .map(|cfg| LeaderElector::new(client.clone(), cfg));
+    let elector = lease.map(|cfg| LeaderElector::new(client.clone(), cfg));
     let Some(leadership) = Leadership::acquire(elector, &shutdown).await else {
         let _ = admin.await;
         return Ok(());
     };
     metrics.leader.set(1);
 
-    // the controller stops on shutdown or when leadership is lost
+    // the controller stops gracefully on shutdown, and at once when leadership is lost
     let ctx = Arc::new(Context::new(
         client,
         Arc::new(RdKafkaAdmin::default()),
         metrics.clone(),
     ));
     info!("controller starting");
-    controller::run(ctx, leadership.stop().cancelled_owned()).await;
+    let controller = controller::run(ctx, leadership.stop().cancelled_owned());
+    if leadership.lead(controller).await == HoldEnd::Lost {
+        metrics.leader.set(0);
+        error!(
+            "lost the leader lease: stopped reconciling; exiting so a fresh start rejoins the election"
+        );
+        std::process::exit(1);
+    }
     metrics.leader.set(0);
 
     let lost = leadership.end().await == HoldEnd::Lost;
