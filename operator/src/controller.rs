@@ -3,6 +3,9 @@
 //! One reconcile of a `TickPipeline`:
 //! 1. paused (annotation `tickfleet.io/paused: "true"`)? write only the `Paused` condition;
 //! 2. invalid spec? write `Degraded/InvalidSpec` and wait for the spec to change (no retry loop);
+//! 2b. check that every Secret the spec names was offered to the pipeline ([`crate::offer`]); a
+//!    refused one is reported (`SecretNotOffered`, ...), never read, and keeps the Deployments
+//!    that would reference it from being applied;
 //! 3. make sure the Kafka topic has its partitions (create or grow, never shrink);
 //! 4. with autoscaling, measure the group's lag and decide the worker count;
 //! 5. server-side apply every child (ConfigMap, worker Deployment, PDB, api Deployment, Service)
@@ -37,6 +40,7 @@ use crate::crd::{ReplicaStatus, TickPipeline, TickPipelineStatus};
 use crate::desired::{self, FIELD_MANAGER, MANAGED_BY};
 use crate::kafka::{KafkaAdmin, KafkaConnection, TopicOutcome, ensure_topic};
 use crate::metrics::Metrics;
+use crate::offer;
 use crate::{Error, Result};
 
 /// Requeue interval when nothing needs polling: catches drift in Kafka (a topic deleted by hand)
@@ -154,6 +158,7 @@ async fn write_status(
 
 async fn secret_values(
     client: &Client,
+    tp: &TickPipeline,
     ns: &str,
     name: &str,
     keys: [&str; 2],
@@ -163,12 +168,17 @@ async fn secret_values(
         name: name.to_string(),
         reason,
     };
-    let mut data = api
-        .get(name)
-        .await
-        .map_err(|e| err(e.to_string()))?
-        .data
-        .unwrap_or_default();
+    let secret = api.get(name).await.map_err(|e| err(e.to_string()))?;
+    // the offer is checked on the very object whose data is used
+    if let Err(why) = offer::verdict(Some(&secret.metadata), &tp.name_any()) {
+        let refused = offer::Refused {
+            secret: name.to_string(),
+            fields: vec![offer::SASL_FIELD],
+            why,
+        };
+        return Err(err(refused.message(tp)));
+    }
+    let mut data = secret.data.unwrap_or_default();
     let mut take = |key: &str| {
         let ByteString(bytes) = data
             .remove(key)
@@ -178,7 +188,8 @@ async fn secret_values(
     Ok([take(keys[0])?, take(keys[1])?])
 }
 
-/// The pipeline's Kafka connection, with SASL credentials read from their Secret.
+/// The pipeline's Kafka connection, with SASL credentials read from their Secret, which must be
+/// offered to the pipeline ([`crate::offer`]).
 pub async fn kafka_connection(
     client: &Client,
     tp: &TickPipeline,
@@ -191,7 +202,7 @@ pub async fn kafka_connection(
             let s = &sasl.credentials_secret;
             conn.sasl_mechanism = Some(sasl.mechanism.as_str().to_string());
             let [user, password] =
-                secret_values(client, ns, &s.name, [&s.username_key, &s.password_key]).await?;
+                secret_values(client, tp, ns, &s.name, [&s.username_key, &s.password_key]).await?;
             conn.sasl_username = Some(user);
             conn.sasl_password = Some(password);
         }
@@ -269,17 +280,43 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     let mut problems = Vec::new();
     let mut deferred: Option<Error> = None;
 
-    // Kafka: topic, then lag
-    let conn = match kafka_connection(&ctx.client, tp, &ns).await {
-        Ok(c) => Some(c),
-        Err(e) => {
-            problems.push(Problem {
-                reason: "KafkaCredentialsUnavailable".into(),
-                message: e.to_string(),
-                blocks_ready: true,
-            });
-            deferred = Some(e);
-            None
+    // Secrets: only those offered to this pipeline are read or referenced (crate::offer)
+    let offers = offer::check(&ctx.client, tp, &ns).await;
+    for refused in &offers.refused {
+        let message = refused.message(tp);
+        warn!(pipeline = %key(tp), secret = %refused.secret, reason = refused.reason(), "secret refused");
+        problems.push(Problem {
+            reason: refused.reason().into(),
+            message: message.clone(),
+            blocks_ready: true,
+        });
+        deferred.get_or_insert(Error::Secret {
+            name: refused.secret.clone(),
+            reason: message,
+        });
+    }
+    let sasl_refused = spec
+        .kafka
+        .auth
+        .as_ref()
+        .and_then(|a| a.sasl.as_ref())
+        .is_some_and(|s| !offers.allows(&s.credentials_secret.name));
+
+    // Kafka: topic, then lag (not at all without the credentials: already reported)
+    let conn = if sasl_refused {
+        None
+    } else {
+        match kafka_connection(&ctx.client, tp, &ns).await {
+            Ok(c) => Some(c),
+            Err(e) => {
+                problems.push(Problem {
+                    reason: "KafkaCredentialsUnavailable".into(),
+                    message: e.to_string(),
+                    blocks_ready: true,
+                });
+                deferred = Some(e);
+                None
+            }
         }
     };
     // what the topic has; until Kafka answers, the last known count (or the declared one)
@@ -398,17 +435,27 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     // children, config first so new pods find it
     let children = desired::desired(tp, workers);
     apply(&ctx.client, &ns, &children.config_map).await?;
-    let worker = apply(&ctx.client, &ns, &children.worker).await?;
+    // a Deployment whose pods would reference a Secret not offered is not applied (one that
+    // exists keeps its last applied spec)
+    let worker = match offers.allow_deployment(&children.worker) {
+        true => Some(apply(&ctx.client, &ns, &children.worker).await?),
+        false => None,
+    };
     apply(&ctx.client, &ns, &children.worker_pdb).await?;
-    let api = apply(&ctx.client, &ns, &children.api).await?;
+    let api = match offers.allow_deployment(&children.api) {
+        true => Some(apply(&ctx.client, &ns, &children.api).await?),
+        false => None,
+    };
     apply(&ctx.client, &ns, &children.api_service).await?;
 
     let obs = Observation {
         problems,
-        workers: replica_status(&worker),
-        workers_rolling: rolling_out(&worker),
-        api: replica_status(&api),
-        api_rolling: rolling_out(&api),
+        workers: worker
+            .as_ref()
+            .map_or_else(|| old.workers.clone(), replica_status),
+        workers_rolling: worker.as_ref().is_some_and(rolling_out),
+        api: api.as_ref().map_or_else(|| old.api.clone(), replica_status),
+        api_rolling: api.as_ref().is_some_and(rolling_out),
         capped,
     };
     status.conditions =
@@ -464,5 +511,7 @@ pub async fn run(
     .await;
 }
 
+#[cfg(test)]
+mod secret_tests;
 #[cfg(test)]
 mod tests;

@@ -183,7 +183,9 @@ impl SecurityProtocol {
 pub struct SaslSpec {
     /// librdkafka `sasl.mechanism`.
     pub mechanism: SaslMechanism,
-    /// Secret (in the pipeline's namespace) holding the username and password.
+    /// Secret (in the pipeline's namespace) holding the username and password, read by the
+    /// operator (topic admin, lag) and given to the workers. It must be offered to this pipeline:
+    /// annotation `tickfleet.io/allowed-pipelines` on the Secret naming the pipeline (or `*`).
     pub credentials_secret: CredentialsSecretRef,
 }
 
@@ -234,7 +236,8 @@ fn default_password_key() -> String {
     "password".into()
 }
 
-/// One key of a Secret in the pipeline's namespace.
+/// One key of a Secret in the pipeline's namespace. The Secret must be offered to the pipeline:
+/// annotation `tickfleet.io/allowed-pipelines` on it naming the pipeline, comma-separated, or `*`.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct SecretKeyRef {
@@ -279,7 +282,8 @@ pub struct RedisSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^rediss?://"))]
     pub url: Option<String>,
-    /// Secret key holding the URL.
+    /// Secret key holding the URL (the Secret must be offered to the pipeline: annotation
+    /// `tickfleet.io/allowed-pipelines`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub url_secret_ref: Option<SecretKeyRef>,
     /// TLS files for a `rediss://` URL, mounted from Secrets into the worker and api pods. Not
@@ -289,8 +293,9 @@ pub struct RedisSpec {
 }
 
 /// Private CA and client certificate for Redis over TLS. The Secrets are mounted read-only into
-/// the worker and api pods (never read by the operator); a Secret or key that is missing keeps the
-/// pods from starting.
+/// the worker and api pods (the operator reads only their metadata) and must be offered to the
+/// pipeline (annotation `tickfleet.io/allowed-pipelines` naming it, or `*`); a key that is missing
+/// keeps the pods from starting.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 #[x_kube(validation = kube::core::Rule::new("has(self.caSecretRef) || has(self.clientCertSecretName)")
@@ -453,8 +458,9 @@ impl Default for ApiSpec {
 #[serde(rename_all = "camelCase")]
 pub struct ApiTlsSpec {
     /// `kubernetes.io/tls` Secret (keys `tls.crt`, `tls.key`; e.g. issued by cert-manager) in the
-    /// pipeline's namespace, mounted read-only into the api pods (never read by the operator). A
-    /// renewed certificate is picked up when the api pods restart.
+    /// pipeline's namespace, mounted read-only into the api pods (the operator reads only its
+    /// metadata). It must be offered to the pipeline: annotation `tickfleet.io/allowed-pipelines`
+    /// naming it, or `*`. A renewed certificate is picked up when the api pods restart.
     #[schemars(length(min = 1, max = 253))]
     pub secret_name: String,
 }

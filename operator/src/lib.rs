@@ -19,6 +19,7 @@ mod error;
 pub mod kafka;
 pub mod leader;
 pub mod metrics;
+pub mod offer;
 
 #[cfg(test)]
 pub mod fixtures;

@@ -21,6 +21,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{PodSpec, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::api::Api;
@@ -214,9 +215,13 @@ impl Offers {
         self.offered.contains(secret)
     }
 
-    /// Whether every Secret `pod` references was found offered.
-    pub fn allow_pod(&self, pod: &PodSpec) -> bool {
-        pod_secrets(pod).iter().all(|s| self.allows(s))
+    /// Whether every Secret the pods of `d` would reference was found offered.
+    pub fn allow_deployment(&self, d: &Deployment) -> bool {
+        d.spec
+            .template
+            .spec
+            .as_ref()
+            .is_none_or(|pod| pod_secrets(pod).iter().all(|s| self.allows(s)))
     }
 }
 
@@ -248,7 +253,9 @@ pub async fn check(client: &Client, tp: &TickPipeline, ns: &str) -> Offers {
         };
         verdicts.insert(u.secret.clone(), v);
     }
-    Offers::sort(&uses, |s| verdicts.remove(s).unwrap_or(Err(Refusal::NotFound)))
+    Offers::sort(&uses, |s| {
+        verdicts.remove(s).unwrap_or(Err(Refusal::NotFound))
+    })
 }
 
 /// Every Secret a pod spec references: env vars from Secret keys, `envFrom` Secrets, Secret and
@@ -257,7 +264,11 @@ pub fn pod_secrets(pod: &PodSpec) -> BTreeSet<String> {
     let mut out = BTreeSet::new();
     let mut env = Vec::new();
     let mut env_from = Vec::new();
-    for c in pod.containers.iter().chain(pod.init_containers.iter().flatten()) {
+    for c in pod
+        .containers
+        .iter()
+        .chain(pod.init_containers.iter().flatten())
+    {
         env.extend(c.env.iter().flatten());
         env_from.extend(c.env_from.iter().flatten());
     }
@@ -266,7 +277,11 @@ pub fn pod_secrets(pod: &PodSpec) -> BTreeSet<String> {
         env_from.extend(c.env_from.iter().flatten());
     }
     for e in env {
-        if let Some(sel) = e.value_from.as_ref().and_then(|v| v.secret_key_ref.as_ref()) {
+        if let Some(sel) = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.secret_key_ref.as_ref())
+        {
             out.insert(sel.name.clone());
         }
     }
@@ -295,4 +310,198 @@ pub fn pod_secrets(pod: &PodSpec) -> BTreeSet<String> {
         out.insert(r.name.clone());
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{
+        ApiTlsSpec, CredentialsSecretRef, KafkaAuth, RedisTlsSpec, SaslMechanism, SaslSpec,
+        SecretKeyRef, SecurityProtocol,
+    };
+    use crate::fixtures::pipeline;
+
+    fn annotated(value: Option<&str>) -> ObjectMeta {
+        ObjectMeta {
+            annotations: value
+                .map(|v| [(ALLOWED_PIPELINES_ANNOTATION.to_string(), v.to_string())].into()),
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn the_annotation_names_pipelines_or_all_of_them() {
+        for (value, want) in [
+            (Some("btc"), Offer::Offered),
+            (Some("*"), Offer::Offered),
+            (Some("eth, btc"), Offer::Offered),
+            (Some(" btc ,"), Offer::Offered),
+            (None, Offer::NotOffered),
+            (Some(""), Offer::NotOffered),
+            (Some(" , "), Offer::NotOffered),
+            (Some("eth"), Offer::OfferedToOthers(vec!["eth".into()])),
+            (
+                Some("btc-2,BTC,btc*"),
+                Offer::OfferedToOthers(vec!["btc-2".into(), "BTC".into(), "btc*".into()]),
+            ),
+        ] {
+            assert_eq!(offer(&annotated(value), "btc"), want, "{value:?}");
+        }
+        // a label of that name is not an offer
+        let labelled = ObjectMeta {
+            labels: Some([(ALLOWED_PIPELINES_ANNOTATION.to_string(), "btc".to_string())].into()),
+            ..ObjectMeta::default()
+        };
+        assert_eq!(offer(&labelled, "btc"), Offer::NotOffered);
+        assert_eq!(verdict(None, "btc"), Err(Refusal::NotFound));
+    }
+
+    /// A pipeline naming every kind of Secret, each a different one.
+    fn every_secret() -> TickPipeline {
+        let mut tp = pipeline();
+        tp.spec.kafka.auth = Some(KafkaAuth {
+            security_protocol: SecurityProtocol::SaslSsl,
+            sasl: Some(SaslSpec {
+                mechanism: SaslMechanism::ScramSha512,
+                credentials_secret: CredentialsSecretRef {
+                    name: "kafka-creds".into(),
+                    username_key: "u".into(),
+                    password_key: "p".into(),
+                },
+            }),
+        });
+        tp.spec.store.redis.url = None;
+        tp.spec.store.redis.url_secret_ref = Some(SecretKeyRef {
+            name: "redis-url".into(),
+            key: "url".into(),
+        });
+        tp.spec.store.redis.tls = Some(RedisTlsSpec {
+            ca_secret_ref: Some(SecretKeyRef {
+                name: "redis-ca".into(),
+                key: "ca.crt".into(),
+            }),
+            client_cert_secret_name: Some("redis-client".into()),
+        });
+        tp.spec.api.tls = Some(ApiTlsSpec {
+            secret_name: "api-cert".into(),
+        });
+        tp
+    }
+
+    #[test]
+    fn every_secret_a_desired_pod_references_is_one_the_spec_names() {
+        let tp = every_secret();
+        let named: BTreeSet<String> = secret_uses(&tp).into_iter().map(|u| u.secret).collect();
+        let children = crate::desired::desired(&tp, 2);
+        let pod = |d: &Deployment| pod_secrets(d.spec.template.spec.as_ref().unwrap());
+        let worker = pod(&children.worker);
+        let api = pod(&children.api);
+        assert_eq!(
+            worker,
+            ["kafka-creds", "redis-ca", "redis-client", "redis-url"]
+                .map(String::from)
+                .into()
+        );
+        assert_eq!(
+            api,
+            ["api-cert", "redis-ca", "redis-client", "redis-url"]
+                .map(String::from)
+                .into(),
+            "no Kafka credentials for the api"
+        );
+        let referenced: BTreeSet<String> = worker.union(&api).cloned().collect();
+        assert_eq!(referenced, named, "the field list and the pods agree");
+        // so with everything offered both Deployments pass, and with one refused, those using it don't
+        let all = Offers::sort(&secret_uses(&tp), |_| Ok(()));
+        assert!(all.allow_deployment(&children.worker) && all.allow_deployment(&children.api));
+        let no_ca = Offers::sort(&secret_uses(&tp), |s| {
+            if s == "api-cert" {
+                Err(Refusal::NotOffered)
+            } else {
+                Ok(())
+            }
+        });
+        assert!(no_ca.allow_deployment(&children.worker));
+        assert!(!no_ca.allow_deployment(&children.api));
+    }
+
+    #[test]
+    fn pod_secrets_finds_every_kind_of_reference() {
+        use k8s_openapi::api::core::v1::{
+            Container, EnvFromSource, LocalObjectReference, ProjectedVolumeSource, SecretEnvSource,
+            SecretProjection, Volume, VolumeProjection,
+        };
+        let pod = PodSpec {
+            init_containers: Some(vec![Container {
+                env_from: Some(vec![EnvFromSource {
+                    secret_ref: Some(SecretEnvSource {
+                        name: "env-from".into(),
+                        ..SecretEnvSource::default()
+                    }),
+                    ..EnvFromSource::default()
+                }]),
+                ..Container::default()
+            }]),
+            volumes: Some(vec![Volume {
+                name: "p".into(),
+                projected: Some(ProjectedVolumeSource {
+                    sources: Some(vec![VolumeProjection {
+                        secret: Some(SecretProjection {
+                            name: "projected".into(),
+                            ..SecretProjection::default()
+                        }),
+                        ..VolumeProjection::default()
+                    }]),
+                    ..ProjectedVolumeSource::default()
+                }),
+                ..Volume::default()
+            }]),
+            image_pull_secrets: Some(vec![LocalObjectReference {
+                name: "pull".into(),
+            }]),
+            ..PodSpec::default()
+        };
+        assert_eq!(
+            pod_secrets(&pod),
+            ["env-from", "projected", "pull"].map(String::from).into()
+        );
+    }
+
+    #[test]
+    fn a_secret_named_twice_is_checked_once_and_reported_with_both_fields() {
+        let mut tp = every_secret();
+        tp.spec
+            .store
+            .redis
+            .tls
+            .as_mut()
+            .unwrap()
+            .client_cert_secret_name = Some("api-cert".into());
+        let mut asked = Vec::new();
+        let offers = Offers::sort(&secret_uses(&tp), |s| {
+            asked.push(s.to_string());
+            if s == "api-cert" {
+                Err(Refusal::OfferedToOthers(vec!["eth".into()]))
+            } else {
+                Ok(())
+            }
+        });
+        assert_eq!(asked, ["kafka-creds", "redis-url", "redis-ca", "api-cert"]);
+        assert_eq!(offers.refused.len(), 1);
+        let refused = &offers.refused[0];
+        assert_eq!(
+            refused.fields,
+            [
+                "spec.store.redis.tls.clientCertSecretName",
+                "spec.api.tls.secretName"
+            ]
+        );
+        assert_eq!(
+            refused.message(&tp),
+            "secret markets/api-cert (named by spec.store.redis.tls.clientCertSecretName, \
+             spec.api.tls.secretName) is offered to pipelines eth only, not to btc; add btc to its \
+             tickfleet.io/allowed-pipelines annotation"
+        );
+        assert_eq!(refused.reason(), "SecretNotOffered");
+    }
 }

@@ -220,7 +220,11 @@ async fn offered_sasl_secret_is_read_and_used() {
             "the api does not talk to Kafka: it gets no Kafka credentials"
         );
         let st = status(&log);
-        let d = st.conditions.iter().find(|c| c.type_ == "Degraded").unwrap();
+        let d = st
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Degraded")
+            .unwrap();
         assert_eq!(d.status, "False", "{annotation:?}: {d:?}");
     }
 }
@@ -289,7 +293,10 @@ async fn every_secret_the_pods_reference_must_be_offered() {
         assert!(!references(&log, WORKER, refused) && !references(&log, API, refused));
         let (reason, message) = degraded(&log);
         assert_eq!(reason, "SecretNotOffered", "{refused}");
-        assert!(message.starts_with(&format!("secret markets/{refused} ")), "{message}");
+        assert!(
+            message.starts_with(&format!("secret markets/{refused} ")),
+            "{message}"
+        );
     }
 }
 
@@ -325,5 +332,8 @@ async fn sasl_read_checks_the_offer_on_the_object_it_read() {
     let err = kafka_connection(&client, &tp, "markets")
         .await
         .expect_err("not offered");
-    assert!(err.to_string().contains("is not offered to pipeline btc"), "{err}");
+    assert!(
+        err.to_string().contains("is not offered to pipeline btc"),
+        "{err}"
+    );
 }

@@ -470,6 +470,16 @@ async fn sasl_credentials_come_from_the_secret() {
                 ]
                 .into(),
             ),
+            metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+                annotations: Some(
+                    [(
+                        crate::offer::ALLOWED_PIPELINES_ANNOTATION.to_string(),
+                        "btc".to_string(),
+                    )]
+                    .into(),
+                ),
+                ..Default::default()
+            },
             ..Secret::default()
         },
     );
@@ -487,11 +497,16 @@ async fn sasl_credentials_come_from_the_secret() {
         vec!["GET /api/v1/namespaces/markets/secrets/kafka-creds"]
     );
 
-    // a missing Secret: Degraded, children still applied, retried
+    // a missing Secret: Degraded, retried; the children not using it are still applied
+    // (controller/secret_tests.rs covers refusals in detail)
     let (res, log, _) = run(server_for(&tp), Arc::new(FakeKafka::default()), &tp).await;
     assert_eq!(res.expect_err("no secret").metric_label(), "secret");
     assert_eq!(log[0].uri, "/api/v1/namespaces/markets/secrets/kafka-creds");
     let st = status_of(&log);
-    assert_eq!(cond(&st, "Degraded").reason, "KafkaCredentialsUnavailable");
-    assert_eq!(log[1].uri, format!("{CM}{APPLY}"));
+    assert_eq!(cond(&st, "Degraded").reason, "SecretNotFound");
+    assert_eq!(
+        uris(&log)[1..],
+        [CM, PDB, API, SVC, STATUS].map(patch),
+        "no worker Deployment: its pods would reference the missing Secret"
+    );
 }

@@ -91,7 +91,7 @@ pub fn config_hash(tp: &TickPipeline, component: &str, data: &BTreeMap<String, S
         hasher.update(v.as_bytes());
         hasher.update([0]);
     }
-    for env in secret_env(tp) {
+    for env in secret_env(tp, component) {
         if let Some(sel) = env.value_from.and_then(|v| v.secret_key_ref) {
             hasher.update(env.name.as_bytes());
             hasher.update([0]);

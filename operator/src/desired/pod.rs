@@ -132,7 +132,7 @@ pub(super) fn component_deployment(
         format!("0.0.0.0:{}", c.admin_port),
     )];
     env.extend(c.extra_env);
-    env.extend(secret_env(tp));
+    env.extend(secret_env(tp, c.component));
     for m in secret_mounts(tp, c.component) {
         volumes.push(m.volume);
         mounts.push(m.mount);

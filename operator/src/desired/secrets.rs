@@ -1,6 +1,7 @@
 //! Secrets a pipeline's pods use, by reference only: env vars read from Secrets (the Redis URL,
-//! the Kafka SASL credentials) and Secrets mounted as files (TLS certificates and keys). The
-//! operator never reads them.
+//! the Kafka SASL credentials) and Secrets mounted as files (TLS certificates and keys). Each
+//! component gets only the Secrets it uses. The controller applies a Deployment only when every
+//! Secret it references was offered to the pipeline ([`crate::offer`]).
 
 use k8s_openapi::api::core::v1::{
     EnvVar, EnvVarSource, KeyToPath, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
@@ -35,12 +36,16 @@ pub(super) fn secret_env_var(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// Environment variables read from Secrets: the Redis URL when given by reference, and the Kafka
-/// SASL credentials.
-pub fn secret_env(tp: &TickPipeline) -> Vec<EnvVar> {
+/// Environment variables a component's pods (`worker` or `api`) read from Secrets: the Redis URL
+/// when given by reference (both), and the Kafka SASL credentials (workers only: the api does not
+/// talk to Kafka, so its pods do not get them).
+pub fn secret_env(tp: &TickPipeline, component: &str) -> Vec<EnvVar> {
     let mut env = Vec::new();
     if let Some(r) = &tp.spec.store.redis.url_secret_ref {
         env.push(secret_env_var("TICKFLEET_REDIS_URL", &r.name, &r.key));
+    }
+    if component != "worker" {
+        return env;
     }
     if let Some(sasl) = tp.spec.kafka.auth.as_ref().and_then(|a| a.sasl.as_ref()) {
         let s = &sasl.credentials_secret;
@@ -261,15 +266,23 @@ mod tests {
                 find("TICKFLEET_REDIS_URL"),
                 secret_env_var("TICKFLEET_REDIS_URL", "redis-auth", "url")
             );
-            assert_eq!(
-                find("TICKFLEET_KAFKA_SASL_USERNAME"),
-                secret_env_var("TICKFLEET_KAFKA_SASL_USERNAME", "kafka-creds", "user")
-            );
-            assert_eq!(
-                find("TICKFLEET_KAFKA_SASL_PASSWORD"),
-                secret_env_var("TICKFLEET_KAFKA_SASL_PASSWORD", "kafka-creds", "pass")
-            );
         }
+        let worker = env_of(&worker_deployment(&tp, 1, "h"));
+        let find = |n: &str| worker.iter().find(|e| e.name == n).cloned().unwrap();
+        assert_eq!(
+            find("TICKFLEET_KAFKA_SASL_USERNAME"),
+            secret_env_var("TICKFLEET_KAFKA_SASL_USERNAME", "kafka-creds", "user")
+        );
+        assert_eq!(
+            find("TICKFLEET_KAFKA_SASL_PASSWORD"),
+            secret_env_var("TICKFLEET_KAFKA_SASL_PASSWORD", "kafka-creds", "pass")
+        );
+        // the api does not talk to Kafka: no Kafka credentials in its pods
+        assert!(
+            env_of(&api_deployment(&tp, "h"))
+                .iter()
+                .all(|e| !e.name.starts_with("TICKFLEET_KAFKA_SASL"))
+        );
         // switching the Secret rolls the pods too
         let mut other = tp.clone();
         other.spec.store.redis.url_secret_ref.as_mut().unwrap().name = "redis-auth-2".into();
