@@ -8,7 +8,8 @@
 //! - [`kafka`]: topic admin and consumer-lag measurement behind a small trait;
 //! - [`controller`]: the reconcile loop (server-side apply of children, status);
 //! - [`metrics`]: Prometheus metrics of the operator;
-//! - [`leader`]: leader election on a `coordination.k8s.io` Lease.
+//! - [`leader`]: leader election on a `coordination.k8s.io` Lease;
+//! - [`offer`]: which Secrets a pipeline may use (the `tickfleet.io/allowed-pipelines` offer).
 
 pub mod autoscale;
 pub mod conditions;
