@@ -3,14 +3,14 @@
 //! One reconcile of a `TickPipeline`:
 //! 1. paused (annotation `tickfleet.io/paused: "true"`)? write only the `Paused` condition;
 //! 2. invalid spec? write `Degraded/InvalidSpec` and wait for the spec to change (no retry loop);
-//! 2b. check that every Secret the spec names was offered to the pipeline ([`crate::offer`]); a
+//! 3. check that every Secret the spec names was offered to the pipeline ([`crate::offer`]); a
 //!    refused one is reported (`SecretNotOffered`, ...), never read, and keeps the Deployments
 //!    that would reference it from being applied;
-//! 3. make sure the Kafka topic has its partitions (create or grow, never shrink);
-//! 4. with autoscaling, measure the group's lag and decide the worker count;
-//! 5. server-side apply every child (ConfigMap, worker Deployment, PDB, api Deployment, Service)
+//! 4. make sure the Kafka topic has its partitions (create or grow, never shrink);
+//! 5. with autoscaling, measure the group's lag and decide the worker count;
+//! 6. server-side apply every child (ConfigMap, worker Deployment, PDB, api Deployment, Service)
 //!    with the field manager `tickfleet-operator` and an owner reference to the pipeline;
-//! 6. server-side apply the status (conditions, `observedGeneration`, replicas, lag, partitions).
+//! 7. server-side apply the status (conditions, `observedGeneration`, replicas, lag, partitions).
 //!
 //! Transient failures (API server, Kafka, Secrets) still write status where they can, then return
 //! an error so [`error_policy`] requeues with exponential backoff.

@@ -482,13 +482,14 @@ async fn standby_takes_over_only_the_record_it_saw_unchanged() {
         started >= later,
         "not before the record it saw stayed unchanged for a lease duration"
     );
-    let log = log.lock().unwrap();
-    let take = log.last().unwrap();
-    assert_eq!(take.method, "PUT");
-    assert_eq!(take.body["spec"]["holderIdentity"], "op-b");
-    assert_eq!(take.body["spec"]["leaseTransitions"], 1);
+    {
+        let log = log.lock().unwrap();
+        let take = log.last().unwrap();
+        assert_eq!(take.method, "PUT");
+        assert_eq!(take.body["spec"]["holderIdentity"], "op-b");
+        assert_eq!(take.body["spec"]["leaseTransitions"], 1);
+    }
     // and a, on its next renewal, sees b and gives up
-    drop(log);
     let Attempt::HeldBy { holder, .. } = a.try_acquire_or_renew().await.unwrap() else {
         panic!("a must see b")
     };
