@@ -51,6 +51,53 @@ pub fn pipeline() -> TickPipeline {
     tp
 }
 
+/// The Secrets [`pipeline_with_every_secret`] names, in spec order.
+pub const EVERY_SECRET: [&str; 5] = [
+    "kafka-creds",
+    "redis-url",
+    "redis-ca",
+    "redis-client",
+    "api-cert",
+];
+
+/// [`pipeline`] naming every kind of Secret, each a different one: Kafka SASL credentials
+/// `kafka-creds` (keys `username`, `password`), the Redis URL `redis-url`, the Redis CA
+/// `redis-ca` and client certificate `redis-client`, and the api certificate `api-cert`.
+pub fn pipeline_with_every_secret() -> TickPipeline {
+    use crate::crd::{
+        ApiTlsSpec, CredentialsSecretRef, KafkaAuth, RedisTlsSpec, SaslMechanism, SaslSpec,
+        SecretKeyRef, SecurityProtocol,
+    };
+    let mut tp = pipeline();
+    tp.spec.kafka.auth = Some(KafkaAuth {
+        security_protocol: SecurityProtocol::SaslSsl,
+        sasl: Some(SaslSpec {
+            mechanism: SaslMechanism::ScramSha512,
+            credentials_secret: CredentialsSecretRef {
+                name: "kafka-creds".into(),
+                username_key: "username".into(),
+                password_key: "password".into(),
+            },
+        }),
+    });
+    tp.spec.store.redis.url = None;
+    tp.spec.store.redis.url_secret_ref = Some(SecretKeyRef {
+        name: "redis-url".into(),
+        key: "url".into(),
+    });
+    tp.spec.store.redis.tls = Some(RedisTlsSpec {
+        ca_secret_ref: Some(SecretKeyRef {
+            name: "redis-ca".into(),
+            key: "ca.crt".into(),
+        }),
+        client_cert_secret_name: Some("redis-client".into()),
+    });
+    tp.spec.api.tls = Some(ApiTlsSpec {
+        secret_name: "api-cert".into(),
+    });
+    tp
+}
+
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 

@@ -315,11 +315,7 @@ pub fn pod_secrets(pod: &PodSpec) -> BTreeSet<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{
-        ApiTlsSpec, CredentialsSecretRef, KafkaAuth, RedisTlsSpec, SaslMechanism, SaslSpec,
-        SecretKeyRef, SecurityProtocol,
-    };
-    use crate::fixtures::pipeline;
+    use crate::fixtures::pipeline_with_every_secret;
 
     fn annotated(value: Option<&str>) -> ObjectMeta {
         ObjectMeta {
@@ -356,41 +352,9 @@ mod tests {
         assert_eq!(verdict(None, "btc"), Err(Refusal::NotFound));
     }
 
-    /// A pipeline naming every kind of Secret, each a different one.
-    fn every_secret() -> TickPipeline {
-        let mut tp = pipeline();
-        tp.spec.kafka.auth = Some(KafkaAuth {
-            security_protocol: SecurityProtocol::SaslSsl,
-            sasl: Some(SaslSpec {
-                mechanism: SaslMechanism::ScramSha512,
-                credentials_secret: CredentialsSecretRef {
-                    name: "kafka-creds".into(),
-                    username_key: "u".into(),
-                    password_key: "p".into(),
-                },
-            }),
-        });
-        tp.spec.store.redis.url = None;
-        tp.spec.store.redis.url_secret_ref = Some(SecretKeyRef {
-            name: "redis-url".into(),
-            key: "url".into(),
-        });
-        tp.spec.store.redis.tls = Some(RedisTlsSpec {
-            ca_secret_ref: Some(SecretKeyRef {
-                name: "redis-ca".into(),
-                key: "ca.crt".into(),
-            }),
-            client_cert_secret_name: Some("redis-client".into()),
-        });
-        tp.spec.api.tls = Some(ApiTlsSpec {
-            secret_name: "api-cert".into(),
-        });
-        tp
-    }
-
     #[test]
     fn every_secret_a_desired_pod_references_is_one_the_spec_names() {
-        let tp = every_secret();
+        let tp = pipeline_with_every_secret();
         let named: BTreeSet<String> = secret_uses(&tp).into_iter().map(|u| u.secret).collect();
         let children = crate::desired::desired(&tp, 2);
         let pod = |d: &Deployment| pod_secrets(d.spec.template.spec.as_ref().unwrap());
@@ -469,7 +433,7 @@ mod tests {
 
     #[test]
     fn a_secret_named_twice_is_checked_once_and_reported_with_both_fields() {
-        let mut tp = every_secret();
+        let mut tp = pipeline_with_every_secret();
         tp.spec
             .store
             .redis

@@ -9,10 +9,11 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
 use super::*;
 use crate::crd::{
-    ApiTlsSpec, CredentialsSecretRef, KafkaAuth, RedisTlsSpec, SaslMechanism, SaslSpec,
-    SecretKeyRef, SecurityProtocol, TickPipelineStatus,
+    CredentialsSecretRef, KafkaAuth, SaslMechanism, SaslSpec, SecurityProtocol, TickPipelineStatus,
 };
-use crate::fixtures::{ApiServer, FakeKafka, Recorded, pipeline};
+use crate::fixtures::{
+    ApiServer, EVERY_SECRET, FakeKafka, Recorded, pipeline, pipeline_with_every_secret,
+};
 use crate::offer::ALLOWED_PIPELINES_ANNOTATION;
 
 const SECRETS: &str = "/api/v1/namespaces/markets/secrets";
@@ -229,40 +230,14 @@ async fn offered_sasl_secret_is_read_and_used() {
     }
 }
 
-/// A pipeline naming every kind of Secret, each one its own.
-fn every_secret() -> TickPipeline {
-    let mut tp = sasl_pipeline("kafka-creds");
-    tp.spec.store.redis.url = None;
-    tp.spec.store.redis.url_secret_ref = Some(SecretKeyRef {
-        name: "redis-url".into(),
-        key: "url".into(),
-    });
-    tp.spec.store.redis.tls = Some(RedisTlsSpec {
-        ca_secret_ref: Some(SecretKeyRef {
-            name: "redis-ca".into(),
-            key: "ca.crt".into(),
-        }),
-        client_cert_secret_name: Some("redis-client".into()),
-    });
-    tp.spec.api.tls = Some(ApiTlsSpec {
-        secret_name: "api-cert".into(),
-    });
-    tp
-}
-
-const EVERY: [&str; 5] = [
-    "kafka-creds",
-    "redis-url",
-    "redis-ca",
-    "redis-client",
-    "api-cert",
-];
-
 #[tokio::test]
 async fn every_secret_the_pods_reference_must_be_offered() {
     // all offered: everything applied
-    let tp = every_secret();
-    let all: Vec<Secret> = EVERY.iter().map(|n| secret(n, Some("btc"))).collect();
+    let tp = pipeline_with_every_secret();
+    let all: Vec<Secret> = EVERY_SECRET
+        .iter()
+        .map(|n| secret(n, Some("btc")))
+        .collect();
     let (res, log) = reconcile_with(&tp, all, Arc::new(FakeKafka::with_topic("ticks", 6))).await;
     res.expect("all offered");
     assert!(applied(&log, WORKER) && applied(&log, API));
@@ -271,7 +246,7 @@ async fn every_secret_the_pods_reference_must_be_offered() {
         .filter(|(_, whole)| !whole)
         .map(|(n, _)| n)
         .collect();
-    assert_eq!(metadata_checks, EVERY.to_vec(), "each checked once");
+    assert_eq!(metadata_checks, EVERY_SECRET.to_vec(), "each checked once");
 
     // one at a time not offered: the Deployments whose pods would reference it are not applied
     for (refused, worker_refs, api_refs) in [
@@ -281,7 +256,7 @@ async fn every_secret_the_pods_reference_must_be_offered() {
         ("api-cert", false, true),
         ("kafka-creds", true, false),
     ] {
-        let secrets = EVERY
+        let secrets = EVERY_SECRET
             .iter()
             .map(|n| secret(n, (*n != refused).then_some("btc")))
             .collect();

@@ -398,24 +398,34 @@ fn fast() -> LeaseConfig {
     }
 }
 
-#[tokio::test]
-async fn a_hung_renewal_is_cut_off_and_loses_leadership() {
-    // issue 11 #6: the renew call had no timeout of its own; a hung API server kept the
-    // leader reconciling with no valid lease, forever
+/// Renews `op-a`'s Lease on `server` (fast timings) until `hold` returns; its end and the
+/// requests made. The 30 s limit only keeps a hang from stalling the run.
+async fn hold_on(server: ApiServer) -> (HoldEnd, Vec<String>) {
     let (client, log) = ApiServer {
         lease: Some(held_lease("op-a", Timestamp::now(), "5")),
-        hang: vec![("PUT", format!("{LEASE}/tickfleet-operator"))],
-        ..ApiServer::default()
+        ..server
     }
     .start();
     let e = LeaderElector::new(client, fast());
     let shutdown = CancellationToken::new();
     let end = tokio::time::timeout(Duration::from_secs(30), e.hold(Instant::now(), &shutdown))
         .await
-        .expect("hold returns instead of hanging on the renewal");
+        .expect("hold returns instead of hanging");
+    (end, requests(&log))
+}
+
+#[tokio::test]
+async fn a_hung_renewal_is_cut_off_and_loses_leadership() {
+    // issue 11 #6: the renew call had no timeout of its own; a hung API server kept the
+    // leader reconciling with no valid lease, forever
+    let (end, requests) = hold_on(ApiServer {
+        hang: vec![("PUT", format!("{LEASE}/tickfleet-operator"))],
+        ..ApiServer::default()
+    })
+    .await;
     assert_eq!(end, HoldEnd::Lost);
     assert_eq!(
-        requests(&log),
+        requests,
         vec![
             format!("GET {LEASE}/tickfleet-operator"),
             format!("PUT {LEASE}/tickfleet-operator?")
@@ -426,22 +436,13 @@ async fn a_hung_renewal_is_cut_off_and_loses_leadership() {
 
 #[tokio::test]
 async fn failing_renewals_are_retried_until_the_renew_deadline() {
-    let (client, log) = ApiServer {
-        lease: Some(held_lease("op-a", Timestamp::now(), "5")),
+    let (end, requests) = hold_on(ApiServer {
         fail: vec![("PUT", format!("{LEASE}/tickfleet-operator"), 500)],
         ..ApiServer::default()
-    }
-    .start();
-    let e = LeaderElector::new(client, fast());
-    let shutdown = CancellationToken::new();
-    let end = tokio::time::timeout(Duration::from_secs(30), e.hold(Instant::now(), &shutdown))
-        .await
-        .expect("hold returns");
+    })
+    .await;
     assert_eq!(end, HoldEnd::Lost);
-    let puts = requests(&log)
-        .iter()
-        .filter(|r| r.starts_with("PUT"))
-        .count();
+    let puts = requests.iter().filter(|r| r.starts_with("PUT")).count();
     assert!(puts >= 1, "retried: {puts}");
 }
 
