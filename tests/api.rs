@@ -1,4 +1,4 @@
-//! The api and the query commands end to end, with the real binaries: `tickctl produce` → dev broker →
+//! The api and the query commands end to end, with the real binaries: `tickctl produce` → Apache Kafka →
 //! `tickfleet-worker` → redis-server → two `tickfleet-api` replicas → `tickctl watch`/queries; and
 //! `tickctl demo` as a user runs it, stopped with Ctrl-C (SIGINT).
 
@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use tickfleet_e2e::{
-    Api, DevBroker, Watch, Worker, WorkerSetup, bin, free_port, produce, redis_url, signal,
+    Api, Watch, Worker, WorkerSetup, bin, free_port, produce, redis_url, shared_topic, signal,
     tickctl_json, unique, wait_exit, wait_for, wait_verified,
 };
 
@@ -32,11 +32,11 @@ fn expected(report: &std::path::Path) -> BTreeMap<String, u64> {
 #[test]
 fn two_api_replicas_stream_every_tick_a_worker_stores_once() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:4"]);
+    let (bootstrap, topic) = shared_topic("api", 4);
     let prefix = unique("e2e-api");
     let setup = WorkerSetup {
         prefix: prefix.clone(),
-        ..WorkerSetup::new(&broker, dir.path(), &redis_url())
+        ..WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url())
     };
     let apis = [
         Api::start(&prefix, dir.path(), 0),
@@ -64,8 +64,8 @@ fn two_api_replicas_stream_every_tick_a_worker_stores_once() {
     }
     let _worker = Worker::start(&setup, 0);
     let report = produce(
-        &broker.bootstrap,
-        "ticks",
+        &bootstrap,
+        &topic,
         dir.path(),
         &[
             "--count",

@@ -1,19 +1,24 @@
-//! CI's smoke run of `tickctl bench`: the benchmark works end to end on a small backlog (20k ticks). The
-//! figures it prints are not checked — speed is measured by `scripts/bench.sh`, not asserted in tests.
+//! CI's smoke run of `tickctl bench`: the benchmark works end to end on a small backlog (20k ticks) in a
+//! topic of its own on the run's Apache Kafka. The figures it prints are not checked — speed is measured
+//! by `scripts/bench.sh`, not asserted in tests.
 
-use tickfleet_e2e::{Api, DevBroker, redis_url, tickctl};
+use tickfleet_e2e::{Api, redis_url, shared_kafka, tickctl, unique};
 
 #[test]
 fn bench_ingest_and_consume_run_end_to_end() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["bench:16"]);
+    let bootstrap = shared_kafka();
+    let topic = unique("bench");
+    tickfleet_e2e::create_topic(&bootstrap, &[], &topic, 16, None);
     let out = dir.path().join("ingest.json");
     let redis = redis_url();
     let (ok, stdout) = tickctl(&[
         "bench",
         "ingest",
         "--brokers",
-        &broker.bootstrap,
+        &bootstrap,
+        "--topic",
+        &topic,
         "--redis",
         &redis,
         "--ticks",
@@ -68,7 +73,9 @@ fn bench_ingest_and_consume_run_end_to_end() {
         "bench",
         "ingest",
         "--brokers",
-        &broker.bootstrap,
+        &bootstrap,
+        "--topic",
+        &topic,
         "--redis",
         &redis,
         "--skip-produce",
@@ -78,7 +85,14 @@ fn bench_ingest_and_consume_run_end_to_end() {
     ]);
     assert!(!ok, "a broken worker must fail the bench");
 
-    let (ok, stdout) = tickctl(&["bench", "consume", "--brokers", &broker.bootstrap]);
+    let (ok, stdout) = tickctl(&[
+        "bench",
+        "consume",
+        "--brokers",
+        &bootstrap,
+        "--topic",
+        &topic,
+    ]);
     assert!(ok);
     assert!(stdout.contains("raw consume: 20000 messages"), "{stdout}");
 }

@@ -1,7 +1,11 @@
-//! The chaos suite: 300k ticks over 100 assets into 8 partitions while a seeded driver SIGKILLs and
-//! SIGTERMs workers, scales the group 1 → 4 → 2, restarts Redis once (SIGKILL, then start on the same
-//! data) and takes the broker down and up once. At the end `tickctl verify` must report 0 lost,
-//! 0 duplicated, order kept.
+//! The chaos suite: 300k ticks over 100 assets into 8 partitions of an Apache Kafka broker of the test's
+//! own while a seeded driver SIGKILLs and SIGTERMs workers, scales the group 1 → 4 → 2, restarts Redis
+//! once (SIGKILL, then start on the same data) and SIGKILLs the broker once (then starts it on the same
+//! log dirs). At the end `tickctl verify` must report 0 lost, 0 duplicated, order kept.
+//!
+//! It runs twice: with the classic consumer group protocol (cooperative-sticky), and with KIP-848's
+//! `--group-protocol consumer`, where the broker assigns partitions and moves only those that change
+//! owner, with no group-wide barrier.
 //!
 //! The seed is printed; `TICKFLEET_CHAOS_SEED=N` replays the same schedule (which workers, when, how
 //! long; process timing on a shared machine still varies).
@@ -12,8 +16,8 @@ use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use tickfleet_e2e::{
-    DevBroker, RedisServer, Worker, WorkerSetup, assert_exact, dump_logs, produce_in_background,
-    signal, wait_exit, wait_verified,
+    Kafka, RedisServer, Worker, WorkerSetup, assert_exact, create_topic, dump_logs,
+    produce_in_background, signal, wait_exit, wait_verified,
 };
 
 const TICKS: u64 = 300_000;
@@ -72,11 +76,21 @@ enum Event {
     KillOne,
     TerminateOne,
     RestartRedis,
-    BrokerOutage,
+    BrokerRestart,
 }
 
 #[test]
 fn chaos_loses_nothing_and_doubles_nothing() {
+    chaos(&[]);
+}
+
+#[test]
+fn chaos_on_the_kip848_consumer_group_protocol_loses_nothing_and_doubles_nothing() {
+    chaos(&["--group-protocol", "consumer"]);
+}
+
+/// One chaos run; `worker_args` are given to every worker.
+fn chaos(worker_args: &[&str]) {
     let seed: u64 = std::env::var("TICKFLEET_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -89,8 +103,10 @@ fn chaos_loses_nothing_and_doubles_nothing() {
 
     let dir = tempfile::tempdir().unwrap();
     let mut redis = RedisServer::start(&dir.path().join("redis"));
-    let broker = DevBroker::start(&["ticks:8"]);
-    let setup = WorkerSetup::new(&broker, dir.path(), &redis.url());
+    let kafka = Kafka::start(&[]);
+    create_topic(&kafka.bootstrap, &[], "ticks", 8, None);
+    let mut setup = WorkerSetup::on(&kafka.bootstrap, "ticks", dir.path(), &redis.url());
+    setup.args = worker_args.iter().map(|a| a.to_string()).collect();
     let mut fleet = Fleet {
         setup: setup.clone(),
         live: Vec::new(),
@@ -99,7 +115,7 @@ fn chaos_loses_nothing_and_doubles_nothing() {
         started: Instant::now(),
     };
     let producer = produce_in_background(
-        &broker.bootstrap,
+        &kafka.bootstrap,
         dir.path(),
         &[
             "--count",
@@ -128,7 +144,7 @@ fn chaos_loses_nothing_and_doubles_nothing() {
         Event::KillOne,
         Event::TerminateOne,
         Event::RestartRedis,
-        Event::BrokerOutage,
+        Event::BrokerRestart,
         Event::KillOne,
     ];
     events.shuffle(&mut rng);
@@ -152,12 +168,12 @@ fn chaos_loses_nothing_and_doubles_nothing() {
                 redis.start_again();
                 fleet.log("Redis back");
             }
-            Event::BrokerOutage => {
-                broker.down();
-                fleet.log("broker down");
+            Event::BrokerRestart => {
+                kafka.kill();
+                fleet.log("broker SIGKILLed");
                 pause(&mut rng, 3_000, 8_000);
-                broker.up();
-                fleet.log("broker up");
+                kafka.restart();
+                fleet.log("broker back on its log dirs");
             }
         }
     }

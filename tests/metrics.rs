@@ -1,10 +1,11 @@
 //! The dashboards and alert rules, proven against a real Prometheus.
 //!
-//! One test starts, on loopback: the dev broker; pipeline `prices` — two `tickfleet-worker`s storing
+//! One test starts, on loopback: a topic of its own on the run's Apache Kafka, created by the operator's
+//! topic ensure (`spec.kafka.partitions`) before any worker starts; pipeline `prices` — two `tickfleet-worker`s storing
 //! into the test's redis-server; pipeline `stalled` — one worker whose Redis is unreachable, so it stays
 //! not ready and its partitions do not progress; the real `tickfleet-operator` binary (leader election
 //! off) against [`FakeKube`], a small fake Kubernetes API server serving a valid autoscaled
-//! `TickPipeline` (whose lag the operator measures on the dev broker, for the `prices` workers' group)
+//! `TickPipeline` (whose lag the operator measures from the offsets the `prices` workers' group commits)
 //! and an invalid one (a reconcile failure); a `tickfleet-api` over pipeline `prices`' keys (stream buffer
 //! of 16 messages) with one `tickctl watch` reading its tick stream, one `tickctl watch` stopped with
 //! SIGSTOP (a client too slow to read: its messages are dropped), and a loop of `tickctl latest` queries
@@ -42,8 +43,8 @@ use serde_json::{Value, json};
 use tickfleet_e2e::kube::FakeKube;
 use tickfleet_e2e::prometheus::{Prometheus, has_finite_sample};
 use tickfleet_e2e::{
-    Api, DevBroker, Operator, Producer, Watch, Worker, WorkerSetup, dump_logs, free_port,
-    redis_url, signal, tickctl_json, wait_for,
+    Api, Operator, Producer, Watch, Worker, WorkerSetup, create_topic, dump_logs, free_port,
+    redis_url, shared_kafka, signal, tickctl_json, topic_partitions, unique, wait_for,
 };
 
 /// Rules whose condition the test brings about (poison messages; a worker without its Redis): their
@@ -300,24 +301,26 @@ fn pipeline(name: &str, spec: Value) -> Value {
 fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     let started = Instant::now();
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:8", "ticks.dlq:2"]);
+    let bootstrap = shared_kafka();
+    let topic = unique("metrics");
+    // The dead-letter topic is the test's to make; the pipeline's topic is the operator's (below).
+    create_topic(&bootstrap, &[], &format!("{topic}.dlq"), 2, None);
 
-    let prices = WorkerSetup::new(&broker, dir.path(), &redis_url());
-    let workers = vec![Worker::start(&prices, 0), Worker::start(&prices, 1)];
+    let prices = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
     // nothing listens on this port: the worker starts (Redis connects lazily) and stays not ready
-    let stalled_setup = WorkerSetup::new(
-        &broker,
+    let stalled_setup = WorkerSetup::on(
+        &bootstrap,
+        &topic,
         dir.path(),
         &format!("redis://127.0.0.1:{}", free_port()),
     );
-    let stalled = Worker::start(&stalled_setup, 2);
 
     let kube = FakeKube::start(vec![
         pipeline(
             "prices",
             json!({
                 "image": "ghcr.io/tickfleet/tickfleet:test",
-                "kafka": {"bootstrapServers": broker.bootstrap, "topic": "ticks", "partitions": 8,
+                "kafka": {"bootstrapServers": bootstrap, "topic": topic, "partitions": 8,
                           "consumerGroup": prices.group},
                 "store": {"redis": {"url": redis_url()}},
                 "workers": {"replicas": 2, "autoscaling": {"enabled": true, "minReplicas": 1,
@@ -329,12 +332,21 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
             "broken",
             json!({
                 "image": "",
-                "kafka": {"bootstrapServers": broker.bootstrap, "topic": "ticks", "partitions": 8},
+                "kafka": {"bootstrapServers": bootstrap, "topic": topic, "partitions": 8},
                 "store": {"redis": {"url": redis_url()}},
             }),
         ),
     ]);
     let operator = Operator::start(&kube.kubeconfig(dir.path()), dir.path());
+    // The operator's topic ensure creates the topic through the broker's admin API.
+    wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "the operator to create the pipeline's topic with 8 partitions",
+        || (topic_partitions(&bootstrap, &[], &topic) == Some(8)).then_some(()),
+    );
+    let workers = vec![Worker::start(&prices, 0), Worker::start(&prices, 1)];
+    let stalled = Worker::start(&stalled_setup, 2);
 
     // the api over pipeline prices' keys: one live stream, one stopped client, queries (OK and invalid)
     let api = Api::start_with(&prices.prefix, dir.path(), 0, &["--stream-buffer", "16"]);
@@ -367,8 +379,8 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
 
     // load for as long as the proof takes (killed at the end)
     let _producer = Producer::start(
-        &broker.bootstrap,
-        "ticks",
+        &bootstrap,
+        &topic,
         &[
             "--rate",
             "2000",

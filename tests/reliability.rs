@@ -1,13 +1,14 @@
-//! Reliability end to end, with the real binaries: poison messages, a Redis outage, an Apache Kafka broker
-//! SIGKILLed and restarted on its log dirs, and a SIGKILLed worker. Each test counts: `tickctl verify` must find every produced tick stored exactly once.
+//! Reliability end to end, with the real binaries on Apache Kafka: poison messages, a Redis outage, a
+//! broker SIGKILLed and restarted on its log dirs, and a SIGKILLed worker. Each test counts: `tickctl
+//! verify` must find every produced tick stored exactly once.
 
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
 use tickfleet_e2e::{
-    DevBroker, Kafka, RedisServer, Worker, WorkerSetup, assert_exact, create_topic, dump_logs,
-    http_get, produce, produce_in_background, redis_url, signal, tickctl, total, wait_exit,
-    wait_for, wait_verified,
+    Kafka, RedisServer, Worker, WorkerSetup, assert_exact, create_topic, dump_logs, http_get,
+    partition_leaders, produce, produce_in_background, produce_to_in_background, redis_url,
+    shared_topic, signal, tickctl, total, wait_exit, wait_for, wait_verified,
 };
 
 const STORED: &str = "tickfleet_worker_ticks_stored_total";
@@ -22,13 +23,14 @@ fn report_counts(report: &std::path::Path) -> serde_json::Value {
 #[test]
 fn poison_goes_to_the_dlq_with_its_reason_valid_ticks_are_stored_and_replay_works_after_a_fix() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:4", "ticks.dlq:2"]);
-    let setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
+    let (bootstrap, topic) = shared_topic("reliability", 4);
+    let dlq = format!("{topic}.dlq");
+    let setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
     let worker = Worker::start(&setup, 0);
     // 6000 ticks, and after every 100 one poison message: 60, ten of each kind.
     let report = produce(
-        &broker.bootstrap,
-        "ticks",
+        &bootstrap,
+        &topic,
         dir.path(),
         &[
             "--count",
@@ -65,9 +67,9 @@ fn poison_goes_to_the_dlq_with_its_reason_valid_ticks_are_stored_and_replay_work
         "list",
         "--json",
         "--brokers",
-        &broker.bootstrap,
+        &bootstrap,
         "--topic",
-        "ticks.dlq",
+        &dlq,
     ]);
     assert!(ok);
     let letters: Vec<serde_json::Value> = serde_json::from_str(&out).unwrap();
@@ -77,7 +79,13 @@ fn poison_goes_to_the_dlq_with_its_reason_valid_ticks_are_stored_and_replay_work
             .entry(l["reason"].as_str().unwrap().to_owned())
             .or_default() += 1;
         assert!(!l["error"].as_str().unwrap().is_empty(), "{l}");
-        assert!(l["source"].as_str().unwrap().starts_with("ticks/"), "{l}");
+        assert!(
+            l["source"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("{topic}/")),
+            "{l}"
+        );
     }
     assert_eq!(by_reason, expected, "dead letters by reason");
 
@@ -95,9 +103,9 @@ fn poison_goes_to_the_dlq_with_its_reason_valid_ticks_are_stored_and_replay_work
         "dlq",
         "replay",
         "--brokers",
-        &broker.bootstrap,
+        &bootstrap,
         "--topic",
-        "ticks.dlq",
+        &dlq,
         "--reason",
         "oversized",
     ]);
@@ -118,9 +126,9 @@ fn poison_goes_to_the_dlq_with_its_reason_valid_ticks_are_stored_and_replay_work
         "dlq",
         "replay",
         "--brokers",
-        &broker.bootstrap,
+        &bootstrap,
         "--topic",
-        "ticks.dlq",
+        &dlq,
         "--reason",
         "oversized",
     ]);
@@ -132,11 +140,12 @@ fn poison_goes_to_the_dlq_with_its_reason_valid_ticks_are_stored_and_replay_work
 fn redis_down_30s_pauses_commits_and_loses_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let mut redis = RedisServer::start(&dir.path().join("redis"));
-    let broker = DevBroker::start(&["ticks:8"]);
-    let setup = WorkerSetup::new(&broker, dir.path(), &redis.url());
+    let (bootstrap, topic) = shared_topic("reliability", 8);
+    let setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis.url());
     let workers: Vec<Worker> = (0..2).map(|n| Worker::start(&setup, n)).collect();
-    let producer = produce_in_background(
-        &broker.bootstrap,
+    let producer = produce_to_in_background(
+        &bootstrap,
+        &topic,
         dir.path(),
         &[
             "--count", "60000", "--assets", "40", "--rate", "4000", "--seed", "11",
@@ -278,10 +287,77 @@ fn broker_sigkilled_and_restarted_on_its_log_dirs_workers_reconnect_and_lose_not
 }
 
 #[test]
+fn three_brokers_rf3_acks_all_partition_leader_sigkilled_mid_stream_nothing_lost_nothing_doubled() {
+    let dir = tempfile::tempdir().unwrap();
+    // Three KRaft nodes (each broker and controller, one quorum); min.insync.replicas 2.
+    let kafka = Kafka::start(&["--nodes", "3"]);
+    create_topic(&kafka.bootstrap, &[], "ticks", 8, Some(3));
+    create_topic(&kafka.bootstrap, &[], "ticks.dlq", 2, Some(3));
+    let setup = WorkerSetup::on(&kafka.bootstrap, "ticks", dir.path(), &redis_url());
+    let mut workers: Vec<Worker> = (0..2).map(|n| Worker::start(&setup, n)).collect();
+    let producer = produce_in_background(
+        &kafka.bootstrap,
+        dir.path(),
+        &[
+            "--count",
+            "60000",
+            "--assets",
+            "40",
+            "--rate",
+            "4000",
+            "--seed",
+            "23",
+            "--kafka-option",
+            "acks=all",
+        ],
+    );
+    wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "10k ticks stored",
+        || (total(&workers, STORED) >= 10_000.0).then_some(()),
+    );
+    // The leader of partition 0 (node id K is node-K) dies mid-stream.
+    let victim = partition_leaders(&kafka.bootstrap, &[], "ticks")[0];
+    assert!(victim >= 1, "partition 0 has a leader");
+    kafka.kill_node(usize::try_from(victim).unwrap());
+    let stored_at_kill = total(&workers, STORED);
+    let leaders = wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "partition 0 to be led by a surviving broker",
+        || {
+            let l = partition_leaders(&kafka.bootstrap, &[], "ticks");
+            (l[0] >= 1 && l[0] != victim).then_some(l)
+        },
+    );
+    eprintln!("broker {victim} SIGKILLed; leaders now {leaders:?}");
+    let report = producer.join().unwrap();
+    let summary = wait_verified(
+        &report,
+        &setup.redis_url,
+        &setup.prefix,
+        Duration::from_secs(120),
+    );
+    assert_exact(&summary, 40, 60_000);
+    assert!(
+        total(&workers, STORED) > stored_at_kill,
+        "the workers carried on after the leader died"
+    );
+    for w in &mut workers {
+        assert!(
+            w.child.try_wait().unwrap().is_none(),
+            "a worker exited\n{}",
+            w.log_text()
+        );
+    }
+}
+
+#[test]
 fn sigkill_mid_batch_moves_partitions_and_redelivery_changes_nothing() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:8"]);
-    let setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
+    let (bootstrap, topic) = shared_topic("reliability", 8);
+    let setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
     // Worker 0 commits rarely, so when it is killed it holds stored-but-uncommitted ticks that the
     // survivors must receive again.
     let mut lazy = setup.clone();
@@ -291,8 +367,9 @@ fn sigkill_mid_batch_moves_partitions_and_redelivery_changes_nothing() {
         Worker::start(&setup, 1),
         Worker::start(&setup, 2),
     ];
-    let producer = produce_in_background(
-        &broker.bootstrap,
+    let producer = produce_to_in_background(
+        &bootstrap,
+        &topic,
         dir.path(),
         &[
             "--count", "80000", "--assets", "50", "--rate", "8000", "--seed", "17",
@@ -332,19 +409,19 @@ fn sigkill_mid_batch_moves_partitions_and_redelivery_changes_nothing() {
 fn drain_is_bounded_and_a_second_signal_exits_at_once() {
     let dir = tempfile::tempdir().unwrap();
     let mut redis = RedisServer::start(&dir.path().join("redis"));
-    let broker = DevBroker::start(&["ticks:4"]);
+    let (bootstrap, topic) = shared_topic("reliability", 4);
     // Two independent workers (each its own group and key prefix, so each reads every partition and
     // no rebalance is involved): one to run out its drain bound, one to get a second signal.
     let start = |n| {
-        let mut setup = WorkerSetup::new(&broker, dir.path(), &redis.url());
+        let mut setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis.url());
         setup.args = vec!["--drain-timeout-secs".into(), "4".into()];
         Worker::start(&setup, n)
     };
     let mut bounded = start(0);
     let mut impatient = start(1);
     produce(
-        &broker.bootstrap,
-        "ticks",
+        &bootstrap,
+        &topic,
         dir.path(),
         &["--count", "2000", "--assets", "40"],
     );
@@ -362,8 +439,8 @@ fn drain_is_bounded_and_a_second_signal_exits_at_once() {
     // With Redis gone and ticks in flight, a drain cannot finish: it must stop at its bound, not hang.
     redis.kill();
     produce(
-        &broker.bootstrap,
-        "ticks",
+        &bootstrap,
+        &topic,
         dir.path(),
         &["--count", "2000", "--assets", "40", "--seed", "2"],
     );

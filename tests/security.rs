@@ -1,12 +1,13 @@
-//! Security basics end to end: Redis AUTH and TLS (`rediss://` with a private CA), and no secret in logs.
+//! Security end to end: Redis AUTH and TLS (`rediss://` with a private CA), Apache Kafka with SASL_SSL and
+//! SCRAM-SHA-512 (certificates made with openssl, users with Kafka's own tool), and no secret in logs.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use tickfleet_e2e::{
-    DevBroker, RedisServer, Worker, WorkerSetup, assert_exact, bin, free_port, http_get, produce,
-    redis_url, unique, wait_for,
+    Kafka, RedisServer, Worker, WorkerSetup, assert_exact, bin, create_topic, free_port, http_get,
+    produce, redis_url, shared_topic, unique, wait_for,
 };
 
 const PASSWORD: &str = "s3cret-Pa55word";
@@ -43,11 +44,12 @@ fn verify_with(report: &Path, url: &str, prefix: &str, extra: &[&str]) -> serde_
 fn redis_auth_works_from_the_url_and_the_password_is_never_logged() {
     let dir = tempfile::tempdir().unwrap();
     let redis = RedisServer::start_with(&dir.path().join("redis"), &["--requirepass", PASSWORD]);
-    let broker = DevBroker::start(&["ticks:4"]);
+    let (bootstrap, topic) = shared_topic("security", 4);
     let url = format!("redis://:{PASSWORD}@127.0.0.1:{}", redis.port());
-    let good = WorkerSetup::new(&broker, dir.path(), &url);
-    let mut bad = WorkerSetup::new(
-        &broker,
+    let good = WorkerSetup::on(&bootstrap, &topic, dir.path(), &url);
+    let mut bad = WorkerSetup::on(
+        &bootstrap,
+        &topic,
         dir.path(),
         &format!("redis://:wrong-{PASSWORD}@127.0.0.1:{}", redis.port()),
     );
@@ -56,8 +58,8 @@ fn redis_auth_works_from_the_url_and_the_password_is_never_logged() {
     let worker = Worker::start(&good, 0);
     let refused = Worker::start(&bad, 1);
     let report = produce(
-        &broker.bootstrap,
-        "ticks",
+        &bootstrap,
+        &topic,
         dir.path(),
         &["--count", "3000", "--assets", "10"],
     );
@@ -174,14 +176,14 @@ fn redis_over_tls_with_a_private_ca_stores_everything() {
             "no",
         ],
     );
-    let broker = DevBroker::start(&["ticks:4"]);
+    let (bootstrap, topic) = shared_topic("security", 4);
     let url = format!("rediss://127.0.0.1:{}", redis.port());
-    let mut setup = WorkerSetup::new(&broker, dir.path(), &url);
+    let mut setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &url);
     setup.args = vec!["--redis-ca-file".into(), ca.clone()];
     let worker = Worker::start(&setup, 0);
     let report = produce(
-        &broker.bootstrap,
-        "ticks",
+        &bootstrap,
+        &topic,
         dir.path(),
         &["--count", "3000", "--assets", "10"],
     );
@@ -190,7 +192,7 @@ fn redis_over_tls_with_a_private_ca_stores_everything() {
     assert!(http_get(&worker.admin, "/readyz").is_some());
 
     // Without the CA the server's certificate is not trusted: the worker never becomes ready.
-    let mut untrusting = WorkerSetup::new(&broker, dir.path(), &url);
+    let mut untrusting = WorkerSetup::on(&bootstrap, &topic, dir.path(), &url);
     untrusting.group = unique("untrusting");
     let refused = Worker::start(&untrusting, 1);
     wait_for(
@@ -269,4 +271,181 @@ fn api_serves_grpc_over_tls_and_tickctl_verifies_it() {
     );
     let _ = api.kill();
     let _ = api.wait();
+}
+
+const KAFKA_ADMIN_PASSWORD: &str = "Adm1n-kafka-secret";
+const KAFKA_PASSWORD: &str = "W0rker-kafka-secret";
+
+/// The librdkafka settings of a SASL_SSL + SCRAM-SHA-512 client trusting `ca`.
+fn sasl_ssl<'a>(user: &'a str, password: &'a str, ca: &'a str) -> Vec<(&'a str, &'a str)> {
+    vec![
+        ("security.protocol", "sasl_ssl"),
+        ("sasl.mechanism", "SCRAM-SHA-512"),
+        ("sasl.username", user),
+        ("sasl.password", password),
+        ("ssl.ca.location", ca),
+    ]
+}
+
+/// The `TICKFLEET_KAFKA_*` variables for a SASL_SSL + SCRAM-SHA-512 login trusting `ca`.
+fn kafka_env(user: &str, password: &str, ca: &str) -> Vec<(String, String)> {
+    [
+        ("TICKFLEET_KAFKA_SECURITY_PROTOCOL", "sasl_ssl"),
+        ("TICKFLEET_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
+        ("TICKFLEET_KAFKA_SASL_USERNAME", user),
+        ("TICKFLEET_KAFKA_SASL_PASSWORD", password),
+        ("TICKFLEET_KAFKA_OPTIONS", &format!("ssl.ca.location={ca}")),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+    .collect()
+}
+
+/// Runs `tickctl ARGS` with `env`: (success?, stdout, stderr).
+fn tickctl_env(args: &[&str], env: &[(String, String)]) -> (bool, String, String) {
+    let out = Command::new(bin("tickctl"))
+        .args(args)
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .output()
+        .expect("run tickctl");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn kafka_sasl_ssl_scram_worker_and_tickctl_connect_and_wrong_credentials_are_refused_unlogged() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let file = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (cert, key, ca) = (file("server.pem"), file("server.key"), file("ca.pem"));
+    // A broker whose only client listener is SASL_SSL with SCRAM-SHA-512; both users are made by
+    // Kafka's own StorageTool when the log dirs are formatted.
+    let kafka = Kafka::start(&[
+        "--sasl-ssl",
+        "--tls-cert",
+        &cert,
+        "--tls-key",
+        &key,
+        "--tls-ca",
+        &ca,
+        "--scram",
+        &format!("admin:{KAFKA_ADMIN_PASSWORD}"),
+        "--scram",
+        &format!("tickfleet:{KAFKA_PASSWORD}"),
+    ]);
+    let admin = sasl_ssl("admin", KAFKA_ADMIN_PASSWORD, &ca);
+    create_topic(&kafka.bootstrap, &admin, "ticks", 4, None);
+    create_topic(&kafka.bootstrap, &admin, "ticks.dlq", 2, None);
+
+    let env = kafka_env("tickfleet", KAFKA_PASSWORD, &ca);
+    let mut setup = WorkerSetup::on(&kafka.bootstrap, "ticks", dir.path(), &redis_url());
+    setup.env = env.clone();
+    let worker = Worker::start(&setup, 0);
+
+    let report = file("report.json");
+    let (ok, _, err) = tickctl_env(
+        &[
+            "produce",
+            "--brokers",
+            &kafka.bootstrap,
+            "--topic",
+            "ticks",
+            "--count",
+            "3000",
+            "--assets",
+            "10",
+            "--poison-every",
+            "300",
+            "--report",
+            &report,
+        ],
+        &env,
+    );
+    assert!(ok, "tickctl produce over SASL_SSL: {err}");
+    let summary = verify_with(Path::new(&report), &redis_url(), &setup.prefix, &[]);
+    assert_exact(&summary, 10, 3000);
+    assert!(http_get(&worker.admin, "/readyz").is_some());
+
+    // The worker's dead letters went through the secured producer; tickctl reads them back.
+    let letters = wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        "10 dead letters listed over SASL_SSL",
+        || {
+            let (ok, out, _) = tickctl_env(
+                &[
+                    "dlq",
+                    "list",
+                    "--json",
+                    "--brokers",
+                    &kafka.bootstrap,
+                    "--topic",
+                    "ticks.dlq",
+                ],
+                &env,
+            );
+            let letters: Vec<serde_json::Value> = serde_json::from_str(&out).ok()?;
+            (ok && letters.len() == 10).then_some(letters)
+        },
+    );
+    assert!(
+        letters.iter().all(|l| l["reason"].is_string()),
+        "{letters:?}"
+    );
+
+    // A wrong password: the broker refuses the login; the worker says so, is not ready, stores
+    // nothing, and no log holds either password.
+    let wrong = format!("wrong-{KAFKA_PASSWORD}");
+    let mut bad = WorkerSetup::on(&kafka.bootstrap, "ticks", dir.path(), &redis_url());
+    bad.env = kafka_env("tickfleet", &wrong, &ca);
+    let refused = Worker::start(&bad, 1);
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "the refused worker to log the failed login",
+        || {
+            refused
+                .log_text()
+                .contains("Authentication failed")
+                .then_some(())
+        },
+    );
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "the refused worker to be live but not ready",
+        || {
+            (http_get(&refused.admin, "/healthz").is_some()
+                && http_get(&refused.admin, "/readyz").is_none())
+            .then_some(())
+        },
+    );
+    assert_eq!(refused.metric("tickfleet_worker_ticks_stored_total"), 0.0);
+    let (ok, _, produce_err) = tickctl_env(
+        &[
+            "produce",
+            "--brokers",
+            &kafka.bootstrap,
+            "--topic",
+            "ticks",
+            "--count",
+            "10",
+            "--kafka-option",
+            "message.timeout.ms=10000",
+        ],
+        &bad.env,
+    );
+    assert!(!ok, "tickctl produce with a wrong password succeeded");
+    assert!(
+        produce_err.contains("Authentication failed"),
+        "tickctl produce says why: {produce_err}"
+    );
+    for log in [worker.log_text(), refused.log_text(), produce_err] {
+        for secret in [KAFKA_PASSWORD, KAFKA_ADMIN_PASSWORD] {
+            assert!(!log.contains(secret), "a log holds a password:\n{log}");
+        }
+    }
 }

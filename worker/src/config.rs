@@ -25,6 +25,11 @@ pub struct WorkerConfig {
     /// Consumer group shared by all workers of a pipeline.
     #[arg(long, env = "TICKFLEET_GROUP", default_value = "tickfleet-workers")]
     pub group: String,
+    /// Consumer group protocol: `classic` (cooperative-sticky, assigned by a group member) or
+    /// `consumer` (KIP-848: the broker assigns and moves only what changes; Kafka 4.0 or later; the
+    /// session timeout is then the broker's `group.consumer.session.timeout.ms`).
+    #[arg(long, env = "TICKFLEET_GROUP_PROTOCOL", default_value = "classic", value_parser = ["classic", "consumer"])]
+    pub group_protocol: String,
     /// Payload format: protobuf (tickfleet.v1.Tick) or json ({"symbol","price","timestamp","source"}).
     #[arg(long, env = "TICKFLEET_FORMAT", default_value = "protobuf")]
     pub format: Format,
@@ -113,18 +118,68 @@ impl WorkerConfig {
 
     /// The consumer's librdkafka config.
     pub fn consumer_config(&self) -> ClientConfig {
-        self.kafka.client_config(&[
-            ("group.id", &self.group),
+        let mut defaults = vec![
+            ("group.id", self.group.as_str()),
             ("enable.auto.commit", "false"),
             ("enable.auto.offset.store", "false"),
             ("auto.offset.reset", "earliest"),
-            ("partition.assignment.strategy", "cooperative-sticky"),
-            ("session.timeout.ms", "10000"),
             // Bound what librdkafka prefetches, so a backlog costs Kafka disk, not worker memory.
             ("queued.max.messages.kbytes", "8192"),
             // librdkafka statistics feed the per-partition consumer lag metric; every 5 s is finer than
             // any scrape interval worth having and costs one small JSON document per interval.
             ("statistics.interval.ms", "5000"),
-        ])
+        ];
+        if self.group_protocol == "consumer" {
+            // Assignment and session timeout are the broker's under KIP-848; librdkafka refuses the
+            // classic settings.
+            defaults.push(("group.protocol", "consumer"));
+        } else {
+            defaults.push(("partition.assignment.strategy", "cooperative-sticky"));
+            defaults.push(("session.timeout.ms", "10000"));
+        }
+        self.kafka.client_config(&defaults)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser;
+
+    use super::*;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        config: WorkerConfig,
+    }
+
+    fn consumer(args: &[&str]) -> ClientConfig {
+        Cli::try_parse_from(std::iter::once("tickfleet-worker").chain(args.iter().copied()))
+            .expect("valid flags")
+            .config
+            .consumer_config()
+    }
+
+    #[test]
+    fn the_classic_group_protocol_is_cooperative_sticky_by_default() {
+        let c = consumer(&[]);
+        assert_eq!(
+            c.get("partition.assignment.strategy"),
+            Some("cooperative-sticky")
+        );
+        assert_eq!(c.get("session.timeout.ms"), Some("10000"));
+        assert_eq!(c.get("group.protocol"), None);
+    }
+
+    #[test]
+    fn kip848_leaves_assignment_and_session_timeout_to_the_broker() {
+        let c = consumer(&["--group-protocol", "consumer"]);
+        assert_eq!(c.get("group.protocol"), Some("consumer"));
+        assert_eq!(c.get("partition.assignment.strategy"), None);
+        assert_eq!(c.get("session.timeout.ms"), None);
+        assert!(
+            Cli::try_parse_from(["tickfleet-worker", "--group-protocol", "eager"]).is_err(),
+            "only classic and consumer are accepted"
+        );
     }
 }
