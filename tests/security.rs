@@ -9,6 +9,9 @@ use tickfleet_e2e::{
     Kafka, RedisServer, Worker, WorkerSetup, assert_exact, bin, create_topic, free_port, http_get,
     produce, redis_url, shared_topic, unique, wait_for,
 };
+use tickfleet_operator::kafka::{
+    KafkaAdmin, KafkaConnection, RdKafkaAdmin, TopicOutcome, ensure_topic,
+};
 
 const PASSWORD: &str = "s3cret-Pa55word";
 
@@ -294,7 +297,7 @@ fn kafka_env(user: &str, password: &str, ca: &str) -> Vec<(String, String)> {
         ("TICKFLEET_KAFKA_SASL_MECHANISM", "SCRAM-SHA-512"),
         ("TICKFLEET_KAFKA_SASL_USERNAME", user),
         ("TICKFLEET_KAFKA_SASL_PASSWORD", password),
-        ("TICKFLEET_KAFKA_OPTIONS", &format!("ssl.ca.location={ca}")),
+        ("TICKFLEET_KAFKA_CA_FILE", ca),
     ]
     .into_iter()
     .map(|(k, v)| (k.to_owned(), v.to_owned()))
@@ -336,8 +339,30 @@ fn kafka_sasl_ssl_scram_worker_and_tickctl_connect_and_wrong_credentials_are_ref
         "--scram",
         &format!("tickfleet:{KAFKA_PASSWORD}"),
     ]);
+    // The operator's own admin client makes the pipeline's topic over SASL_SSL (its topic ensure).
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let operator = RdKafkaAdmin::default();
+    let conn = |password: &str| {
+        let mut c = KafkaConnection::plaintext(kafka.bootstrap.clone());
+        c.security_protocol = Some("SASL_SSL".into());
+        c.sasl_mechanism = Some("SCRAM-SHA-512".into());
+        c.sasl_username = Some("admin".into());
+        c.sasl_password = Some(password.into());
+        c.ssl_ca_location = Some(ca.clone());
+        c
+    };
+    assert_eq!(
+        rt.block_on(ensure_topic(
+            &operator,
+            &conn(KAFKA_ADMIN_PASSWORD),
+            "ticks",
+            4,
+            None
+        ))
+        .unwrap(),
+        TopicOutcome::Created { partitions: 4 }
+    );
     let admin = sasl_ssl("admin", KAFKA_ADMIN_PASSWORD, &ca);
-    create_topic(&kafka.bootstrap, &admin, "ticks", 4, None);
     create_topic(&kafka.bootstrap, &admin, "ticks.dlq", 2, None);
 
     let env = kafka_env("tickfleet", KAFKA_PASSWORD, &ca);
@@ -395,6 +420,25 @@ fn kafka_sasl_ssl_scram_worker_and_tickctl_connect_and_wrong_credentials_are_ref
         letters.iter().all(|l| l["reason"].is_string()),
         "{letters:?}"
     );
+    // The operator measures the group's lag from its committed offsets over SASL_SSL: all caught up.
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(500),
+        "the operator to measure zero lag",
+        || {
+            let lag = rt.block_on(operator.consumer_lag(
+                &conn(KAFKA_ADMIN_PASSWORD),
+                "ticks",
+                &setup.group,
+            ));
+            (lag.ok()?.total == 0).then_some(())
+        },
+    );
+    // A wrong password fails the operator's calls with an error that names no password.
+    let err = rt
+        .block_on(operator.topic_partitions(&conn("not-the-password"), "ticks"))
+        .expect_err("a wrong password is refused");
+    assert!(!err.to_string().contains(KAFKA_ADMIN_PASSWORD), "{err}");
 
     // A wrong password: the broker refuses the login; the worker says so, is not ready, stores
     // nothing, and no log holds either password.

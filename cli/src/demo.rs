@@ -116,6 +116,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         kafka: kafka.clone(),
         topic: args.topic.clone(),
         group: "tickfleet-demo".into(),
+        group_protocol: "classic".into(),
         format: Format::Protobuf,
         dlq_topic: None,
         batch_size: 1000,

@@ -25,6 +25,9 @@ pub struct KafkaConnection {
     pub sasl_username: Option<String>,
     /// `sasl.password`.
     pub sasl_password: Option<String>,
+    /// `ssl.ca.location`: PEM file of the CA that signed the brokers' certificates (for a private
+    /// CA; the system's trust store otherwise).
+    pub ssl_ca_location: Option<String>,
 }
 
 impl fmt::Debug for KafkaConnection {
@@ -38,6 +41,7 @@ impl fmt::Debug for KafkaConnection {
                 "sasl_password",
                 &self.sasl_password.as_ref().map(|_| "<redacted>"),
             )
+            .field("ssl_ca_location", &self.ssl_ca_location)
             .finish()
     }
 }
@@ -51,6 +55,7 @@ impl KafkaConnection {
             sasl_mechanism: None,
             sasl_username: None,
             sasl_password: None,
+            ssl_ca_location: None,
         }
     }
 
@@ -73,6 +78,7 @@ impl KafkaConnection {
             ("sasl.mechanism", &self.sasl_mechanism),
             ("sasl.username", &self.sasl_username),
             ("sasl.password", &self.sasl_password),
+            ("ssl.ca.location", &self.ssl_ca_location),
         ];
         for (k, v) in opt {
             if let Some(v) = v {
@@ -108,6 +114,9 @@ pub struct KafkaOptions {
     /// SASL password (prefer the environment variable, from a Secret, to the flag).
     #[arg(long, env = "TICKFLEET_KAFKA_SASL_PASSWORD", hide_env_values = true)]
     pub kafka_sasl_password: Option<String>,
+    /// PEM file of the CA that signed the brokers' certificates (ssl, sasl_ssl), for a private CA.
+    #[arg(long, env = "TICKFLEET_KAFKA_CA_FILE")]
+    pub kafka_ca_file: Option<String>,
     /// Extra librdkafka properties, `key=value`, comma-separated or repeated; they win over tickfleet's defaults.
     #[arg(long = "kafka-option", env = "TICKFLEET_KAFKA_OPTIONS", value_delimiter = ',', value_parser = parse_key_value)]
     pub kafka_options: Vec<(String, String)>,
@@ -129,6 +138,7 @@ impl KafkaOptions {
             kafka_sasl_mechanism: None,
             kafka_sasl_username: None,
             kafka_sasl_password: None,
+            kafka_ca_file: None,
             kafka_options: Vec::new(),
         }
     }
@@ -141,6 +151,7 @@ impl KafkaOptions {
             sasl_mechanism: self.kafka_sasl_mechanism.clone(),
             sasl_username: self.kafka_sasl_username.clone(),
             sasl_password: self.kafka_sasl_password.clone(),
+            ssl_ca_location: self.kafka_ca_file.clone(),
         }
     }
 
@@ -174,6 +185,12 @@ mod tests {
         assert_eq!(c.get("security.protocol"), Some("sasl_ssl"));
         assert_eq!(c.get("sasl.password"), Some("hunter2"));
         assert_eq!(c.get("sasl.mechanism"), None, "unset stays unset");
+        assert_eq!(c.get("ssl.ca.location"), None, "unset stays unset");
+        o.kafka_ca_file = Some("/etc/kafka/ca.pem".into());
+        assert_eq!(
+            o.client_config(&[]).get("ssl.ca.location"),
+            Some("/etc/kafka/ca.pem")
+        );
         assert_eq!(c.get("group.id"), Some("g"));
         assert_eq!(c.get("session.timeout.ms"), Some("30000"), "the user wins");
         assert_eq!(

@@ -361,9 +361,32 @@ impl Lanes {
 /// librdkafka callbacks, run on the poll thread.
 pub(crate) struct WorkerContext {
     pub(crate) lanes: Arc<Lanes>,
+    /// Why the brokers refuse this worker (a failed SASL login or TLS handshake), until a partition
+    /// assignment shows it is in again; the `kafka` readiness check reads it.
+    pub(crate) refused: Arc<std::sync::Mutex<Option<String>>>,
+}
+
+/// Whether a client error means the brokers will not have this client (credentials or TLS), as
+/// opposed to a broker being away for a while.
+fn is_refusal(error: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        error.rdkafka_error_code(),
+        Some(C::Authentication | C::SaslAuthenticationFailed | C::SSL)
+    )
 }
 
 impl ClientContext for WorkerContext {
+    /// librdkafka's client errors: logged as librdkafka's own default does; a refused login or TLS
+    /// handshake also makes the worker not ready until the group takes it in.
+    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
+        if is_refusal(&error) {
+            let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
+            *refused = Some(reason.to_owned());
+        }
+        tracing::error!(error = %error, reason, "kafka client error");
+    }
+
     /// librdkafka's statistics (every `statistics.interval.ms`, on the poll thread): the consumer lag of
     /// each assigned partition becomes `tickfleet_worker_consumer_lag_messages`.
     fn stats(&self, statistics: Statistics) {
@@ -425,6 +448,7 @@ impl ConsumerContext for WorkerContext {
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
         match rebalance {
             Rebalance::Assign(tpl) => {
+                *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 self.lanes
                     .shared
                     .metrics

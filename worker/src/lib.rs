@@ -78,10 +78,12 @@ pub async fn run(
         &config.topic,
         lane_budget,
     ));
+    let refused = Arc::new(std::sync::Mutex::new(None));
     let consumer: BaseConsumer<WorkerContext> = config
         .consumer_config()
         .create_with_context(WorkerContext {
             lanes: lanes.clone(),
+            refused: refused.clone(),
         })
         .context("creating the Kafka consumer")?;
     consumer
@@ -101,7 +103,8 @@ pub async fn run(
         })
         .context("starting the poll thread")?;
 
-    let readiness = tokio::spawn(readiness_checks(store).run(health.clone(), shutdown.clone()));
+    let readiness =
+        tokio::spawn(readiness_checks(store, refused).run(health.clone(), shutdown.clone()));
     tokio::select! {
         _ = shutdown.cancelled() => {}
         ended = &mut done_rx => {
@@ -132,7 +135,21 @@ pub async fn run(
     Ok(outcome)
 }
 
-/// The worker's readiness checks: `store`, the store answers a ping.
-fn readiness_checks(store: Arc<dyn TickStore>) -> Readiness {
-    Readiness::new().check("store", move || tickfleet_store::reachable(store.clone()))
+/// The worker's readiness checks: `store`, the store answers a ping; `kafka`, the brokers have not
+/// refused the worker's login or TLS handshake since it last got partitions.
+fn readiness_checks(
+    store: Arc<dyn TickStore>,
+    refused: Arc<std::sync::Mutex<Option<String>>>,
+) -> Readiness {
+    Readiness::new()
+        .check("store", move || tickfleet_store::reachable(store.clone()))
+        .check("kafka", move || {
+            let refused = refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            async move {
+                match refused {
+                    Some(reason) => Err(format!("kafka refused the worker: {reason}")),
+                    None => Ok(()),
+                }
+            }
+        })
 }
