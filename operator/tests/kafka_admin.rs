@@ -66,6 +66,25 @@ fn commit(bootstrap: &str, topic: &str, group: &str, offsets: &[(i32, i64)]) {
     consumer.commit(&tpl, CommitMode::Sync).expect("commit");
 }
 
+/// Partitions of `topic` once the broker's metadata shows `want` of them (a created or grown topic
+/// reaches metadata a moment after the admin call returns), or what it shows after 10 s.
+async fn partitions_once(
+    admin: &RdKafkaAdmin,
+    conn: &KafkaConnection,
+    topic: &str,
+    want: i32,
+) -> Option<i32> {
+    let mut partitions = None;
+    for _ in 0..100 {
+        partitions = admin.topic_partitions(conn, topic).await.unwrap();
+        if partitions == Some(want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    partitions
+}
+
 fn expected(rows: &[(i32, i64, Option<i64>, i64)]) -> LagReport {
     let partitions: Vec<PartitionLag> = rows
         .iter()
@@ -93,7 +112,7 @@ async fn ensure_topic_creates_grows_and_refuses_to_shrink_on_apache_kafka() {
     let out = ensure_topic(&admin, &conn, &topic, 3, None).await.unwrap();
     assert_eq!(out, TopicOutcome::Created { partitions: 3 });
     assert_eq!(
-        admin.topic_partitions(&conn, &topic).await.unwrap(),
+        partitions_once(&admin, &conn, &topic, 3).await,
         Some(3),
         "the broker has the topic with the declared partitions"
     );
@@ -102,16 +121,11 @@ async fn ensure_topic_creates_grows_and_refuses_to_shrink_on_apache_kafka() {
 
     let out = ensure_topic(&admin, &conn, &topic, 6, None).await.unwrap();
     assert_eq!(out, TopicOutcome::Grown { from: 3, to: 6 });
-    // Metadata catches up with the new partitions within a moment.
-    let mut partitions = None;
-    for _ in 0..50 {
-        partitions = admin.topic_partitions(&conn, &topic).await.unwrap();
-        if partitions == Some(6) {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(partitions, Some(6), "grown on the broker");
+    assert_eq!(
+        partitions_once(&admin, &conn, &topic, 6).await,
+        Some(6),
+        "grown on the broker"
+    );
 
     let out = ensure_topic(&admin, &conn, &topic, 2, None).await.unwrap();
     assert_eq!(
