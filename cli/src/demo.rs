@@ -125,7 +125,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         drain_timeout_secs: 15,
         lane_capacity: 2000,
         max_payload_bytes: 64 * 1024,
-        max_skew_secs: None,
+        max_in_flight_bytes: 64 * 1024 * 1024,
+        max_skew_ahead_secs: 300,
+        max_skew_behind_secs: 365 * 86_400,
         redis: tickfleet_store::RedisOptions {
             redis_url: args.redis.clone().unwrap_or_default(),
             redis_prefix: args.redis_prefix.clone(),

@@ -83,6 +83,9 @@ pub struct DeadLetter {
     pub source: String,
     /// Payload size in bytes.
     pub bytes: usize,
+    /// When the worker cut the payload to fit the producer's limit: the original size in bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub truncated_from: Option<usize>,
 }
 
 fn header(m: &BorrowedMessage<'_>, name: &str) -> String {
@@ -179,6 +182,7 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
                     header(m, headers::SOURCE_OFFSET)
                 ),
                 bytes: m.payload().map_or(0, <[u8]>::len),
+                truncated_from: header(m, headers::TRUNCATED).parse().ok(),
             });
             Ok(())
         },
@@ -249,6 +253,16 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             next_offsets.insert(m.partition(), m.offset() + 1);
             let reason = header(m, headers::REASON);
             if args.reason.as_ref().is_some_and(|r| *r != reason) {
+                skipped += 1;
+                return Ok(());
+            }
+            if !header(m, headers::TRUNCATED).is_empty() {
+                // Only a prefix of the message was kept: replaying it would send something else.
+                tracing::warn!(
+                    partition = m.partition(),
+                    offset = m.offset(),
+                    "dead letter was truncated to fit the producer; not replayed (its source offset is in the headers)"
+                );
                 skipped += 1;
                 return Ok(());
             }

@@ -54,16 +54,30 @@ pub struct Limits {
     pub max_payload_bytes: usize,
     /// Longest accepted asset id, in bytes.
     pub max_asset_id_bytes: usize,
-    /// When set, ticks whose event time is further than this from the worker's clock (either way) are rejected.
-    pub max_skew_ns: Option<i64>,
+    /// Ticks dated more than this after the worker's clock are rejected ([`DecodeError::ClockSkew`]).
+    pub max_ahead_ns: i64,
+    /// Ticks dated more than this before the worker's clock are rejected ([`DecodeError::ClockSkew`]).
+    pub max_behind_ns: i64,
 }
+
+/// Default of [`Limits::max_ahead_ns`]: 5 minutes. A tick from the future is a producer's clock or
+/// encoding bug; a few minutes absorb honest clock drift between hosts.
+pub const DEFAULT_MAX_AHEAD_NS: i64 = 5 * 60 * 1_000_000_000;
+/// Default of [`Limits::max_behind_ns`]: 365 days — generous, so replays and backfills of the past
+/// year pass, while a timestamp in the wrong unit or a zeroed clock (1970) does not.
+pub const DEFAULT_MAX_BEHIND_NS: i64 = 365 * 24 * 3600 * 1_000_000_000;
+
+/// Marks a sequence number that the worker derived (from the producer's `id`, or the tick's content)
+/// rather than one the producer sent. Producer sequence numbers stay below it.
+pub const DERIVED_SEQ_BIT: u64 = 1 << 63;
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             max_payload_bytes: 64 * 1024,
             max_asset_id_bytes: 128,
-            max_skew_ns: None,
+            max_ahead_ns: DEFAULT_MAX_AHEAD_NS,
+            max_behind_ns: DEFAULT_MAX_BEHIND_NS,
         }
     }
 }
@@ -90,11 +104,15 @@ pub enum DecodeError {
     /// The asset id is missing, too long, or has characters that would break the store's key layout.
     #[error("invalid asset id: {0}")]
     AssetId(String),
-    /// The message key is set and differs from the tick's asset id, so the tick may be on the wrong partition.
-    #[error("message key {key:?} differs from asset id {asset_id:?}")]
+    /// The message key is missing or differs from the tick's asset id, so the asset's ticks could be
+    /// spread over partitions (and lose their order).
+    #[error("{}", match key {
+        Some(key) => format!("message key {key:?} differs from asset id {asset_id:?}"),
+        None => format!("message has no key; it must be the asset id {asset_id:?}"),
+    })]
     KeyMismatch {
-        /// The Kafka key.
-        key: String,
+        /// The Kafka key, if any.
+        key: Option<String>,
         /// The asset id in the payload.
         asset_id: String,
     },
@@ -104,9 +122,41 @@ pub enum DecodeError {
     /// The size is not a decimal or is negative.
     #[error("invalid size: {0}")]
     Size(String),
-    /// The timestamp is missing, unparseable, before 1970, or too far from now.
+    /// The timestamp is missing, unparseable or before 1970.
     #[error("invalid timestamp: {0}")]
     Timestamp(String),
+    /// The event time is further from the worker's clock than [`Limits`] allow.
+    #[error("event time {event_time_ns} ns is {} from the worker's clock ({now_ns} ns); the limit is {} {}",
+        human_ns(event_time_ns.abs_diff(*now_ns)),
+        human_ns(limit_ns.unsigned_abs()),
+        if event_time_ns > now_ns { "ahead" } else { "behind" })]
+    ClockSkew {
+        /// The tick's event time.
+        event_time_ns: i64,
+        /// The worker's clock.
+        now_ns: i64,
+        /// The limit that was exceeded.
+        limit_ns: i64,
+    },
+}
+
+/// `90061 s` → `1d 1h 1m 1s`-style text for skew messages (whole seconds; sub-second as ns).
+fn human_ns(ns: u64) -> String {
+    let secs = ns / 1_000_000_000;
+    if secs == 0 {
+        return format!("{ns} ns");
+    }
+    let (d, h, m, s) = (secs / 86_400, secs / 3600 % 24, secs / 60 % 60, secs % 60);
+    let mut out = String::new();
+    for (v, unit) in [(d, "d"), (h, "h"), (m, "m"), (s, "s")] {
+        if v > 0 {
+            if !out.is_empty() {
+                out.push(' ');
+            }
+            out.push_str(&format!("{v}{unit}"));
+        }
+    }
+    out
 }
 
 impl DecodeError {
@@ -120,20 +170,20 @@ impl DecodeError {
             DecodeError::Price(_) => "invalid_price",
             DecodeError::Size(_) => "invalid_size",
             DecodeError::Timestamp(_) => "invalid_timestamp",
+            DecodeError::ClockSkew { .. } => "clock_skew",
         }
     }
 }
 
 /// Decodes and validates one message.
 ///
-/// `offset` is the message's Kafka offset: ticks that carry no sequence number (seq 0, or JSON without
-/// `seq`) get it as their sequence number, which is unique and increasing per asset because an asset's
-/// ticks all live on one partition. `now_ns` is the clock used for [`Limits::max_skew_ns`].
+/// Ticks that carry no sequence number (seq 0) get a derived one (see the module docs on identity).
+/// `now_ns` is the worker's clock, which [`Limits::max_ahead_ns`] and [`Limits::max_behind_ns`] are
+/// measured from.
 pub fn decode(
     format: Format,
     key: Option<&[u8]>,
     payload: &[u8],
-    offset: i64,
     limits: &Limits,
     now_ns: i64,
 ) -> Result<Tick, DecodeError> {
@@ -143,15 +193,45 @@ pub fn decode(
             limit: limits.max_payload_bytes,
         });
     }
-    let mut tick = match format {
+    let tick = match format {
         Format::Protobuf => decode_protobuf(payload)?,
         Format::Json => decode_json(payload)?,
     };
-    if tick.seq == 0 {
-        tick.seq = u64::try_from(offset).unwrap_or(0);
-    }
     validate(&tick, key, limits, now_ns)?;
     Ok(tick)
+}
+
+/// FNV-1a (64 bit) over `parts`, each followed by a 0xff separator (a byte no UTF-8 text contains), so
+/// ("ab", "c") and ("a", "bc") differ. Stable across Rust versions and platforms, unlike `std`'s hasher:
+/// the result is stored.
+fn fnv1a(parts: &[&[u8]]) -> u64 {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for part in parts {
+        for &b in part.iter().chain(std::iter::once(&0xff)) {
+            h ^= u64::from(b);
+            h = h.wrapping_mul(0x0000_0100_0000_01b3);
+        }
+    }
+    h
+}
+
+/// The derived sequence number of a tick without one: from the producer's id when there is one, else
+/// from the tick's content. Never from where the message happened to land (its offset).
+fn derived_seq(tick: &Tick, producer_id: Option<&str>) -> u64 {
+    let h = match producer_id {
+        Some(id) => fnv1a(&[b"id", id.as_bytes()]),
+        None => {
+            let price = tick.price.to_string();
+            let size = tick.size.map(|s| s.to_string()).unwrap_or_default();
+            fnv1a(&[
+                b"content",
+                price.as_bytes(),
+                size.as_bytes(),
+                tick.source.as_bytes(),
+            ])
+        }
+    };
+    h | DERIVED_SEQ_BIT
 }
 
 /// Decodes a protobuf `tickfleet.v1.Tick` into a [`Tick`] (format checks only; see [`decode`]).
@@ -160,14 +240,18 @@ pub fn decode_protobuf(payload: &[u8]) -> Result<Tick, DecodeError> {
         format: "protobuf",
         detail: e.to_string(),
     })?;
-    Ok(Tick {
+    let mut tick = Tick {
         price: parse_price(&wire.price)?,
         size: wire.size.as_deref().map(parse_size).transpose()?,
         asset_id: wire.asset_id,
         event_time_ns: wire.event_time_ns,
         seq: wire.seq,
         source: wire.source,
-    })
+    };
+    if tick.seq == 0 {
+        tick.seq = derived_seq(&tick, None);
+    }
+    Ok(tick)
 }
 
 #[derive(Deserialize)]
@@ -182,6 +266,8 @@ struct JsonTick<'a> {
     timestamp: Option<&'a RawValue>,
     source: Option<String>,
     seq: Option<u64>,
+    #[serde(borrow, alias = "trade_id", alias = "event_id")]
+    id: Option<&'a RawValue>,
 }
 
 /// Decodes a JSON tick into a [`Tick`] (format checks only; see [`decode`]).
@@ -204,14 +290,22 @@ pub fn decode_json(payload: &[u8]) -> Result<Tick, DecodeError> {
         .timestamp
         .ok_or_else(|| DecodeError::Timestamp("missing".into()))
         .and_then(parse_json_timestamp)?;
-    Ok(Tick {
+    let producer_id = json
+        .id
+        .filter(|raw| raw.get() != "null")
+        .map(json_scalar_text);
+    let mut tick = Tick {
         asset_id: json.symbol.unwrap_or_default(),
         price,
         size,
         event_time_ns,
         seq: json.seq.unwrap_or(0),
         source: json.source.unwrap_or_default(),
-    })
+    };
+    if tick.seq == 0 {
+        tick.seq = derived_seq(&tick, producer_id);
+    }
+    Ok(tick)
 }
 
 /// The text of a JSON scalar: the contents of a string (escapes are not meaningful in a number), or a number as written.
@@ -313,11 +407,9 @@ fn validate(
             "{id:?} contains {bad:?} (whitespace, control characters, braces and '|' are not allowed)"
         )));
     }
-    if let Some(key) = key
-        && key != id.as_bytes()
-    {
+    if key != Some(id.as_bytes()) {
         return Err(DecodeError::KeyMismatch {
-            key: String::from_utf8_lossy(key).into_owned(),
+            key: key.map(|k| String::from_utf8_lossy(k).into_owned()),
             asset_id: id.to_owned(),
         });
     }
@@ -327,13 +419,18 @@ fn validate(
             tick.event_time_ns
         )));
     }
-    if let Some(skew) = limits.max_skew_ns
-        && tick.event_time_ns.saturating_sub(now_ns).saturating_abs() > skew
-    {
-        return Err(DecodeError::Timestamp(format!(
-            "{} ns is more than {} ns from the worker's clock ({} ns)",
-            tick.event_time_ns, skew, now_ns
-        )));
+    let ahead = tick.event_time_ns.saturating_sub(now_ns);
+    let limit_ns = if ahead > 0 {
+        limits.max_ahead_ns
+    } else {
+        limits.max_behind_ns
+    };
+    if ahead.saturating_abs() > limit_ns {
+        return Err(DecodeError::ClockSkew {
+            event_time_ns: tick.event_time_ns,
+            now_ns,
+            limit_ns,
+        });
     }
     Ok(())
 }
@@ -355,15 +452,19 @@ mod tests {
         }
     }
 
+    /// Limits that accept any past timestamp, for cases written with small epoch numbers.
+    fn lax() -> Limits {
+        Limits {
+            max_behind_ns: i64::MAX,
+            ..Limits::default()
+        }
+    }
+
+    /// Decodes a JSON payload keyed by its own symbol, as a well-behaved producer sends it.
     fn json(payload: &str) -> Result<Tick, DecodeError> {
-        decode(
-            Format::Json,
-            None,
-            payload.as_bytes(),
-            99,
-            &Limits::default(),
-            NOW,
-        )
+        let t = decode_json(payload.as_bytes())?;
+        validate(&t, Some(t.asset_id.as_bytes()), &lax(), NOW)?;
+        Ok(t)
     }
 
     #[test]
@@ -373,7 +474,6 @@ mod tests {
             Format::Protobuf,
             Some(b"BTC-USD"),
             &t.to_protobuf(),
-            5,
             &Limits::default(),
             NOW,
         )
@@ -382,25 +482,63 @@ mod tests {
     }
 
     #[test]
-    fn unnumbered_ticks_take_the_offset_as_seq() {
+    fn producer_retry_of_an_unnumbered_tick_has_the_same_identity() {
+        // The same JSON payload twice (a producer retry lands at a new offset): one identity.
+        let payload = r#"{"symbol":"BTC","price":"64250.10","timestamp":1700000000,"source":"x"}"#;
+        let a = json(payload).unwrap();
+        let b = json(payload).unwrap();
+        assert_eq!(a.id(), b.id());
+        assert_ne!(a.seq & DERIVED_SEQ_BIT, 0, "derived, not a producer seq");
+        // The same tick written differently (number vs string, trailing zero) is still the same tick.
+        let c = json(r#"{"symbol":"BTC","price":64250.1,"timestamp":"1700000000","source":"x"}"#)
+            .unwrap();
+        assert_eq!(a.id(), c.id());
+        // Protobuf without seq: content identity too.
         let mut t = tick();
         t.seq = 0;
-        let got = decode(
+        let p = decode(
             Format::Protobuf,
-            None,
+            Some(b"BTC-USD"),
             &t.to_protobuf(),
-            1234,
             &Limits::default(),
             NOW,
         )
         .unwrap();
-        assert_eq!(got.seq, 1234);
-        assert_eq!(
-            json(r#"{"symbol":"X","price":"1","timestamp":1}"#)
-                .unwrap()
-                .seq,
-            99
-        );
+        let q = decode(
+            Format::Protobuf,
+            Some(b"BTC-USD"),
+            &t.to_protobuf(),
+            &Limits::default(),
+            NOW,
+        )
+        .unwrap();
+        assert_eq!(p.id(), q.id());
+        assert_ne!(p.seq & DERIVED_SEQ_BIT, 0);
+    }
+
+    #[test]
+    fn identity_comes_from_seq_then_producer_id_then_content() {
+        let base = r#""symbol":"X","price":"1","timestamp":1"#;
+        let seq = json(&format!("{{{base},\"seq\":7}}")).unwrap();
+        assert_eq!(seq.seq, 7);
+        // An id makes two ticks with identical content two ticks, and a retry of either one tick.
+        let t1 = json(&format!("{{{base},\"trade_id\":\"T-1\"}}")).unwrap();
+        let t2 = json(&format!("{{{base},\"trade_id\":\"T-2\"}}")).unwrap();
+        let t1_again = json(&format!("{{{base},\"trade_id\":\"T-1\"}}")).unwrap();
+        assert_ne!(t1.id(), t2.id());
+        assert_eq!(t1.id(), t1_again.id());
+        let numeric = json(&format!("{{{base},\"event_id\":991}}")).unwrap();
+        let text = json(&format!("{{{base},\"id\":\"991\"}}")).unwrap();
+        assert_eq!(numeric.id(), text.id());
+        // Without seq or id, content decides: a different price is a different tick ...
+        let c1 = json(&format!("{{{base}}}")).unwrap();
+        let c2 = json(r#"{"symbol":"X","price":"2","timestamp":1}"#).unwrap();
+        assert_ne!(c1.id(), c2.id());
+        // ... and the same content is the same tick (the documented trade-off).
+        assert_eq!(c1.id(), json(&format!("{{{base}}}")).unwrap().id());
+        for t in [&t1, &t2, &numeric, &c1, &c2] {
+            assert_ne!(t.seq & DERIVED_SEQ_BIT, 0);
+        }
     }
 
     #[test]
@@ -504,23 +642,32 @@ mod tests {
             Format::Protobuf,
             Some(b"ETH"),
             &t.to_protobuf(),
-            0,
             &Limits::default(),
             NOW,
         )
         .unwrap_err();
         assert_eq!(err.reason(), "key_mismatch");
+        // An unkeyed message could land on any partition: rejected the same way.
+        let err = decode(
+            Format::Protobuf,
+            None,
+            &t.to_protobuf(),
+            &Limits::default(),
+            NOW,
+        )
+        .unwrap_err();
+        assert_eq!(err.reason(), "key_mismatch");
+        assert!(err.to_string().contains("no key"), "{err}");
         let limits = Limits {
             max_payload_bytes: 4,
             ..Limits::default()
         };
-        let err = decode(Format::Protobuf, None, &t.to_protobuf(), 0, &limits, NOW).unwrap_err();
+        let err = decode(Format::Protobuf, None, &t.to_protobuf(), &limits, NOW).unwrap_err();
         assert_eq!(err.reason(), "oversized");
         let err = decode(
             Format::Protobuf,
             None,
             b"\xff\xff\xff",
-            0,
             &Limits::default(),
             NOW,
         )
@@ -529,31 +676,53 @@ mod tests {
     }
 
     #[test]
-    fn skew_limit_applies_both_ways() {
-        let limits = Limits {
-            max_skew_ns: Some(1_000_000_000),
+    fn skew_limits_are_on_by_default_ahead_and_behind() {
+        let key = Some(&b"BTC-USD"[..]);
+        let at = |t_ns: i64, limits: &Limits| {
+            let mut t = tick();
+            t.event_time_ns = t_ns;
+            decode(Format::Protobuf, key, &t.to_protobuf(), limits, NOW)
+        };
+        let defaults = Limits::default();
+        assert!(at(NOW + DEFAULT_MAX_AHEAD_NS, &defaults).is_ok());
+        assert!(at(NOW - DEFAULT_MAX_BEHIND_NS, &defaults).is_ok());
+        let century = 100 * 365 * 24 * 3600 * 1_000_000_000_i64;
+        for bad in [
+            NOW + DEFAULT_MAX_AHEAD_NS + 1,
+            NOW + century,
+            NOW + 2 * 86_400 * 1_000_000_000,
+            NOW - DEFAULT_MAX_BEHIND_NS - 1,
+            1,
+        ] {
+            let err = at(bad, &defaults).unwrap_err();
+            assert_eq!(err.reason(), "clock_skew", "{bad}: {err}");
+        }
+        let err = at(NOW + century, &defaults).unwrap_err().to_string();
+        assert!(
+            err.contains("ahead") && err.contains("the limit is 5m"),
+            "{err}"
+        );
+        let tight = Limits {
+            max_ahead_ns: 1_000_000_000,
+            max_behind_ns: 2_000_000_000,
             ..Limits::default()
         };
-        let mut t = tick();
-        assert!(decode(Format::Protobuf, None, &t.to_protobuf(), 0, &limits, NOW).is_ok());
-        t.event_time_ns = NOW + 2_000_000_000;
-        let err = decode(Format::Protobuf, None, &t.to_protobuf(), 0, &limits, NOW).unwrap_err();
-        assert_eq!(err.reason(), "invalid_timestamp");
-        t.event_time_ns = NOW - 2_000_000_000;
-        assert!(decode(Format::Protobuf, None, &t.to_protobuf(), 0, &limits, NOW).is_err());
+        assert!(at(NOW + 1_500_000_000, &tight).is_err());
+        assert!(at(NOW - 1_500_000_000, &tight).is_ok());
+        assert!(at(NOW - 2_500_000_000, &tight).is_err());
     }
 
     proptest::proptest! {
         #[test]
         fn arbitrary_bytes_never_panic(payload in proptest::collection::vec(proptest::num::u8::ANY, 0..256)) {
-            let _ = decode(Format::Protobuf, None, &payload, 0, &Limits::default(), NOW);
-            let _ = decode(Format::Json, None, &payload, 0, &Limits::default(), NOW);
+            let _ = decode(Format::Protobuf, None, &payload, &Limits::default(), NOW);
+            let _ = decode(Format::Json, None, &payload, &Limits::default(), NOW);
         }
 
         #[test]
         fn arbitrary_json_fields_never_panic(price in ".{0,24}", ts in ".{0,24}", sym in ".{0,12}") {
             let payload = serde_json::json!({"symbol": sym, "price": price, "timestamp": ts}).to_string();
-            let _ = decode(Format::Json, None, payload.as_bytes(), 0, &Limits::default(), NOW);
+            let _ = decode(Format::Json, Some(sym.as_bytes()), payload.as_bytes(), &Limits::default(), NOW);
         }
     }
 }

@@ -9,7 +9,10 @@
 mod decode;
 mod tick;
 
-pub use decode::{DecodeError, Format, Limits, decode, decode_json, decode_protobuf};
+pub use decode::{
+    DEFAULT_MAX_AHEAD_NS, DEFAULT_MAX_BEHIND_NS, DERIVED_SEQ_BIT, DecodeError, Format, Limits,
+    decode, decode_json, decode_protobuf,
+};
 pub use tick::{Tick, TickId};
 
 /// Generated protobuf types of package `tickfleet.v1`.

@@ -17,7 +17,8 @@ pub struct Tick {
     pub size: Option<Decimal>,
     /// Event time, UTC nanoseconds since the Unix epoch (never negative).
     pub event_time_ns: i64,
-    /// Per-asset sequence number (from the producer, or the Kafka offset for unnumbered sources).
+    /// Per-asset sequence number: the producer's, or derived from its id or the tick's content (see
+    /// [`crate::DERIVED_SEQ_BIT`]); never the Kafka offset.
     pub seq: u64,
     /// Free-text origin of the price (exchange, feed, generator); may be empty.
     pub source: String,

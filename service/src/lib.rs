@@ -111,10 +111,18 @@ pub fn init_tracing_with(json: bool, default_filter: &str) {
 }
 
 /// Liveness and readiness of a process, shared between its tasks and the admin endpoint.
+///
+/// Readiness is the process's own flag ([`set_ready`](Self::set_ready): started, not draining) *and* no
+/// failing named check ([`fail`](Self::fail) / [`pass`](Self::pass)). Each part of a process owns its
+/// checks — the worker's store ping owns `store`, each partition's lane its own — so one part cannot
+/// clear what another reported: a successful ping does not hide a stalled partition. `/readyz` names
+/// every failing check in its body.
 #[derive(Debug)]
 pub struct Health {
     live: AtomicBool,
     ready: AtomicBool,
+    /// Failing checks: name → why, e.g. `partition 3` → `partition 3 stalled: dead-letter topic unwritable`.
+    failing: std::sync::Mutex<std::collections::BTreeMap<String, String>>,
     /// A gauge kept equal to readiness (1/0), so Prometheus can alert on it.
     ready_gauge: std::sync::OnceLock<prometheus::IntGauge>,
 }
@@ -124,6 +132,7 @@ impl Default for Health {
         Health {
             live: AtomicBool::new(true),
             ready: AtomicBool::new(false),
+            failing: std::sync::Mutex::default(),
             ready_gauge: std::sync::OnceLock::new(),
         }
     }
@@ -135,12 +144,43 @@ impl Health {
         Arc::new(Self::default())
     }
 
-    /// Marks the process ready (or not) to do its work; `/readyz` answers 200 only when ready.
+    fn failing(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeMap<String, String>> {
+        self.failing.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn update_gauge(&self) {
+        if let Some(gauge) = self.ready_gauge.get() {
+            gauge.set(i64::from(self.is_ready()));
+        }
+    }
+
+    /// Marks the process itself ready (or not: starting, draining) to do its work; `/readyz` answers 200
+    /// only when it is ready and no check fails.
     pub fn set_ready(&self, ready: bool) {
         self.ready.store(ready, Ordering::Relaxed);
-        if let Some(gauge) = self.ready_gauge.get() {
-            gauge.set(i64::from(ready));
+        self.update_gauge();
+    }
+
+    /// Reports check `name` failing, with a one-line reason for `/readyz` (it replaces an earlier one).
+    pub fn fail(&self, name: &str, why: impl Into<String>) {
+        self.failing().insert(name.to_owned(), why.into());
+        self.update_gauge();
+    }
+
+    /// Reports check `name` passing (again).
+    pub fn pass(&self, name: &str) {
+        if self.failing().remove(name).is_some() {
+            self.update_gauge();
         }
+    }
+
+    /// Why the process is not ready — every failing check, `; `-separated — or `None` when it is.
+    pub fn not_ready_because(&self) -> Option<String> {
+        let failing = self.failing();
+        if failing.is_empty() {
+            return (!self.ready.load(Ordering::Relaxed)).then(|| "not started or stopping".into());
+        }
+        Some(failing.values().cloned().collect::<Vec<_>>().join("; "))
     }
 
     /// Keeps `gauge` equal to readiness from now on (1 ready, 0 not), e.g. `tickfleet_worker_ready`.
@@ -149,9 +189,7 @@ impl Health {
         gauge.set(i64::from(self.is_ready()));
         let _ = self.ready_gauge.set(gauge);
         // a set_ready racing with the line above may have missed the gauge: write it once more
-        if let Some(gauge) = self.ready_gauge.get() {
-            gauge.set(i64::from(self.is_ready()));
-        }
+        self.update_gauge();
     }
 
     /// Marks the process alive (or wedged); `/healthz` answers 200 only when live.
@@ -159,9 +197,9 @@ impl Health {
         self.live.store(live, Ordering::Relaxed);
     }
 
-    /// Whether the process is ready.
+    /// Whether the process is ready: its own flag set and no check failing.
     pub fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Relaxed)
+        self.ready.load(Ordering::Relaxed) && self.failing().is_empty()
     }
 
     /// Whether the process is live.
@@ -210,10 +248,12 @@ async fn healthz(State(s): State<AdminState>) -> impl IntoResponse {
 }
 
 async fn readyz(State(s): State<AdminState>) -> impl IntoResponse {
-    if s.health.is_ready() {
-        (StatusCode::OK, "ready\n")
-    } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+    match s.health.not_ready_because() {
+        None => (StatusCode::OK, "ready\n".to_owned()),
+        Some(why) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        ),
     }
 }
 
@@ -277,6 +317,35 @@ mod tests {
                 .contains("tickfleet_test_ready 0")
         );
         health.set_ready(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(
+            get(addr, "/metrics")
+                .await
+                .contains("tickfleet_test_ready 1")
+        );
+        // Named checks: each failing one is listed; one passing does not clear another.
+        health.fail("store", "store unreachable");
+        health.fail(
+            "partition 3",
+            "partition 3 stalled: dead-letter topic unwritable",
+        );
+        let body = get(addr, "/readyz").await;
+        assert!(body.starts_with("HTTP/1.1 503"), "{body}");
+        assert!(
+            body.contains(
+                "not ready: partition 3 stalled: dead-letter topic unwritable; store unreachable"
+            ),
+            "{body}"
+        );
+        assert!(
+            get(addr, "/metrics")
+                .await
+                .contains("tickfleet_test_ready 0")
+        );
+        health.pass("store");
+        health.set_ready(true);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        health.pass("partition 3");
         assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
         assert!(
             get(addr, "/metrics")

@@ -82,9 +82,11 @@ impl Readiness {
         failures
     }
 
-    /// Until `shutdown`: runs the checks every period and sets `health` ready exactly when all
-    /// pass (every round, so it also corrects readiness that something else set). Logs each change
-    /// (a failure with its check and reason, once until it recovers).
+    /// Until `shutdown`: marks the process ready ([`Health::set_ready`]) and runs the checks every
+    /// period, each reported to `health` under its own name ([`Health::fail`] / [`Health::pass`]), so
+    /// `/readyz` is 200 exactly while they pass and nothing else reports a failure — a check cannot
+    /// clear what another part of the process reported. Logs each change (a failure with its check
+    /// and reason, once until it recovers).
     pub async fn run(self, health: Arc<Health>, shutdown: CancellationToken) {
         self.run_with(health, shutdown, |_| async {}).await;
     }
@@ -102,6 +104,8 @@ impl Readiness {
     {
         let mut was_ready = None;
         let mut logged: Vec<Failure> = Vec::new();
+        // The process is up; from now on its checks decide (and whatever else reports to `health`).
+        health.set_ready(true);
         while !shutdown.is_cancelled() {
             let failures = self.failures().await;
             for f in &failures {
@@ -117,7 +121,14 @@ impl Readiness {
                     "every readiness check passes: ready"
                 );
             }
-            health.set_ready(ready);
+            // Each check passes or fails under its own name: other parts of the process report
+            // theirs (a worker's stalled partitions), and one passing check cannot clear them.
+            for (check, _) in &self.checks {
+                match logged.iter().find(|f| f.check == *check) {
+                    Some(f) => health.fail(check, f.reason.clone()),
+                    None => health.pass(check),
+                }
+            }
             if was_ready != Some(ready) {
                 on_change(ready).await;
             }

@@ -121,17 +121,29 @@ pub struct TickPage {
 /// How long ticks are kept, per asset. Both limits may apply; `None` keeps everything.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Retention {
-    /// Drop ticks older than this, measured back from the asset's newest event time (not the wall clock,
-    /// so replaying old data does not erase it as it lands).
+    /// Drop ticks older than this, measured back from the asset's newest event time bounded by the
+    /// writer's clock: `min(newest, now) - max_age`. The newest tick (not the clock alone), so replaying
+    /// old data does not erase it as it lands; bounded by the clock, so one tick dated in the future
+    /// cannot push the rest of the asset's history out of the window.
     pub max_age: Option<Duration>,
     /// Keep at most this many ticks per asset (the newest).
     pub max_count: Option<u64>,
 }
 
-/// A store failure.
+/// The writer's clock in µs since the epoch (the unit of sorted-set scores), for retention.
+fn clock_us() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_micros()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
+
+/// A store failure. [`is_retriable`](StoreError::is_retriable) tells a failure that can pass (Redis
+/// unreachable, loading, failing over, out of memory) from a permanent rejection of the data itself
+/// (a key of the wrong type, an ACL that forbids it, a script error): retrying the latter never helps.
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    /// Redis failed or could not be reached; the write may be retried (writes are idempotent).
+    /// Redis failed, could not be reached, or refused the command; see [`StoreError::is_retriable`].
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
     /// Stored data could not be read back as a tick.
@@ -145,20 +157,73 @@ pub enum StoreError {
     /// The store is misconfigured (say, a TLS file cannot be read).
     #[error("store configuration: {0}")]
     Config(String),
-    /// A failure injected by a test double.
+    /// A transient failure injected by a test double (retriable).
     #[error("injected failure: {0}")]
     Injected(String),
+    /// A permanent rejection injected by a test double.
+    #[error("injected rejection: {0}")]
+    InjectedRejection(String),
 }
 
 impl StoreError {
     /// A short, stable label for metrics.
     pub fn kind(&self) -> &'static str {
         match self {
+            StoreError::Redis(e) if !redis_error_is_retriable(e) => "rejected",
             StoreError::Redis(_) => "redis",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::Config(_) => "config",
             StoreError::Injected(_) => "injected",
+            StoreError::InjectedRejection(_) => "rejected",
         }
+    }
+
+    /// Whether the same call may succeed later: `true` for connection, availability and capacity
+    /// problems, `false` when the store refuses this data for good.
+    pub fn is_retriable(&self) -> bool {
+        match self {
+            StoreError::Redis(e) => redis_error_is_retriable(e),
+            StoreError::Injected(_) => true,
+            StoreError::Corrupt { .. }
+            | StoreError::Config(_)
+            | StoreError::InjectedRejection(_) => false,
+        }
+    }
+}
+
+/// Whether a Redis error can pass by itself. An error reply names its kind in its first word: those
+/// that say "not now" are retriable, every other error reply is a refusal of the command as sent
+/// (`WRONGTYPE`, `NOPERM`, `ERR` from a script, …). A pipeline's error lists each failed command's
+/// reply: it is retriable when any of them is (a per-asset retry then sorts out the rest). Errors
+/// without a reply — I/O, timeouts, a failed handshake or AUTH — are the store being unreachable, and
+/// retriable.
+fn redis_error_is_retriable(e: &::redis::RedisError) -> bool {
+    use ::redis::ErrorKind;
+    match e.clone().into_server_errors() {
+        Some(replies) if !replies.is_empty() => replies.iter().any(|(_, reply)| {
+            matches!(
+                reply.code(),
+                // loading, failing over, cluster resharding, a lost script (RedisStore loads it again),
+                // out of memory, a long script running, a failed disk save (writes are refused until it
+                // works), too few replicas: all pass
+                "LOADING"
+                    | "TRYAGAIN"
+                    | "CLUSTERDOWN"
+                    | "MASTERDOWN"
+                    | "READONLY"
+                    | "MOVED"
+                    | "ASK"
+                    | "NOSCRIPT"
+                    | "OOM"
+                    | "BUSY"
+                    | "MISCONF"
+                    | "NOREPLICAS"
+            )
+        }),
+        _ => !matches!(
+            e.kind(),
+            ErrorKind::UnexpectedReturnType | ErrorKind::Client | ErrorKind::InvalidClientConfig
+        ),
     }
 }
 

@@ -67,9 +67,10 @@ impl MemoryStore {
 }
 
 impl Series {
-    fn apply_retention(&mut self, retention: &Retention) {
+    fn apply_retention(&mut self, retention: &Retention, now_us: i64) {
         if let Some(max_age) = retention.max_age {
-            let newest = self.members.last().map(|m| score_of(m));
+            // Never counted from later than the writer's clock (see `Retention::max_age`).
+            let newest = self.members.last().map(|m| score_of(m).min(now_us));
             if let Some(newest) = newest {
                 let cutoff = newest - i64::try_from(max_age.as_micros()).unwrap_or(i64::MAX);
                 while self.members.first().is_some_and(|m| score_of(m) < cutoff) {
@@ -114,9 +115,10 @@ impl TickStore for MemoryStore {
             }
             touched.insert(tick.asset_id.as_str());
         }
+        let now_us = crate::clock_us();
         for asset in touched {
             if let Some(series) = assets.get_mut(asset) {
-                series.apply_retention(&self.retention);
+                series.apply_retention(&self.retention, now_us);
             }
         }
         // Announced while the lock is still held, so feeds see batches in the order they were applied.

@@ -223,6 +223,35 @@ async fn retention_by_age(store: impl TickStore) {
     assert_eq!(all(&store, "A").await, ticks[6..].to_vec());
 }
 
+/// Issue 11's scenario at the store: retention of one day, 1000 ticks of now, then one tick dated 100
+/// years ahead and one dated now + 2 days. Age counts back from the newest tick bounded by the writer's
+/// clock, so neither erases the history (before, the far-future tick left only itself).
+async fn far_future_tick_cannot_erase_history(store: impl TickStore) {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let history: Vec<Tick> = (1..=1000)
+        .map(|i| tick("BTC", now - (1000 - i as i64) * 1_000_000, i, "64250.1"))
+        .collect();
+    store.write_batch(&history).await.unwrap();
+    let day = 86_400 * 1_000_000_000_i64;
+    let far = tick("BTC", now + 36_500 * day, 1001, "1");
+    store.write_batch(std::slice::from_ref(&far)).await.unwrap();
+    let soon = tick("BTC", now + 2 * day, 1002, "64251");
+    store
+        .write_batch(std::slice::from_ref(&soon))
+        .await
+        .unwrap();
+    let mut expect = history.clone();
+    expect.extend([soon, far]);
+    assert_eq!(all(&store, "BTC").await, expect);
+    // Ticks older than the day before the clock still go.
+    let old = tick("BTC", now - 2 * day, 1, "1");
+    store.write_batch(std::slice::from_ref(&old)).await.unwrap();
+    assert_eq!(all(&store, "BTC").await.len(), 1002);
+}
+
 async fn big_batches_with_overlaps_and_repeats_count_exactly(store: impl TickStore) {
     // More ticks of one asset than the Redis script handles per chunk, overlapping what is stored,
     // and with ticks repeated inside the batch.
@@ -337,6 +366,7 @@ conformance! {
     range_bounds_are_exact_to_the_nanosecond,
     retention_by_count: Retention { max_count: Some(5), max_age: None },
     retention_by_age: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
+    far_future_tick_cannot_erase_history: Retention { max_age: Some(Duration::from_secs(86_400)), max_count: None },
     ping_answers,
     big_batches_with_overlaps_and_repeats_count_exactly,
     tail_is_the_newest_ticks_in_order,
@@ -363,6 +393,69 @@ async fn redis_reloads_scripts_it_lost() {
         .await
         .unwrap();
     assert_eq!(all(&store, "A").await, series("A", 4));
+}
+
+/// A key of the wrong type (WRONGTYPE) and a key the user may not touch (NOPERM) are permanent
+/// rejections, to be dead-lettered rather than retried; an unreachable Redis is retriable.
+#[tokio::test]
+async fn redis_rejections_are_permanent_and_outages_retriable() {
+    let url = std::env::var("TICKFLEET_TEST_REDIS_URL").unwrap();
+    let store = redis_store(Retention::default());
+    let client = ::redis::Client::open(url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("SET")
+        .arg(format!("{}:{{BAD}}:ticks", store.prefix()))
+        .arg("not a sorted set")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = store.write_batch(&series("BAD", 3)).await.unwrap_err();
+    assert!(!err.is_retriable(), "{err}");
+    assert!(err.to_string().contains("WRONGTYPE"), "{err}");
+    assert_eq!(err.kind(), "rejected");
+    // Another asset in the same batch does not change the verdict; alone it is stored.
+    let mut mixed = series("BAD", 3);
+    mixed.extend(series("GOOD", 3));
+    assert!(!store.write_batch(&mixed).await.unwrap_err().is_retriable());
+    store.write_batch(&series("GOOD", 3)).await.unwrap();
+
+    // A user whose ACL allows only other keys.
+    let user = format!("tf-noperm-{}", std::process::id());
+    let _: () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg(&user)
+        .arg("on")
+        .arg(">pw")
+        .arg("~elsewhere:*")
+        .arg("&*")
+        .arg("+@all")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let limited_url = url.replacen("redis://", &format!("redis://{user}:pw@"), 1);
+    let limited = RedisStore::open(&limited_url, store.prefix(), Retention::default()).unwrap();
+    let err = limited.write_batch(&series("A", 2)).await.unwrap_err();
+    let _: i64 = ::redis::cmd("ACL")
+        .arg("DELUSER")
+        .arg(&user)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!err.is_retriable(), "{err}");
+    assert!(err.to_string().to_lowercase().contains("noperm"), "{err}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+        .port();
+    let down = RedisStore::open(
+        &format!("redis://127.0.0.1:{port}"),
+        "x",
+        Retention::default(),
+    )
+    .unwrap();
+    let err = down.write_batch(&series("A", 1)).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
 }
 
 /// A redis-server of this test's own on a free port (so killing its connections disturbs no other test).

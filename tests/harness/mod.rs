@@ -333,6 +333,51 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
+/// Sends hand-made messages (key, payload) to `topic`, in order, with the murmur2 partitioner the
+/// project's producers use, and waits until the broker has acknowledged every one.
+pub fn send_messages(bootstrap: &str, topic: &str, messages: &[(Option<&str>, Vec<u8>)]) {
+    use rdkafka::producer::{FutureProducer, FutureRecord};
+    let producer: FutureProducer = rdkafka::ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("partitioner", "murmur2_random")
+        .set("enable.idempotence", "true")
+        .set("message.max.bytes", "10000000")
+        .create()
+        .expect("create a producer");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(async {
+        for (key, payload) in messages {
+            let mut record = FutureRecord::to(topic).payload(payload);
+            if let Some(k) = key {
+                record = record.key(*k);
+            }
+            producer
+                .send(record, Duration::from_secs(30))
+                .await
+                .map_err(|(e, _)| e)
+                .expect("message acknowledged");
+        }
+    });
+}
+
+/// `tickctl dlq list --json` of `topic` on `bootstrap`: every dead letter.
+pub fn dead_letters(bootstrap: &str, topic: &str) -> Vec<serde_json::Value> {
+    let (ok, out) = tickctl(&[
+        "dlq",
+        "list",
+        "--json",
+        "--brokers",
+        bootstrap,
+        "--topic",
+        topic,
+    ]);
+    assert!(ok, "tickctl dlq list failed: {out}");
+    serde_json::from_str(&out).expect("dlq list JSON")
+}
+
 /// Runs `tickctl produce` (blocking) and returns its report file.
 pub fn produce(bootstrap: &str, topic: &str, dir: &Path, extra: &[&str]) -> PathBuf {
     let report = dir.join("report.json");

@@ -58,13 +58,21 @@ pub struct WorkerConfig {
     /// Largest accepted message, in bytes.
     #[arg(long, env = "TICKFLEET_MAX_PAYLOAD_BYTES", default_value_t = 64 * 1024)]
     pub max_payload_bytes: usize,
-    /// Reject ticks whose event time is further than this from the worker's clock, in seconds.
-    #[arg(long, env = "TICKFLEET_MAX_SKEW_SECS")]
-    pub max_skew_secs: Option<u64>,
+    /// Most bytes (keys and payloads) of consumed, not yet stored messages over all partitions; above
+    /// it every partition is paused until half of it is free.
+    #[arg(long, env = "TICKFLEET_MAX_IN_FLIGHT_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1024..))]
+    pub max_in_flight_bytes: u64,
+    /// Dead-letter (reason clock_skew) ticks dated more than this many seconds after the worker's clock.
+    #[arg(long, env = "TICKFLEET_MAX_SKEW_AHEAD_SECS", default_value_t = 300)]
+    pub max_skew_ahead_secs: u64,
+    /// Dead-letter (reason clock_skew) ticks dated more than this many seconds before the worker's clock
+    /// [default: 365 days].
+    #[arg(long, env = "TICKFLEET_MAX_SKEW_BEHIND_SECS", default_value_t = 365 * 86_400)]
+    pub max_skew_behind_secs: u64,
     /// The store.
     #[command(flatten)]
     pub redis: RedisOptions,
-    /// Keep ticks at most this many seconds back from each asset's newest tick.
+    /// Keep ticks at most this many seconds back from each asset's newest tick (bounded by the worker's clock).
     #[arg(long, env = "TICKFLEET_RETENTION_MAX_AGE_SECS")]
     pub retention_max_age_secs: Option<u64>,
     /// Keep at most this many ticks per asset.
@@ -76,6 +84,10 @@ pub struct WorkerConfig {
     /// Log format: text or json.
     #[arg(long, env = "TICKFLEET_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+}
+
+fn secs_to_ns(secs: u64) -> i64 {
+    i64::try_from(secs.saturating_mul(1_000_000_000)).unwrap_or(i64::MAX)
 }
 
 impl WorkerConfig {
@@ -107,9 +119,8 @@ impl WorkerConfig {
             format: self.format,
             limits: Limits {
                 max_payload_bytes: self.max_payload_bytes,
-                max_skew_ns: self
-                    .max_skew_secs
-                    .map(|s| i64::try_from(s.saturating_mul(1_000_000_000)).unwrap_or(i64::MAX)),
+                max_ahead_ns: secs_to_ns(self.max_skew_ahead_secs),
+                max_behind_ns: secs_to_ns(self.max_skew_behind_secs),
                 ..Limits::default()
             },
             backoff: Backoff::default(),

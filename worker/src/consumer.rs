@@ -3,28 +3,70 @@
 //! lanes for assigned partitions and, for revoked ones, drain the lane and commit before letting go.
 //!
 //! Backpressure: when a lane's channel is full the message is held here and the partition is paused, so
-//! librdkafka stops fetching it; it resumes once the lane catches up. Memory stays bounded by the lane
-//! capacity plus librdkafka's `queued.max.messages.kbytes`.
+//! librdkafka stops fetching it; it resumes once the lane catches up. Memory: every message polled is
+//! charged to one process-wide byte budget ([`InFlight`], `--max-in-flight-bytes`) until its lane has
+//! handled it; above the budget every partition is paused, and resumed once half of it is free. So the
+//! worker holds at most the budget plus what was already polled when the pause took effect, plus
+//! librdkafka's prefetch (`queued.max.messages.kbytes`) — whatever the number of partitions.
 //!
 //! Commits: only a lane's [`Watermark`] (every earlier offset stored or dead-lettered) is ever committed —
 //! every commit interval, on revoke and on shutdown, always synchronously (one round trip per interval,
 //! not per message), so the committed-offset metric reports what Kafka accepted.
+//!
+//! Faults: a rebalance error closes every lane (draining and committing what they stored), since the
+//! assignment is then unknown; the next assignment opens them again. A lane that panics (a bug) cancels
+//! the `fatal` token: the process exits non-zero without committing further (crash-only), and the
+//! partition's next owner re-reads what was not committed, instead of this worker dropping the
+//! partition's messages while it runs on.
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use futures::FutureExt;
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
+use rdkafka::error::KafkaResult;
 use rdkafka::message::Message;
 use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
-use crate::lane::{LaneConfig, LaneShared, Record, Watermark, run_lane};
+use crate::lane::{InFlight, LaneConfig, LaneShared, Record, Watermark, run_lane};
+
+/// What the lanes need from the Kafka consumer; a trait so the rules here are unit-tested without one.
+pub(crate) trait Partitions {
+    /// Commits `tpl` synchronously.
+    fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
+    /// Stops fetching `tpl`.
+    fn pause(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
+    /// Fetches `tpl` again.
+    fn resume(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
+}
+
+impl<C: ConsumerContext> Partitions for BaseConsumer<C> {
+    fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+        self.commit(tpl, CommitMode::Sync)
+    }
+    fn pause(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+        Consumer::pause(self, tpl)
+    }
+    fn resume(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+        Consumer::resume(self, tpl)
+    }
+}
+
+/// How releasing partitions went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Released {
+    /// Every lane stored what it held within the drain timeout.
+    pub(crate) drained: bool,
+    /// Kafka accepted the commit of their watermarks (or there was nothing to commit).
+    pub(crate) committed: bool,
+}
 
 /// How long the poll thread waits for room in a full lane before pausing its partition.
 const FULL_LANE_WAIT: Duration = Duration::from_millis(100);
@@ -38,6 +80,14 @@ pub(crate) struct Lanes {
     topic: String,
     drain_timeout: Duration,
     map: Mutex<HashMap<i32, Lane>>,
+    /// Bytes in flight over every lane, against the budget.
+    pub(crate) in_flight: Arc<InFlight>,
+    /// Whether every partition is paused because the in-flight budget is spent.
+    over_budget: std::sync::atomic::AtomicBool,
+    /// Cancelled when a lane panics: the process must stop.
+    pub(crate) fatal: CancellationToken,
+    /// The first lane panic: its partition and message.
+    panicked: Arc<Mutex<Option<(i32, String)>>>,
 }
 
 struct Lane {
@@ -59,9 +109,11 @@ impl Lanes {
         shared: LaneShared,
         config: LaneConfig,
         capacity: usize,
+        max_in_flight_bytes: usize,
         topic: &str,
         drain_timeout: Duration,
     ) -> Self {
+        let in_flight = InFlight::new(max_in_flight_bytes, shared.metrics.clone());
         Lanes {
             runtime,
             shared,
@@ -70,7 +122,19 @@ impl Lanes {
             topic: topic.to_owned(),
             drain_timeout,
             map: Mutex::default(),
+            in_flight,
+            over_budget: std::sync::atomic::AtomicBool::new(false),
+            fatal: CancellationToken::new(),
+            panicked: Arc::default(),
         }
+    }
+
+    /// The partition and message of the first lane that panicked, if one did.
+    pub(crate) fn panicked(&self) -> Option<(i32, String)> {
+        self.panicked
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<i32, Lane>> {
@@ -94,12 +158,25 @@ impl Lanes {
             }
             let (tx, rx) = mpsc::channel(self.capacity);
             let watermark = Watermark::new();
-            let task = self.runtime.spawn(run_lane(
-                rx,
-                watermark.clone(),
-                self.shared.clone(),
-                self.config,
-            ));
+            let lane = run_lane(p, rx, watermark.clone(), self.shared.clone(), self.config);
+            let fatal = self.fatal.clone();
+            let panicked = self.panicked.clone();
+            let task = self.runtime.spawn(async move {
+                if let Err(panic) = std::panic::AssertUnwindSafe(lane).catch_unwind().await {
+                    let message = panic
+                        .downcast_ref::<&str>()
+                        .map(|s| (*s).to_owned())
+                        .or_else(|| panic.downcast_ref::<String>().cloned())
+                        .unwrap_or_default();
+                    error!(partition = p, panic = %message,
+                        "lane panicked: stopping the worker (its partitions' next owner re-reads what was not committed)");
+                    panicked
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .get_or_insert((p, message));
+                    fatal.cancel();
+                }
+            });
             let consumed = self
                 .shared
                 .metrics
@@ -126,13 +203,8 @@ impl Lanes {
     }
 
     /// Stops the lanes of `partitions`: no more input, let them store what they hold (bounded by the drain
-    /// timeout), then commit their watermarks synchronously. Returns whether every lane drained.
-    fn retire<C: ConsumerContext>(
-        &self,
-        consumer: &BaseConsumer<C>,
-        partitions: &[i32],
-        why: &str,
-    ) -> bool {
+    /// timeout), then commit their watermarks synchronously.
+    fn retire(&self, consumer: &dyn Partitions, partitions: &[i32], why: &str) -> Released {
         let lanes: Vec<(i32, Lane)> = {
             let mut map = self.lock();
             let lanes = partitions
@@ -146,7 +218,10 @@ impl Lanes {
             lanes
         };
         if lanes.is_empty() {
-            return true;
+            return Released {
+                drained: true,
+                committed: true,
+            };
         }
         for (p, _) in &lanes {
             // this worker no longer reports lag for them; their next owner does
@@ -162,7 +237,7 @@ impl Lanes {
         for (p, lane) in lanes {
             // Held messages were never handed to the lane: dropping them uncommitted means the next owner
             // reads them again.
-            self.shared.metrics.in_flight.sub(lane.stash.len() as i64);
+            drop(lane.stash);
             drop(lane.tx);
             tasks.push(lane.task);
             offsets.push((p, lane.watermark, lane.committed));
@@ -188,18 +263,17 @@ impl Lanes {
                 let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(w));
             }
         }
-        self.commit(consumer, &tpl, why);
-        info!(why, partitions = ?partitions, drained, elapsed_ms = started.elapsed().as_millis() as u64, "partitions released");
-        drained
+        let committed = self.commit(consumer, &tpl, why);
+        info!(why, partitions = ?partitions, drained, committed, elapsed_ms = started.elapsed().as_millis() as u64, "partitions released");
+        Released { drained, committed }
     }
 
     /// Hands a polled message to its lane, or holds it (pausing the partition) when the lane is full.
     /// Returns whether the message was held.
-    fn dispatch<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>, record: Record) -> bool {
+    fn dispatch(&self, consumer: &dyn Partitions, record: Record) -> bool {
         let mut map = self.lock();
         let Some(lane) = map.get_mut(&record.partition) else {
             // Not ours (any more): leave it uncommitted for the partition's owner.
-            self.shared.metrics.in_flight.dec();
             debug!(
                 partition = record.partition,
                 "message for a partition not assigned here"
@@ -236,7 +310,7 @@ impl Lanes {
                 true
             }
             Err(mpsc::error::TrySendError::Closed(record)) => {
-                self.shared.metrics.in_flight.dec();
+                // Only a panicked lane closes while assigned; `fatal` stops the process.
                 warn!(
                     partition = record.partition,
                     "lane stopped; message left uncommitted"
@@ -248,7 +322,8 @@ impl Lanes {
 
     /// Moves held messages into lanes with room; resumes partitions whose backlog is gone.
     /// Returns whether any message is still held.
-    fn flush_held<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) -> bool {
+    fn flush_held(&self, consumer: &dyn Partitions) -> bool {
+        let over_budget = self.over_budget.load(std::sync::atomic::Ordering::Relaxed);
         let mut map = self.lock();
         let mut any_held = false;
         for (p, lane) in map.iter_mut() {
@@ -259,12 +334,11 @@ impl Lanes {
                         lane.stash.push_front(record);
                         break;
                     }
-                    Err(mpsc::error::TrySendError::Closed(_)) => {
-                        self.shared.metrics.in_flight.dec()
-                    }
+                    Err(mpsc::error::TrySendError::Closed(_)) => {}
                 }
             }
-            if lane.stash.is_empty() && lane.paused {
+            // While over budget every partition stays paused; `enforce_budget` resumes them.
+            if lane.stash.is_empty() && lane.paused && !over_budget {
                 lane.paused = false;
                 if let Err(e) = consumer.resume(&self.tpl(&[*p])) {
                     warn!(partition = p, error = %e, "resume failed");
@@ -275,8 +349,56 @@ impl Lanes {
         any_held
     }
 
+    /// Pauses every partition once the bytes in flight exceed the budget, and resumes them (except those
+    /// paused for a full lane) once at most half of it is used. Returns whether the budget is spent.
+    fn enforce_budget(&self, consumer: &dyn Partitions) -> bool {
+        use std::sync::atomic::Ordering::Relaxed;
+        let bytes = self.in_flight.bytes();
+        let budget = self.in_flight.budget();
+        let over = self.over_budget.load(Relaxed);
+        if !over && bytes > budget {
+            let assigned = self.assigned();
+            if let Err(e) = consumer.pause(&self.tpl(&assigned)) {
+                warn!(error = %e, "pause failed");
+            }
+            self.over_budget.store(true, Relaxed);
+            debug!(
+                bytes,
+                budget, "in-flight budget spent: every partition paused"
+            );
+            return true;
+        }
+        if over && bytes <= budget / 2 {
+            let map = self.lock();
+            let free: Vec<i32> = map
+                .iter()
+                .filter(|(_, l)| !l.paused)
+                .map(|(p, _)| *p)
+                .collect();
+            drop(map);
+            if let Err(e) = consumer.resume(&self.tpl(&free)) {
+                warn!(error = %e, "resume failed");
+            }
+            self.over_budget.store(false, Relaxed);
+            debug!(
+                bytes,
+                budget, "in-flight budget free again: partitions resumed"
+            );
+            return false;
+        }
+        over
+    }
+
+    /// Closes every lane after a rebalance error: the assignment is unknown, so nothing may keep
+    /// running on a partition this worker might not own any more. Lanes drain and commit first.
+    fn on_rebalance_error(&self, consumer: &dyn Partitions) -> Released {
+        let assigned = self.assigned();
+        warn!(partitions = ?assigned, "rebalance error: closing every lane until the next assignment");
+        self.retire(consumer, &assigned, "rebalance_error")
+    }
+
     /// Commits every partition whose watermark moved since its last commit.
-    fn commit_stored<C: ConsumerContext>(&self, consumer: &BaseConsumer<C>) {
+    fn commit_stored(&self, consumer: &dyn Partitions) {
         let mut map = self.lock();
         let mut tpl = TopicPartitionList::new();
         for (p, lane) in map.iter_mut() {
@@ -293,16 +415,11 @@ impl Lanes {
 
     /// Commits `tpl` synchronously — one round trip per commit interval, not per message — so the
     /// committed-offset metric reports what Kafka accepted. Returns whether it was accepted.
-    fn commit<C: ConsumerContext>(
-        &self,
-        consumer: &BaseConsumer<C>,
-        tpl: &TopicPartitionList,
-        trigger: &str,
-    ) -> bool {
+    fn commit(&self, consumer: &dyn Partitions, tpl: &TopicPartitionList, trigger: &str) -> bool {
         if tpl.count() == 0 {
             return true;
         }
-        match consumer.commit(tpl, CommitMode::Sync) {
+        match consumer.commit_sync(tpl) {
             Ok(()) => {
                 for e in tpl.elements() {
                     if let Offset::Offset(o) = e.offset() {
@@ -443,6 +560,11 @@ impl ConsumerContext for WorkerContext {
             info!(partitions = ?partitions_of(tpl), lost, "partitions revoked: draining them before letting go");
             self.lanes.retire(consumer, &partitions_of(tpl), "revoke");
         }
+        if let Rebalance::Error(e) = rebalance {
+            // rdkafka unassigns after this callback; the lanes must not outlive the assignment.
+            warn!(error = %e, "rebalance error");
+            self.lanes.on_rebalance_error(consumer);
+        }
     }
 
     fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
@@ -457,25 +579,24 @@ impl ConsumerContext for WorkerContext {
                     .inc();
                 self.lanes.open(&partitions_of(tpl));
             }
-            Rebalance::Revoke(_) => {}
-            Rebalance::Error(e) => warn!(error = %e, "rebalance error"),
+            Rebalance::Revoke(_) | Rebalance::Error(_) => {}
         }
     }
 }
 
 /// The poll loop: runs on its own thread until `stop` is cancelled, then drains every lane, commits and
-/// closes the consumer (which leaves the group). Returns whether every lane drained in time.
+/// closes the consumer (which leaves the group). Returns how the final release went.
 pub(crate) fn poll_loop(
     consumer: BaseConsumer<WorkerContext>,
     lanes: Arc<Lanes>,
     stop: CancellationToken,
     commit_every: Duration,
-) -> bool {
+) -> Released {
     let mut last_commit = Instant::now();
     let mut polls: u32 = 0;
     let topic: Arc<str> = Arc::from(lanes.topic.as_str());
     let mut held = false;
-    while !stop.is_cancelled() {
+    while !stop.is_cancelled() && !lanes.fatal.is_cancelled() {
         let timeout = if held {
             Duration::from_millis(5)
         } else {
@@ -485,22 +606,29 @@ pub(crate) fn poll_loop(
         let idle = polled.is_none();
         match polled {
             Some(Ok(m)) => {
+                let key = m.key().map(<[u8]>::to_vec);
+                let payload = m.payload().unwrap_or_default().to_vec();
+                let size = payload.len() + key.as_ref().map_or(0, Vec::len);
                 let record = Record {
                     topic: topic.clone(),
                     partition: m.partition(),
                     offset: m.offset(),
-                    key: m.key().map(<[u8]>::to_vec),
-                    payload: m.payload().unwrap_or_default().to_vec(),
+                    key,
+                    payload,
+                    charge: lanes.in_flight.charge(size),
                 };
                 drop(m);
-                lanes.shared.metrics.in_flight.inc();
                 held |= lanes.dispatch(&consumer, record);
+                lanes.enforce_budget(&consumer);
             }
             Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
             None => {}
         }
         if held {
             held = lanes.flush_held(&consumer);
+        }
+        if idle || held {
+            lanes.enforce_budget(&consumer);
         }
         // Reading the clock for every message shows up in profiles: look when idle or every 256 polls.
         polls = polls.wrapping_add(1);
@@ -509,22 +637,329 @@ pub(crate) fn poll_loop(
             last_commit = Instant::now();
         }
     }
+    if lanes.fatal.is_cancelled() {
+        // Crash-only: commit nothing more, leave at once; the next owner re-reads from the last commit.
+        return Released {
+            drained: false,
+            committed: false,
+        };
+    }
     let assigned = lanes.assigned();
     info!(partitions = ?assigned, "draining: fetching stopped");
-    if let Err(e) = consumer.pause(&lanes.tpl(&assigned)) {
+    if let Err(e) = Consumer::pause(&consumer, &lanes.tpl(&assigned)) {
         debug!(error = %e, "pause before drain failed");
     }
-    let drained = lanes.retire(&consumer, &assigned, "shutdown");
+    let released = lanes.retire(&consumer, &assigned, "shutdown");
+    if !released.committed {
+        error!(partitions = ?assigned, "final commit failed: the next owner re-reads from the previous commit (writes are idempotent)");
+    }
     // Dropping the consumer closes it: it leaves the group, so its partitions move at once.
     drop(consumer);
     info!("consumer closed");
-    drained
+    released
 }
 
 #[cfg(test)]
 mod tests {
-    use super::partition_lags;
+    use super::*;
     use rdkafka::statistics::{Partition, Topic};
+    use std::collections::BTreeSet;
+    use std::str::FromStr;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tickfleet_proto::{Format, Limits, Tick};
+    use tickfleet_service::Health;
+    use tickfleet_store::{
+        LiveFeed, MemoryStore, RangeQuery, StoreError, TickPage, TickStore, WriteSummary,
+    };
+
+    use crate::Error;
+    use crate::lane::{Backoff, DeadLetterSink};
+    use crate::metrics::Metrics;
+
+    /// Records what the lanes ask of the consumer; commits fail while `fail_commits` is set.
+    #[derive(Default)]
+    struct FakeConsumer {
+        commits: Mutex<Vec<Vec<(i32, i64)>>>,
+        paused: Mutex<BTreeSet<i32>>,
+        fail_commits: AtomicBool,
+    }
+
+    impl FakeConsumer {
+        fn paused(&self) -> BTreeSet<i32> {
+            self.paused.lock().unwrap().clone()
+        }
+    }
+
+    impl Partitions for FakeConsumer {
+        fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+            if self.fail_commits.load(Ordering::SeqCst) {
+                return Err(rdkafka::error::KafkaError::ConsumerCommit(
+                    rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
+                ));
+            }
+            let offsets = tpl
+                .elements()
+                .iter()
+                .filter_map(|e| match e.offset() {
+                    Offset::Offset(o) => Some((e.partition(), o)),
+                    _ => None,
+                })
+                .collect();
+            self.commits.lock().unwrap().push(offsets);
+            Ok(())
+        }
+        fn pause(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+            let mut paused = self.paused.lock().unwrap();
+            paused.extend(tpl.elements().iter().map(|e| e.partition()));
+            Ok(())
+        }
+        fn resume(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+            let mut paused = self.paused.lock().unwrap();
+            for e in tpl.elements() {
+                paused.remove(&e.partition());
+            }
+            Ok(())
+        }
+    }
+
+    /// The in-memory store whose writes wait for permits of `gate` (and panic when `panic` is set).
+    struct Gated {
+        inner: MemoryStore,
+        gate: tokio::sync::Semaphore,
+        panic: bool,
+    }
+
+    #[async_trait::async_trait]
+    impl TickStore for Gated {
+        async fn write_batch(&self, ticks: &[Tick]) -> Result<WriteSummary, StoreError> {
+            assert!(!self.panic, "injected lane bug");
+            self.gate.acquire().await.expect("gate open").forget();
+            self.inner.write_batch(ticks).await
+        }
+        async fn latest(&self, a: &str) -> Result<Option<Tick>, StoreError> {
+            self.inner.latest(a).await
+        }
+        async fn range(&self, a: &str, q: &RangeQuery) -> Result<TickPage, StoreError> {
+            self.inner.range(a, q).await
+        }
+        async fn tail(&self, a: &str, n: usize) -> Result<Vec<Tick>, StoreError> {
+            self.inner.tail(a, n).await
+        }
+        async fn assets(&self) -> Result<Vec<String>, StoreError> {
+            self.inner.assets().await
+        }
+        async fn subscribe(&self) -> Result<LiveFeed, StoreError> {
+            self.inner.subscribe().await
+        }
+        async fn ping(&self) -> Result<(), StoreError> {
+            Ok(())
+        }
+    }
+
+    struct NoDeadLetters;
+
+    #[async_trait::async_trait]
+    impl DeadLetterSink for NoDeadLetters {
+        async fn send(&self, r: &Record, reason: &'static str, _: &str) -> Result<(), Error> {
+            panic!("unexpected dead letter at {} ({reason})", r.offset)
+        }
+    }
+
+    struct Setup {
+        runtime: tokio::runtime::Runtime,
+        lanes: Lanes,
+        store: Arc<Gated>,
+        consumer: FakeConsumer,
+    }
+
+    fn setup(permits: usize, panic: bool, budget: usize) -> Setup {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let store = Arc::new(Gated {
+            inner: MemoryStore::new(),
+            gate: tokio::sync::Semaphore::new(permits),
+            panic,
+        });
+        let shared = LaneShared {
+            store: store.clone(),
+            dead_letters: Arc::new(NoDeadLetters),
+            metrics: Metrics::new(),
+            health: Health::new(),
+        };
+        let config = LaneConfig {
+            batch_size: 10,
+            linger: Duration::from_millis(1),
+            format: Format::Protobuf,
+            limits: Limits::default(),
+            backoff: Backoff::default(),
+        };
+        let lanes = Lanes::new(
+            runtime.handle().clone(),
+            shared,
+            config,
+            10_000,
+            budget,
+            "ticks",
+            Duration::from_secs(10),
+        );
+        Setup {
+            runtime,
+            lanes,
+            store,
+            consumer: FakeConsumer::default(),
+        }
+    }
+
+    /// A valid tick message of about `size` bytes for `partition` at `offset`.
+    fn message(lanes: &Lanes, partition: i32, offset: i64, size: usize) -> Record {
+        let asset = format!("A{partition}");
+        let tick = Tick {
+            asset_id: asset.clone(),
+            price: rust_decimal::Decimal::from_str("1.5").unwrap(),
+            size: None,
+            event_time_ns: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos() as i64,
+            seq: offset as u64 + 1,
+            source: "x".repeat(size.saturating_sub(40)),
+        };
+        let payload = tick.to_protobuf();
+        let key = asset.into_bytes();
+        Record {
+            topic: "ticks".into(),
+            partition,
+            offset,
+            charge: lanes.in_flight.charge(payload.len() + key.len()),
+            key: Some(key),
+            payload,
+        }
+    }
+
+    fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !cond() {
+            assert!(Instant::now() < deadline, "timed out waiting for {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    }
+
+    #[test]
+    fn a_failed_final_commit_is_reported() {
+        let s = setup(1000, false, 1 << 20);
+        s.lanes.open(&[0]);
+        s.lanes.dispatch(&s.consumer, message(&s.lanes, 0, 41, 100));
+        s.consumer.fail_commits.store(true, Ordering::SeqCst);
+        let released = s.lanes.retire(&s.consumer, &[0], "shutdown");
+        assert_eq!(
+            released,
+            Released {
+                drained: true,
+                committed: false
+            }
+        );
+        assert_eq!(
+            s.lanes
+                .shared
+                .metrics
+                .commit_failures
+                .with_label_values(&["shutdown"])
+                .get(),
+            1
+        );
+        // And a commit Kafka accepts is reported as such.
+        s.consumer.fail_commits.store(false, Ordering::SeqCst);
+        s.lanes.open(&[1]);
+        s.lanes.dispatch(&s.consumer, message(&s.lanes, 1, 7, 100));
+        let released = s.lanes.retire(&s.consumer, &[1], "shutdown");
+        assert!(released.drained && released.committed);
+        assert_eq!(*s.consumer.commits.lock().unwrap(), vec![vec![(1, 8)]]);
+        drop(s.runtime);
+    }
+
+    #[test]
+    fn lanes_are_closed_on_a_rebalance_error() {
+        let s = setup(1000, false, 1 << 20);
+        s.lanes.open(&[0, 1]);
+        s.lanes.dispatch(&s.consumer, message(&s.lanes, 0, 3, 100));
+        s.lanes.dispatch(&s.consumer, message(&s.lanes, 1, 9, 100));
+        let released = s.lanes.on_rebalance_error(&s.consumer);
+        assert!(released.drained && released.committed);
+        assert!(s.lanes.assigned().is_empty(), "every lane closed");
+        let mut committed = s.consumer.commits.lock().unwrap().concat();
+        committed.sort_unstable();
+        assert_eq!(
+            committed,
+            vec![(0, 4), (1, 10)],
+            "what they stored is committed"
+        );
+        // Messages for the closed partitions are not taken any more.
+        assert!(!s.lanes.dispatch(&s.consumer, message(&s.lanes, 0, 4, 100)));
+        assert_eq!(s.lanes.in_flight.bytes(), 0);
+        drop(s.runtime);
+    }
+
+    #[test]
+    fn a_lane_panic_stops_the_worker() {
+        let s = setup(1000, true, 1 << 20);
+        s.lanes.open(&[2]);
+        s.lanes.dispatch(&s.consumer, message(&s.lanes, 2, 0, 100));
+        wait_until("the fatal token", || s.lanes.fatal.is_cancelled());
+        let (partition, message) = s.lanes.panicked().unwrap();
+        assert_eq!(partition, 2);
+        assert!(message.contains("injected lane bug"), "{message}");
+        // Its message was given back, not silently dropped as handled: the watermark never moved.
+        assert_eq!(s.lanes.in_flight.bytes(), 0);
+        assert!(s.lanes.lock()[&2].watermark.get().is_none());
+        drop(s.runtime);
+    }
+
+    #[test]
+    fn in_flight_memory_is_bounded_in_bytes_across_partitions() {
+        const BUDGET: usize = 20_000;
+        const SIZE: usize = 1_000;
+        // The store takes nothing until the gate opens: every message polled stays in flight.
+        let s = setup(0, false, BUDGET);
+        let partitions = [0, 1, 2, 3, 4, 5, 6, 7];
+        s.lanes.open(&partitions);
+        let mut next = [0i64; 8];
+        let mut most = 0;
+        // The poll loop's part: a paused partition yields nothing; after each message, the budget.
+        for i in 0..400 {
+            let p = partitions[i % partitions.len()];
+            if s.consumer.paused().contains(&p) {
+                continue;
+            }
+            let r = message(&s.lanes, p, next[p as usize], SIZE);
+            next[p as usize] += 1;
+            s.lanes.dispatch(&s.consumer, r);
+            s.lanes.enforce_budget(&s.consumer);
+            most = most.max(s.lanes.in_flight.bytes());
+        }
+        assert!(most > BUDGET, "the budget was reached ({most})");
+        assert!(
+            most <= BUDGET + SIZE + 100,
+            "at most one message over: {most}"
+        );
+        assert_eq!(s.consumer.paused(), partitions.into_iter().collect());
+        assert_eq!(
+            s.lanes.shared.metrics.in_flight_bytes.get() as usize,
+            s.lanes.in_flight.bytes()
+        );
+        // The store takes them: memory is given back and every partition resumes.
+        s.store.gate.add_permits(1_000);
+        wait_until("the lanes to store everything", || {
+            s.lanes.in_flight.bytes() <= BUDGET / 2
+        });
+        s.lanes.enforce_budget(&s.consumer);
+        assert!(s.consumer.paused().is_empty());
+        wait_until("nothing in flight", || s.lanes.in_flight.bytes() == 0);
+        assert_eq!(s.store.inner.len() as i64, next.iter().sum::<i64>());
+        drop(s.runtime);
+    }
 
     fn partition(p: i32, lo: i64, hi: i64, committed: i64, lag: i64) -> (i32, Partition) {
         (

@@ -10,24 +10,27 @@
 //!   dead-lettered). Kafka may redeliver after a crash or rebalance; the store's idempotent writes make
 //!   that a no-op.
 //! * Shutdown ([`run`]): stop fetching, drain every lane, commit, close the consumer (leaving the
-//!   group) — bounded by the drain timeout.
+//!   group) — bounded by the drain timeout. A drain that times out or whose final commit Kafka refuses
+//!   is reported as such ([`Drain`]), and the binary exits 1.
+//! * Crash-only on bugs: a lane that panics stops the process ([`Error::LanePanicked`]).
 
 pub mod config;
 mod consumer;
 pub mod dlq;
+mod error;
 pub mod lane;
 pub mod metrics;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use tickfleet_service::{CancellationToken, Health, Readiness};
 use tickfleet_store::TickStore;
-use tracing::{info, warn};
+use tracing::{error, info, warn};
 
 pub use config::{KafkaOptions, WorkerConfig};
+pub use error::Error;
 pub use metrics::Metrics;
 
 use consumer::{Lanes, WorkerContext, poll_loop};
@@ -40,7 +43,13 @@ pub enum Drain {
     Clean,
     /// The drain timeout passed first; whatever was not stored was not committed either.
     TimedOut,
+    /// Everything was stored, but Kafka refused the final commit: the next owner re-reads from the
+    /// previous commit (the store absorbs the redelivery).
+    CommitFailed,
 }
+
+/// The readiness check the store ping owns.
+const STORE_CHECK: &str = "store";
 
 /// Runs a worker until `shutdown` is cancelled, then drains within [`WorkerConfig::drain_timeout`].
 ///
@@ -52,14 +61,15 @@ pub async fn run(
     metrics: Metrics,
     health: Arc<Health>,
     shutdown: CancellationToken,
-) -> anyhow::Result<Drain> {
+) -> Result<Drain, Error> {
     let dead_letters = match dead_letters {
         Some(d) => d,
-        None => Arc::new(
-            dlq::KafkaDeadLetters::new(&config.kafka.client_config(&[]), &config.dlq_topic())
-                .context("creating the dead-letter producer")?,
-        ),
+        None => Arc::new(dlq::KafkaDeadLetters::new(
+            &config.kafka.client_config(&[]),
+            &config.dlq_topic(),
+        )?),
     };
+    health.fail(STORE_CHECK, "store not reached yet");
     health.mirror_ready(metrics.ready.clone());
     let drain_timeout = config.drain_timeout();
     let shared = LaneShared {
@@ -75,20 +85,22 @@ pub async fn run(
         shared,
         config.lane(),
         config.lane_capacity,
+        usize::try_from(config.max_in_flight_bytes).unwrap_or(usize::MAX),
         &config.topic,
         lane_budget,
     ));
+    let fatal = lanes.fatal.clone();
+    let watched = lanes.clone();
     let refused = Arc::new(std::sync::Mutex::new(None));
-    let consumer: BaseConsumer<WorkerContext> = config
-        .consumer_config()
-        .create_with_context(WorkerContext {
-            lanes: lanes.clone(),
-            refused: refused.clone(),
-        })
-        .context("creating the Kafka consumer")?;
-    consumer
-        .subscribe(&[&config.topic])
-        .with_context(|| format!("subscribing to {}", config.topic))?;
+    let consumer: BaseConsumer<WorkerContext> =
+        config
+            .consumer_config()
+            .create_with_context(WorkerContext {
+                lanes: lanes.clone(),
+                refused: refused.clone(),
+            })?;
+    consumer.subscribe(&[&config.topic])?;
+    health.set_ready(true);
     info!(topic = %config.topic, group = %config.group, brokers = %config.kafka.brokers, "worker started");
 
     let stop_polling = CancellationToken::new();
@@ -101,17 +113,24 @@ pub async fn run(
             let drained = poll_loop(consumer, lanes, poll_stop, commit_every);
             let _ = done_tx.send(drained);
         })
-        .context("starting the poll thread")?;
+        .map_err(|e| Error::Internal(format!("starting the poll thread: {e}")))?;
 
     let readiness =
         tokio::spawn(readiness_checks(store, refused).run(health.clone(), shutdown.clone()));
     tokio::select! {
         _ = shutdown.cancelled() => {}
+        _ = fatal.cancelled() => {
+            // A lane panicked (logged where it happened). Crash-only: no drain, no further commit.
+            health.set_ready(false);
+            readiness.abort();
+            let (partition, message) = watched.panicked().unwrap_or_default();
+            return Err(Error::LanePanicked { partition, message });
+        }
         ended = &mut done_rx => {
             // Only a panic ends the poll thread before shutdown: fail, so the process is restarted.
             health.set_ready(false);
             readiness.abort();
-            anyhow::bail!("the Kafka poll thread stopped unexpectedly ({ended:?})");
+            return Err(Error::Internal(format!("the Kafka poll thread stopped unexpectedly ({ended:?})")));
         }
     }
     health.set_ready(false);
@@ -120,7 +139,13 @@ pub async fn run(
     stop_polling.cancel();
     readiness.abort();
     let outcome = match tokio::time::timeout(drain_timeout, done_rx).await {
-        Ok(Ok(true)) => Drain::Clean,
+        Ok(Ok(released)) if released.drained && released.committed => Drain::Clean,
+        Ok(Ok(released)) if released.drained => {
+            error!(
+                "drain stored everything but the final commit failed; the next owner re-reads from the previous commit"
+            );
+            Drain::CommitFailed
+        }
         _ => {
             warn!("drain timed out; unstored messages were not committed and will be redelivered");
             Drain::TimedOut
@@ -136,13 +161,14 @@ pub async fn run(
 }
 
 /// The worker's readiness checks: `store`, the store answers a ping; `kafka`, the brokers have not
-/// refused the worker's login or TLS handshake since it last got partitions.
+/// refused the worker's login or TLS handshake since it last got partitions. Each check owns only its
+/// own name in [`Health`], so a ping that passes cannot hide a stalled partition (each lane owns its own).
 fn readiness_checks(
     store: Arc<dyn TickStore>,
     refused: Arc<std::sync::Mutex<Option<String>>>,
 ) -> Readiness {
     Readiness::new()
-        .check("store", move || tickfleet_store::reachable(store.clone()))
+        .check(STORE_CHECK, move || tickfleet_store::reachable(store.clone()))
         .check("kafka", move || {
             let refused = refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
             async move {

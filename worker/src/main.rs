@@ -35,6 +35,6 @@ async fn main() -> anyhow::Result<()> {
     tracing::info!(%admin, "admin endpoint up");
     match tickfleet_worker::run(&config, store, None, metrics, health, shutdown).await? {
         Drain::Clean => Ok(()),
-        Drain::TimedOut => std::process::exit(1),
+        Drain::TimedOut | Drain::CommitFailed => std::process::exit(1),
     }
 }

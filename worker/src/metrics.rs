@@ -36,6 +36,12 @@ pub struct Metrics {
     pub rebalances: IntCounterVec,
     /// Messages taken from Kafka and not yet stored.
     pub in_flight: IntGauge,
+    /// Bytes (key and payload) of the messages taken from Kafka and not yet stored, over all partitions;
+    /// kept under `--max-in-flight-bytes`.
+    pub in_flight_bytes: IntGauge,
+    /// Failed dead-letter sends, by reason (`unwritable`: the topic is missing or forbidden, the
+    /// partition stops; `unavailable`: the broker is unreachable, retried).
+    pub dead_letter_failures: IntCounterVec,
     /// Last committed offset, by topic and partition.
     pub committed_offset: IntGaugeVec,
     /// Consumer lag (messages in the partition past the committed offset), by topic and partition, from
@@ -82,8 +88,13 @@ impl Metrics {
         );
         let store_errors = counter(
             "tickfleet_worker_store_errors_total",
-            "Failed store writes (retried).",
+            "Failed store writes (kind rejected: dead-lettered as store_rejected; others retried).",
             &["kind"],
+        );
+        let dead_letter_failures = counter(
+            "tickfleet_worker_dead_letter_failures_total",
+            "Failed dead-letter sends; the partition does not move past the message until one succeeds.",
+            &["reason"],
         );
         let rebalances = counter(
             "tickfleet_worker_rebalances_total",
@@ -133,6 +144,10 @@ impl Metrics {
             "tickfleet_worker_in_flight_messages",
             "Messages consumed and not yet stored.",
         );
+        let in_flight_bytes = gauge(
+            "tickfleet_worker_in_flight_bytes",
+            "Bytes of the messages consumed and not yet stored, over all partitions.",
+        );
         let committed_offset = IntGaugeVec::new(
             Opts::new(
                 "tickfleet_worker_committed_offset",
@@ -169,9 +184,12 @@ impl Metrics {
             .expect("unique metric");
         // Start the counters whose label values are known at 0, so `rate()`/`increase()` see their first
         // increment and dashboards show 0 rather than "no data" on a healthy worker.
-        for kind in ["redis", "corrupt"] {
-            // StoreError::kind() of the real stores (the third, "injected", exists only in tests)
+        for kind in ["redis", "rejected", "corrupt"] {
+            // StoreError::kind() of the real stores ("injected" exists only in tests)
             store_errors.with_label_values(&[kind]);
+        }
+        for reason in ["unwritable", "unavailable"] {
+            dead_letter_failures.with_label_values(&[reason]);
         }
         for trigger in ["periodic", "revoke", "shutdown"] {
             commit_failures.with_label_values(&[trigger]);
@@ -191,6 +209,8 @@ impl Metrics {
             assigned_partitions,
             rebalances,
             in_flight,
+            in_flight_bytes,
+            dead_letter_failures,
             committed_offset,
             consumer_lag,
             ready,

@@ -314,6 +314,7 @@ impl TickStore for RedisStore {
             .max_age
             .map_or(0, |a| u64::try_from(a.as_micros()).unwrap_or(u64::MAX));
         let max_count = self.retention.max_count.unwrap_or(0);
+        let now_us = crate::clock_us();
         let mut pipe = redis::pipe();
         for (asset, ticks) in &by_asset {
             let cmd = pipe
@@ -324,7 +325,8 @@ impl TickStore for RedisStore {
                 .arg(self.latest_key(asset))
                 .arg(max_age_us)
                 .arg(max_count)
-                .arg(self.live_channel(asset));
+                .arg(self.live_channel(asset))
+                .arg(now_us);
             for t in ticks {
                 cmd.arg(member::score(t.event_time_ns))
                     .arg(member::encode(t));

@@ -1,7 +1,8 @@
 -- Writes one asset's ticks from one batch, atomically and idempotently, and announces the new ones.
 -- KEYS[1] = sorted set of ticks, KEYS[2] = latest tick (both under the asset's {hash tag})
 -- ARGV[1] = max age in µs (0 = keep all), ARGV[2] = max count (0 = keep all),
--- ARGV[3] = live channel (PREFIX:{ASSET}:live), ARGV[4..] = score, member, score, member, ...
+-- ARGV[3] = live channel (PREFIX:{ASSET}:live), ARGV[4] = the writer's clock in µs,
+-- ARGV[5..] = score, member, score, member, ...
 -- Returns the number of ticks that were not stored before.
 -- The members that were new are published on the live channel as one JSON array, once the batch is
 -- applied: a redelivered batch adds nothing and so publishes nothing.
@@ -16,12 +17,12 @@ local seen = {}
 local latest = redis.call('GET', KEYS[2])
 local latest_id = latest and string.sub(latest, 1, 39) or nil
 local newest = nil
-local n = (#ARGV - 3) / 2
+local n = (#ARGV - 4) / 2
 for first = 1, n, CHUNK do
   local last = math.min(first + CHUNK - 1, n)
   local members = {}
   for i = first, last do
-    members[#members + 1] = ARGV[3 + 2 * i]
+    members[#members + 1] = ARGV[4 + 2 * i]
   end
   local stored = redis.call('ZMSCORE', KEYS[1], unpack(members))
   local zadd = {}
@@ -29,7 +30,7 @@ for first = 1, n, CHUNK do
     -- A missing member's score comes back as false; a tick repeated inside the batch counts once.
     if not stored[j] and not seen[member] then
       seen[member] = true
-      zadd[#zadd + 1] = ARGV[2 + 2 * (first + j - 1)]
+      zadd[#zadd + 1] = ARGV[3 + 2 * (first + j - 1)]
       zadd[#zadd + 1] = member
       added = added + 1
       new[added] = member
@@ -52,8 +53,11 @@ local max_age = tonumber(ARGV[1])
 if max_age > 0 then
   local top = redis.call('ZRANGE', KEYS[1], -1, -1, 'WITHSCORES')
   if top[2] then
+    -- Age counts back from the newest tick, but never from later than the writer's clock: one tick
+    -- dated in the future must not push every other tick out of the window.
+    local newest_us = math.min(tonumber(top[2]), tonumber(ARGV[4]))
     -- %.0f prints the exact integer; Lua's default number formatting would round it.
-    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', tonumber(top[2]) - max_age))
+    redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. string.format('%.0f', newest_us - max_age))
   end
 end
 local max_count = tonumber(ARGV[2])
