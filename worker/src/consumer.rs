@@ -13,6 +13,10 @@
 //! every commit interval, on revoke and on shutdown, always synchronously (one round trip per interval,
 //! not per message), so the committed-offset metric reports what Kafka accepted.
 //!
+//! (Over 600 lines: the lanes map, the poll loop and the rebalance callbacks keep one invariant — a
+//! partition's messages reach only its lane, and only its watermark is committed — under one lock on
+//! one thread; split over files it would be harder to check, not easier.)
+//!
 //! Faults: a rebalance error closes every lane (draining and committing what they stored), since the
 //! assignment is then unknown; the next assignment opens them again. A lane that panics (a bug) cancels
 //! the `fatal` token: the process exits non-zero without committing further (crash-only), and the
