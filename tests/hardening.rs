@@ -4,8 +4,8 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tickfleet_e2e::{
-    Api, DevBroker, Worker, WorkerSetup, dead_letters, produce, redis_url, send_messages, signal,
-    tickctl_json, verify, wait_exit, wait_for, wait_verified,
+    Api, Kafka, Worker, WorkerSetup, create_topic, dead_letters, http_status, produce, redis_url,
+    send_messages, shared_topic, signal, tickctl_json, verify, wait_exit, wait_for, wait_verified,
 };
 
 const STORED: &str = "tickfleet_worker_ticks_stored_total";
@@ -35,13 +35,13 @@ fn btc(seq: u64, at_ms: i64, price: &str) -> (Option<&'static str>, Vec<u8>) {
 #[test]
 fn far_future_tick_cannot_erase_history() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:4", "ticks.dlq:1"]);
-    let mut setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
+    let (bootstrap, topic) = shared_topic("far-future", 4);
+    let mut setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
     setup.args = ["--format", "json", "--retention-max-age-secs", "86400"]
         .map(String::from)
         .to_vec();
     let worker = Worker::start(&setup, 0);
-    let mut wide = WorkerSetup::new(&broker, dir.path(), &redis_url());
+    let mut wide = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
     wide.args = setup.args.clone();
     wide.args
         .extend(["--max-skew-ahead-secs", "4000000000"].map(String::from));
@@ -54,14 +54,14 @@ fn far_future_tick_cannot_erase_history() {
     let day_ms = 86_400_000;
     messages.push(btc(1001, now_ms() + 36_500 * day_ms, "1"));
     messages.push(btc(1002, now_ms() + 2 * day_ms, "64999"));
-    send_messages(&broker.bootstrap, "ticks", &messages);
+    send_messages(&bootstrap, &topic, &messages);
 
     let report = dir.path().join("btc.json");
     let assets =
         |last| serde_json::json!({"BTC": {"count": last, "first_seq": 1, "last_seq": last}});
     std::fs::write(
         &report,
-        serde_json::json!({"topic": "ticks", "acknowledged": 1000, "failed": 0, "assets": assets(1000)})
+        serde_json::json!({"topic": topic, "acknowledged": 1000, "failed": 0, "assets": assets(1000)})
             .to_string(),
     )
     .unwrap();
@@ -78,7 +78,7 @@ fn far_future_tick_cannot_erase_history() {
         "both out-of-range ticks dead-lettered",
         || (worker.metric(DEAD) == 2.0).then_some(()),
     );
-    let letters = dead_letters(&broker.bootstrap, "ticks.dlq");
+    let letters = dead_letters(&bootstrap, &format!("{topic}.dlq"));
     let skewed: Vec<_> = letters
         .iter()
         .filter(|l| l["reason"] == "clock_skew")
@@ -120,15 +120,18 @@ fn far_future_tick_cannot_erase_history() {
 #[test]
 fn a_failed_final_commit_exits_1_and_is_logged() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:2", "ticks.dlq:1"]);
-    let mut setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
+    // A broker of this test's own, to stop.
+    let kafka = Kafka::start(&[]);
+    create_topic(&kafka.bootstrap, &[], "ticks", 2, None);
+    create_topic(&kafka.bootstrap, &[], "ticks.dlq", 1, None);
+    let mut setup = WorkerSetup::on(&kafka.bootstrap, "ticks", dir.path(), &redis_url());
     // Nothing is committed before the drain, so the final commit has work to do.
     setup.args = ["--commit-interval-ms", "3600000"]
         .map(String::from)
         .to_vec();
     let mut worker = Worker::start(&setup, 0);
     let report = produce(
-        &broker.bootstrap,
+        &kafka.bootstrap,
         "ticks",
         dir.path(),
         &["--count", "500", "--assets", "4"],
@@ -139,7 +142,7 @@ fn a_failed_final_commit_exits_1_and_is_logged() {
         &setup.prefix,
         Duration::from_secs(60),
     );
-    broker.down();
+    kafka.stop();
     signal(&worker.child, "TERM");
     let status = wait_exit(&mut worker.child, Duration::from_secs(60)).expect("worker exited");
     let log = worker.log_text();
@@ -153,8 +156,8 @@ fn a_failed_final_commit_exits_1_and_is_logged() {
 #[test]
 fn a_dead_letter_too_large_for_the_producer_is_sent_truncated() {
     let dir = tempfile::tempdir().unwrap();
-    let broker = DevBroker::start(&["ticks:1", "ticks.dlq:1"]);
-    let mut setup = WorkerSetup::new(&broker, dir.path(), &redis_url());
+    let (bootstrap, topic) = shared_topic("too-large", 1);
+    let mut setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
     setup.args = [
         "--format",
         "json",
@@ -173,8 +176,8 @@ fn a_dead_letter_too_large_for_the_producer_is_sent_truncated() {
     );
     let size = big.len();
     send_messages(
-        &broker.bootstrap,
-        "ticks",
+        &bootstrap,
+        &topic,
         &[(Some("BTC"), big.into_bytes()), btc(2, now_ms(), "2")],
     );
     wait_for(
@@ -183,10 +186,79 @@ fn a_dead_letter_too_large_for_the_producer_is_sent_truncated() {
         "the oversized message dead-lettered and the next tick stored",
         || (worker.metric(DEAD) == 1.0 && worker.metric(STORED) == 1.0).then_some(()),
     );
-    let letters = dead_letters(&broker.bootstrap, "ticks.dlq");
+    let letters = dead_letters(&bootstrap, &format!("{topic}.dlq"));
     assert_eq!(letters.len(), 1, "{letters:#?}");
     assert_eq!(letters[0]["reason"], "oversized");
     assert_eq!(letters[0]["truncated_from"], size);
     let kept = letters[0]["bytes"].as_u64().unwrap();
     assert!((1000..20_000).contains(&kept), "{kept} bytes kept");
+}
+
+/// Issue 11, "what was seen" 2: a missing dead-letter topic was retried without end while `/readyz` said
+/// ready. Now the partition stops at the message it cannot dead-letter (nothing after it is stored or
+/// committed), `/readyz` says which partition and why, the failures are counted — and creating the
+/// topic resumes it.
+#[test]
+fn an_unwritable_dead_letter_topic_stops_the_partition_and_readyz_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bootstrap, topic) = shared_topic("dlq-missing", 1);
+    let missing = format!("{topic}.missing-dlq");
+    let mut setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
+    setup.args = [
+        "--format",
+        "json",
+        "--dlq-topic",
+        &missing,
+        // the broker does not create topics: find out after 1 s instead of librdkafka's 30 s
+        "--kafka-option",
+        "topic.metadata.propagation.max.ms=1000",
+    ]
+    .map(String::from)
+    .to_vec();
+    let worker = Worker::start(&setup, 0);
+    let mut messages = vec![(Some("BTC"), b"{not json".to_vec())];
+    messages.extend((1..=5).map(|i| btc(i, now_ms(), "1")));
+    send_messages(&bootstrap, &topic, &messages);
+
+    let body = wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "/readyz to name the stalled partition",
+        || match http_status(&worker.admin, "/readyz") {
+            Some((503, body)) if body.contains("stalled") => Some(body),
+            _ => None,
+        },
+    );
+    assert!(
+        body.contains("partition 0 stalled at offset 0: dead-letter topic unwritable"),
+        "{body}"
+    );
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "failed dead-letter sends counted",
+        || (worker.metric("tickfleet_worker_dead_letter_failures_total") >= 2.0).then_some(()),
+    );
+    assert_eq!(worker.metric(STORED), 0.0, "nothing past the stuck message");
+    assert_eq!(
+        http_status(&worker.admin, "/readyz").map(|(code, _)| code),
+        Some(503),
+        "stays not ready: the store ping does not override it"
+    );
+
+    // The fix: the topic exists. The lane's next try succeeds and the partition goes on.
+    create_topic(&bootstrap, &[], &missing, 1, None);
+    wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "the partition to resume",
+        || (worker.metric(STORED) == 5.0 && worker.metric(DEAD) == 1.0).then_some(()),
+    );
+    wait_for(
+        Duration::from_secs(10),
+        Duration::from_millis(200),
+        "ready again",
+        || matches!(http_status(&worker.admin, "/readyz"), Some((200, _))).then_some(()),
+    );
+    assert_eq!(dead_letters(&bootstrap, &missing).len(), 1);
 }

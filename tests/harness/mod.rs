@@ -333,6 +333,22 @@ pub fn http_get(addr: &str, path: &str) -> Option<String> {
     head.starts_with("HTTP/1.1 200").then(|| body.to_owned())
 }
 
+/// `GET path` on `addr`: (status code, body), whatever the status; `None` when nothing answers.
+pub fn http_status(addr: &str, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nhost: {addr}\r\nconnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_owned()))
+}
+
 /// Sends hand-made messages (key, payload) to `topic`, in order, with the murmur2 partitioner the
 /// project's producers use, and waits until the broker has acknowledged every one.
 pub fn send_messages(bootstrap: &str, topic: &str, messages: &[(Option<&str>, Vec<u8>)]) {
