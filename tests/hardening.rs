@@ -117,6 +117,7 @@ fn far_future_tick_cannot_erase_history() {
 
 /// Issue 11, "what was seen" 7: a worker reported a clean drain when its final commit failed. Now a
 /// SIGTERMed worker whose final commit Kafka does not take (the broker is down) exits 1 and says so.
+/// (A commit Kafka answers with an error is `a_failed_final_commit_is_reported` in the worker.)
 #[test]
 fn a_failed_final_commit_exits_1_and_is_logged() {
     let dir = tempfile::tempdir().unwrap();
@@ -142,12 +143,19 @@ fn a_failed_final_commit_exits_1_and_is_logged() {
         &setup.prefix,
         Duration::from_secs(60),
     );
-    kafka.stop();
+    // SIGKILL: the broker is gone at once (a graceful stop can outlast the test's patience).
+    kafka.kill();
     signal(&worker.child, "TERM");
     let status = wait_exit(&mut worker.child, Duration::from_secs(60)).expect("worker exited");
     let log = worker.log_text();
     assert_eq!(status.code(), Some(1), "{log}");
-    assert!(log.contains("final commit failed"), "{log}");
+    // Kafka either refuses the commit ("final commit failed") or, with the broker gone, the commit
+    // waits past the drain bound ("drain timed out"); never a clean drain.
+    assert!(
+        log.contains("final commit failed") || log.contains("drain timed out"),
+        "{log}"
+    );
+    assert!(!log.contains("outcome=Clean"), "{log}");
 }
 
 /// Issue 11, "what was seen" 2: a dead letter larger than the producer's `message.max.bytes` was
