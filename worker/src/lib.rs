@@ -168,7 +168,9 @@ fn readiness_checks(
     refused: Arc<std::sync::Mutex<Option<String>>>,
 ) -> Readiness {
     Readiness::new()
-        .check(STORE_CHECK, move || tickfleet_store::reachable(store.clone()))
+        .check(STORE_CHECK, move || {
+            tickfleet_store::reachable(store.clone())
+        })
         .check("kafka", move || {
             let refused = refused.lock().unwrap_or_else(|e| e.into_inner()).clone();
             async move {
