@@ -157,6 +157,19 @@ fn redis_down_30s_pauses_commits_and_loses_nothing() {
         "10k ticks stored",
         || (total(&workers, STORED) >= 10_000.0).then_some(()),
     );
+    // The group must have settled before the outage: a rebalance during it moves partitions, and the
+    // new owner's committed-offset gauge would count as a commit made while Redis was down.
+    wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(200),
+        "both workers to own partitions",
+        || {
+            workers
+                .iter()
+                .all(|w| w.metric("tickfleet_worker_assigned_partitions") > 0.0)
+                .then_some(())
+        },
+    );
 
     redis.kill();
     let down_at = Instant::now();

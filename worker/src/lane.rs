@@ -225,6 +225,12 @@ pub async fn run_lane(
         shared,
         config,
     };
+    // A lane that is gone no longer holds readiness back — also when its task is aborted (a revoked
+    // partition whose drain ran out of time), hence a guard rather than a call after the loop.
+    let _release = ReleaseCheck {
+        health: lane.shared.health.clone(),
+        check: lane.check.clone(),
+    };
     let mut batch: Vec<Record> = Vec::with_capacity(config.batch_size);
     while let Some(first) = rx.recv().await {
         batch.push(first);
@@ -246,8 +252,18 @@ pub async fn run_lane(
         watermark.advance_to(last + 1);
         batch.clear();
     }
-    // A lane that is gone no longer holds readiness back.
-    lane.shared.health.pass(&lane.check);
+}
+
+/// Passes a lane's readiness check when the lane ends, however it ends.
+struct ReleaseCheck {
+    health: Arc<Health>,
+    check: String,
+}
+
+impl Drop for ReleaseCheck {
+    fn drop(&mut self) {
+        self.health.pass(&self.check);
+    }
 }
 
 struct Lane {
