@@ -221,3 +221,88 @@ fn tickctl_demo_serves_queries_and_stops_on_ctrl_c() {
     );
     assert!(stdout.contains("-> OK"), "the audit passed:\n{stdout}");
 }
+
+/// `tickctl watch A0000 | head -3` (and any other output command whose reader goes away) stops quietly:
+/// status 0 and nothing on stderr — not a panic ("failed printing to stdout: Broken pipe", status 101).
+#[test]
+fn tickctl_exits_quietly_when_head_closes_its_stdout() {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut demo = KillOnDrop(
+        Command::new(bin("tickctl"))
+            .args(["demo", "--api-addr", &format!("127.0.0.1:{port}")])
+            .args(["--assets", "2", "--rate", "500", "--workers", "1"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start tickctl demo"),
+    );
+    // Enough stored for `ticks --limit 10000` to print more than a pipe buffer holds.
+    wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        "the demo to store 2000 ticks of A0000",
+        || {
+            tickctl_json(&url, &["ticks", "A0000", "--limit", "2000"])
+                .ok()
+                .filter(|v| v["ticks"].as_array().is_some_and(|t| t.len() == 2000))
+        },
+    );
+    for args in [
+        &["watch", "A0000"][..],
+        &["watch", "A0000", "--json"],
+        &["watch", "A0000", "--candles", "1s"],
+        &["ticks", "A0000", "--limit", "10000"],
+    ] {
+        let mut tickctl = KillOnDrop(
+            Command::new(bin("tickctl"))
+                .args(args)
+                .args(["--api", &url])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("start tickctl"),
+        );
+        let head = Command::new("head")
+            .arg("-3")
+            .stdin(tickctl.0.stdout.take().unwrap())
+            .output()
+            .expect("run head");
+        assert_eq!(
+            String::from_utf8_lossy(&head.stdout).lines().count(),
+            3,
+            "{args:?}"
+        );
+        let status = wait_exit(&mut tickctl.0, Duration::from_secs(30))
+            .unwrap_or_else(|| panic!("tickctl {args:?} still running after head exited"));
+        let mut stderr = String::new();
+        tickctl
+            .0
+            .stderr
+            .take()
+            .unwrap()
+            .read_to_string(&mut stderr)
+            .unwrap();
+        assert!(
+            status.success(),
+            "tickctl {args:?} | head -3 exited with {status}: {stderr}"
+        );
+        assert!(
+            stderr.is_empty(),
+            "tickctl {args:?} printed on a closed stdout: {stderr}"
+        );
+    }
+    signal(&demo.0, "INT");
+    let status = wait_exit(&mut demo.0, Duration::from_secs(90)).expect("the demo stops");
+    assert!(status.success(), "demo exited with {status}");
+}
+
+/// A child process killed when the test ends, failed or not.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}

@@ -24,6 +24,7 @@ use tickfleet_proto::Format;
 use tickfleet_service::CancellationToken;
 use tickfleet_worker::KafkaOptions;
 
+use crate::out::sayln;
 use crate::produce::{Amount, Generator, Plan, produce};
 
 /// Options of `tickctl bench`.
@@ -248,7 +249,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
         )
         .await?;
         let secs = started.elapsed().as_secs_f64();
-        println!(
+        sayln!(
             "produced {} ticks in {secs:.2}s ({:.0}/s)",
             report.acknowledged,
             report.acknowledged as f64 / secs
@@ -257,7 +258,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
     let marks = watermarks(&probe, &args.topic)?;
     let total: i64 = marks.iter().map(|(_, low, high)| high - low).sum();
     if marks.iter().any(|(_, low, _)| *low > 0) {
-        println!(
+        sayln!(
             "note: the broker has dropped old messages (low watermark > 0); timing the {total} it still has"
         );
     }
@@ -362,7 +363,7 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             cpu_seconds: cpu,
             peak_rss_mib: rss,
         };
-        println!(
+        sayln!(
             "{n} worker(s): {total} ticks stored and committed; {:.0} ticks/s over {seconds:.2}s, {cpu:.1} CPU s, peak RSS {rss:.1} MiB",
             run.ticks_per_second
         );
@@ -424,7 +425,7 @@ fn consume(args: ConsumeArgs) -> anyhow::Result<ExitCode> {
     }
     let seconds = started.elapsed().as_secs_f64();
     let rate = messages as f64 / seconds;
-    println!(
+    sayln!(
         "raw consume: {messages} messages ({bytes} payload bytes) in {seconds:.2}s: {rate:.0} msg/s"
     );
     if let Some(path) = &args.json {
@@ -531,7 +532,7 @@ async fn api_load(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
         "p99_ms": percentile_ms(&latencies, 0.99),
         "p999_ms": percentile_ms(&latencies, 0.999),
     });
-    println!(
+    sayln!(
         "api {} x{clients} clients{}: {:.0} rps, p50 {:.3} ms, p99 {:.3} ms, p999 {:.3} ms, {errors} errors",
         args.method,
         if args.rps > 0 {

@@ -17,6 +17,7 @@ use tickfleet_store::{MemoryStore, RedisStore, Retention, TickStore};
 use tickfleet_worker::{KafkaOptions, Metrics, WorkerConfig};
 
 use crate::dev_broker::DevBroker;
+use crate::out::sayln;
 use crate::produce::{Amount, Generator, Plan, produce};
 use crate::verify;
 
@@ -149,8 +150,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         }));
     }
 
-    println!("tickfleet demo");
-    println!(
+    sayln!("tickfleet demo");
+    sayln!(
         "  kafka   {brokers} (topic {}, {} partitions){}",
         args.topic,
         args.partitions,
@@ -160,7 +161,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             ""
         }
     );
-    println!(
+    sayln!(
         "  store   {}",
         args.redis
             .as_deref()
@@ -169,7 +170,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
                 args.redis_prefix
             ))
     );
-    println!(
+    sayln!(
         "  workers {} in group tickfleet-demo; generator: {} assets at {}",
         args.workers,
         args.assets,
@@ -186,8 +187,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         format!(" --api {api_url}")
     };
     let first = generator_first_asset(args.assets);
-    println!("  api     {api_url} (gRPC tickfleet.v1.TickService, health, reflection)");
-    println!("  try, in another terminal:");
+    sayln!("  api     {api_url} (gRPC tickfleet.v1.TickService, health, reflection)");
+    sayln!("  try, in another terminal:");
     for (cmd, what) in [
         (format!("tickctl watch {first}{flag}"), "live ticks"),
         (
@@ -207,11 +208,9 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             "the api, by reflection",
         ),
     ] {
-        println!("    {cmd:<58} {what}");
+        sayln!("    {cmd:<58} {what}");
     }
-    println!(
-        "  Ctrl-C stops the generator, drains the workers, stops the api and audits the store."
-    );
+    sayln!("  Ctrl-C stops the generator, drains the workers, stops the api and audits the store.");
 
     let produce_stop = stop.child_token();
     if let Some(secs) = args.duration {
@@ -242,7 +241,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         if last.0.elapsed() >= Duration::from_secs(1) {
             let now = stored();
             let rate = (now - last.1) as f64 / last.0.elapsed().as_secs_f64();
-            println!(
+            sayln!(
                 "  {:>6.1}s  produced {sent:>9}  stored {now:>9}  ({rate:>8.0} ticks/s stored)",
                 started.elapsed().as_secs_f64()
             );
@@ -263,7 +262,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     api_stop.cancel();
     api.task.await??;
     let audit = verify::audit(&report, store.as_ref()).await?;
-    println!(
+    sayln!(
         "  produced {} ticks, stored {} (each once)",
         report.acknowledged,
         stored()

@@ -12,6 +12,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::out::{errln, sayln};
 use clap::Args;
 use rdkafka::mocking::MockCluster;
 use rdkafka::producer::DefaultProducerContext;
@@ -72,8 +73,9 @@ pub async fn run(args: DevBrokerArgs) -> anyhow::Result<ExitCode> {
         std::fs::write(&tmp, format!("{servers}\n"))?;
         std::fs::rename(&tmp, path)?;
     }
-    println!("{servers}");
-    std::io::stdout().flush()?;
+    sayln!("{servers}");
+    // A closed stdout is no reason to stop the broker (sayln! ignored it too).
+    let _ = std::io::stdout().flush();
     let topics: Vec<String> = args
         .topics
         .iter()
@@ -104,13 +106,13 @@ async fn serve_outages(
                 for id in 1..=brokers {
                     broker.cluster.broker_down(id)?;
                 }
-                eprintln!("dev-broker: all {brokers} broker(s) DOWN");
+                errln!("dev-broker: all {brokers} broker(s) DOWN");
             }
             _ = up.recv() => {
                 for id in 1..=brokers {
                     broker.cluster.broker_up(id)?;
                 }
-                eprintln!("dev-broker: all {brokers} broker(s) UP");
+                errln!("dev-broker: all {brokers} broker(s) UP");
             }
         }
     }

@@ -11,6 +11,7 @@ use std::collections::BTreeMap;
 use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
+use crate::out::{outln, sayln};
 use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
@@ -188,32 +189,35 @@ fn list(args: ListArgs) -> anyhow::Result<ExitCode> {
         },
     )?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&letters)?);
+        outln!("{}", serde_json::to_string_pretty(&letters)?)?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut by_reason: BTreeMap<&str, usize> = BTreeMap::new();
-    println!(
+    outln!(
         "{:<10} {:<18} {:<12} {:<24} ERROR",
-        "AT", "REASON", "KEY", "SOURCE"
-    );
+        "AT",
+        "REASON",
+        "KEY",
+        "SOURCE"
+    )?;
     for l in &letters {
         *by_reason.entry(&l.reason).or_default() += 1;
         let mut error = l.error.clone();
         error.truncate(100);
-        println!(
+        outln!(
             "{:<10} {:<18} {:<12} {:<24} {}",
             format!("{}@{}", l.partition, l.offset),
             l.reason,
             l.key,
             l.source,
             error
-        );
+        )?;
     }
-    println!(
+    outln!(
         "{} dead letters in {}: {by_reason:?}",
         letters.len(),
         args.topic
-    );
+    )?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -311,7 +315,7 @@ async fn replay(args: ReplayArgs) -> anyhow::Result<ExitCode> {
             .commit(&done, CommitMode::Sync)
             .context("committing replay progress")?;
     }
-    println!(
+    sayln!(
         "replayed {replayed} dead letters, skipped {skipped} (group {})",
         args.group
     );

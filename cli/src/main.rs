@@ -4,6 +4,7 @@ mod bench;
 mod demo;
 mod dev_broker;
 mod dlq;
+mod out;
 mod produce;
 mod query;
 mod verify;
@@ -47,7 +48,7 @@ fn main() -> std::process::ExitCode {
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(rt) => rt,
         Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
+            out::errln!("error: cannot start the async runtime: {e}");
             return std::process::ExitCode::FAILURE;
         }
     };
@@ -64,8 +65,10 @@ fn main() -> std::process::ExitCode {
     });
     match result {
         Ok(code) => code,
+        // The reader of stdout has gone (`tickctl watch … | head -3`): it took what it wanted.
+        Err(e) if out::is_closed(&e) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            out::errln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

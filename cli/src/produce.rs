@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use crate::out::{errln, sayln};
 use anyhow::{Context, bail};
 use clap::Args;
 use rand::rngs::StdRng;
@@ -380,7 +381,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
         (None, Some(secs)) => Amount::Duration(Duration::from_secs_f64(secs)),
         (None, None) => Amount::Count(10_000),
     };
-    eprintln!(
+    errln!(
         "producing to {} on {} ({} assets, {:?}, rate {}, seed {seed})",
         args.topic,
         args.kafka.brokers,
@@ -421,7 +422,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     let secs = started.elapsed().as_secs_f64();
     let sent: u64 =
         report.assets.values().map(|a| a.count).sum::<u64>() + report.poison.values().sum::<u64>();
-    println!(
+    sayln!(
         "produced {sent} ticks over {} assets in {secs:.2}s ({:.0}/s): {} acknowledged, {} failed",
         report.assets.len(),
         sent as f64 / secs,
@@ -431,7 +432,7 @@ pub async fn run(args: ProduceArgs) -> anyhow::Result<ExitCode> {
     if let Some(path) = &args.report {
         std::fs::write(path, serde_json::to_vec_pretty(&report)?)
             .with_context(|| format!("writing {}", path.display()))?;
-        println!("report written to {}", path.display());
+        sayln!("report written to {}", path.display());
     }
     Ok(if report.failed == 0 && report.acknowledged == sent {
         ExitCode::SUCCESS

@@ -17,6 +17,8 @@ use tickfleet_proto::v1::{
 };
 use tonic::transport::Channel;
 
+use crate::out::{StdoutClosed, errln, outln};
+
 /// Where the api is and how to print.
 #[derive(Args, Debug, Clone)]
 pub struct ApiArgs {
@@ -249,7 +251,7 @@ const CANDLE_HEADER: [&str; 8] = [
 ];
 
 /// Prints rows as aligned columns.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+fn table(header: &[&str], rows: &[Vec<String>]) -> Result<(), StdoutClosed> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -262,16 +264,17 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
             .zip(&widths)
             .map(|(c, w)| format!("{c:<w$}"))
             .collect();
-        println!("{}", s.join("  ").trim_end());
+        outln!("{}", s.join("  ").trim_end())
     };
-    line(header.to_vec());
+    line(header.to_vec())?;
     for r in rows {
-        line(r.iter().map(String::as_str).collect());
+        line(r.iter().map(String::as_str).collect())?;
     }
+    Ok(())
 }
 
-fn print_json(v: &Value) {
-    println!("{v}");
+fn print_json(v: &Value) -> Result<(), StdoutClosed> {
+    outln!("{v}")
 }
 
 /// Runs one query command.
@@ -299,9 +302,9 @@ pub async fn run(query: Query) -> anyhow::Result<ExitCode> {
             };
             if assets.is_empty() {
                 if args.json {
-                    print_json(&json!({"ticks": [], "missing": []}));
+                    print_json(&json!({"ticks": [], "missing": []}))?;
                 } else {
-                    println!("no assets yet");
+                    outln!("no assets yet")?;
                 }
                 return Ok(ExitCode::SUCCESS);
             }
@@ -322,14 +325,14 @@ pub async fn run(query: Query) -> anyhow::Result<ExitCode> {
                 print_json(&json!({
                     "ticks": ticks.iter().map(tick_json).collect::<Vec<_>>(),
                     "missing": missing,
-                }));
+                }))?;
             } else {
                 table(
                     &TICK_HEADER,
                     &ticks.iter().map(tick_row).collect::<Vec<_>>(),
-                );
+                )?;
                 for m in &missing {
-                    eprintln!("{m}: no ticks");
+                    errln!("{m}: no ticks");
                 }
             }
             Ok(if missing.is_empty() {
@@ -371,14 +374,14 @@ pub async fn run(query: Query) -> anyhow::Result<ExitCode> {
                 print_json(&json!({
                     "ticks": ticks.iter().map(tick_json).collect::<Vec<_>>(),
                     "next_page_token": token,
-                }));
+                }))?;
             } else {
                 table(
                     &TICK_HEADER,
                     &ticks.iter().map(tick_row).collect::<Vec<_>>(),
-                );
+                )?;
                 if !token.is_empty() {
-                    eprintln!("more: --page-token {token} (or --all)");
+                    errln!("more: --page-token {token} (or --all)");
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -404,12 +407,12 @@ pub async fn run(query: Query) -> anyhow::Result<ExitCode> {
             if args.json {
                 print_json(&json!({
                     "candles": candles.iter().map(candle_json).collect::<Vec<_>>(),
-                }));
+                }))?;
             } else {
                 table(
                     &CANDLE_HEADER,
                     &candles.iter().map(candle_row).collect::<Vec<_>>(),
-                );
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -440,7 +443,7 @@ pub async fn run(query: Query) -> anyhow::Result<ExitCode> {
                     "count": r.count,
                     "from_ns": r.from_ns,
                     "to_ns": r.to_ns,
-                }));
+                }))?;
             } else {
                 table(
                     &["ASSET", "SMA", "VWAP", "TICKS", "FROM", "TO"],
@@ -452,7 +455,7 @@ pub async fn run(query: Query) -> anyhow::Result<ExitCode> {
                         fmt_time(r.from_ns),
                         fmt_time(r.to_ns),
                     ]],
-                );
+                )?;
             }
             Ok(ExitCode::SUCCESS)
         }
@@ -464,10 +467,10 @@ pub async fn run(query: Query) -> anyhow::Result<ExitCode> {
                 .into_inner()
                 .asset_ids;
             if args.json {
-                print_json(&json!({ "asset_ids": assets }));
+                print_json(&json!({ "asset_ids": assets }))?;
             } else {
                 for a in assets {
-                    println!("{a}");
+                    outln!("{a}")?;
                 }
             }
             Ok(ExitCode::SUCCESS)
@@ -492,11 +495,12 @@ async fn watch(
     count: Option<u64>,
 ) -> anyhow::Result<ExitCode> {
     let stop = tickfleet_service::shutdown_on_signals();
-    let gap = |g: &v1::Gap| {
+    let gap = |g: &v1::Gap| -> Result<(), StdoutClosed> {
         if json {
-            print_json(&json!({"gap": {"missed": g.missed, "reason": g.reason}}));
+            print_json(&json!({"gap": {"missed": g.missed, "reason": g.reason}}))
         } else {
-            eprintln!("-- gap: {} missed ({})", g.missed, g.reason);
+            errln!("-- gap: {} missed ({})", g.missed, g.reason);
+            Ok(())
         }
     };
     let mut seen = 0u64;
@@ -509,7 +513,7 @@ async fn watch(
                 .map_err(grpc)?
                 .into_inner();
             if !json {
-                println!("{}", TICK_HEADER.join("  "));
+                outln!("{}", TICK_HEADER.join("  "))?;
             }
             while !done(seen) {
                 let msg = tokio::select! {
@@ -521,12 +525,12 @@ async fn watch(
                     Some(stream_ticks_response::Event::Tick(t)) => {
                         seen += 1;
                         if json {
-                            print_json(&tick_json(&t));
+                            print_json(&tick_json(&t))?;
                         } else {
-                            println!("{}", tick_row(&t).join("  "));
+                            outln!("{}", tick_row(&t).join("  "))?;
                         }
                     }
-                    Some(stream_ticks_response::Event::Gap(g)) => gap(&g),
+                    Some(stream_ticks_response::Event::Gap(g)) => gap(&g)?,
                     None => {}
                 }
             }
@@ -541,7 +545,7 @@ async fn watch(
                 .map_err(grpc)?
                 .into_inner();
             if !json {
-                println!("{}  CLOSED", CANDLE_HEADER.join("  "));
+                outln!("{}  CLOSED", CANDLE_HEADER.join("  "))?;
             }
             while !done(seen) {
                 let msg = tokio::select! {
@@ -553,12 +557,12 @@ async fn watch(
                     Some(stream_candles_response::Event::Candle(c)) => {
                         seen += 1;
                         if json {
-                            print_json(&candle_json(&c));
+                            print_json(&candle_json(&c))?;
                         } else {
-                            println!("{}  {}", candle_row(&c).join("  "), c.closed);
+                            outln!("{}  {}", candle_row(&c).join("  "), c.closed)?;
                         }
                     }
-                    Some(stream_candles_response::Event::Gap(g)) => gap(&g),
+                    Some(stream_candles_response::Event::Gap(g)) => gap(&g)?,
                     None => {}
                 }
             }

@@ -12,6 +12,7 @@ use clap::Args;
 use serde::Serialize;
 use tickfleet_store::{RangeQuery, Retention, TickStore};
 
+use crate::out::sayln;
 use crate::produce::Report;
 
 /// Options of `tickctl verify`.
@@ -119,7 +120,7 @@ pub async fn audit(report: &Report, store: &dyn TickStore) -> anyhow::Result<Aud
 
 /// Prints an audit for people.
 pub fn print(audit: &Audit) {
-    println!(
+    sayln!(
         "verify: {} assets, {} expected, {} stored: {} lost, {} duplicated, {} out of order, {} unexpected -> {}",
         audit.assets,
         audit.expected,
@@ -131,7 +132,7 @@ pub fn print(audit: &Audit) {
         if audit.is_clean() { "OK" } else { "FAILED" }
     );
     for p in &audit.problems {
-        println!("  {p}");
+        sayln!("  {p}");
     }
 }
 
@@ -149,7 +150,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
     let store = args.redis.open(Retention::default())?;
     let audit = audit(&report, &store).await?;
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&audit)?);
+        sayln!("{}", serde_json::to_string_pretty(&audit)?);
     } else {
         print(&audit);
     }
