@@ -5,8 +5,6 @@
 //! [`AVG_EXTRA_DP`] more decimal places than the most precise input (at most 28), then trailing zeros
 //! are dropped — so `[100, 101, 99, 102, 98]` averages to exactly `100`.
 
-use std::collections::BTreeMap;
-
 use rust_decimal::{Decimal, RoundingStrategy};
 use tickfleet_proto::{Tick, TickId};
 use tickfleet_service::{Error as DurationError, parse_duration_ns};
@@ -37,10 +35,18 @@ pub fn bucket_start(t_ns: i64, interval_ns: i64) -> i64 {
     t_ns - t_ns.rem_euclid(interval_ns)
 }
 
-/// An arithmetic overflow (`Decimal` holds 96-bit integers; sums of huge values can exceed it).
+/// Why candles or an average could not be computed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("decimal overflow computing the {0}")]
-pub struct Overflow(pub &'static str);
+pub enum CalcError {
+    /// An arithmetic overflow (`Decimal` holds 96-bit integers; sums of huge values can exceed it).
+    #[error("decimal overflow computing the {0}")]
+    Overflow(&'static str),
+    /// The range holds more candles than the caller allows.
+    #[error("the range holds more than {0} candles")]
+    TooManyCandles(usize),
+}
+
+use CalcError::Overflow;
 
 /// One candle being built from ticks given in any order, each exactly once.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -78,7 +84,7 @@ impl CandleAcc {
     }
 
     /// Adds a tick of the same bucket. Order does not matter: open and close go by tick id.
-    pub fn add(&mut self, tick: &Tick) -> Result<(), Overflow> {
+    pub fn add(&mut self, tick: &Tick) -> Result<(), CalcError> {
         let id = tick.id();
         if id < self.open.0 {
             self.open = (id, tick.price);
@@ -109,23 +115,76 @@ impl CandleAcc {
     }
 }
 
+/// Candles built from ticks fed one at a time (page by page from the store), holding only the candles
+/// themselves: memory grows with the number of candles (at most `max`), never with the number of ticks.
+///
+/// Ticks may come in any order, each once; in tick-id order (as the store pages them) each tick costs
+/// O(1), as only the newest candle is touched.
+#[derive(Debug, Clone)]
+pub struct CandleSeries {
+    interval_ns: i64,
+    max: usize,
+    /// In time order; the last one is the newest.
+    candles: Vec<CandleAcc>,
+}
+
+impl CandleSeries {
+    /// An empty series of candles `interval_ns` wide, of at most `max` candles.
+    pub fn new(interval_ns: i64, max: usize) -> Self {
+        CandleSeries {
+            interval_ns,
+            max,
+            candles: Vec::new(),
+        }
+    }
+
+    /// Adds one tick; fails on overflow or when it would start candle number `max + 1`.
+    pub fn add(&mut self, tick: &Tick) -> Result<(), CalcError> {
+        let start = bucket_start(tick.event_time_ns, self.interval_ns);
+        let at = match self.candles.last() {
+            Some(last) if last.start_ns == start => self.candles.len() - 1,
+            Some(last) if last.start_ns < start => self.candles.len(),
+            None => 0,
+            Some(_) => match self.candles.binary_search_by_key(&start, |c| c.start_ns) {
+                Ok(i) => i,
+                Err(i) => i,
+            },
+        };
+        let full = self.candles.len() >= self.max;
+        match self.candles.get_mut(at) {
+            Some(c) if c.start_ns == start => c.add(tick),
+            _ if full => Err(CalcError::TooManyCandles(self.max)),
+            _ => {
+                self.candles
+                    .insert(at, CandleAcc::new(tick, self.interval_ns));
+                Ok(())
+            }
+        }
+    }
+
+    /// Adds a page of ticks.
+    pub fn extend<'a>(
+        &mut self,
+        ticks: impl IntoIterator<Item = &'a Tick>,
+    ) -> Result<(), CalcError> {
+        ticks.into_iter().try_for_each(|t| self.add(t))
+    }
+
+    /// The candles, in time order; empty buckets have no candle.
+    pub fn finish(self) -> Vec<CandleAcc> {
+        self.candles
+    }
+}
+
 /// Candles of `ticks` (any order, each once) in buckets of `interval_ns`, in time order; empty buckets
 /// have no candle.
 pub fn candles<'a>(
     ticks: impl IntoIterator<Item = &'a Tick>,
     interval_ns: i64,
-) -> Result<Vec<CandleAcc>, Overflow> {
-    let mut out: BTreeMap<i64, CandleAcc> = BTreeMap::new();
-    for t in ticks {
-        let start = bucket_start(t.event_time_ns, interval_ns);
-        match out.get_mut(&start) {
-            Some(c) => c.add(t)?,
-            None => {
-                out.insert(start, CandleAcc::new(t, interval_ns));
-            }
-        }
-    }
-    Ok(out.into_values().collect())
+) -> Result<Vec<CandleAcc>, CalcError> {
+    let mut series = CandleSeries::new(interval_ns, usize::MAX);
+    series.extend(ticks)?;
+    Ok(series.finish())
 }
 
 /// Simple moving average and VWAP of some ticks.
@@ -137,41 +196,84 @@ pub struct Average {
     pub vwap: Option<Decimal>,
     /// Ticks averaged.
     pub count: u64,
+    /// Event time of the oldest tick averaged (ns).
+    pub from_ns: i64,
+    /// Event time of the newest tick averaged (ns).
+    pub to_ns: i64,
+}
+
+/// The running sums of an average, fed one tick at a time (page by page): constant memory whatever
+/// the number of ticks.
+#[derive(Debug, Clone, Default)]
+pub struct AverageAcc {
+    sum: Decimal,
+    pv: Decimal,
+    volume: Decimal,
+    price_dp: u32,
+    count: u64,
+    from_ns: i64,
+    to_ns: i64,
+}
+
+impl AverageAcc {
+    /// Adds one tick.
+    pub fn add(&mut self, t: &Tick) -> Result<(), CalcError> {
+        self.sum = self
+            .sum
+            .checked_add(t.price)
+            .ok_or(Overflow("sum of prices"))?;
+        self.price_dp = self.price_dp.max(t.price.scale());
+        if let Some(size) = t.size {
+            let v = t.price.checked_mul(size).ok_or(Overflow("price × size"))?;
+            self.pv = self
+                .pv
+                .checked_add(v)
+                .ok_or(Overflow("sum of price × size"))?;
+            self.volume = self
+                .volume
+                .checked_add(size)
+                .ok_or(Overflow("sum of sizes"))?;
+        }
+        if self.count == 0 || t.event_time_ns < self.from_ns {
+            self.from_ns = t.event_time_ns;
+        }
+        if self.count == 0 || t.event_time_ns > self.to_ns {
+            self.to_ns = t.event_time_ns;
+        }
+        self.count += 1;
+        Ok(())
+    }
+
+    /// The average; `None` when no tick was added.
+    pub fn finish(&self) -> Result<Option<Average>, CalcError> {
+        if self.count == 0 {
+            return Ok(None);
+        }
+        let sma = divide(self.sum, Decimal::from(self.count), self.price_dp)?;
+        let vwap = if self.volume.is_zero() {
+            None
+        } else {
+            Some(divide(self.pv, self.volume, self.price_dp)?)
+        };
+        Ok(Some(Average {
+            sma,
+            vwap,
+            count: self.count,
+            from_ns: self.from_ns,
+            to_ns: self.to_ns,
+        }))
+    }
 }
 
 /// Averages `ticks`; `None` when there are none.
-pub fn average(ticks: &[Tick]) -> Result<Option<Average>, Overflow> {
-    if ticks.is_empty() {
-        return Ok(None);
-    }
-    let mut sum = Decimal::ZERO;
-    let mut pv = Decimal::ZERO;
-    let mut volume = Decimal::ZERO;
-    let mut price_dp = 0;
-    for t in ticks {
-        sum = sum.checked_add(t.price).ok_or(Overflow("sum of prices"))?;
-        price_dp = price_dp.max(t.price.scale());
-        if let Some(size) = t.size {
-            let v = t.price.checked_mul(size).ok_or(Overflow("price × size"))?;
-            pv = pv.checked_add(v).ok_or(Overflow("sum of price × size"))?;
-            volume = volume.checked_add(size).ok_or(Overflow("sum of sizes"))?;
-        }
-    }
-    let sma = divide(sum, Decimal::from(ticks.len() as u64), price_dp)?;
-    let vwap = if volume.is_zero() {
-        None
-    } else {
-        Some(divide(pv, volume, price_dp)?)
-    };
-    Ok(Some(Average {
-        sma,
-        vwap,
-        count: ticks.len() as u64,
-    }))
+pub fn average(ticks: &[Tick]) -> Result<Option<Average>, CalcError> {
+    let mut acc = AverageAcc::default();
+    ticks.iter().try_for_each(|t| acc.add(t))?;
+    acc.finish()
 }
 
 /// `a / b` rounded half-to-even to `dp + AVG_EXTRA_DP` places, trailing zeros dropped.
-fn divide(a: Decimal, b: Decimal, dp: u32) -> Result<Decimal, Overflow> {
+fn divide(a: Decimal, b: Decimal, dp: u32) -> Result<Decimal, CalcError> {
     let q = a.checked_div(b).ok_or(Overflow("average"))?;
     Ok(q.round_dp_with_strategy(
         (dp + AVG_EXTRA_DP).min(28),
@@ -306,5 +408,40 @@ mod tests {
         let ticks = [tick(1, 1, &max, Some(&max)), tick(2, 2, &max, Some(&max))];
         assert!(average(&ticks).is_err());
         assert!(candles(ticks.iter(), 10).is_err());
+    }
+
+    #[test]
+    fn a_series_fed_page_by_page_equals_one_computed_at_once_and_stops_at_its_limit() {
+        let s = 1_000_000_000;
+        let ticks: Vec<Tick> = (0..1000)
+            .map(|i| {
+                tick(
+                    i * s / 7,
+                    i as u64,
+                    &format!("{}.{}", 100 + i % 13, i % 10),
+                    Some("0.5"),
+                )
+            })
+            .collect();
+        let whole = candles(ticks.iter(), s).unwrap();
+        assert_eq!(whole.len(), 143);
+        let mut series = CandleSeries::new(s, 143);
+        for page in ticks.chunks(64) {
+            series.extend(page).unwrap();
+        }
+        assert_eq!(series.finish(), whole);
+        // Out of order too (a late tick for an older candle).
+        let mut reversed = CandleSeries::new(s, 143);
+        reversed.extend(ticks.iter().rev()).unwrap();
+        assert_eq!(reversed.finish(), whole);
+        let mut capped = CandleSeries::new(s, 142);
+        assert_eq!(capped.extend(&ticks), Err(CalcError::TooManyCandles(142)));
+        let mut acc = AverageAcc::default();
+        for page in ticks.chunks(64) {
+            page.iter().try_for_each(|t| acc.add(t)).unwrap();
+        }
+        let avg = acc.finish().unwrap().unwrap();
+        assert_eq!(Some(avg.clone()), average(&ticks).unwrap());
+        assert_eq!((avg.count, avg.from_ns, avg.to_ns), (1000, 0, 999 * s / 7));
     }
 }

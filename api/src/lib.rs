@@ -2,7 +2,9 @@
 //! ranges with opaque page tokens, OHLCV candles, moving averages and VWAP, assets) and live streams of
 //! the ticks they store from now on, plus `grpc.health.v1` and server reflection.
 //!
-//! * [`calc`]: exact decimal arithmetic (candles, averages) — no `f64`.
+//! * [`calc`]: exact decimal arithmetic (candles, averages) — no `f64` — folded tick by tick, so a
+//!   range is computed page by page in constant memory.
+//! * [`limits`]: per-replica bounds on concurrent calls and open streams (RESOURCE_EXHAUSTED beyond).
 //! * [`service::Api`]: the handlers, over any [`TickStore`]; argument checks in [`validate`].
 //! * [`start`]: binds and serves, with graceful shutdown; used by the `tickfleet-api` binary and by
 //!   `tickctl demo`.
@@ -13,8 +15,10 @@
 //! and then receives a `Gap` notice saying how many it missed.
 
 pub mod calc;
+pub mod limits;
 pub mod metrics;
 pub mod service;
+mod stream;
 pub mod validate;
 
 use std::net::SocketAddr;
@@ -43,6 +47,10 @@ pub struct Options {
     pub stream_buffer: usize,
     /// Serve TLS with this certificate and key instead of plaintext.
     pub tls: Option<tonic::transport::ServerTlsConfig>,
+    /// Bounds on concurrent calls and open streams.
+    pub limits: limits::Limits,
+    /// Deadline of each store call (see [`Api::with_store_timeout`]).
+    pub store_timeout: Duration,
 }
 
 impl Default for Options {
@@ -51,6 +59,8 @@ impl Default for Options {
             drain_timeout: Duration::from_secs(30),
             stream_buffer: service::STREAM_BUFFER,
             tls: None,
+            limits: limits::Limits::default(),
+            store_timeout: service::STORE_TIMEOUT,
         }
     }
 }
@@ -96,7 +106,9 @@ pub async fn start(
         .build_v1alpha()
         .context("building the reflection service")?;
     let api = Api::new(store.clone(), metrics, shutdown.clone())
-        .with_stream_buffer(options.stream_buffer);
+        .with_stream_buffer(options.stream_buffer)
+        .with_limits(options.limits)
+        .with_store_timeout(options.store_timeout);
 
     let readiness = tokio::spawn(watch_store(
         store,

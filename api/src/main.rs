@@ -42,6 +42,18 @@ struct Config {
     /// it alone) and gets a gap notice.
     #[arg(long, env = "TICKFLEET_STREAM_BUFFER", default_value_t = tickfleet_api::service::STREAM_BUFFER)]
     stream_buffer: usize,
+    /// Most unary calls this replica serves at once; beyond it a call is refused with
+    /// RESOURCE_EXHAUSTED (not queued).
+    #[arg(long, env = "TICKFLEET_MAX_CONCURRENT_CALLS", default_value_t = tickfleet_api::limits::MAX_CALLS)]
+    max_concurrent_calls: usize,
+    /// Most live streams (StreamTicks + StreamCandles) open on this replica; beyond it a new stream is
+    /// refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "TICKFLEET_MAX_STREAMS", default_value_t = tickfleet_api::limits::MAX_STREAMS)]
+    max_streams: usize,
+    /// Deadline of each store (Redis) call in milliseconds: a call Redis has not answered by then fails
+    /// with UNAVAILABLE instead of hanging.
+    #[arg(long, env = "TICKFLEET_STORE_TIMEOUT_MS", default_value_t = tickfleet_api::service::STORE_TIMEOUT.as_millis() as u64)]
+    store_timeout_ms: u64,
 }
 
 #[tokio::main]
@@ -90,6 +102,11 @@ async fn run(config: Config) -> anyhow::Result<()> {
             drain_timeout: Duration::from_secs(config.drain_timeout_secs),
             stream_buffer: config.stream_buffer,
             tls,
+            limits: tickfleet_api::limits::Limits::new(
+                config.max_concurrent_calls,
+                config.max_streams,
+            ),
+            store_timeout: Duration::from_millis(config.store_timeout_ms),
         },
     )
     .await?;

@@ -19,6 +19,16 @@ pub struct ApiMetrics {
     /// `tickfleet_api_stream_messages_dropped_total{method}`: stream messages dropped because the client's
     /// buffer was full (the client then gets a gap notice).
     pub dropped: IntCounterVec,
+    /// `tickfleet_api_in_flight_calls{method}`: unary calls being served.
+    pub in_flight: IntGaugeVec,
+    /// `tickfleet_api_rejected_total{method,limit}`: calls and streams refused with RESOURCE_EXHAUSTED
+    /// because the replica was at a limit (`limit` = `calls` or `streams`).
+    pub rejected: IntCounterVec,
+    /// `tickfleet_api_limit{limit}`: the configured limits (`calls`, `streams`), to plot usage against.
+    pub limit: IntGaugeVec,
+    /// `tickfleet_api_store_errors_total{kind}`: store calls that failed, by kind (`timeout` when the
+    /// store did not answer within the api's store timeout, else the store's error kind).
+    pub store_errors: IntCounterVec,
 }
 
 impl ApiMetrics {
@@ -57,8 +67,40 @@ impl ApiMetrics {
                 ),
                 &["method"],
             )?,
+            in_flight: IntGaugeVec::new(
+                Opts::new(
+                    "tickfleet_api_in_flight_calls",
+                    "Unary calls being served, by method",
+                ),
+                &["method"],
+            )?,
+            rejected: IntCounterVec::new(
+                Opts::new(
+                    "tickfleet_api_rejected_total",
+                    "Calls and streams refused (RESOURCE_EXHAUSTED) at the replica's limits",
+                ),
+                &["method", "limit"],
+            )?,
+            limit: IntGaugeVec::new(
+                Opts::new(
+                    "tickfleet_api_limit",
+                    "Configured per-replica limits: concurrent calls, open streams",
+                ),
+                &["limit"],
+            )?,
+            store_errors: IntCounterVec::new(
+                Opts::new(
+                    "tickfleet_api_store_errors_total",
+                    "Store calls that failed or timed out, by kind",
+                ),
+                &["kind"],
+            )?,
         };
         registry.register(Box::new(m.requests.clone()))?;
+        registry.register(Box::new(m.in_flight.clone()))?;
+        registry.register(Box::new(m.rejected.clone()))?;
+        registry.register(Box::new(m.limit.clone()))?;
+        registry.register(Box::new(m.store_errors.clone()))?;
         registry.register(Box::new(m.duration.clone()))?;
         registry.register(Box::new(m.active_streams.clone()))?;
         registry.register(Box::new(m.dropped.clone()))?;

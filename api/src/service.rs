@@ -1,47 +1,55 @@
 // Over 600 lines because tonic wants the whole TickService in one impl: the handlers, and the
 // live-stream plumbing (StreamCtx, stream_ticks, stream_candles) only they use.
 //! The `tickfleet.v1.TickService` implementation over any [`TickStore`].
+//!
+//! Every store call has a deadline of its own ([`Api::with_store_timeout`]): a store that hangs makes the
+//! call UNAVAILABLE, never a stuck call. Ranges (candles, windowed averages, seeding live candles) are
+//! read page by page and folded as they come, so a call holds one page of ticks whatever its range.
 
-use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use tickfleet_proto::Tick;
 use tickfleet_proto::v1::{
-    self, BatchGetLatestRequest, BatchGetLatestResponse, Candle, GetCandlesRequest,
-    GetCandlesResponse, GetLatestRequest, GetLatestResponse, GetMovingAverageRequest,
-    GetMovingAverageResponse, ListAssetsRequest, ListAssetsResponse, ListTicksRequest,
-    ListTicksResponse, StreamCandlesRequest, StreamCandlesResponse, StreamTicksRequest,
-    StreamTicksResponse, get_moving_average_request::Over, stream_candles_response,
-    stream_ticks_response, tick_service_server::TickService,
+    BatchGetLatestRequest, BatchGetLatestResponse, Candle, GetCandlesRequest, GetCandlesResponse,
+    GetLatestRequest, GetLatestResponse, GetMovingAverageRequest, GetMovingAverageResponse,
+    ListAssetsRequest, ListAssetsResponse, ListTicksRequest, ListTicksResponse,
+    StreamCandlesRequest, StreamCandlesResponse, StreamTicksRequest, StreamTicksResponse,
+    get_moving_average_request::Over, tick_service_server::TickService,
 };
-use tickfleet_proto::{Tick, TickId};
 use tickfleet_service::CancellationToken;
-use tickfleet_store::{LiveEvent, RangeQuery, StoreError, TickStore};
-use tokio::sync::mpsc;
+use tickfleet_store::{RangeQuery, StoreError, TickStore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::warn;
 
-use crate::calc::{self, CandleAcc};
+use crate::calc::{self, AverageAcc, CalcError, CandleAcc, CandleSeries};
+use crate::limits::{Bound, Limits};
 use crate::metrics::ApiMetrics;
+use crate::stream::{self, Seeds};
 use crate::validate::{self, PageToken};
 
-/// Most candles one `GetCandles` answer holds.
+/// Most candles one `GetCandles` answer holds; a range holding more is INVALID_ARGUMENT.
 pub const MAX_CANDLES: usize = 10_000;
-/// Most ticks one query may read to compute candles or a windowed average; beyond it the range must be
-/// narrowed (this bounds the work any single call can ask of the store).
-pub const MAX_SCAN: usize = 1_000_000;
+/// Ticks read per store call when a range is folded into candles or an average: what one call holds
+/// in memory, whatever its range.
+pub const SCAN_PAGE: usize = 4096;
 /// Default of [`Api::with_stream_buffer`].
 pub const STREAM_BUFFER: usize = 8192;
+/// Default of [`Api::with_store_timeout`].
+pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// The gRPC service.
 #[derive(Clone)]
 pub struct Api {
-    store: Arc<dyn TickStore>,
-    metrics: ApiMetrics,
-    shutdown: CancellationToken,
-    stream_buffer: usize,
+    pub(crate) store: Arc<dyn TickStore>,
+    pub(crate) metrics: ApiMetrics,
+    pub(crate) shutdown: CancellationToken,
+    pub(crate) stream_buffer: usize,
+    pub(crate) limits: Limits,
+    pub(crate) store_timeout: Duration,
+    pub(crate) seeds: Seeds,
 }
 
 impl Api {
@@ -56,7 +64,11 @@ impl Api {
             metrics,
             shutdown,
             stream_buffer: STREAM_BUFFER,
+            limits: Limits::default(),
+            store_timeout: STORE_TIMEOUT,
+            seeds: Seeds::default(),
         }
+        .with_limits(Limits::default())
     }
 
     /// Sets how many messages each stream buffers for its client (at least 1). When a client's buffer
@@ -67,7 +79,30 @@ impl Api {
         self
     }
 
-    /// Runs a unary handler: honours the client's deadline and records the metrics.
+    /// Sets the per-replica limits on concurrent calls and open streams (see [`Limits`]).
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        for (bound, max) in [
+            (Bound::Calls, limits.max_calls()),
+            (Bound::Streams, limits.max_streams()),
+        ] {
+            self.metrics
+                .limit
+                .with_label_values(&[bound.label()])
+                .set(i64::try_from(max).unwrap_or(i64::MAX));
+        }
+        self.limits = limits;
+        self
+    }
+
+    /// Sets the deadline of each store call (at least 1 ms): a call the store has not answered by then
+    /// fails with UNAVAILABLE.
+    pub fn with_store_timeout(mut self, timeout: Duration) -> Self {
+        self.store_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Runs a unary handler: takes a slot of the call limit, honours the client's deadline and records
+    /// the metrics.
     async fn unary<T>(
         &self,
         method: &'static str,
@@ -75,6 +110,12 @@ impl Api {
         work: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
+        let _slot = match self.limits.try_acquire(Bound::Calls) {
+            Ok(slot) => slot,
+            Err(status) => return Err(self.rejected(method, Bound::Calls, status)),
+        };
+        let in_flight = self.metrics.in_flight.with_label_values(&[method]);
+        in_flight.inc();
         let result = match deadline {
             // A little early (by up to 10 ms), so this answer (DEADLINE_EXCEEDED, as the gRPC spec asks)
             // wins over the transport's own timer, which answers CANCELLED.
@@ -87,6 +128,7 @@ impl Api {
                 }),
             None => work.await,
         };
+        in_flight.dec();
         self.metrics
             .duration_of(method)
             .observe(started.elapsed().as_secs_f64());
@@ -97,42 +139,80 @@ impl Api {
         result.map(Response::new)
     }
 
+    /// Counts a call refused at a limit and returns its status.
+    pub(crate) fn rejected(&self, method: &'static str, bound: Bound, status: Status) -> Status {
+        self.metrics
+            .rejected
+            .with_label_values(&[method, bound.label()])
+            .inc();
+        self.metrics.finished(method, status.code());
+        status
+    }
+
+    /// Runs one store call under the store timeout; failures become statuses (see [`store_error`]).
+    pub(crate) async fn store_call<T>(
+        &self,
+        what: &'static str,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, Status> {
+        match tokio::time::timeout(self.store_timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => {
+                self.metrics
+                    .store_errors
+                    .with_label_values(&[e.kind()])
+                    .inc();
+                Err(store_error(e))
+            }
+            Err(_) => {
+                self.metrics
+                    .store_errors
+                    .with_label_values(&["timeout"])
+                    .inc();
+                warn!(
+                    call = what,
+                    timeout_ms = self.store_timeout.as_millis() as u64,
+                    "store call timed out"
+                );
+                Err(Status::unavailable(format!(
+                    "store unavailable: it did not answer {what} within {:?}",
+                    self.store_timeout
+                )))
+            }
+        }
+    }
+
     /// Fails with NOT_FOUND unless `asset_id` has ticks; returns its latest.
     async fn known(&self, asset_id: &str) -> Result<Tick, Status> {
         validate::asset_id("asset_id", asset_id)?;
-        self.store
-            .latest(asset_id)
-            .await
-            .map_err(store_error)?
+        self.store_call("latest", self.store.latest(asset_id))
+            .await?
             .ok_or_else(|| Status::not_found(format!("asset {asset_id:?} has no ticks")))
     }
 
-    /// Reads every tick of `asset_id` in `[from, to)`, failing when there are more than `cap`.
-    async fn scan(
+    /// Feeds every tick of `asset_id` in `[from, to)`, in tick-id order, to `fold`, one store page of
+    /// [`SCAN_PAGE`] ticks at a time: memory stays at one page whatever the range.
+    pub(crate) async fn fold_range(
         &self,
         asset_id: &str,
         from: i64,
         to: i64,
-        cap: usize,
-    ) -> Result<Vec<Tick>, Status> {
-        let mut out = Vec::new();
+        mut fold: impl FnMut(&[Tick]) -> Result<(), Status>,
+    ) -> Result<(), Status> {
         let mut q = RangeQuery {
             from_ns: from,
             to_ns: to,
-            limit: tickfleet_store::MAX_PAGE,
+            limit: SCAN_PAGE,
             after: None,
         };
         loop {
-            let page = self.store.range(asset_id, &q).await.map_err(store_error)?;
-            out.extend(page.ticks);
-            if out.len() > cap {
-                return Err(Status::invalid_argument(format!(
-                    "the range holds more than {cap} ticks; narrow from_ns/to_ns (or the window)"
-                )));
-            }
+            let page = self
+                .store_call("range", self.store.range(asset_id, &q))
+                .await?;
+            fold(&page.ticks)?;
             match page.next {
                 Some(next) => q.after = Some(next),
-                None => return Ok(out),
+                None => return Ok(()),
             }
         }
     }
@@ -154,16 +234,23 @@ impl Api {
                 r.interval
             )));
         }
-        let ticks = self.scan(&r.asset_id, from, to, MAX_SCAN).await?;
-        let candles =
-            calc::candles(&ticks, interval).map_err(|e| Status::out_of_range(e.to_string()))?;
-        if candles.len() > MAX_CANDLES {
-            return Err(Status::invalid_argument(format!(
-                "the range holds more than {MAX_CANDLES} candles; set from_ns/to_ns or use a longer interval"
-            )));
-        }
+        let too_many = || {
+            Status::invalid_argument(format!(
+                "the range holds more than {MAX_CANDLES} candles of {}; set from_ns/to_ns or use a longer interval",
+                r.interval
+            ))
+        };
+        let mut series = CandleSeries::new(interval, MAX_CANDLES);
+        self.fold_range(&r.asset_id, from, to, |page| {
+            series.extend(page).map_err(|e| match e {
+                CalcError::TooManyCandles(_) => too_many(),
+                e => calc_error(e),
+            })
+        })
+        .await?;
         Ok(GetCandlesResponse {
-            candles: candles
+            candles: series
+                .finish()
                 .iter()
                 .map(|c| candle(&r.asset_id, c, false))
                 .collect(),
@@ -175,7 +262,8 @@ impl Api {
         r: GetMovingAverageRequest,
     ) -> Result<GetMovingAverageResponse, Status> {
         validate::asset_id("asset_id", &r.asset_id)?;
-        let ticks = match &r.over {
+        let mut acc = AverageAcc::default();
+        match &r.over {
             None => {
                 return Err(Status::invalid_argument(
                     "set points (the last N ticks) or window (e.g. \"1m\")",
@@ -189,301 +277,49 @@ impl Api {
             }
             Some(Over::Points(p)) => {
                 self.known(&r.asset_id).await?;
-                self.store
-                    .tail(&r.asset_id, *p as usize)
-                    .await
-                    .map_err(store_error)?
+                let ticks = self
+                    .store_call("tail", self.store.tail(&r.asset_id, *p as usize))
+                    .await?;
+                ticks
+                    .iter()
+                    .try_for_each(|t| acc.add(t))
+                    .map_err(calc_error)?;
             }
             Some(Over::Window(w)) => {
                 let window = calc::parse_interval(w)
                     .map_err(|e| Status::invalid_argument(format!("window: {e}")))?;
                 let newest = self.known(&r.asset_id).await?.event_time_ns;
                 let to = newest.saturating_add(1);
-                self.scan(&r.asset_id, (to - window).max(0), to, MAX_SCAN)
-                    .await?
+                self.fold_range(&r.asset_id, (to - window).max(0), to, |page| {
+                    page.iter().try_for_each(|t| acc.add(t)).map_err(calc_error)
+                })
+                .await?;
             }
-        };
-        let avg = calc::average(&ticks)
-            .map_err(|e| Status::out_of_range(e.to_string()))?
+        }
+        let avg = acc
+            .finish()
+            .map_err(calc_error)?
             .ok_or_else(|| Status::not_found(format!("asset {:?} has no ticks", r.asset_id)))?;
         Ok(GetMovingAverageResponse {
             asset_id: r.asset_id,
             sma: avg.sma.to_string(),
             vwap: avg.vwap.map(|v| v.to_string()),
             count: avg.count,
-            from_ns: ticks.first().map_or(0, |t| t.event_time_ns),
-            to_ns: ticks.last().map_or(0, |t| t.event_time_ns),
+            from_ns: avg.from_ns,
+            to_ns: avg.to_ns,
         })
     }
+}
 
-    /// Validates a stream's assets, subscribes, and counts the stream as active until `run` ends.
-    async fn open_stream<M: Send + 'static>(
-        &self,
-        method: &'static str,
-        asset_ids: &[String],
-        run: impl FnOnce(StreamCtx<M>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
-    ) -> Result<Response<ReceiverStream<Result<M, Status>>>, Status> {
-        let started = Instant::now();
-        let opened = async {
-            validate::asset_ids("asset_ids", asset_ids, true)?;
-            self.store.subscribe().await.map_err(store_error)
-        }
-        .await;
-        self.metrics
-            .duration_of(method)
-            .observe(started.elapsed().as_secs_f64());
-        let feed = match opened {
-            Ok(feed) => feed,
-            Err(status) => {
-                self.metrics.finished(method, status.code());
-                return Err(status);
-            }
-        };
-        let (tx, rx) = mpsc::channel(self.stream_buffer);
-        let ctx = StreamCtx {
-            method,
-            feed,
-            filter: (!asset_ids.is_empty()).then(|| asset_ids.iter().cloned().collect()),
-            tx,
-            metrics: self.metrics.clone(),
-            shutdown: self.shutdown.clone(),
-            pending_gap: None,
-        };
-        let active = self.metrics.active_streams.with_label_values(&[method]);
-        active.inc();
-        let fut = run(ctx);
-        let metrics = self.metrics.clone();
-        tokio::spawn(async move {
-            fut.await;
-            active.dec();
-            metrics.finished(method, tonic::Code::Ok);
-        });
-        Ok(Response::new(ReceiverStream::new(rx)))
+/// A computation that cannot be answered: a decimal overflow is OUT_OF_RANGE.
+pub(crate) fn calc_error(e: CalcError) -> Status {
+    match e {
+        CalcError::TooManyCandles(_) => Status::invalid_argument(e.to_string()),
+        CalcError::Overflow(_) => Status::out_of_range(e.to_string()),
     }
 }
 
-/// What a stream task works with.
-struct StreamCtx<M> {
-    method: &'static str,
-    feed: tickfleet_store::LiveFeed,
-    filter: Option<HashSet<String>>,
-    tx: mpsc::Sender<Result<M, Status>>,
-    metrics: ApiMetrics,
-    shutdown: CancellationToken,
-    /// A gap to report before the next message: (messages missed, reason).
-    pending_gap: Option<(u64, &'static str)>,
-}
-
-/// Why a stream task stops.
-enum Next {
-    Event(LiveEvent),
-    Stop,
-}
-
-impl<M: Send + 'static> StreamCtx<M> {
-    /// The next live event for this stream, or `Stop` on shutdown, client gone or feed closed.
-    async fn next(&mut self) -> Next {
-        loop {
-            let ev = tokio::select! {
-                _ = self.shutdown.cancelled() => return Next::Stop,
-                _ = self.tx.closed() => return Next::Stop,
-                ev = self.feed.recv() => ev,
-            };
-            match ev {
-                None => return Next::Stop,
-                Some(LiveEvent::Ticks(b))
-                    if self
-                        .filter
-                        .as_ref()
-                        .is_some_and(|f| !f.contains(&b.asset_id)) => {}
-                Some(ev) => return Next::Event(ev),
-            }
-        }
-    }
-
-    /// Notes a gap to report (reasons of the feed itself).
-    fn gap(&mut self, reason: &'static str) {
-        let missed = self.pending_gap.map_or(0, |g| g.0);
-        self.pending_gap = Some((missed, reason));
-    }
-
-    /// Sends a message without ever waiting: when the client's buffer is full the message is dropped
-    /// and counted, and a gap notice goes out first once there is room. `false` when the client is gone.
-    fn send(&mut self, msg: M, gap: impl Fn(u64, &'static str) -> M) -> bool {
-        if let Some((missed, reason)) = self.pending_gap {
-            match self.tx.try_send(Ok(gap(missed, reason))) {
-                Ok(()) => self.pending_gap = None,
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    self.drop_one();
-                    return true;
-                }
-                Err(mpsc::error::TrySendError::Closed(_)) => return false,
-            }
-        }
-        match self.tx.try_send(Ok(msg)) {
-            Ok(()) => true,
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                self.drop_one();
-                true
-            }
-            Err(mpsc::error::TrySendError::Closed(_)) => false,
-        }
-    }
-
-    fn drop_one(&mut self) {
-        self.metrics.dropped.with_label_values(&[self.method]).inc();
-        let missed = match self.pending_gap {
-            Some((n, "client_slow")) => n + 1,
-            _ => 1,
-        };
-        self.pending_gap = Some((missed, "client_slow"));
-    }
-}
-
-fn tick_gap(missed: u64, reason: &'static str) -> StreamTicksResponse {
-    StreamTicksResponse {
-        event: Some(stream_ticks_response::Event::Gap(v1::Gap {
-            missed,
-            reason: reason.into(),
-        })),
-    }
-}
-
-fn candle_gap(missed: u64, reason: &'static str) -> StreamCandlesResponse {
-    StreamCandlesResponse {
-        event: Some(stream_candles_response::Event::Gap(v1::Gap {
-            missed,
-            reason: reason.into(),
-        })),
-    }
-}
-
-fn feed_gap_reason(reason: &'static str) -> &'static str {
-    match reason {
-        "lagged" => "server_lagged",
-        _ => "feed_reconnected",
-    }
-}
-
-async fn stream_ticks(mut ctx: StreamCtx<StreamTicksResponse>) {
-    while let Next::Event(ev) = ctx.next().await {
-        match ev {
-            LiveEvent::Gap { reason, .. } => ctx.gap(feed_gap_reason(reason)),
-            LiveEvent::Ticks(batch) => {
-                for t in &batch.ticks {
-                    let msg = StreamTicksResponse {
-                        event: Some(stream_ticks_response::Event::Tick(t.into())),
-                    };
-                    if !ctx.send(msg, tick_gap) {
-                        return;
-                    }
-                }
-            }
-        }
-    }
-}
-
-/// The live candle of one asset in a `StreamCandles`.
-struct LiveCandle {
-    acc: CandleAcc,
-    /// Ticks read from the store when the candle was seeded that may still arrive live (ids at or after
-    /// the first live tick): skipped when they do, so no tick counts twice.
-    seeded: HashSet<TickId>,
-}
-
-async fn stream_candles(api: Api, interval: i64, mut ctx: StreamCtx<StreamCandlesResponse>) {
-    let mut live: HashMap<String, LiveCandle> = HashMap::new();
-    while let Next::Event(ev) = ctx.next().await {
-        let batch = match ev {
-            LiveEvent::Gap { reason, .. } => {
-                // Ticks may be missing from the live candles: start them again from the store.
-                live.clear();
-                ctx.gap(feed_gap_reason(reason));
-                continue;
-            }
-            LiveEvent::Ticks(batch) => batch,
-        };
-        let asset = batch.asset_id.as_str();
-        let mut out: Vec<Candle> = Vec::new();
-        let mut late_buckets = std::collections::BTreeSet::new();
-        for t in &batch.ticks {
-            let bucket = calc::bucket_start(t.event_time_ns, interval);
-            match live.get_mut(asset) {
-                Some(c) if bucket == c.acc.start_ns => {
-                    if !c.seeded.remove(&t.id()) && c.acc.add(t).is_err() {
-                        live.remove(asset);
-                        ctx.gap("overflow");
-                    }
-                }
-                Some(c) if bucket < c.acc.start_ns => {
-                    late_buckets.insert(bucket);
-                }
-                Some(c) => {
-                    // A later candle starts: the current one is final. Every tick of the new bucket is
-                    // stored after this subscription began, so it arrives live: no seeding needed.
-                    out.retain(|o| o.start_ns != c.acc.start_ns);
-                    out.push(candle(asset, &c.acc, true));
-                    *c = LiveCandle {
-                        acc: CandleAcc::new(t, interval),
-                        seeded: HashSet::new(),
-                    };
-                }
-                None => match seed(&api, asset, t, interval).await {
-                    Ok(c) => {
-                        live.insert(asset.to_owned(), c);
-                    }
-                    Err(e) => {
-                        warn!(asset, error = %e, "cannot seed a live candle from the store");
-                        ctx.gap("store_unavailable");
-                    }
-                },
-            }
-        }
-        if let Some(c) = live.get(asset) {
-            out.push(candle(asset, &c.acc, false));
-        }
-        // Ticks for a candle already closed (out of order): recompute it from the store, exactly.
-        for bucket in late_buckets {
-            match api
-                .scan(asset, bucket, bucket.saturating_add(interval), MAX_SCAN)
-                .await
-                .and_then(|ticks| {
-                    calc::candles(&ticks, interval).map_err(|e| Status::out_of_range(e.to_string()))
-                }) {
-                Ok(cs) => out.extend(cs.iter().map(|c| candle(asset, c, true))),
-                Err(e) => warn!(asset, error = %e, "cannot recompute a late candle"),
-            }
-        }
-        for c in out {
-            let msg = StreamCandlesResponse {
-                event: Some(stream_candles_response::Event::Candle(c)),
-            };
-            if !ctx.send(msg, candle_gap) {
-                return;
-            }
-        }
-    }
-}
-
-/// Starts the live candle of `first`'s bucket from the store (which already holds `first`).
-async fn seed(api: &Api, asset: &str, first: &Tick, interval: i64) -> Result<LiveCandle, Status> {
-    let start = calc::bucket_start(first.event_time_ns, interval);
-    let ticks = api
-        .scan(asset, start, start.saturating_add(interval), MAX_SCAN)
-        .await?;
-    let mut acc = CandleAcc::new(first, interval);
-    let mut seeded = HashSet::new();
-    for t in ticks.iter().filter(|t| t.id() != first.id()) {
-        acc.add(t)
-            .map_err(|e| Status::out_of_range(e.to_string()))?;
-        if t.id() > first.id() {
-            seeded.insert(t.id());
-        }
-    }
-    Ok(LiveCandle { acc, seeded })
-}
-
-fn candle(asset: &str, c: &CandleAcc, closed: bool) -> Candle {
+pub(crate) fn candle(asset: &str, c: &CandleAcc, closed: bool) -> Candle {
     Candle {
         asset_id: asset.to_owned(),
         start_ns: c.start_ns,
@@ -534,10 +370,14 @@ impl TickService for Api {
             validate::asset_ids("asset_ids", &r.asset_ids, false)?;
             // Concurrent lookups share the store's connection (the Redis client pipelines them), so a
             // thousand assets cost about one round trip, not a thousand.
-            let latest =
-                futures::future::try_join_all(r.asset_ids.iter().map(|id| self.store.latest(id)))
-                    .await
-                    .map_err(store_error)?;
+            let latest = self
+                .store_call(
+                    "latest",
+                    futures::future::try_join_all(
+                        r.asset_ids.iter().map(|id| self.store.latest(id)),
+                    ),
+                )
+                .await?;
             let mut out = BatchGetLatestResponse::default();
             for (id, tick) in r.asset_ids.iter().zip(latest) {
                 match tick {
@@ -565,19 +405,15 @@ impl TickService for Api {
                 token => Some(PageToken::decode(token, &r.asset_id, from, to)?.after),
             };
             self.known(&r.asset_id).await?;
+            let query = RangeQuery {
+                from_ns: from,
+                to_ns: to,
+                limit,
+                after,
+            };
             let page = self
-                .store
-                .range(
-                    &r.asset_id,
-                    &RangeQuery {
-                        from_ns: from,
-                        to_ns: to,
-                        limit,
-                        after,
-                    },
-                )
-                .await
-                .map_err(store_error)?;
+                .store_call("range", self.store.range(&r.asset_id, &query))
+                .await?;
             Ok(ListTicksResponse {
                 ticks: page.ticks.iter().map(Into::into).collect(),
                 next_page_token: page
@@ -623,7 +459,7 @@ impl TickService for Api {
         let deadline = validate::grpc_timeout(req.metadata());
         self.unary("ListAssets", deadline, async {
             Ok(ListAssetsResponse {
-                asset_ids: self.store.assets().await.map_err(store_error)?,
+                asset_ids: self.store_call("assets", self.store.assets()).await?,
             })
         })
         .await
@@ -637,7 +473,7 @@ impl TickService for Api {
     ) -> Result<Response<Self::StreamTicksStream>, Status> {
         let r = req.into_inner();
         self.open_stream("StreamTicks", &r.asset_ids, |ctx| {
-            Box::pin(stream_ticks(ctx))
+            Box::pin(stream::stream_ticks(ctx))
         })
         .await
     }
@@ -659,7 +495,7 @@ impl TickService for Api {
         };
         let api = self.clone();
         self.open_stream("StreamCandles", &r.asset_ids, move |ctx| {
-            Box::pin(stream_candles(api, interval, ctx))
+            Box::pin(stream::stream_candles(api, interval, ctx))
         })
         .await
     }

@@ -2,6 +2,8 @@
 //! `scripts/test.sh` starts one). Ticks are written with `RedisStore::write_batch`, the call the worker
 //! makes, under a key prefix of each test's own.
 
+mod common;
+
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,23 +96,7 @@ impl Server {
     }
 
     fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
-        let mut total = 0.0;
-        for family in self.registry.gather() {
-            if family.name() != name {
-                continue;
-            }
-            for m in family.get_metric() {
-                let matches = labels.iter().all(|(k, v)| {
-                    m.get_label()
-                        .iter()
-                        .any(|l| l.name() == *k && l.value() == *v)
-                });
-                if matches {
-                    total += m.get_counter().get_value() + m.get_gauge().get_value();
-                }
-            }
-        }
-        total
+        common::metric(&self.registry, name, labels)
     }
 }
 
