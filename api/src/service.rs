@@ -1,5 +1,3 @@
-// Over 600 lines because tonic wants the whole TickService in one impl: the handlers, and the
-// live-stream plumbing (StreamCtx, stream_ticks, stream_candles) only they use.
 //! The `tickfleet.v1.TickService` implementation over any [`TickStore`].
 //!
 //! Every store call has a deadline of its own ([`Api::with_store_timeout`]): a store that hangs makes the
