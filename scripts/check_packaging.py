@@ -49,7 +49,7 @@ BINARY_CRATES = {
     "tickfleet-operator": ["operator", "service"],
     "tickctl": ["cli", "worker", "service", "store"],
     "tickfleet-api": ["api", "service", "store"],
-    "tickfleet-connector": ["connector", "worker", "service"],
+    "tickfleet-connector": ["connector", "service"],
 }
 # Read by libraries rather than by clap.
 GENERIC_ENV = {"RUST_LOG", "RUST_BACKTRACE"}

@@ -206,3 +206,30 @@ fn coinbase_trades_are_stored_exactly_once() {
 fn kraken_trades_are_stored_exactly_once() {
     venue_end_to_end("kraken", "v2");
 }
+
+#[test]
+fn demo_replays_a_venue_fixture_offline() {
+    let out = Command::new(bin("tickctl"))
+        .args(["demo", "--source", "binance", "--duration", "0.1"])
+        .args(["--api-addr", "127.0.0.1:0"])
+        .output()
+        .expect("run tickctl demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(format!(
+        "{}/connector/tests/fixtures/binance.script",
+        env!("CARGO_MANIFEST_DIR")
+    ))
+    .unwrap();
+    let script = Script::parse(&text).unwrap();
+    let want = format!(
+        "stored {} distinct ticks (the fixture holds {})",
+        script.expected("stored"),
+        script.expected("stored")
+    );
+    assert!(stdout.contains(&want), "{stdout}");
+}

@@ -4,6 +4,8 @@
 //! several workers in one consumer group, the gRPC api on a local port and the generator, with live
 //! throughput — until Ctrl-C (or `--duration`). Then it stops the generator, lets the workers drain,
 //! stops the api, and audits the store like `tickctl verify`: every produced tick stored once, in order.
+//! With `--source EXCHANGE` the ticks come from a replay of that exchange's recorded-format trade stream
+//! through the connector instead ([`crate::demo_source`]).
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -48,12 +50,18 @@ pub struct DemoArgs {
     /// Ticks per second produced; 0 = flat out.
     #[arg(long, default_value_t = 5_000)]
     rate: u64,
-    /// Stop by itself after this many seconds (default: run until Ctrl-C).
+    /// Stop by itself after this many seconds (default: run until Ctrl-C); with --source, stop once the
+    /// fixture is replayed and stored.
     #[arg(long)]
     duration: Option<f64>,
     /// Where the gRPC api listens (`tickctl latest|ticks|candles|ma|watch` talk to it).
     #[arg(long, default_value = "127.0.0.1:50051")]
     api_addr: std::net::SocketAddr,
+    /// Instead of the generator, replay this exchange's recorded-format trade stream (BTC-USDT, ETH-USDT,
+    /// SOL-USDT; the connector's test fixture) from a local WebSocket server through the real connector.
+    /// Offline: nothing talks to the exchange.
+    #[arg(long, value_enum)]
+    source: Option<tickfleet_connector::Exchange>,
 }
 
 /// The id of the generator's first asset (what `Generator::new(n, "A", _)` names it).
@@ -63,7 +71,7 @@ fn generator_first_asset(assets: u32) -> String {
         .to_owned()
 }
 
-fn counter_total(c: &prometheus::IntCounterVec) -> u64 {
+pub(crate) fn counter_total(c: &prometheus::IntCounterVec) -> u64 {
     c.collect()
         .iter()
         .flat_map(|family| family.get_metric())
@@ -171,13 +179,12 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             ))
     );
     sayln!(
-        "  workers {} in group tickfleet-demo; generator: {} assets at {}",
+        "  workers {} in group tickfleet-demo; {}",
         args.workers,
-        args.assets,
-        if args.rate == 0 {
-            "full speed".to_string()
-        } else {
-            format!("{}/s", args.rate)
+        match (args.source, args.rate) {
+            (Some(e), _) => format!("source: the {} fixture (no generator)", e.name()),
+            (None, 0) => format!("generator: {} assets at full speed", args.assets),
+            (None, rate) => format!("generator: {} assets at {rate}/s", args.assets),
         }
     );
     let api_url = format!("http://{}", api.addr);
@@ -186,7 +193,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
     } else {
         format!(" --api {api_url}")
     };
-    let first = generator_first_asset(args.assets);
+    let first = match args.source {
+        Some(_) => crate::demo_source::SYMBOLS[0].to_owned(),
+        None => generator_first_asset(args.assets),
+    };
     sayln!("  api     {api_url} (gRPC tickfleet.v1.TickService, health, reflection)");
     sayln!("  try, in another terminal:");
     for (cmd, what) in [
@@ -228,6 +238,43 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         batch: 200,
         poison_every: None,
     };
+    if let Some(exchange) = args.source {
+        let replayed = crate::demo_source::replay(exchange, &kafka, &args.topic, &stop).await?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stored = || {
+            metrics
+                .iter()
+                .map(|m| counter_total(&m.stored))
+                .sum::<u64>()
+        };
+        while stored() < replayed.expected_stored && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        sayln!(
+            "  produced {} trades ({} acknowledged), stored {} distinct ticks (the fixture holds {}); \
+             query them now, Ctrl-C ends the demo",
+            replayed.received,
+            replayed.produced,
+            stored(),
+            replayed.expected_stored
+        );
+        if args.duration.is_none() {
+            stop.cancelled().await;
+        }
+        workers_stop.cancel();
+        for w in workers {
+            w.await??;
+        }
+        api_stop.cancel();
+        api.task.await??;
+        let clean = stored() == replayed.expected_stored;
+        drop(broker);
+        return Ok(if clean {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        });
+    }
     let mut generator = Generator::new(args.assets, "A", rand::random());
     let stored = || {
         metrics

@@ -2,6 +2,7 @@
 
 mod bench;
 mod demo;
+mod demo_source;
 mod dev_broker;
 mod dlq;
 mod out;

@@ -37,7 +37,7 @@ use tracing::{debug, info, warn};
 
 pub use metrics::Metrics;
 pub use sink::{KafkaSink, Readiness, Sink};
-pub use tickfleet_worker::KafkaOptions;
+pub use tickfleet_service::kafka::KafkaOptions;
 pub use venue::{Event, Exchange, FrameError, Symbol, Trade, Venue};
 
 /// Everything that can go wrong in the connector.

@@ -27,7 +27,17 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_tungstenite::tungstenite::Message;
 use tracing::{debug, warn};
 
-use crate::Error;
+use crate::{Error, Exchange};
+
+/// `exchange`'s fixture script (`connector/tests/fixtures/*.script`) and the URL path its venue serves
+/// on, for `tickctl demo --source`.
+pub fn fixture(exchange: Exchange) -> (&'static str, &'static str) {
+    match exchange {
+        Exchange::Binance => (include_str!("../tests/fixtures/binance.script"), "stream"),
+        Exchange::Coinbase => (include_str!("../tests/fixtures/coinbase.script"), ""),
+        Exchange::Kraken => (include_str!("../tests/fixtures/kraken.script"), "v2"),
+    }
+}
 
 /// One step of a script.
 #[derive(Debug, Clone, PartialEq)]
