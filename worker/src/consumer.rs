@@ -68,8 +68,23 @@ impl<C: ConsumerContext> Partitions for BaseConsumer<C> {
 pub(crate) struct Released {
     /// Every lane stored what it held within the drain timeout.
     pub(crate) drained: bool,
-    /// Kafka accepted the commit of their watermarks (or there was nothing to commit).
+    /// Kafka accepted the commit of their watermarks (or there was nothing to commit), or refused it
+    /// only because the group is rebalancing: the partitions are being handed over and their next owner
+    /// re-reads from the previous commit, which the idempotent store absorbs. Any other refusal is a
+    /// failed commit.
     pub(crate) committed: bool,
+}
+
+/// What Kafka said to a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Commit {
+    /// Accepted (or there was nothing to commit).
+    Accepted,
+    /// Refused because the group is rebalancing: the partitions are changing hands, as they do whenever
+    /// members join or leave (several workers stopping at once, a rolling restart).
+    Rebalancing,
+    /// Refused for any other reason (broker unreachable, not authorized, …).
+    Failed,
 }
 
 /// How long the poll thread waits for room in a full lane before pausing its partition.
@@ -267,7 +282,7 @@ impl Lanes {
                 let _ = tpl.add_partition_offset(&self.topic, *p, Offset::Offset(w));
             }
         }
-        let committed = self.commit(consumer, &tpl, why);
+        let committed = self.commit(consumer, &tpl, why) != Commit::Failed;
         info!(why, partitions = ?partitions, drained, committed, elapsed_ms = started.elapsed().as_millis() as u64, "partitions released");
         Released { drained, committed }
     }
@@ -412,16 +427,16 @@ impl Lanes {
             }
         }
         drop(map);
-        if !self.commit(consumer, &tpl, "periodic") {
+        if self.commit(consumer, &tpl, "periodic") != Commit::Accepted {
             self.forget_commits(&tpl);
         }
     }
 
     /// Commits `tpl` synchronously — one round trip per commit interval, not per message — so the
-    /// committed-offset metric reports what Kafka accepted. Returns whether it was accepted.
-    fn commit(&self, consumer: &dyn Partitions, tpl: &TopicPartitionList, trigger: &str) -> bool {
+    /// committed-offset metric reports what Kafka accepted.
+    fn commit(&self, consumer: &dyn Partitions, tpl: &TopicPartitionList, trigger: &str) -> Commit {
         if tpl.count() == 0 {
-            return true;
+            return Commit::Accepted;
         }
         match consumer.commit_sync(tpl) {
             Ok(()) => {
@@ -434,7 +449,7 @@ impl Lanes {
                             .set(o);
                     }
                 }
-                true
+                Commit::Accepted
             }
             Err(e) => {
                 self.shared
@@ -453,11 +468,12 @@ impl Lanes {
                 );
                 if rebalancing {
                     info!(trigger, error = %e, "commit refused during a rebalance; the next owner re-reads from the last commit (writes are idempotent)");
+                    Commit::Rebalancing
                 } else {
                     warn!(trigger, error = %e,
                         "commit refused; retried later, or the next owner re-reads from the last commit (writes are idempotent)");
+                    Commit::Failed
                 }
-                false
             }
         }
     }
