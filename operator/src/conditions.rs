@@ -7,6 +7,8 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
+use k8s_openapi::api::apps::v1::Deployment;
+
 use crate::crd::ReplicaStatus;
 
 /// All pods of the pipeline are ready and nothing blocks it.
@@ -56,6 +58,59 @@ pub struct Problem {
     pub blocks_ready: bool,
 }
 
+/// Where a Deployment's rollout stands, read from the Deployment's own status the way
+/// `kubectl rollout status` reads it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Rollout {
+    /// Every pod runs the current spec and is available.
+    #[default]
+    Complete,
+    /// Still going: the Deployment controller has not seen the newest spec, pods of the current
+    /// spec are missing or not yet available, or old pods are still there. The message says which.
+    Waiting(String),
+    /// The Deployment's `Progressing` condition says `ProgressDeadlineExceeded`: pods are not
+    /// coming up (image, scheduling, crash loop). Its message.
+    Stalled(String),
+}
+
+/// The rollout state and pod counts of a Deployment, from its `status`.
+pub fn rollout(d: &Deployment) -> (Rollout, ReplicaStatus) {
+    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let st = d.status.clone().unwrap_or_default();
+    let pods = ReplicaStatus {
+        desired,
+        current: st.replicas.unwrap_or(0),
+        ready: st.ready_replicas.unwrap_or(0),
+        updated: st.updated_replicas.unwrap_or(0),
+        available: st.available_replicas.unwrap_or(0),
+    };
+    let stalled = st.conditions.iter().flatten().find(|c| {
+        c.type_ == "Progressing"
+            && c.status == "False"
+            && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
+    });
+    let state = if d.status.is_none() || st.observed_generation < d.metadata.generation {
+        Rollout::Waiting("the Deployment controller has not seen the current spec yet".into())
+    } else if let Some(c) = stalled {
+        Rollout::Stalled(c.message.clone().unwrap_or_else(|| "progress deadline exceeded".into()))
+    } else if pods.updated < desired {
+        Rollout::Waiting(format!(
+            "{} of {desired} pods run the current spec",
+            pods.updated
+        ))
+    } else if pods.current > pods.updated {
+        Rollout::Waiting(format!(
+            "{} old pods still terminating",
+            pods.current - pods.updated
+        ))
+    } else if pods.available < desired {
+        Rollout::Waiting(format!("{} of {desired} pods available", pods.available))
+    } else {
+        Rollout::Complete
+    };
+    (state, pods)
+}
+
 /// What the operator observed in one reconcile, the input of [`wanted`].
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Observation {
@@ -63,37 +118,45 @@ pub struct Observation {
     pub problems: Vec<Problem>,
     /// Worker pods.
     pub workers: ReplicaStatus,
-    /// Whether the worker Deployment is rolling out.
-    pub workers_rolling: bool,
+    /// The worker Deployment's rollout.
+    pub workers_rollout: Rollout,
     /// Api pods.
     pub api: ReplicaStatus,
-    /// Whether the api Deployment is rolling out.
-    pub api_rolling: bool,
+    /// The api Deployment's rollout.
+    pub api_rollout: Rollout,
     /// `(asked, partitions)` when more workers were asked for than partitions exist.
     pub capped: Option<(i32, i32)>,
 }
 
-/// Conditions for a pipeline that is not paused.
+/// Conditions for a pipeline that is not paused: `Ready` when nothing blocks it and every worker
+/// and api pod runs the current spec and is available; `Progressing` while either Deployment
+/// rolls out (from the Deployments' own status); `Degraded` with every problem found.
 pub fn wanted(obs: &Observation) -> Vec<Wanted> {
     let blocking = obs.problems.iter().find(|p| p.blocks_ready);
+    let not_up = |pods: &ReplicaStatus, rollout: &Rollout| {
+        pods.available < pods.desired || *rollout != Rollout::Complete
+    };
     let ready = if let Some(p) = blocking {
         Wanted::new(READY, false, &p.reason, p.message.clone())
-    } else if obs.workers.ready < obs.workers.desired {
+    } else if not_up(&obs.workers, &obs.workers_rollout) {
         Wanted::new(
             READY,
             false,
             "WorkersNotReady",
             format!(
-                "{} of {} workers ready",
-                obs.workers.ready, obs.workers.desired
+                "{} of {} workers available ({} ready, {} run the current spec)",
+                obs.workers.available, obs.workers.desired, obs.workers.ready, obs.workers.updated
             ),
         )
-    } else if obs.api.ready < obs.api.desired {
+    } else if not_up(&obs.api, &obs.api_rollout) {
         Wanted::new(
             READY,
             false,
             "ApiNotReady",
-            format!("{} of {} api pods ready", obs.api.ready, obs.api.desired),
+            format!(
+                "{} of {} api pods available ({} ready, {} run the current spec)",
+                obs.api.available, obs.api.desired, obs.api.ready, obs.api.updated
+            ),
         )
     } else {
         Wanted::new(
@@ -101,11 +164,24 @@ pub fn wanted(obs: &Observation) -> Vec<Wanted> {
             true,
             "AllReplicasReady",
             format!(
-                "{} workers and {} api pods ready",
-                obs.workers.ready, obs.api.ready
+                "{} workers and {} api pods available",
+                obs.workers.available, obs.api.available
             ),
         )
     };
+    let stalled = [("workers", &obs.workers_rollout), ("api", &obs.api_rollout)]
+        .into_iter()
+        .find_map(|(which, r)| match r {
+            Rollout::Stalled(m) => Some(format!("{which}: {m}")),
+            _ => None,
+        });
+    let waiting: Vec<String> = [("workers", &obs.workers_rollout), ("api", &obs.api_rollout)]
+        .into_iter()
+        .filter_map(|(which, r)| match r {
+            Rollout::Waiting(m) => Some(format!("{which}: {m}")),
+            _ => None,
+        })
+        .collect();
     let progressing = if blocking.is_some_and(|p| p.reason == "InvalidSpec") {
         Wanted::new(
             PROGRESSING,
@@ -113,24 +189,16 @@ pub fn wanted(obs: &Observation) -> Vec<Wanted> {
             "InvalidSpec",
             "waiting for a valid spec",
         )
-    } else if obs.workers_rolling || obs.api_rolling {
-        let which = match (obs.workers_rolling, obs.api_rolling) {
-            (true, true) => "workers and api are",
-            (true, false) => "workers are",
-            _ => "api is",
-        };
-        Wanted::new(
-            PROGRESSING,
-            true,
-            "RollingOut",
-            format!("{which} rolling out"),
-        )
+    } else if let Some(m) = stalled {
+        Wanted::new(PROGRESSING, false, "ProgressDeadlineExceeded", m)
+    } else if !waiting.is_empty() {
+        Wanted::new(PROGRESSING, true, "RollingOut", waiting.join("; "))
     } else {
         Wanted::new(
             PROGRESSING,
             false,
             "RolloutComplete",
-            "all pods run the current spec",
+            "all pods run the current spec and are available",
         )
     };
     let degraded = match obs.problems.first() {
@@ -172,16 +240,28 @@ pub fn wanted(obs: &Observation) -> Vec<Wanted> {
     ]
 }
 
-/// The `Paused` condition of a paused pipeline; the other conditions are kept as they were,
-/// since a paused operator looks at nothing.
-pub fn paused() -> Wanted {
+/// The `Paused` condition of a paused pipeline. `applied` is the generation the children were
+/// last made from (`status.observedGeneration`), `current` the pipeline's generation: when they
+/// differ, the message says that the newer spec waits for the pause to end. The other conditions
+/// keep describing what runs (the Deployments as they are).
+pub fn paused(applied: Option<i64>, current: Option<i64>) -> Wanted {
+    let annotation = crate::crd::PAUSED_ANNOTATION;
+    let pending = match (applied, current) {
+        (Some(a), Some(c)) if a < c => format!(
+            "; generation {c} is not applied (children are from generation {a}) and will be \
+             when the annotation is removed"
+        ),
+        (None, Some(c)) => {
+            format!("; generation {c} is not applied and will be when the annotation is removed")
+        }
+        _ => "; nothing is pending".to_string(),
+    };
     Wanted::new(
         PAUSED,
         true,
         "PausedByAnnotation",
         format!(
-            "annotation {}=\"true\": children and the topic are left as they are",
-            crate::crd::PAUSED_ANNOTATION
+            "annotation {annotation}=\"true\": children and the topic are left as they are{pending}"
         ),
     )
 }
@@ -230,20 +310,79 @@ mod tests {
         c.iter().find(|c| c.type_ == ty).unwrap()
     }
 
+    fn pods(n: i32) -> ReplicaStatus {
+        ReplicaStatus {
+            desired: n,
+            current: n,
+            ready: n,
+            updated: n,
+            available: n,
+        }
+    }
+
     fn healthy() -> Observation {
         Observation {
-            workers: ReplicaStatus {
-                desired: 3,
-                current: 3,
-                ready: 3,
-            },
-            api: ReplicaStatus {
-                desired: 1,
-                current: 1,
-                ready: 1,
-            },
+            workers: pods(3),
+            api: pods(1),
             ..Observation::default()
         }
+    }
+
+    fn deployment(generation: i64, status: serde_json::Value) -> Deployment {
+        serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "btc-worker", "generation": generation},
+            "spec": {"replicas": 4, "selector": {}, "template": {}},
+            "status": status,
+        }))
+        .unwrap()
+    }
+
+    #[test]
+    fn rollout_is_read_from_the_deployment_status() {
+        // what was seen on a real cluster: 4 pods of the current spec, all Pending
+        let pending = deployment(
+            2,
+            serde_json::json!({"observedGeneration": 2, "replicas": 4, "updatedReplicas": 4,
+                "unavailableReplicas": 4}),
+        );
+        let (state, p) = rollout(&pending);
+        assert_eq!(state, Rollout::Waiting("0 of 4 pods available".into()));
+        assert_eq!((p.desired, p.current, p.updated, p.available), (4, 4, 4, 0));
+        let obs = Observation {
+            workers: p,
+            workers_rollout: state,
+            api: pods(1),
+            ..Observation::default()
+        };
+        let w = wanted(&obs);
+        assert_eq!((w[0].status, w[0].reason.as_str()), ("False", "WorkersNotReady"));
+        assert_eq!(
+            w[0].message,
+            "0 of 4 workers available (0 ready, 4 run the current spec)"
+        );
+        assert_eq!((w[1].status, w[1].reason.as_str()), ("True", "RollingOut"));
+        assert_eq!(w[1].message, "workers: 0 of 4 pods available");
+
+        let unseen = deployment(3, serde_json::json!({"observedGeneration": 2, "replicas": 4,
+            "updatedReplicas": 4, "availableReplicas": 4, "readyReplicas": 4}));
+        assert!(matches!(rollout(&unseen).0, Rollout::Waiting(m) if m.contains("not seen")));
+        let half = deployment(2, serde_json::json!({"observedGeneration": 2, "replicas": 5,
+            "updatedReplicas": 2, "availableReplicas": 4}));
+        assert_eq!(rollout(&half).0, Rollout::Waiting("2 of 4 pods run the current spec".into()));
+        let old_left = deployment(2, serde_json::json!({"observedGeneration": 2, "replicas": 5,
+            "updatedReplicas": 4, "availableReplicas": 4}));
+        assert_eq!(rollout(&old_left).0, Rollout::Waiting("1 old pods still terminating".into()));
+        let stuck = deployment(2, serde_json::json!({"observedGeneration": 2, "replicas": 4,
+            "updatedReplicas": 4, "conditions": [{"type": "Progressing", "status": "False",
+            "reason": "ProgressDeadlineExceeded",
+            "message": "ReplicaSet \"btc-worker-1\" has timed out progressing."}]}));
+        let (state, p) = rollout(&stuck);
+        assert_eq!(state, Rollout::Stalled("ReplicaSet \"btc-worker-1\" has timed out progressing.".into()));
+        let w = wanted(&Observation { workers: p, workers_rollout: state, api: pods(1), ..Observation::default() });
+        assert_eq!((w[1].status, w[1].reason.as_str()), ("False", "ProgressDeadlineExceeded"));
+        let done = deployment(2, serde_json::json!({"observedGeneration": 2, "replicas": 4,
+            "updatedReplicas": 4, "availableReplicas": 4, "readyReplicas": 4}));
+        assert_eq!(rollout(&done), (Rollout::Complete, pods(4)));
     }
 
     #[test]
@@ -269,13 +408,17 @@ mod tests {
     fn missing_workers_make_it_unready_and_rolling_is_progressing() {
         let mut obs = healthy();
         obs.workers.ready = 1;
-        obs.workers_rolling = true;
+        obs.workers.available = 1;
+        obs.workers_rollout = Rollout::Waiting("1 of 3 pods available".into());
         let w = wanted(&obs);
         assert_eq!(w[0].status, "False");
         assert_eq!(w[0].reason, "WorkersNotReady");
-        assert_eq!(w[0].message, "1 of 3 workers ready");
+        assert_eq!(
+            w[0].message,
+            "1 of 3 workers available (1 ready, 3 run the current spec)"
+        );
         assert_eq!((w[1].status, w[1].reason.as_str()), ("True", "RollingOut"));
-        assert_eq!(w[1].message, "workers are rolling out");
+        assert_eq!(w[1].message, "workers: 1 of 3 pods available");
     }
 
     #[test]
@@ -345,21 +488,17 @@ mod tests {
 
         // same statuses, new message and generation: times stay
         let mut obs = healthy();
-        obs.workers = ReplicaStatus {
-            desired: 4,
-            current: 4,
-            ready: 4,
-        };
+        obs.workers = pods(4);
         let second = merge(&first, &wanted(&obs), &t(200), Some(2));
         assert_eq!(find(&second, READY).last_transition_time, t(100));
         assert_eq!(
             find(&second, READY).message,
-            "4 workers and 1 api pods ready"
+            "4 workers and 1 api pods available"
         );
         assert_eq!(find(&second, READY).observed_generation, Some(2));
 
         // Ready flips: its time moves, the others' don't
-        obs.workers.ready = 2;
+        obs.workers.available = 2;
         let third = merge(&second, &wanted(&obs), &t(300), Some(2));
         assert_eq!(find(&third, READY).last_transition_time, t(300));
         assert_eq!(find(&third, READY).status, "False");
@@ -370,8 +509,16 @@ mod tests {
     #[test]
     fn pausing_changes_only_paused() {
         let before = merge(&[], &wanted(&healthy()), &t(100), Some(1));
-        let after = merge(&before, &[paused()], &t(500), Some(2));
+        let after = merge(&before, &[paused(Some(1), Some(2))], &t(500), Some(2));
         assert_eq!(find(&after, PAUSED).status, "True");
+        assert!(
+            find(&after, PAUSED)
+                .message
+                .ends_with("generation 2 is not applied (children are from generation 1) and will be when the annotation is removed"),
+            "{}",
+            find(&after, PAUSED).message
+        );
+        assert!(paused(Some(2), Some(2)).message.ends_with("nothing is pending"));
         assert_eq!(find(&after, PAUSED).reason, "PausedByAnnotation");
         assert_eq!(find(&after, PAUSED).last_transition_time, t(500));
         assert_eq!(find(&after, READY), find(&before, READY));

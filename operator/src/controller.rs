@@ -1,25 +1,33 @@
 //! The reconcile loop.
 //!
 //! One reconcile of a `TickPipeline`:
-//! 1. paused (annotation `tickfleet.io/paused: "true"`)? write only the `Paused` condition;
+//! 1. paused (annotation `tickfleet.io/paused: "true"`)? apply nothing; read the Deployments and
+//!    the lag and write status (`Paused` says which generation waits to be applied);
 //! 2. invalid spec? write `Degraded/InvalidSpec` and wait for the spec to change (no retry loop);
 //! 3. check that every Secret the spec names was offered to the pipeline ([`crate::offer`]); a
 //!    refused one is reported (`SecretNotOffered`, ...), never read, and keeps the Deployments
 //!    that would reference it from being applied;
 //! 4. make sure the Kafka topic has its partitions (create or grow, never shrink);
-//! 5. with autoscaling, measure the group's lag and decide the worker count;
+//! 5. measure the group's lag (every pipeline, at most once per [`LAG_INTERVAL`]; with autoscaling
+//!    at its poll interval) and, with autoscaling, decide the worker count;
 //! 6. server-side apply every child (ConfigMap, worker Deployment, PDB, api Deployment, Service)
 //!    with the field manager `tickfleet-operator` and an owner reference to the pipeline;
-//! 7. server-side apply the status (conditions, `observedGeneration`, replicas, lag, partitions).
+//! 7. server-side apply the status: conditions computed from the Deployments' own status
+//!    (see [`conditions::rollout`]), `observedGeneration` (the generation just applied), replicas,
+//!    lag, partitions.
 //!
+//! What it did and what failed is also published as Kubernetes Events ([`crate::events`]).
 //! Transient failures (API server, Kafka, Secrets) still write status where they can, then return
-//! an error so [`error_policy`] requeues with exponential backoff.
+//! an error so [`error_policy`] requeues with exponential backoff. On shutdown a reconcile in
+//! flight is dropped at its next await point (a Kafka call is not waited for), so the operator
+//! stops within seconds whatever Kafka does.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
+use tokio_util::sync::CancellationToken;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -35,17 +43,22 @@ use serde::de::DeserializeOwned;
 use tracing::{info, warn};
 
 use crate::autoscale;
-use crate::conditions::{self, Observation, Problem};
+use crate::conditions::{self, Observation, Problem, Rollout};
 use crate::crd::{ReplicaStatus, TickPipeline, TickPipelineStatus};
 use crate::desired::{self, FIELD_MANAGER, MANAGED_BY};
-use crate::kafka::{KafkaAdmin, KafkaConnection, TopicOutcome, ensure_topic};
+use crate::events::Events;
+use crate::kafka::{KafkaAdmin, KafkaConnection, KafkaError, LagReport, TopicOutcome, ensure_topic};
 use crate::metrics::Metrics;
 use crate::offer;
 use crate::{Error, Result};
 
-/// Requeue interval when nothing needs polling: catches drift in Kafka (a topic deleted by hand)
-/// that no Kubernetes watch reports.
-pub const RESYNC: Duration = Duration::from_secs(300);
+/// Requeue interval of a pipeline without autoscaling: keeps its lag (the `LAG` column) current
+/// and catches drift in Kafka (a topic deleted by hand) that no Kubernetes watch reports. A
+/// reconcile triggered sooner (a Deployment's status changed) measures the lag only when the last
+/// measurement is older than this, so the cost per pipeline is at most one lag read (a metadata
+/// request, one offset fetch and a watermark request per partition, each bounded by the Kafka
+/// timeout) per interval.
+pub const LAG_INTERVAL: Duration = Duration::from_secs(30);
 /// First retry delay after a failure; doubles per consecutive failure.
 pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Longest retry delay.
@@ -63,18 +76,48 @@ pub struct Context {
     pub clock: Arc<dyn Fn() -> Timestamp + Send + Sync>,
     /// Consecutive failures per pipeline (`namespace/name`), for the backoff.
     pub failures: Mutex<HashMap<String, u32>>,
+    /// When each pipeline's lag was last measured (`namespace/name`).
+    pub lag_measured: Mutex<HashMap<String, tokio::time::Instant>>,
+    /// Kubernetes Events.
+    pub events: Events,
+    /// Cancelled on shutdown: reconciles in flight stop at once.
+    pub shutdown: CancellationToken,
 }
 
 impl Context {
-    /// A context using the system clock.
+    /// A context using the system clock; Events name the pod (`POD_NAME`) as reporting instance.
     pub fn new(client: Client, kafka: Arc<dyn KafkaAdmin>, metrics: Metrics) -> Self {
         Self {
+            events: Events::new(client.clone(), std::env::var("POD_NAME").ok()),
             client,
             kafka,
             metrics,
             clock: Arc::new(Timestamp::now),
             failures: Mutex::new(HashMap::new()),
+            lag_measured: Mutex::new(HashMap::new()),
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// Reconciles in flight are dropped when `shutdown` is cancelled.
+    pub fn with_shutdown(mut self, shutdown: CancellationToken) -> Self {
+        self.shutdown = shutdown;
+        self
+    }
+
+    /// Whether the lag of `key` is due: never measured, or longer ago than `every`. Marks it
+    /// measured now when it is.
+    fn lag_due(&self, key: &str, every: Duration) -> bool {
+        let mut measured = self.lag_measured.lock().expect("lag lock");
+        let now = tokio::time::Instant::now();
+        if measured
+            .get(key)
+            .is_some_and(|t| now.duration_since(*t) < every)
+        {
+            return false;
+        }
+        measured.insert(key.to_string(), now);
+        true
     }
 }
 
@@ -92,7 +135,13 @@ fn key(tp: &TickPipeline) -> String {
 pub async fn reconcile(tp: Arc<TickPipeline>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciles.inc();
     let _timer = ctx.metrics.duration.start_timer();
-    let result = reconcile_inner(&tp, &ctx).await;
+    let result = tokio::select! {
+        r = reconcile_inner(&tp, &ctx) => r,
+        () = ctx.shutdown.cancelled() => {
+            info!(pipeline = %key(&tp), "shutting down: reconcile cancelled");
+            return Ok(Action::await_change());
+        }
+    };
     if result.is_ok() {
         ctx.failures
             .lock()
@@ -210,27 +259,119 @@ pub async fn kafka_connection(
     Ok(conn)
 }
 
-/// Pods of a Deployment as the API server reported them.
-pub fn replica_status(d: &Deployment) -> ReplicaStatus {
-    let st = d.status.clone().unwrap_or_default();
-    ReplicaStatus {
-        desired: d.spec.replicas.unwrap_or(1),
-        current: st.replicas.unwrap_or(0),
-        ready: st.ready_replicas.unwrap_or(0),
+/// Reads a Deployment (`None` when it does not exist yet).
+async fn get_deployment(client: &Client, ns: &str, name: &str) -> Result<Option<Deployment>> {
+    Ok(Api::<Deployment>::namespaced(client.clone(), ns)
+        .get_opt(name)
+        .await?)
+}
+
+fn observe(d: Option<&Deployment>) -> (Rollout, ReplicaStatus) {
+    match d {
+        Some(d) => conditions::rollout(d),
+        None => (
+            Rollout::Waiting("the Deployment does not exist yet".into()),
+            ReplicaStatus::default(),
+        ),
     }
 }
 
-/// Whether a Deployment is still rolling out: its controller has not seen the newest spec, or not
-/// every pod runs the newest template yet, or old pods are still there.
-pub fn rolling_out(d: &Deployment) -> bool {
-    let desired = d.spec.replicas.unwrap_or(1);
-    let Some(st) = &d.status else {
-        return desired > 0;
+/// Measures the lag when it is due (`force`: autoscaling asks at its own interval).
+async fn measure_lag(
+    ctx: &Context,
+    tp: &TickPipeline,
+    conn: &KafkaConnection,
+    force: bool,
+) -> Option<Result<LagReport, KafkaError>> {
+    if !ctx.lag_due(&key(tp), if force { Duration::ZERO } else { LAG_INTERVAL }) {
+        return None;
+    }
+    Some(
+        ctx.kafka
+            .consumer_lag(conn, &tp.spec.kafka.topic, &desired::consumer_group(tp))
+            .await,
+    )
+}
+
+fn lag_problem(e: &KafkaError, keeping: Option<i32>) -> Problem {
+    Problem {
+        reason: "LagUnavailable".into(),
+        message: match keeping {
+            Some(n) => format!("could not measure consumer lag, keeping {n} workers: {e}"),
+            None => format!("could not measure consumer lag: {e}"),
+        },
+        blocks_ready: false,
+    }
+}
+
+/// A paused pipeline: nothing is applied and Kafka is not changed, but what runs is reported (the
+/// Deployments as they are, the lag), and `Paused` says which generation waits.
+async fn reconcile_paused(
+    tp: &TickPipeline,
+    ctx: &Context,
+    ns: &str,
+    now: &Time,
+) -> Result<Action> {
+    let old = tp.status.clone().unwrap_or_default();
+    let mut status = old.clone();
+    let names = desired::Names::of(tp);
+    let worker = get_deployment(&ctx.client, ns, &names.worker).await?;
+    let api = get_deployment(&ctx.client, ns, &names.api).await?;
+    let (workers_rollout, workers) = observe(worker.as_ref());
+    let (api_rollout, api) = observe(api.as_ref());
+    let mut problems = Vec::new();
+    if let Ok(conn) = kafka_connection(&ctx.client, tp, ns).await {
+        match measure_lag(ctx, tp, &conn, false).await {
+            Some(Ok(report)) => status.lag = Some(report.total),
+            Some(Err(e)) => problems.push(lag_problem(&e, None)),
+            None => {}
+        }
+    }
+    let obs = Observation {
+        problems,
+        workers,
+        workers_rollout,
+        api,
+        api_rollout,
+        capped: None,
     };
-    let updated = st.updated_replicas.unwrap_or(0);
-    st.observed_generation < d.metadata.generation
-        || updated < desired
-        || st.replicas.unwrap_or(0) > updated
+    // what runs is observed (Ready, Progressing); the topic and the spec are not looked at while
+    // paused, so Degraded and WorkersCapped stay as they were
+    let mut wanted: Vec<_> = conditions::wanted(&obs)
+        .into_iter()
+        .filter(|w| [conditions::READY, conditions::PROGRESSING].contains(&w.type_))
+        .collect();
+    wanted.push(conditions::paused(old.observed_generation, tp.metadata.generation));
+    status.conditions = conditions::merge(&old.conditions, &wanted, now, tp.metadata.generation);
+    status.workers = obs.workers.clone();
+    status.api = obs.api.clone();
+    let was_paused = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::PAUSED && c.status == "True");
+    if !was_paused {
+        ctx.events
+            .change(
+                tp,
+                "Paused",
+                "Pause",
+                format!(
+                    "annotation {}=\"true\": the operator applies nothing and leaves the topic alone until it is removed",
+                    crate::crd::PAUSED_ANNOTATION
+                ),
+            )
+            .await;
+    }
+    write_status(ctx, tp, ns, &status).await?;
+    ctx.metrics.pipeline(
+        ns,
+        &tp.name_any(),
+        status.lag,
+        obs.workers.desired,
+        obs.workers.ready,
+    );
+    // the Deployments are watched; the requeue keeps the lag current
+    Ok(Action::requeue(LAG_INTERVAL))
 }
 
 async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
@@ -245,19 +386,36 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     let generation = tp.metadata.generation;
     let old = tp.status.clone().unwrap_or_default();
     let mut status = old.clone();
-    status.observed_generation = generation;
 
     if tp.paused() {
         info!(pipeline = %key(tp), "paused: leaving children and topic alone");
-        status.conditions =
-            conditions::merge(&old.conditions, &[conditions::paused()], &now, generation);
-        write_status(ctx, tp, &ns, &status).await?;
-        return Ok(Action::await_change());
+        return reconcile_paused(tp, ctx, &ns, &now).await;
+    }
+    let was_paused = old
+        .conditions
+        .iter()
+        .any(|c| c.type_ == conditions::PAUSED && c.status == "True");
+    if was_paused {
+        ctx.events
+            .change(
+                tp,
+                "Resumed",
+                "Resume",
+                format!(
+                    "annotation {} removed: applying generation {}",
+                    crate::crd::PAUSED_ANNOTATION,
+                    generation.unwrap_or_default()
+                ),
+            )
+            .await;
     }
 
     if let Err(message) = desired::validate(tp) {
         warn!(pipeline = %key(tp), %message, "invalid spec");
         ctx.metrics.failure(&Error::InvalidSpec(message.clone()));
+        ctx.events
+            .warning(tp, "InvalidSpec", "Validate", message.clone())
+            .await;
         let problem = Problem {
             reason: "InvalidSpec".into(),
             message,
@@ -269,6 +427,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
             api: old.api.clone(),
             ..Observation::default()
         };
+        // nothing was applied: observedGeneration stays at what the children were made from
         status.conditions =
             conditions::merge(&old.conditions, &conditions::wanted(&obs), &now, generation);
         write_status(ctx, tp, &ns, &status).await?;
@@ -321,6 +480,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     };
     // what the topic has; until Kafka answers, the last known count (or the declared one)
     let mut known_partitions = None;
+    let mut kafka_answered = false;
     if let Some(conn) = &conn {
         match ensure_topic(
             ctx.kafka.as_ref(),
@@ -332,13 +492,36 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
         .await
         {
             Ok(outcome) => {
+                kafka_answered = true;
                 known_partitions = Some(outcome.partitions());
                 match outcome {
                     TopicOutcome::Created { partitions } => {
                         info!(pipeline = %key(tp), topic = %spec.kafka.topic, partitions, "created topic");
+                        ctx.events
+                            .change(
+                                tp,
+                                "TopicCreated",
+                                "CreateTopic",
+                                format!(
+                                    "created topic {} with {partitions} partitions",
+                                    spec.kafka.topic
+                                ),
+                            )
+                            .await;
                     }
                     TopicOutcome::Grown { from, to } => {
                         info!(pipeline = %key(tp), topic = %spec.kafka.topic, from, to, "grew topic");
+                        ctx.events
+                            .change(
+                                tp,
+                                "TopicGrown",
+                                "GrowTopic",
+                                format!(
+                                    "grew topic {} from {from} to {to} partitions",
+                                    spec.kafka.topic
+                                ),
+                            )
+                            .await;
                     }
                     TopicOutcome::CannotShrink { actual, declared } => problems.push(Problem {
                         reason: "PartitionsCannotShrink".into(),
@@ -353,12 +536,21 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
                 }
             }
             Err(e) => {
+                let message = format!(
+                    "could not ensure topic {} with {} partitions: {e}",
+                    spec.kafka.topic, spec.kafka.partitions
+                );
+                ctx.events
+                    .warning(
+                        tp,
+                        "KafkaUnreachable",
+                        "EnsureTopic",
+                        format!("{message} (bootstrap servers {})", spec.kafka.bootstrap_servers),
+                    )
+                    .await;
                 problems.push(Problem {
                     reason: "TopicUnavailable".into(),
-                    message: format!(
-                        "could not ensure topic {} with {} partitions: {e}",
-                        spec.kafka.topic, spec.kafka.partitions
-                    ),
+                    message,
                     blocks_ready: true,
                 });
                 deferred = Some(e.into());
@@ -370,10 +562,22 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
         .or(old.partitions)
         .unwrap_or(spec.kafka.partitions);
     let autoscaling = spec.workers.autoscaling.as_ref().filter(|a| a.enabled);
+    // lag: measured for every pipeline (the LAG column), when Kafka answered the topic request
+    // (a second timeout against a broker that just failed would only delay the status)
+    let lag = match &conn {
+        Some(conn) if kafka_answered => measure_lag(ctx, tp, conn, autoscaling.is_some()).await,
+        _ => None,
+    };
     let mut capped = None;
+    let mut why = format!("spec.workers.replicas is {}", spec.workers.replicas);
     let requested = match autoscaling {
         None => {
             status.autoscaling = None;
+            match lag {
+                Some(Ok(report)) => status.lag = Some(report.total),
+                Some(Err(e)) => problems.push(lag_problem(&e, None)),
+                None => {}
+            }
             spec.workers.replicas
         }
         Some(a) => {
@@ -381,15 +585,6 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
                 .autoscaling
                 .as_ref()
                 .map_or(old.workers.desired.max(a.min_replicas), |s| s.desired);
-            let lag = match &conn {
-                Some(conn) => Some(
-                    ctx.kafka
-                        .consumer_lag(conn, &spec.kafka.topic, &desired::consumer_group(tp))
-                        .await,
-                ),
-                // no connection: already reported as KafkaCredentialsUnavailable
-                None => None,
-            };
             match lag {
                 Some(Ok(report)) => {
                     let history = old
@@ -408,28 +603,35 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
                     capped = decision.capped;
                     status.lag = Some(report.total);
                     let desired = decision.status.desired;
+                    why = format!(
+                        "autoscaling ({}): lag {} with a target of {} per worker",
+                        decision.status.reason, report.total, a.target_lag_per_worker
+                    );
                     status.autoscaling = Some(decision.status);
                     desired
                 }
                 Some(Err(e)) => {
                     // keep the last decision: scaling blind is worse than not scaling
-                    problems.push(Problem {
-                        reason: "LagUnavailable".into(),
-                        message: format!(
-                            "could not measure consumer lag, keeping {current} workers: {e}"
-                        ),
-                        blocks_ready: false,
-                    });
+                    problems.push(lag_problem(&e, Some(current)));
                     deferred.get_or_insert(e.into());
                     current
                 }
+                // no connection or no topic: already reported
                 None => current,
             }
         }
     };
+    if let Some(Problem { message, .. }) = problems.iter().find(|p| p.reason == "LagUnavailable") {
+        ctx.events
+            .warning(tp, "KafkaUnreachable", "MeasureLag", message.clone())
+            .await;
+    }
     let (workers, capped_now) = desired::cap_workers(requested, partitions);
     if capped.is_none() && capped_now {
         capped = Some((requested, partitions));
+    }
+    if capped_now {
+        why = format!("{why}, capped at the topic's {partitions} partitions");
     }
 
     // children, config first so new pods find it
@@ -448,18 +650,47 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     };
     apply(&ctx.client, &ns, &children.api_service).await?;
 
+    // scaled: the worker count applied differs from the one applied before
+    if old.observed_generation.is_some() && old.workers.desired != workers {
+        info!(pipeline = %key(tp), from = old.workers.desired, to = workers, %why, "scaled workers");
+        ctx.events
+            .change(
+                tp,
+                "Scaled",
+                "Scale",
+                format!(
+                    "workers scaled from {} to {workers}: {why}",
+                    old.workers.desired
+                ),
+            )
+            .await;
+    }
+
+    // a Deployment not applied (a Secret it needs is not offered) keeps what was reported before
+    let held = |old: &ReplicaStatus| {
+        (
+            Rollout::Waiting("not applied: a Secret it needs is not offered".into()),
+            old.clone(),
+        )
+    };
+    let (workers_rollout, worker_pods) = worker
+        .as_ref()
+        .map_or_else(|| held(&old.workers), conditions::rollout);
+    let (api_rollout, api_pods) = api
+        .as_ref()
+        .map_or_else(|| held(&old.api), conditions::rollout);
     let obs = Observation {
         problems,
-        workers: worker
-            .as_ref()
-            .map_or_else(|| old.workers.clone(), replica_status),
-        workers_rolling: worker.as_ref().is_some_and(rolling_out),
-        api: api.as_ref().map_or_else(|| old.api.clone(), replica_status),
-        api_rolling: api.as_ref().is_some_and(rolling_out),
+        workers: worker_pods,
+        workers_rollout,
+        api: api_pods,
+        api_rollout,
         capped,
     };
     status.conditions =
         conditions::merge(&old.conditions, &conditions::wanted(&obs), &now, generation);
+    // the children now are this generation's
+    status.observed_generation = generation;
     status.workers = obs.workers.clone();
     status.api = obs.api.clone();
     status.partitions = known_partitions.or(old.partitions);
@@ -478,7 +709,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     }
     Ok(Action::requeue(match autoscaling {
         Some(a) => Duration::from_secs(a.poll_interval_seconds.max(5).unsigned_abs()),
-        None => RESYNC,
+        None => LAG_INTERVAL,
     }))
 }
 

@@ -381,8 +381,10 @@ fn default_drain_timeout() -> i32 {
 /// partition count, with scale-down held back by a stabilisation window.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
-#[x_kube(validation = kube::core::Rule::new("self.maxReplicas >= self.minReplicas")
+#[x_kube(validation = kube::core::Rule::new("!has(self.maxReplicas) || self.maxReplicas >= self.minReplicas")
     .message("maxReplicas must be at least minReplicas"))]
+#[x_kube(validation = kube::core::Rule::new("!self.enabled || (has(self.maxReplicas) && has(self.targetLagPerWorker))")
+    .message("maxReplicas and targetLagPerWorker are required when autoscaling is enabled"))]
 pub struct AutoscalingSpec {
     /// Whether the operator scales the workers; `workers.replicas` applies when false.
     #[serde(default = "default_true")]
@@ -391,10 +393,12 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_one")]
     #[schemars(range(min = 1))]
     pub min_replicas: i32,
-    /// Most workers.
+    /// Most workers (required when enabled).
+    #[serde(default)]
     #[schemars(range(min = 1))]
     pub max_replicas: i32,
-    /// Consumer lag (messages) one worker is expected to keep up with.
+    /// Consumer lag (messages) one worker is expected to keep up with (required when enabled).
+    #[serde(default)]
     #[schemars(range(min = 1))]
     pub target_lag_per_worker: i64,
     /// A scale-down only goes to the highest recommendation of this many past seconds, so a
@@ -565,7 +569,7 @@ pub struct TickPipelineStatus {
     pub autoscaling: Option<AutoscalingStatus>,
 }
 
-/// Desired, current and ready pods of a Deployment.
+/// Pods of a Deployment, as its own status reports them.
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
 #[serde(rename_all = "camelCase")]
 pub struct ReplicaStatus {
@@ -578,6 +582,12 @@ pub struct ReplicaStatus {
     /// Pods that are ready.
     #[serde(default)]
     pub ready: i32,
+    /// Pods that run the current pod template.
+    #[serde(default)]
+    pub updated: i32,
+    /// Pods that have been ready for the Deployment's `minReadySeconds`.
+    #[serde(default)]
+    pub available: i32,
 }
 
 /// Inputs and outcome of the autoscaler, kept in status so the decision can be checked and so the

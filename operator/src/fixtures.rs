@@ -129,12 +129,17 @@ pub struct FakeKafka {
     pub topics: Mutex<BTreeMap<String, i32>>,
     /// Calls made, as `op topic args`.
     pub calls: Mutex<Vec<String>>,
-    /// Lag `consumer_lag` reports; an error when `None`.
+    /// Lag `consumer_lag` reports (0 when `None`).
     pub lag: Mutex<Option<i64>>,
+    /// Make `consumer_lag` fail (broker unreachable).
+    pub fail_lag: Mutex<bool>,
     /// Make `topic_partitions` fail (broker unreachable).
     pub fail_describe: bool,
     /// Make `grow_topic` fail (e.g. a policy forbids it).
     pub fail_grow: bool,
+    /// Make `topic_partitions` never answer (a broker that accepts connections and says
+    /// nothing), to test that shutdown does not wait for Kafka.
+    pub hang: bool,
 }
 
 impl FakeKafka {
@@ -171,6 +176,9 @@ impl KafkaAdmin for FakeKafka {
         topic: &str,
     ) -> Result<Option<i32>, KafkaError> {
         self.log(format!("describe {topic}"));
+        if self.hang {
+            std::future::pending::<()>().await;
+        }
         if self.fail_describe {
             return Err(broker_down("describe", topic));
         }
@@ -211,13 +219,13 @@ impl KafkaAdmin for FakeKafka {
         group: &str,
     ) -> Result<LagReport, KafkaError> {
         self.log(format!("lag {topic} {group}"));
-        match *self.lag.lock().unwrap() {
-            Some(total) => Ok(LagReport {
-                total,
-                partitions: vec![],
-            }),
-            None => Err(broker_down("measure lag of", topic)),
+        if *self.fail_lag.lock().unwrap() {
+            return Err(broker_down("measure lag of", topic));
         }
+        Ok(LagReport {
+            total: self.lag.lock().unwrap().unwrap_or(0),
+            partitions: vec![],
+        })
     }
 }
 
@@ -333,6 +341,18 @@ impl ApiServer {
             }
             "POST" | "PUT" if path.contains("/leases") => self.write_lease(method, body),
             "PATCH" | "POST" | "PUT" => ok(body),
+            "GET" if path.contains("/deployments/") => match self.deployment_status.get(name) {
+                Some(st) => ok(&json!({
+                    "apiVersion": "apps/v1", "kind": "Deployment",
+                    "metadata": {"name": name, "namespace": "markets", "generation": 1},
+                    "spec": {"replicas": st.replicas, "selector": {}, "template": {}},
+                    "status": st,
+                })),
+                None => status_response(
+                    StatusCode::NOT_FOUND,
+                    &format!("deployments.apps \"{name}\" not found"),
+                ),
+            },
             "GET" if path.contains("/leases/") => match &self.lease {
                 Some(l) => ok(&serde_json::to_value(l).unwrap()),
                 None => status_response(
@@ -419,11 +439,14 @@ impl Context {
     pub fn test(client: Client, kafka: Arc<FakeKafka>) -> Arc<Self> {
         let registry = prometheus::Registry::new();
         Arc::new(Self {
-            client,
             kafka,
             metrics: Metrics::new(&registry).expect("metrics"),
             clock: Arc::new(now),
             failures: Mutex::new(HashMap::new()),
+            lag_measured: Mutex::new(HashMap::new()),
+            events: crate::events::Events::new(client.clone(), Some("op-0".into())),
+            client,
+            shutdown: tokio_util::sync::CancellationToken::new(),
         })
     }
 }

@@ -7,6 +7,7 @@
 //! - [`autoscale`]: the lag-based worker autoscaling decision;
 //! - [`kafka`]: topic admin and consumer-lag measurement behind a small trait;
 //! - [`controller`]: the reconcile loop (server-side apply of children, status);
+//! - [`events`]: Kubernetes Events about what the operator did and what failed;
 //! - [`metrics`]: Prometheus metrics of the operator;
 //! - [`leader`]: leader election on a `coordination.k8s.io` Lease;
 //! - [`offer`]: which Secrets a pipeline may use (the `tickfleet.io/allowed-pipelines` offer).
@@ -17,6 +18,7 @@ pub mod controller;
 pub mod crd;
 pub mod desired;
 mod error;
+pub mod events;
 pub mod kafka;
 pub mod leader;
 pub mod metrics;

@@ -68,3 +68,39 @@ fn crd_declares_scale_subresource_and_short_name() {
         serde_json::json!(["protobuf", "json"])
     );
 }
+
+#[test]
+fn autoscaling_disabled_needs_nothing_else() {
+    // seen on a real apiserver: `autoscaling: {enabled: false}` was rejected because maxReplicas
+    // and targetLagPerWorker were required
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
+    let crd: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read crd")).expect("yaml");
+    let a = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+        ["properties"]["workers"]["properties"]["autoscaling"];
+    assert_eq!(a["required"], serde_json::Value::Null, "{a}");
+    let rules: Vec<&str> = a["x-kubernetes-validations"]
+        .as_array()
+        .expect("CEL rules")
+        .iter()
+        .map(|r| r["rule"].as_str().expect("rule"))
+        .collect();
+    assert!(
+        rules.contains(&"!self.enabled || (has(self.maxReplicas) && has(self.targetLagPerWorker))"),
+        "{rules:?}"
+    );
+    let spec: tickfleet_operator::crd::AutoscalingSpec =
+        serde_json::from_value(serde_json::json!({"enabled": false})).expect("enabled: false alone");
+    assert!(!spec.enabled);
+    let mut tp = tickfleet_operator::TickPipeline::new(
+        "btc",
+        serde_json::from_value(serde_json::json!({
+            "image": "i", "kafka": {"bootstrapServers": "k:9092", "topic": "t"},
+            "store": {"redis": {"url": "redis://r:6379"}},
+            "workers": {"replicas": 2, "autoscaling": {"enabled": false}}
+        }))
+        .expect("spec"),
+    );
+    tp.metadata.namespace = Some("markets".into());
+    assert_eq!(tickfleet_operator::desired::validate(&tp), Ok(()));
+}

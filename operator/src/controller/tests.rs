@@ -19,11 +19,34 @@ const PDB: &str = "/apis/policy/v1/namespaces/markets/poddisruptionbudgets/btc-w
 const API: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-api";
 const SVC: &str = "/api/v1/namespaces/markets/services/btc-api";
 const STATUS: &str = "/apis/tickfleet.io/v1alpha1/namespaces/markets/tickpipelines/btc/status";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/markets/events";
 
+/// The requests made, Events left out (see [`events_of`]).
 fn uris(log: &[Recorded]) -> Vec<String> {
     log.iter()
+        .filter(|r| !r.uri.starts_with(EVENTS))
         .map(|r| format!("{} {}", r.method, r.uri))
         .collect()
+}
+
+/// The Events published: `(type, reason, note)`.
+fn events_of(log: &[Recorded]) -> Vec<(String, String, String)> {
+    log.iter()
+        .filter(|r| r.uri.starts_with(EVENTS))
+        .map(|r| {
+            assert_eq!(r.method, "POST", "a new Event");
+            assert_eq!(r.body["regarding"]["kind"], "TickPipeline");
+            assert_eq!(r.body["regarding"]["name"], "btc");
+            assert_eq!(r.body["reportingController"], "tickfleet.io/operator");
+            assert_eq!(r.body["reportingInstance"], "op-0");
+            let s = |k: &str| r.body[k].as_str().unwrap_or_default().to_string();
+            (s("type"), s("reason"), s("note"))
+        })
+        .collect()
+}
+
+fn requests(log: &[Recorded]) -> Vec<&Recorded> {
+    log.iter().filter(|r| !r.uri.starts_with(EVENTS)).collect()
 }
 
 fn patch(path: &str) -> String {
@@ -38,7 +61,7 @@ fn all_applies() -> Vec<String> {
 }
 
 fn status_of(log: &[Recorded]) -> TickPipelineStatus {
-    let last = log.last().expect("a request");
+    let last = *requests(log).last().expect("a request");
     assert_eq!(last.uri, format!("{STATUS}{APPLY}"));
     assert_eq!(last.body["apiVersion"], "tickfleet.io/v1alpha1");
     assert_eq!(last.body["kind"], "TickPipeline");
@@ -50,6 +73,16 @@ fn cond<'a>(s: &'a TickPipelineStatus, ty: &str) -> &'a Condition {
         .iter()
         .find(|c| c.type_ == ty)
         .unwrap_or_else(|| panic!("no {ty} condition"))
+}
+
+fn pods(n: i32) -> ReplicaStatus {
+    ReplicaStatus {
+        desired: n,
+        current: n,
+        ready: n,
+        updated: n,
+        available: n,
+    }
 }
 
 fn ready_status(replicas: i32) -> DeploymentStatus {
@@ -86,11 +119,29 @@ fn server_for(tp: &TickPipeline) -> ApiServer {
 async fn applies_every_child_with_owner_reference_then_status() {
     let tp = pipeline();
     let kafka = Arc::new(FakeKafka::default());
+    *kafka.lag.lock().unwrap() = Some(1234);
     let (res, log, _) = run(server_for(&tp), kafka.clone(), &tp).await;
-    assert_eq!(res.expect("reconcile"), Action::requeue(RESYNC));
+    assert_eq!(res.expect("reconcile"), Action::requeue(LAG_INTERVAL));
     assert_eq!(uris(&log), all_applies());
-    // the topic did not exist: created with the declared partitions, broker-default replication
-    assert_eq!(kafka.calls(), vec!["describe ticks", "create ticks 6 None"]);
+    // the topic did not exist: created with the declared partitions, broker-default replication;
+    // the lag is measured without autoscaling too (the LAG column)
+    assert_eq!(
+        kafka.calls(),
+        vec![
+            "describe ticks",
+            "create ticks 6 None",
+            "lag ticks tickfleet.markets.btc"
+        ]
+    );
+    assert_eq!(
+        events_of(&log),
+        vec![(
+            "Normal".into(),
+            "TopicCreated".into(),
+            "created topic ticks with 6 partitions".into()
+        )]
+    );
+    let log: Vec<Recorded> = requests(&log).into_iter().cloned().collect();
 
     // each child body is exactly the desired object, sent as a server-side apply
     let want = desired::desired(&tp, 2);
@@ -115,6 +166,7 @@ async fn applies_every_child_with_owner_reference_then_status() {
                 "name": "btc",
                 "uid": "6b0e4a57-0d0c-4b37-9c2f-6a51d6e1f0aa",
                 "controller": true,
+                "blockOwnerDeletion": true,
             }]),
             "{}",
             req.uri
@@ -126,20 +178,19 @@ async fn applies_every_child_with_owner_reference_then_status() {
     let st = status_of(&log);
     assert_eq!(st.observed_generation, Some(3));
     assert_eq!(st.partitions, Some(6));
+    assert_eq!(st.lag, Some(1234));
     assert_eq!(
         st.workers,
         ReplicaStatus {
             desired: 2,
-            current: 0,
-            ready: 0
+            ..ReplicaStatus::default()
         }
     );
     assert_eq!(
         st.api,
         ReplicaStatus {
             desired: 1,
-            current: 0,
-            ready: 0
+            ..ReplicaStatus::default()
         }
     );
     assert_eq!(
@@ -201,9 +252,10 @@ async fn ready_deployments_make_the_pipeline_ready_keeping_transition_times() {
     res.expect("reconcile");
     assert_eq!(
         kafka.calls(),
-        vec!["describe ticks"],
+        vec!["describe ticks", "lag ticks tickfleet.markets.btc"],
         "topic already right: no change"
     );
+    assert!(events_of(&log).is_empty(), "nothing changed: no Event");
     let st = status_of(&log);
     let ready = cond(&st, "Ready");
     assert_eq!(
@@ -218,14 +270,7 @@ async fn ready_deployments_make_the_pipeline_ready_keeping_transition_times() {
     );
     assert_eq!(degraded.observed_generation, Some(3));
     assert_eq!(cond(&st, "Progressing").reason, "RolloutComplete");
-    assert_eq!(
-        st.workers,
-        ReplicaStatus {
-            desired: 2,
-            current: 2,
-            ready: 2
-        }
-    );
+    assert_eq!(st.workers, pods(2));
     assert_eq!(
         ctx.metrics
             .workers_ready
@@ -237,7 +282,7 @@ async fn ready_deployments_make_the_pipeline_ready_keeping_transition_times() {
 }
 
 #[tokio::test]
-async fn paused_pipeline_writes_nothing_but_status() {
+async fn paused_pipeline_applies_nothing_and_reports_what_runs() {
     let mut tp = pipeline();
     tp.metadata.annotations = Some(
         [(
@@ -246,20 +291,86 @@ async fn paused_pipeline_writes_nothing_but_status() {
         )]
         .into(),
     );
+    // applied at generation 2 with 2 workers; generation 3 (5 workers) came while paused
     tp.spec.workers.replicas = 5;
-    let kafka = Arc::new(FakeKafka::default());
-    let (res, log, _) = run(server_for(&tp), kafka.clone(), &tp).await;
-    assert_eq!(res.expect("reconcile"), Action::await_change());
-    assert_eq!(uris(&log), vec![patch(STATUS)]);
-    assert!(kafka.calls().is_empty(), "no Kafka changes while paused");
+    tp.status = Some(TickPipelineStatus {
+        observed_generation: Some(2),
+        workers: ReplicaStatus {
+            desired: 2,
+            ..ReplicaStatus::default()
+        },
+        ..TickPipelineStatus::default()
+    });
+    let mut server = server_for(&tp);
+    server
+        .deployment_status
+        .insert("btc-worker".into(), ready_status(2));
+    server
+        .deployment_status
+        .insert("btc-api".into(), ready_status(1));
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
+    *kafka.lag.lock().unwrap() = Some(77);
+    let (res, log, _) = run(server, kafka.clone(), &tp).await;
+    assert_eq!(res.expect("reconcile"), Action::requeue(LAG_INTERVAL));
+    // reads only: the Deployments as they are, and the lag
+    assert_eq!(
+        uris(&log),
+        vec![
+            format!("GET {WORKER}"),
+            format!("GET {API}"),
+            patch(STATUS)
+        ]
+    );
+    assert_eq!(
+        kafka.calls(),
+        vec!["lag ticks tickfleet.markets.btc"],
+        "nothing changed in Kafka"
+    );
     let st = status_of(&log);
-    assert_eq!(st.observed_generation, Some(3));
+    assert_eq!(
+        st.observed_generation,
+        Some(2),
+        "generation 3 is not applied: observedGeneration stays"
+    );
     let paused = cond(&st, "Paused");
     assert_eq!(
         (paused.status.as_str(), paused.reason.as_str()),
         ("True", "PausedByAnnotation")
     );
-    assert_eq!(st.conditions.len(), 1, "nothing else was observed");
+    assert!(
+        paused
+            .message
+            .contains("generation 3 is not applied (children are from generation 2)"),
+        "{}",
+        paused.message
+    );
+    // what runs is reported: both workers ready, not the frozen "0 of 1"
+    assert_eq!(st.workers, pods(2));
+    assert_eq!(st.api, pods(1));
+    assert_eq!(st.lag, Some(77));
+    assert_eq!(cond(&st, "Ready").status, "True");
+    assert_eq!(cond(&st, "Progressing").reason, "RolloutComplete");
+    assert_eq!(st.conditions.len(), 3, "Degraded and WorkersCapped not observed");
+    assert_eq!(
+        events_of(&log)
+            .iter()
+            .map(|e| e.1.as_str())
+            .collect::<Vec<_>>(),
+        vec!["Paused"]
+    );
+
+    // still paused next time: no second Paused Event
+    let mut again = tp.clone();
+    again.status = Some(st);
+    let mut server = server_for(&again);
+    server
+        .deployment_status
+        .insert("btc-worker".into(), ready_status(2));
+    let (_, log, _) = run(server, kafka, &again).await;
+    assert!(events_of(&log).is_empty());
+    let st = status_of(&log);
+    assert_eq!(st.api.desired, 0, "the api Deployment is gone: reported");
+    assert_eq!(cond(&st, "Ready").reason, "ApiNotReady");
 }
 
 #[tokio::test]
@@ -273,7 +384,15 @@ async fn invalid_spec_is_degraded_without_retry_loop() {
     assert_eq!(uris(&log), vec![patch(STATUS)], "no child is touched");
     assert!(kafka.calls().is_empty());
     let st = status_of(&log);
-    assert_eq!(st.observed_generation, Some(3));
+    assert_eq!(st.observed_generation, None, "nothing was applied");
+    assert_eq!(
+        events_of(&log),
+        vec![(
+            "Warning".into(),
+            "InvalidSpec".into(),
+            "store.redis.url must start with redis:// or rediss://".into()
+        )]
+    );
     let degraded = cond(&st, "Degraded");
     assert_eq!(degraded.status, "True");
     assert_eq!(degraded.reason, "InvalidSpec");
@@ -343,9 +462,18 @@ async fn kafka_failure_degrades_then_requeues_with_backoff() {
         fail_describe: true,
         ..FakeKafka::default()
     });
-    let (res, log, ctx) = run(server_for(&tp), kafka, &tp).await;
+    let (res, log, ctx) = run(server_for(&tp), kafka.clone(), &tp).await;
     let err = res.expect_err("transient failure is an error");
     assert_eq!(err.metric_label(), "kafka");
+    assert_eq!(
+        kafka.calls(),
+        vec!["describe ticks"],
+        "no lag read from a broker that just failed"
+    );
+    let events = events_of(&log);
+    assert_eq!(events.len(), 1);
+    assert_eq!((events[0].0.as_str(), events[0].1.as_str()), ("Warning", "KafkaUnreachable"));
+    assert!(events[0].2.contains("bootstrap servers kafka-0:9092,kafka-1:9092"), "{}", events[0].2);
     // children are still kept in shape, and status says what is wrong
     assert_eq!(uris(&log), all_applies());
     let st = status_of(&log);
@@ -357,7 +485,7 @@ async fn kafka_failure_degrades_then_requeues_with_backoff() {
     assert_eq!(cond(&st, "Ready").reason, "TopicUnavailable");
     assert_eq!(st.partitions, None, "not known: not reported");
     assert_eq!(
-        log[1].body["spec"]["replicas"], 2,
+        requests(&log)[1].body["spec"]["replicas"], 2,
         "capped by the declared partitions"
     );
 
@@ -430,7 +558,7 @@ async fn autoscaling_sizes_workers_from_lag() {
         autoscaling: Some(a),
         ..TickPipelineStatus::default()
     });
-    *kafka.lag.lock().unwrap() = None;
+    *kafka.fail_lag.lock().unwrap() = true;
     let (res, log, _) = run(server_for(&again), kafka, &again).await;
     assert_eq!(res.expect_err("lag failure").metric_label(), "kafka");
     assert_eq!(log[1].body["spec"]["replicas"], 5);
@@ -509,4 +637,137 @@ async fn sasl_credentials_come_from_the_secret() {
         [CM, PDB, API, SVC, STATUS].map(patch),
         "no worker Deployment: its pods would reference the missing Secret"
     );
+}
+
+#[tokio::test]
+async fn pods_of_the_current_spec_that_are_not_available_are_still_progressing() {
+    // what was seen on a real cluster: 4 pods created, all Pending, and the pipeline said
+    // Progressing=False "all pods run the current spec"
+    let mut tp = pipeline();
+    tp.spec.workers.replicas = 4;
+    let mut server = server_for(&tp);
+    server.deployment_status.insert(
+        "btc-worker".into(),
+        DeploymentStatus {
+            observed_generation: Some(1),
+            replicas: Some(4),
+            updated_replicas: Some(4),
+            unavailable_replicas: Some(4),
+            ..DeploymentStatus::default()
+        },
+    );
+    server
+        .deployment_status
+        .insert("btc-api".into(), ready_status(1));
+    let (res, log, _) = run(server, Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
+    res.expect("reconcile");
+    let st = status_of(&log);
+    let progressing = cond(&st, "Progressing");
+    assert_eq!(
+        (progressing.status.as_str(), progressing.reason.as_str()),
+        ("True", "RollingOut")
+    );
+    assert_eq!(progressing.message, "workers: 0 of 4 pods available");
+    let ready = cond(&st, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.message.as_str()),
+        (
+            "False",
+            "0 of 4 workers available (0 ready, 4 run the current spec)"
+        )
+    );
+}
+
+#[tokio::test]
+async fn lag_is_measured_for_every_pipeline_at_most_once_per_interval() {
+    let tp = pipeline();
+    assert!(tp.spec.workers.autoscaling.is_none());
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
+    *kafka.lag.lock().unwrap() = Some(500);
+    let (client, log) = server_for(&tp).start();
+    let ctx = Context::test(client, kafka.clone());
+    let tp = Arc::new(tp);
+    reconcile(tp.clone(), ctx.clone()).await.expect("first");
+    // a Deployment status change triggers another reconcile right away: no second lag read
+    reconcile(tp.clone(), ctx.clone()).await.expect("second");
+    assert_eq!(
+        kafka.calls(),
+        vec![
+            "describe ticks",
+            "lag ticks tickfleet.markets.btc",
+            "describe ticks"
+        ]
+    );
+    let log = log.lock().unwrap().clone();
+    assert_eq!(status_of(&log).lag, Some(500), "LAG shown without autoscaling");
+    assert_eq!(
+        ctx.metrics.lag.with_label_values(&["markets", "btc"]).get(),
+        500
+    );
+}
+
+#[tokio::test]
+async fn scaling_is_an_event_with_from_to_and_why() {
+    let mut tp = pipeline();
+    tp.spec.workers.replicas = 3;
+    tp.status = Some(TickPipelineStatus {
+        observed_generation: Some(2),
+        workers: pods(2),
+        ..TickPipelineStatus::default()
+    });
+    let (res, log, _) = run(server_for(&tp), Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
+    res.expect("reconcile");
+    assert_eq!(
+        events_of(&log),
+        vec![(
+            "Normal".into(),
+            "Scaled".into(),
+            "workers scaled from 2 to 3: spec.workers.replicas is 3".into()
+        )]
+    );
+    // asking for more than partitions: the why says it was capped
+    tp.spec.workers.replicas = 9;
+    let (_, log, _) = run(server_for(&tp), Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
+    assert_eq!(
+        events_of(&log)[0].2,
+        "workers scaled from 2 to 6: spec.workers.replicas is 9, capped at the topic's 6 partitions"
+    );
+}
+
+#[tokio::test]
+async fn repeated_kafka_failures_are_one_event_per_interval() {
+    let tp = Arc::new(pipeline());
+    let kafka = Arc::new(FakeKafka {
+        fail_describe: true,
+        ..FakeKafka::default()
+    });
+    let (client, log) = server_for(&tp).start();
+    let ctx = Context::test(client, kafka);
+    for _ in 0..5 {
+        reconcile(tp.clone(), ctx.clone()).await.expect_err("kafka down");
+    }
+    let log = log.lock().unwrap().clone();
+    let events = events_of(&log);
+    assert_eq!(events.len(), 1, "5 retries, one Event: {events:?}");
+    assert_eq!(events[0].1, "KafkaUnreachable");
+}
+
+#[tokio::test]
+async fn shutdown_cancels_a_reconcile_waiting_on_kafka() {
+    let tp = Arc::new(pipeline());
+    let kafka = Arc::new(FakeKafka {
+        hang: true,
+        ..FakeKafka::default()
+    });
+    let (client, log) = server_for(&tp).start();
+    let ctx = Context::test(client, kafka.clone());
+    let running = tokio::spawn(reconcile(tp, ctx.clone()));
+    // the reconcile is inside the Kafka call that never answers
+    while kafka.calls().is_empty() {
+        tokio::task::yield_now().await;
+    }
+    ctx.shutdown.cancel();
+    let res = running.await.expect("reconcile task");
+    assert_eq!(res.expect("a cancelled reconcile is not a failure"), Action::await_change());
+    assert!(log.lock().unwrap().is_empty(), "nothing written after the cancel");
 }

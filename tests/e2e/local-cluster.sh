@@ -1,0 +1,320 @@
+#!/usr/bin/env bash
+# End-to-end test of tickfleet on a real one-node Kubernetes v1.28 (the kit in $TICKFLEET_K8S_DIR,
+# default ../shared/k8s next to the repository: kube-apiserver, controller-manager, scheduler, kubelet
+# and kube-proxy with Debian's etcd, containerd, runc and CNI plugins). Needs root (or sudo). Run by
+# scripts/test.sh when the kit is there; prints "SKIP" and why, and exits 0, when it is not.
+#
+#   bash tests/e2e/local-cluster.sh
+#
+# What it does, failing at the first step that does not hold (the cluster is always stopped):
+#   1. builds the release binaries and an image of them (same binaries, user 65532 as the Dockerfile);
+#   2. starts the cluster and imports the image;
+#   3. starts Redis (TLS only, client certificates required) and Kafka (tests/kafka/, KRaft) on the
+#      node address 10.244.0.1, the one address the pods can reach;
+#   4. installs charts/tickfleet with Helm (the helm binary, else Helm's Go library from PyPI): the
+#      operator runs IN the cluster, two replicas with leader election;
+#   5. applies a TickPipeline whose workers and api use TLS Secrets, waits for condition Ready;
+#   6. checks the real pods: probes answer, the root filesystem is read-only, the process runs as
+#      uid 65532, the Secrets are mounted (the api serves gRPC over TLS through its Service);
+#   7. produces ticks from the host, `kubectl scale tp` 1 -> 3 while they flow and waits for the
+#      workers to join; deletes a worker pod mid-stream and checks from its last container status
+#      that it drained and exited 0 within its grace period; `tickctl verify`: 0 lost, 0 doubled;
+#   8. deletes the pipeline with --cascade=foreground (returns once every child is gone) and
+#      uninstalls the chart.
+#
+# Knobs: TICKFLEET_K8S_DIR, TICKS (60000), RATE (3000), KEEP_LOGS=DIR (copy logs there).
+set -euo pipefail
+cd "$(dirname "$0")/../.."
+ROOT=$PWD
+K8S=${TICKFLEET_K8S_DIR:-$ROOT/../shared/k8s}
+TICKS=${TICKS:-60000}
+RATE=${RATE:-3000}
+NODE_IP=10.244.0.1
+IMAGE=localhost/tickfleet:e2e
+NS=markets
+OP_NS=tickfleet-system
+RELEASE=tickfleet
+TP=e2e
+T0=$SECONDS
+
+log() { printf '\n==> [%3ds] %s\n' "$((SECONDS - T0))" "$*"; }
+die() { printf 'FAIL: %s\n' "$*" >&2; exit 1; }
+skip() { echo "SKIP local-cluster e2e: $*"; exit 0; }
+
+[ -x "$K8S/cluster-up.sh" ] || skip "no Kubernetes kit at $K8S (set TICKFLEET_K8S_DIR to a directory with cluster-up.sh)"
+if [ "$(id -u)" -ne 0 ]; then
+  sudo -n true 2>/dev/null || skip "the kit needs root (kubelet, containerd, a bridge, iptables) and sudo is not available"
+  exec sudo -E bash "$0" "$@"
+fi
+K8S=$(cd "$K8S" && pwd)
+KAFKA_START=$ROOT/tests/kafka/start.sh
+[ -x "$KAFKA_START" ] || [ -f "$KAFKA_START" ] || die "no $KAFKA_START (the real Kafka start script)"
+
+work=$(mktemp -d /tmp/tf-e2e.XXXXXX)
+S=$(mktemp -d /tmp/k8s.XXXXXX)   # short: containerd's unix socket path must fit in 108 bytes
+cluster_up=0
+pids=()
+diagnostics() {
+  log "diagnostics"
+  kubectl get nodes -o wide || true
+  kubectl get tp -A -o wide || true
+  kubectl -n "$NS" describe tp "$TP" || true
+  kubectl get pods -A -o wide || true
+  kubectl -n "$OP_NS" logs -l app.kubernetes.io/component=operator --tail=60 --prefix || true
+  kubectl -n "$NS" logs -l app.kubernetes.io/component=worker --tail=30 --prefix || true
+  kubectl -n "$NS" logs -l app.kubernetes.io/component=api --tail=30 --prefix || true
+  kubectl get events -A --sort-by=.lastTimestamp | tail -40 || true
+  tail -20 "$work"/*.log 2>/dev/null || true
+}
+finish() {
+  rc=$?
+  trap - EXIT
+  if [ "$rc" -ne 0 ] && [ "$cluster_up" = 1 ]; then diagnostics; fi
+  if [ -n "${KEEP_LOGS:-}" ]; then mkdir -p "$KEEP_LOGS" && cp -r "$work"/*.log "$S/logs" "$KEEP_LOGS/" 2>/dev/null || true; fi
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ "$cluster_up" = 1 ]; then
+    t=$SECONDS
+    "$K8S/cluster-down.sh" "$S" >"$work/cluster-down.log" 2>&1 || { echo "cluster-down.sh failed:"; tail -20 "$work/cluster-down.log"; rc=1; }
+    echo "cluster down in $((SECONDS - t)) s"
+  fi
+  rm -rf "$work" "$S"
+  if [ "$rc" -eq 0 ]; then echo "local-cluster e2e: PASSED in $((SECONDS - T0)) s"; else echo "local-cluster e2e: FAILED ($rc) after $((SECONDS - T0)) s"; fi
+  exit "$rc"
+}
+trap finish EXIT
+trap 'exit 130' INT TERM
+
+# waits until "$@" succeeds, at most $1 seconds
+until_ok() {
+  local limit=$1; shift
+  local end=$((SECONDS + limit))
+  until "$@" >/dev/null 2>&1; do
+    [ "$SECONDS" -lt "$end" ] || return 1
+    sleep 1
+  done
+}
+
+log "1. release binaries and the image $IMAGE"
+t=$SECONDS
+# the Dockerfile's build (every binary of the workspace) plus its healthcheck helper
+cargo build --release --locked --workspace --bins
+bins=(tickfleet-worker tickfleet-api tickfleet-operator tickctl crdgen)
+rustc --edition 2024 -O -C strip=symbols -D warnings -o target/release/tickfleet-probe docker/healthprobe.rs
+echo "release build: $((SECONDS - t)) s"
+TICKCTL=$ROOT/target/release/tickctl
+
+log "2. cluster up ($K8S)"
+t=$SECONDS
+cluster_up=1
+KUBECONFIG=$("$K8S/cluster-up.sh" "$S" 2>"$work/cluster-up.log") || { tail -30 "$work/cluster-up.log"; die "cluster-up.sh failed"; }
+export KUBECONFIG
+echo "cluster up in $((SECONDS - t)) s"
+t=$SECONDS
+args=()
+for b in "${bins[@]}" tickfleet-probe; do args+=("target/release/$b"); done
+# the Dockerfile's image: every binary in /usr/local/bin, user 65532:65532, `tickctl --help` when no
+# command is given (pods always name theirs)
+STATE_DIR=$S IMAGE_USER=65532:65532 "$K8S/image-from-binaries.sh" "$IMAGE" '["/usr/local/bin/tickctl","--help"]' "${args[@]}"
+echo "image built and imported in $((SECONDS - t)) s"
+
+log "3. certificates, Redis (TLS) and Kafka on $NODE_IP"
+certs=$work/certs
+mkdir -p "$certs"
+(
+  cd "$certs"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 2 -subj "/CN=tickfleet e2e CA" -keyout ca.key -out ca.crt 2>/dev/null
+  sign() { # name CN SAN
+    openssl req -newkey rsa:2048 -nodes -subj "/CN=$2" -keyout "$1.key" -out "$1.csr" 2>/dev/null
+    printf 'subjectAltName=%s\nextendedKeyUsage=serverAuth,clientAuth\n' "$3" >"$1.ext"
+    openssl x509 -req -in "$1.csr" -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile "$1.ext" -out "$1.crt" 2>/dev/null
+  }
+  sign redis redis "IP:$NODE_IP"
+  sign client tickfleet "DNS:tickfleet"
+)
+redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+# TLS only (port 0 turns the plaintext port off), client certificates required
+redis-server --bind "$NODE_IP" --port 0 --tls-port "$redis_port" --tls-cert-file "$certs/redis.crt" \
+  --tls-key-file "$certs/redis.key" --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients yes \
+  --save "" --appendonly no --dir "$work" --logfile "$work/redis.log" --daemonize no &
+pids+=($!)
+rcli() { redis-cli --tls --cacert "$certs/ca.crt" --cert "$certs/client.crt" --key "$certs/client.key" -h "$NODE_IP" -p "$redis_port" "$@"; }
+until_ok 10 rcli ping || die "redis-server did not start on $NODE_IP:$redis_port"
+REDIS_URL=rediss://$NODE_IP:$redis_port
+
+kafka_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+bash "$KAFKA_START" --host "$NODE_IP" --port "$kafka_port" --dir "$work/kafka" >"$work/kafka.log" 2>&1 &
+pids+=($!)
+BROKERS=$NODE_IP:$kafka_port
+until_ok 90 "$TICKCTL" dlq list --brokers "$BROKERS" --topic __probe_absent --max 0 ||
+  until_ok 1 bash -c "exec 3<>/dev/tcp/$NODE_IP/$kafka_port" || die "Kafka did not start on $BROKERS (see kafka.log)"
+echo "redis $REDIS_URL, kafka $BROKERS"
+
+log "4. helm install $RELEASE (charts/tickfleet), operator in the cluster"
+cat >"$work/values.json" <<EOF
+{"image": {"repository": "${IMAGE%:*}", "tag": "${IMAGE##*:}", "pullPolicy": "Never"},
+ "operator": {"replicas": 2, "logFormat": "text", "leaseDurationSeconds": 15, "leaseRetrySeconds": 5}}
+EOF
+t=$SECONDS
+if command -v helm >/dev/null; then
+  helm upgrade --install "$RELEASE" charts/tickfleet -n "$OP_NS" --create-namespace \
+    -f "$work/values.json" --wait --timeout 3m
+else
+  venv=${TICKFLEET_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tickfleet}/packaging-venv
+  [ -x "$venv/bin/python" ] || bash scripts/check-packaging.sh >/dev/null
+  "$venv/bin/python" tests/e2e/helm.py install "$RELEASE" charts/tickfleet "$OP_NS" "$work/values.json"
+fi
+kubectl -n "$OP_NS" rollout status deploy/"$RELEASE-operator" --timeout=2m
+until_ok 60 test -n "$(kubectl -n "$OP_NS" get lease "$RELEASE-operator" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null)" ||
+  die "no operator replica took the leader Lease"
+echo "installed in $((SECONDS - t)) s; leader: $(kubectl -n "$OP_NS" get lease "$RELEASE-operator" -o jsonpath='{.spec.holderIdentity}')"
+
+log "5. TickPipeline $TP (TLS to Redis, gRPC over TLS)"
+kubectl create namespace "$NS"
+kubectl -n "$NS" create secret generic redis-ca --from-file=ca.crt="$certs/ca.crt"
+kubectl -n "$NS" create secret tls redis-client --cert="$certs/client.crt" --key="$certs/client.key"
+kubectl apply -f - <<EOF
+apiVersion: tickfleet.io/v1alpha1
+kind: TickPipeline
+metadata: {name: $TP, namespace: $NS}
+spec:
+  image: $IMAGE
+  imagePullPolicy: Never
+  kafka: {bootstrapServers: "$BROKERS", topic: ticks, partitions: 4}
+  store:
+    redis:
+      url: "$REDIS_URL"
+      tls: {caSecretRef: {name: redis-ca, key: ca.crt}, clientCertSecretName: redis-client}
+    keyPrefix: e2e
+  workers:
+    replicas: 1
+    autoscaling: {enabled: false}
+    drainTimeoutSeconds: 15
+  api:
+    replicas: 1
+    tls: {secretName: $TP-api-tls}
+EOF
+# the api's certificate names its Service's ClusterIP, known once the operator created the Service
+until_ok 60 kubectl -n "$NS" get svc "$TP-api" || die "the operator did not create svc/$TP-api"
+api_ip=$(kubectl -n "$NS" get svc "$TP-api" -o jsonpath='{.spec.clusterIP}')
+api_port=$(kubectl -n "$NS" get svc "$TP-api" -o jsonpath='{.spec.ports[?(@.name=="grpc")].port}')
+(
+  cd "$certs"
+  openssl req -newkey rsa:2048 -nodes -subj "/CN=$TP-api" -keyout api.key -out api.csr 2>/dev/null
+  printf 'subjectAltName=IP:%s,DNS:%s-api.%s.svc\nextendedKeyUsage=serverAuth\n' "$api_ip" "$TP" "$NS" >api.ext
+  openssl x509 -req -in api.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile api.ext -out api.crt 2>/dev/null
+)
+kubectl -n "$NS" create secret tls "$TP-api-tls" --cert="$certs/api.crt" --key="$certs/api.key"
+t=$SECONDS
+kubectl -n "$NS" wait --for=condition=Ready "tp/$TP" --timeout=3m
+echo "Ready after $((SECONDS - t)) s"
+kubectl -n "$NS" get tp "$TP" -o wide
+for child in deploy/$TP-worker deploy/$TP-api svc/$TP-api configmap/$TP-config pdb/$TP-worker; do
+  owner=$(kubectl -n "$NS" get "$child" -o jsonpath='{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}/{.metadata.ownerReferences[0].blockOwnerDeletion}')
+  [ "$owner" = "TickPipeline/$TP/true" ] || die "$child: owner reference '$owner', want TickPipeline/$TP with blockOwnerDeletion"
+done
+
+log "6. the real pods: probes, read-only root, uid 65532, TLS Secrets"
+ctr_() { ctr --address "$S/run/containerd.sock" -n k8s.io "$@"; }
+for comp in worker api; do
+  pod=$(kubectl -n "$NS" get pods -l "app.kubernetes.io/instance=$TP,app.kubernetes.io/component=$comp" -o jsonpath='{.items[0].metadata.name}')
+  ip=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.status.podIP}')
+  port=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.spec.containers[0].readinessProbe.httpGet.port}')
+  path=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.spec.containers[0].readinessProbe.httpGet.path}')
+  [ -n "$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.spec.containers[0].livenessProbe.httpGet.path}')" ] || die "$pod has no liveness probe"
+  # the kubelet's readiness probe passed (the pod is Ready) and answers the same to us
+  curl -fsS "http://$ip:$port$path" >/dev/null || die "$pod: GET $path on $ip:$port failed"
+  curl -fsS "http://$ip:$port/healthz" >/dev/null || die "$pod: /healthz failed"
+  cid=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.status.containerStatuses[0].containerID}')
+  pid=$(ctr_ task ls | awk -v id="${cid#containerd://}" '$1 == id {print $2}')
+  [ -n "$pid" ] || die "$pod: no running task for $cid"
+  uid=$(awk '/^Uid:/ {print $2}' "/proc/$pid/status")
+  [ "$uid" = 65532 ] || die "$pod runs as uid $uid, not 65532"
+  root_opts=$(awk '$5 == "/" {print $6}' "/proc/$pid/mountinfo" | head -1)
+  case ",$root_opts," in *,ro,*) ;; *) die "$pod: root filesystem mounted '$root_opts', not read-only" ;; esac
+  mounts=$(awk '{print $5}' "/proc/$pid/mountinfo")
+  grep -q '/redis-ca$\|/redis-ca/' <<<"$mounts" || grep -q redis <<<"$mounts" || die "$pod: the Redis CA Secret is not mounted"
+  echo "$comp $pod: probes ok, uid $uid, root $root_opts, secrets: $(grep -c tls\\\|redis <<<"$mounts") mounts"
+done
+# the worker reaches Redis over TLS with the mounted CA and client certificate (else it is not
+# ready); the api serves gRPC with the mounted certificate, checked against our CA
+"$TICKCTL" latest --api "https://$api_ip:$api_port" --ca-file "$certs/ca.crt" >/dev/null ||
+  die "tickctl latest over TLS to https://$api_ip:$api_port failed"
+echo "gRPC over TLS through svc/$TP-api ($api_ip:$api_port): ok"
+
+log "7. $TICKS ticks at $RATE/s; scale 1 -> 3 and a worker pod deleted mid-stream"
+"$TICKCTL" produce --brokers "$BROKERS" --topic ticks --assets 40 --count "$TICKS" --rate "$RATE" \
+  --seed 7 --report "$work/report.json" >"$work/produce.log" 2>&1 &
+producer=$!
+pids+=("$producer")
+sleep 3
+kubectl -n "$NS" scale "tp/$TP" --replicas=3
+t=$SECONDS
+kubectl -n "$NS" wait --for=jsonpath='{.status.workers.ready}'=3 "tp/$TP" --timeout=2m
+kubectl -n "$NS" rollout status "deploy/$TP-worker" --timeout=1m
+echo "3 workers ready $((SECONDS - t)) s after kubectl scale"
+kill -0 "$producer" 2>/dev/null || die "the producer finished before the disruption; raise TICKS"
+victim=$(kubectl -n "$NS" get pods -l "app.kubernetes.io/instance=$TP,app.kubernetes.io/component=worker" -o jsonpath='{.items[0].metadata.name}')
+grace=$(kubectl -n "$NS" get pod "$victim" -o jsonpath='{.spec.terminationGracePeriodSeconds}')
+# the kubelet writes the container's final state into the pod before it goes away: watch for it
+kubectl -n "$NS" get pod "$victim" --watch -o json >"$work/victim.json" 2>/dev/null &
+watcher=$!
+pids+=("$watcher")
+sleep 1
+deleted_at=$(date -u +%s)
+kubectl -n "$NS" delete pod "$victim" --wait=true --timeout=2m
+kill "$watcher" 2>/dev/null || true
+final=$(python3 - "$work/victim.json" <<'PY'
+import json, sys
+text = open(sys.argv[1]).read()
+dec, objs, i = json.JSONDecoder(), [], 0
+while i < len(text):
+    if text[i].isspace():
+        i += 1
+        continue
+    obj, i = dec.raw_decode(text, i)
+    objs.append(obj)
+for obj in reversed(objs):
+    for c in obj.get("status", {}).get("containerStatuses", []):
+        t = c.get("state", {}).get("terminated") or c.get("lastState", {}).get("terminated")
+        if t:
+            print(t["exitCode"], t["finishedAt"], t.get("reason", ""))
+            sys.exit(0)
+print("none")
+PY
+)
+[ "$final" != none ] || die "no terminated state of $victim was seen"
+read -r code finished reason <<<"$final"
+took=$(( $(date -u -d "$finished" +%s) - deleted_at ))
+echo "$victim: exit code $code ($reason), finished ${took} s after the delete (grace period ${grace} s)"
+[ "$code" = 0 ] || die "$victim exited $code, not 0: it did not drain cleanly"
+[ "$took" -le "$grace" ] || die "$victim took ${took} s, longer than its grace period ${grace} s"
+wait "$producer" || { tail "$work/produce.log"; die "the producer failed"; }
+tail -2 "$work/produce.log"
+kubectl -n "$NS" wait --for=jsonpath='{.status.workers.ready}'=3 "tp/$TP" --timeout=2m
+t=$SECONDS
+ok=0
+for _ in $(seq 1 30); do
+  if "$TICKCTL" verify --report "$work/report.json" --redis-url "$REDIS_URL" --redis-prefix e2e \
+    --redis-ca-file "$certs/ca.crt" --redis-client-cert-file "$certs/client.crt" --redis-client-key-file "$certs/client.key" \
+    >"$work/verify.log" 2>&1; then ok=1; break; fi
+  sleep 2
+done
+tail -3 "$work/verify.log"
+[ "$ok" = 1 ] || die "tickctl verify: ticks lost, doubled or out of order"
+echo "verified $((SECONDS - t)) s after the producer finished"
+
+log "8. delete the pipeline (foreground: every child first), uninstall the chart"
+kubectl -n "$NS" delete "tp/$TP" --cascade=foreground --timeout=2m
+for kind in deploy rs pods svc configmap pdb; do
+  left=$(kubectl -n "$NS" get "$kind" -l "app.kubernetes.io/instance=$TP" -o name)
+  [ -z "$left" ] || die "after deleting tp/$TP, still there: $left"
+done
+if command -v helm >/dev/null; then
+  helm uninstall "$RELEASE" -n "$OP_NS" --wait --timeout 2m
+else
+  "$venv/bin/python" tests/e2e/helm.py uninstall "$RELEASE" "$OP_NS"
+fi
+until_ok 60 bash -c "! kubectl -n $OP_NS get pods -l app.kubernetes.io/component=operator -o name | grep -q ." ||
+  die "operator pods still there after the uninstall"
+kubectl get crd tickpipelines.tickfleet.io >/dev/null  # Helm keeps crds/ (deleting it would delete every pipeline)
