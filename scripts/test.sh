@@ -76,3 +76,7 @@ fi
 export TICKFLEET_TEST_KAFKA
 log "running the tests"
 cargo nextest run --workspace --locked --profile ci
+# tickfleet on a real one-node Kubernetes (the kit in ../shared/k8s or $TICKFLEET_K8S_DIR): release
+# build, image, chart, pipeline, pods; prints SKIP and why when the kit is not there
+log "Kubernetes end-to-end test on the local cluster kit"
+bash tests/e2e/local-cluster.sh

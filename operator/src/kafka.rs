@@ -7,15 +7,18 @@
 //! group (it only asks the group coordinator for committed offsets), so measuring never triggers
 //! a rebalance of the workers.
 
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rdkafka::admin::{AdminClient, AdminOptions, NewPartitions, NewTopic, TopicReplication};
-use rdkafka::client::DefaultClientContext;
+use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::error::KafkaError as RdError;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{Offset, TopicPartitionList};
+use tickfleet_service::LogFold;
+use tickfleet_service::kafka_log::FoldedLogs;
 
 /// How to reach a pipeline's Kafka cluster, with credentials already read from their Secret (the
 /// one librdkafka configuration every tickfleet client builds, in `tickfleet-service`).
@@ -182,40 +185,68 @@ pub async fn ensure_topic(
 
 /// [`KafkaAdmin`] on librdkafka. Clients are made per call: the operator calls it once per
 /// reconcile of a pipeline, and pipelines may point at different clusters.
+///
+/// Every call is bounded by [`timeout`](Self::timeout) as a whole (a lag read is several broker
+/// round trips, each given what is left), and librdkafka's log lines of all its clients are
+/// folded ([`LogFold`]): an unreachable Kafka is logged with backoff, not once per connection
+/// attempt of every client.
 #[derive(Clone, Debug)]
 pub struct RdKafkaAdmin {
-    /// Bound on each broker round trip.
+    /// Bound on each call.
     pub timeout: Duration,
+    logs: Arc<LogFold>,
 }
 
 impl Default for RdKafkaAdmin {
     fn default() -> Self {
         Self {
-            timeout: Duration::from_secs(10),
+            timeout: Duration::from_secs(5),
+            logs: Arc::new(LogFold::default()),
         }
     }
 }
 
+/// What is left of `timeout` after `start`; an error when nothing is.
+fn remaining(start: Instant, timeout: Duration, topic: &str) -> Result<Duration, KafkaError> {
+    timeout
+        .checked_sub(start.elapsed())
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| KafkaError::Topic {
+            op: "measure lag of",
+            topic: topic.to_string(),
+            code: RDKafkaErrorCode::RequestTimedOut,
+        })
+}
+
 impl RdKafkaAdmin {
+    fn config(&self, conn: &KafkaConnection) -> ClientConfig {
+        let mut cfg = conn.client_config();
+        cfg.set("client.id", "tickfleet-operator");
+        // one bound for the client's own requests too
+        let ms = self.timeout.as_millis().to_string();
+        cfg.set("socket.timeout.ms", &ms);
+        cfg
+    }
+
     fn probe_consumer(
+        &self,
         conn: &KafkaConnection,
         group: Option<&str>,
-    ) -> Result<BaseConsumer, KafkaError> {
-        let mut cfg = conn.client_config();
+    ) -> Result<BaseConsumer<FoldedLogs>, KafkaError> {
+        let mut cfg = self.config(conn);
         // never auto-create the topic by asking about it
         cfg.set("allow.auto.create.topics", "false");
         cfg.set("enable.auto.commit", "false");
-        cfg.set("client.id", "tickfleet-operator");
         if let Some(g) = group {
             cfg.set("group.id", g);
         }
-        Ok(cfg.create()?)
+        Ok(cfg.create_with_context(FoldedLogs::new(self.logs.clone(), "operator"))?)
     }
 
-    fn admin(conn: &KafkaConnection) -> Result<AdminClient<DefaultClientContext>, KafkaError> {
-        let mut cfg = conn.client_config();
-        cfg.set("client.id", "tickfleet-operator");
-        Ok(cfg.create()?)
+    fn admin(&self, conn: &KafkaConnection) -> Result<AdminClient<FoldedLogs>, KafkaError> {
+        Ok(self
+            .config(conn)
+            .create_with_context(FoldedLogs::new(self.logs.clone(), "operator"))?)
     }
 
     async fn blocking<T: Send + 'static>(
@@ -227,7 +258,9 @@ impl RdKafkaAdmin {
     }
 
     fn options(&self) -> AdminOptions {
-        AdminOptions::new().operation_timeout(Some(self.timeout))
+        AdminOptions::new()
+            .operation_timeout(Some(self.timeout))
+            .request_timeout(Some(self.timeout))
     }
 }
 
@@ -250,11 +283,10 @@ impl KafkaAdmin for RdKafkaAdmin {
         conn: &KafkaConnection,
         topic: &str,
     ) -> Result<Option<i32>, KafkaError> {
-        let conn = conn.clone();
         let topic = topic.to_string();
         let timeout = self.timeout;
+        let consumer = self.probe_consumer(conn, None)?;
         Self::blocking(move || {
-            let consumer = Self::probe_consumer(&conn, None)?;
             let md = consumer.fetch_metadata(Some(&topic), timeout)?;
             let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
                 return Ok(None);
@@ -287,7 +319,7 @@ impl KafkaAdmin for RdKafkaAdmin {
         partitions: i32,
         replication: Option<i32>,
     ) -> Result<(), KafkaError> {
-        let admin = Self::admin(conn)?;
+        let admin = self.admin(conn)?;
         // -1: the broker's default.replication.factor (KIP-464)
         let new = NewTopic::new(
             topic,
@@ -304,7 +336,7 @@ impl KafkaAdmin for RdKafkaAdmin {
         topic: &str,
         total: i32,
     ) -> Result<(), KafkaError> {
-        let admin = Self::admin(conn)?;
+        let admin = self.admin(conn)?;
         let new = NewPartitions::new(topic, usize::try_from(total).unwrap_or(0));
         let results = admin.create_partitions([&new], &self.options()).await?;
         check_topic_results("grow", results)
@@ -316,12 +348,13 @@ impl KafkaAdmin for RdKafkaAdmin {
         topic: &str,
         group: &str,
     ) -> Result<LagReport, KafkaError> {
-        let conn = conn.clone();
         let topic = topic.to_string();
-        let group = group.to_string();
         let timeout = self.timeout;
+        let consumer = self.probe_consumer(conn, Some(group))?;
         Self::blocking(move || {
-            let consumer = Self::probe_consumer(&conn, Some(&group))?;
+            // the whole read (metadata, offsets, one watermark request per partition) within
+            // `timeout`
+            let start = Instant::now();
             let md = consumer.fetch_metadata(Some(&topic), timeout)?;
             let mut ids: Vec<i32> = md
                 .topics()
@@ -341,10 +374,12 @@ impl KafkaAdmin for RdKafkaAdmin {
             for id in &ids {
                 tpl.add_partition(&topic, *id);
             }
-            let committed = consumer.committed_offsets(tpl, timeout)?;
+            let committed =
+                consumer.committed_offsets(tpl, remaining(start, timeout, &topic)?)?;
             let mut partitions = Vec::with_capacity(ids.len());
             for id in ids {
-                let (low, high) = consumer.fetch_watermarks(&topic, id, timeout)?;
+                let (low, high) =
+                    consumer.fetch_watermarks(&topic, id, remaining(start, timeout, &topic)?)?;
                 let committed =
                     committed
                         .find_partition(&topic, id)

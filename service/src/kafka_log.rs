@@ -39,3 +39,30 @@ pub fn failure(fold: &LogFold, client: &str, error: &KafkaError, reason: &str) {
         warn!(target: "librdkafka", client, error = %error, folded, "kafka: {reason}");
     }
 }
+
+/// A librdkafka client context that only folds its log lines and errors, for clients that need
+/// no other callback (the operator's admin clients, the worker's dead-letter producer). Clients
+/// given the same [`LogFold`] share one backoff.
+#[derive(Clone, Debug)]
+pub struct FoldedLogs {
+    fold: std::sync::Arc<LogFold>,
+    client: &'static str,
+}
+
+impl FoldedLogs {
+    /// Logs of `client` (`"operator"`, `"dead-letter producer"`, …) folded by `fold`.
+    pub fn new(fold: std::sync::Arc<LogFold>, client: &'static str) -> Self {
+        Self { fold, client }
+    }
+}
+
+impl rdkafka::ClientContext for FoldedLogs {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        log_line(&self.fold, self.client, level, fac, log_message);
+    }
+    fn error(&self, error: KafkaError, reason: &str) {
+        failure(&self.fold, self.client, &error, reason);
+    }
+}
+
+impl rdkafka::consumer::ConsumerContext for FoldedLogs {}

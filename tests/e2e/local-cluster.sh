@@ -9,8 +9,8 @@
 # What it does, failing at the first step that does not hold (the cluster is always stopped):
 #   1. builds the release binaries and an image of them (same binaries, user 65532 as the Dockerfile);
 #   2. starts the cluster and imports the image;
-#   3. starts Redis (TLS only, client certificates required) and Kafka (tests/kafka/, KRaft) on the
-#      node address 10.244.0.1, the one address the pods can reach;
+#   3. starts Redis (TLS only, client certificates required) and Apache Kafka (tests/kafka/kafka.sh,
+#      KRaft) on the node address 10.244.0.1, the one address the pods can reach;
 #   4. installs charts/tickfleet with Helm (the helm binary, else Helm's Go library from PyPI): the
 #      operator runs IN the cluster, two replicas with leader election;
 #   5. applies a TickPipeline whose workers and api use TLS Secrets, waits for condition Ready;
@@ -19,7 +19,10 @@
 #   7. produces ticks from the host, `kubectl scale tp` 1 -> 3 while they flow and waits for the
 #      workers to join; deletes a worker pod mid-stream and checks from its last container status
 #      that it drained and exited 0 within its grace period; `tickctl verify`: 0 lost, 0 doubled;
-#   8. deletes the pipeline with --cascade=foreground (returns once every child is gone) and
+#   8. applies a second pipeline whose Kafka accepts connections and never answers: a
+#      KafkaUnreachable Event, Degraded/TopicUnavailable, few librdkafka lines in the operator's log,
+#      and the leader operator pod deleted while a Kafka call is in flight exits 0 within 5 s;
+#   9. deletes the pipeline with --cascade=foreground (returns once every child is gone) and
 #      uninstalls the chart.
 #
 # Knobs: TICKFLEET_K8S_DIR, TICKS (60000), RATE (3000), KEEP_LOGS=DIR (copy logs there).
@@ -47,12 +50,13 @@ if [ "$(id -u)" -ne 0 ]; then
   exec sudo -E bash "$0" "$@"
 fi
 K8S=$(cd "$K8S" && pwd)
-KAFKA_START=$ROOT/tests/kafka/start.sh
-[ -x "$KAFKA_START" ] || [ -f "$KAFKA_START" ] || die "no $KAFKA_START (the real Kafka start script)"
+KAFKA_SH=$ROOT/tests/kafka/kafka.sh
+[ -f "$KAFKA_SH" ] || die "no $KAFKA_SH (Apache Kafka for the tests)"
 
 work=$(mktemp -d /tmp/tf-e2e.XXXXXX)
 S=$(mktemp -d /tmp/k8s.XXXXXX)   # short: containerd's unix socket path must fit in 108 bytes
 cluster_up=0
+kafka_dir=""
 pids=()
 diagnostics() {
   log "diagnostics"
@@ -70,9 +74,13 @@ finish() {
   rc=$?
   trap - EXIT
   if [ "$rc" -ne 0 ] && [ "$cluster_up" = 1 ]; then diagnostics; fi
-  if [ -n "${KEEP_LOGS:-}" ]; then mkdir -p "$KEEP_LOGS" && cp -r "$work"/*.log "$S/logs" "$KEEP_LOGS/" 2>/dev/null || true; fi
+  if [ -n "${KEEP_LOGS:-}" ]; then
+    mkdir -p "$KEEP_LOGS"
+    cp -r "$work"/*.log "$S/logs" "$KEEP_LOGS/" 2>/dev/null || true
+  fi
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+  if [ -n "$kafka_dir" ]; then bash "$KAFKA_SH" stop "$kafka_dir" >/dev/null 2>&1 || true; fi
   if [ "$cluster_up" = 1 ]; then
     t=$SECONDS
     "$K8S/cluster-down.sh" "$S" >"$work/cluster-down.log" 2>&1 || { echo "cluster-down.sh failed:"; tail -20 "$work/cluster-down.log"; rc=1; }
@@ -95,14 +103,52 @@ until_ok() {
   done
 }
 
+# deletes pod $2 in namespace $1 and prints "EXIT_CODE SECONDS REASON" of its container's final
+# state: the kubelet writes it into the pod before the pod goes away, so the pod is watched
+delete_and_watch() {
+  local ns=$1 pod=$2 out deleted watch_pid
+  out=$(mktemp "$work/watch.XXXXXX")
+  kubectl -n "$ns" get pod "$pod" --watch -o json >"$out" 2>/dev/null &
+  watch_pid=$!
+  sleep 1
+  deleted=$(date -u +%s.%N)
+  kubectl -n "$ns" delete pod "$pod" --wait=true --timeout=2m >/dev/null
+  kill "$watch_pid" 2>/dev/null || true
+  wait "$watch_pid" 2>/dev/null || true
+  python3 -c '
+import datetime, json, sys
+text = open(sys.argv[1]).read()
+dec, objs, i = json.JSONDecoder(), [], 0
+while i < len(text):
+    if text[i].isspace():
+        i += 1
+        continue
+    obj, i = dec.raw_decode(text, i)
+    objs.append(obj)
+for obj in reversed(objs):
+    for c in obj.get("status", {}).get("containerStatuses", []):
+        t = c.get("state", {}).get("terminated") or c.get("lastState", {}).get("terminated")
+        if t:
+            finished = datetime.datetime.strptime(t["finishedAt"], "%Y-%m-%dT%H:%M:%SZ")
+            took = finished.replace(tzinfo=datetime.timezone.utc).timestamp() - float(sys.argv[2])
+            print(t["exitCode"], max(0, round(took)), t.get("reason", "-"))
+            sys.exit(0)
+sys.exit("no terminated state of the container was seen")
+' "$out" "$deleted"
+}
+
+# the Events about object $1 in $NS, "REASON: NOTE" per line
+events() { kubectl -n "$NS" get events.events.k8s.io --field-selector "regarding.name=$1" -o jsonpath='{range .items[*]}{.reason}: {.note}{"\n"}{end}'; }
+
 log "1. release binaries and the image $IMAGE"
 t=$SECONDS
 # the Dockerfile's build (every binary of the workspace) plus its healthcheck helper
 cargo build --release --locked --workspace --bins
 bins=(tickfleet-worker tickfleet-api tickfleet-operator tickctl crdgen)
-rustc --edition 2024 -O -C strip=symbols -D warnings -o target/release/tickfleet-probe docker/healthprobe.rs
+release=$(cd "${CARGO_TARGET_DIR:-target}/release" && pwd)
+rustc --edition 2024 -O -C strip=symbols -D warnings -o "$release/tickfleet-probe" docker/healthprobe.rs
 echo "release build: $((SECONDS - t)) s"
-TICKCTL=$ROOT/target/release/tickctl
+TICKCTL=$release/tickctl
 
 log "2. cluster up ($K8S)"
 t=$SECONDS
@@ -112,7 +158,7 @@ export KUBECONFIG
 echo "cluster up in $((SECONDS - t)) s"
 t=$SECONDS
 args=()
-for b in "${bins[@]}" tickfleet-probe; do args+=("target/release/$b"); done
+for b in "${bins[@]}" tickfleet-probe; do args+=("$release/$b"); done
 # the Dockerfile's image: every binary in /usr/local/bin, user 65532:65532, `tickctl --help` when no
 # command is given (pods always name theirs)
 STATE_DIR=$S IMAGE_USER=65532:65532 "$K8S/image-from-binaries.sh" "$IMAGE" '["/usr/local/bin/tickctl","--help"]' "${args[@]}"
@@ -142,12 +188,12 @@ rcli() { redis-cli --tls --cacert "$certs/ca.crt" --cert "$certs/client.crt" --k
 until_ok 10 rcli ping || die "redis-server did not start on $NODE_IP:$redis_port"
 REDIS_URL=rediss://$NODE_IP:$redis_port
 
-kafka_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-bash "$KAFKA_START" --host "$NODE_IP" --port "$kafka_port" --dir "$work/kafka" >"$work/kafka.log" 2>&1 &
-pids+=($!)
-BROKERS=$NODE_IP:$kafka_port
-until_ok 90 "$TICKCTL" dlq list --brokers "$BROKERS" --topic __probe_absent --max 0 ||
-  until_ok 1 bash -c "exec 3<>/dev/tcp/$NODE_IP/$kafka_port" || die "Kafka did not start on $BROKERS (see kafka.log)"
+# Apache Kafka (KRaft), its client listener on the node address; killed if this script dies
+kafka_dir=$work/kafka
+t=$SECONDS
+BROKERS=$(bash "$KAFKA_SH" start "$kafka_dir" --host "$NODE_IP" --owner $$ 2>"$work/kafka.log") ||
+  { tail -20 "$work/kafka.log"; die "Kafka did not start on $NODE_IP"; }
+echo "kafka up in $((SECONDS - t)) s"
 echo "redis $REDIS_URL, kafka $BROKERS"
 
 log "4. helm install $RELEASE (charts/tickfleet), operator in the cluster"
@@ -233,8 +279,13 @@ for comp in worker api; do
   root_opts=$(awk '$5 == "/" {print $6}' "/proc/$pid/mountinfo" | head -1)
   case ",$root_opts," in *,ro,*) ;; *) die "$pod: root filesystem mounted '$root_opts', not read-only" ;; esac
   mounts=$(awk '{print $5}' "/proc/$pid/mountinfo")
-  grep -q '/redis-ca$\|/redis-ca/' <<<"$mounts" || grep -q redis <<<"$mounts" || die "$pod: the Redis CA Secret is not mounted"
-  echo "$comp $pod: probes ok, uid $uid, root $root_opts, secrets: $(grep -c tls\\\|redis <<<"$mounts") mounts"
+  want=(/etc/tickfleet/redis-ca /etc/tickfleet/redis-client-tls)
+  [ "$comp" = api ] && want+=(/etc/tickfleet/grpc-tls)
+  for m in "${want[@]}"; do
+    grep -qx "$m" <<<"$mounts" || die "$pod: no Secret mounted at $m"
+    [ -n "$(ls "/proc/$pid/root$m")" ] || die "$pod: the Secret at $m is empty"
+  done
+  echo "$comp $pod: probes answer, uid $uid, root mounted $root_opts, Secrets at ${want[*]}"
 done
 # the worker reaches Redis over TLS with the mounted CA and client certificate (else it is not
 # ready); the api serves gRPC with the mounted certificate, checked against our CA
@@ -256,36 +307,8 @@ echo "3 workers ready $((SECONDS - t)) s after kubectl scale"
 kill -0 "$producer" 2>/dev/null || die "the producer finished before the disruption; raise TICKS"
 victim=$(kubectl -n "$NS" get pods -l "app.kubernetes.io/instance=$TP,app.kubernetes.io/component=worker" -o jsonpath='{.items[0].metadata.name}')
 grace=$(kubectl -n "$NS" get pod "$victim" -o jsonpath='{.spec.terminationGracePeriodSeconds}')
-# the kubelet writes the container's final state into the pod before it goes away: watch for it
-kubectl -n "$NS" get pod "$victim" --watch -o json >"$work/victim.json" 2>/dev/null &
-watcher=$!
-pids+=("$watcher")
-sleep 1
-deleted_at=$(date -u +%s)
-kubectl -n "$NS" delete pod "$victim" --wait=true --timeout=2m
-kill "$watcher" 2>/dev/null || true
-final=$(python3 - "$work/victim.json" <<'PY'
-import json, sys
-text = open(sys.argv[1]).read()
-dec, objs, i = json.JSONDecoder(), [], 0
-while i < len(text):
-    if text[i].isspace():
-        i += 1
-        continue
-    obj, i = dec.raw_decode(text, i)
-    objs.append(obj)
-for obj in reversed(objs):
-    for c in obj.get("status", {}).get("containerStatuses", []):
-        t = c.get("state", {}).get("terminated") or c.get("lastState", {}).get("terminated")
-        if t:
-            print(t["exitCode"], t["finishedAt"], t.get("reason", ""))
-            sys.exit(0)
-print("none")
-PY
-)
-[ "$final" != none ] || die "no terminated state of $victim was seen"
-read -r code finished reason <<<"$final"
-took=$(( $(date -u -d "$finished" +%s) - deleted_at ))
+final=$(delete_and_watch "$NS" "$victim")
+read -r code took reason <<<"$final"
 echo "$victim: exit code $code ($reason), finished ${took} s after the delete (grace period ${grace} s)"
 [ "$code" = 0 ] || die "$victim exited $code, not 0: it did not drain cleanly"
 [ "$took" -le "$grace" ] || die "$victim took ${took} s, longer than its grace period ${grace} s"
@@ -304,7 +327,53 @@ tail -3 "$work/verify.log"
 [ "$ok" = 1 ] || die "tickctl verify: ticks lost, doubled or out of order"
 echo "verified $((SECONDS - t)) s after the producer finished"
 
-log "8. delete the pipeline (foreground: every child first), uninstall the chart"
+log "8. a pipeline whose Kafka never answers: Events, folded logs, operator SIGTERM within 5 s"
+# accepts connections and never answers: every Kafka request times out
+python3 -c '
+import socket, sys
+s = socket.socket(); s.bind((sys.argv[1], 0)); s.listen(64)
+print(s.getsockname()[1], flush=True)
+held = []
+while True:
+    c, a = s.accept(); held.append(c); print("accepted", a, file=sys.stderr, flush=True)
+' "$NODE_IP" >"$work/blackhole.port" 2>"$work/blackhole.log" &
+pids+=($!)
+until_ok 10 test -s "$work/blackhole.port" || die "the black hole did not start"
+hole=$NODE_IP:$(cat "$work/blackhole.port")
+leader=$(kubectl -n "$OP_NS" get lease "$RELEASE-operator" -o jsonpath='{.spec.holderIdentity}')
+kubectl apply -f - <<EOF
+apiVersion: tickfleet.io/v1alpha1
+kind: TickPipeline
+metadata: {name: silent, namespace: $NS}
+spec:
+  image: $IMAGE
+  imagePullPolicy: Never
+  kafka: {bootstrapServers: "$hole", topic: ticks, partitions: 2}
+  store: {redis: {url: "$REDIS_URL"}, keyPrefix: silent}
+  workers: {replicas: 1}
+  api: {replicas: 0}
+EOF
+has_event() { events "$1" | grep -q "^$2"; }
+until_ok 60 has_event silent KafkaUnreachable || die "no KafkaUnreachable Event for tp/silent: $(events silent)"
+events silent
+kubectl -n "$NS" wait --for=jsonpath='{.status.conditions[?(@.type=="Degraded")].reason}'=TopicUnavailable tp/silent --timeout=60s
+# the retry after the backoff is a Kafka call in flight again: SIGTERM the leader during it
+n=$(grep -c accepted "$work/blackhole.log" || true)
+more_accepted() { [ "$(grep -c accepted "$work/blackhole.log")" -gt "$n" ]; }
+until_ok 30 more_accepted || die "the operator did not retry Kafka"
+lines=$(kubectl -n "$OP_NS" logs "$leader" | grep -c librdkafka || true)
+echo "operator $leader: $lines librdkafka log lines so far"
+final=$(delete_and_watch "$OP_NS" "$leader")
+read -r code took reason <<<"$final"
+echo "operator $leader: exit code $code ($reason), stopped ${took} s after the delete, with a Kafka call in flight"
+[ "$code" = 0 ] || die "the operator exited $code on SIGTERM"
+[ "$took" -le 5 ] || die "the operator took ${took} s to stop on SIGTERM (limit 5 s)"
+[ "$lines" -le 20 ] || die "the operator wrote $lines librdkafka lines for one unreachable Kafka"
+worker_lines=$(kubectl -n "$NS" logs -l app.kubernetes.io/instance=silent,app.kubernetes.io/component=worker --tail=-1 | wc -l)
+echo "the worker of tp/silent: $worker_lines log lines"
+kubectl -n "$NS" delete tp silent --cascade=foreground --timeout=60s
+
+log "9. delete the pipeline (foreground: every child first), uninstall the chart"
 kubectl -n "$NS" delete "tp/$TP" --cascade=foreground --timeout=2m
 for kind in deploy rs pods svc configmap pdb; do
   left=$(kubectl -n "$NS" get "$kind" -l "app.kubernetes.io/instance=$TP" -o name)

@@ -781,7 +781,8 @@ pub fn tickctl(args: &[&str]) -> (bool, String) {
 
 /// A `tickfleet-operator` process talking to the API server of `kubeconfig`, stderr to a log file.
 pub struct Operator {
-    child: Child,
+    /// The process.
+    pub child: Child,
     /// Its admin endpoint (`/metrics`, `/healthz`, `/readyz`), `127.0.0.1:PORT`.
     pub admin: String,
     /// Its log file.

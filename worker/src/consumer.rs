@@ -501,6 +501,8 @@ pub(crate) struct WorkerContext {
     /// Why the brokers refuse this worker (a failed SASL login or TLS handshake), until a partition
     /// assignment shows it is in again; the `kafka` readiness check reads it.
     pub(crate) refused: Arc<std::sync::Mutex<Option<String>>>,
+    /// Folds librdkafka's log lines, its errors and poll errors: one backoff for all of them.
+    pub(crate) logs: Arc<tickfleet_service::LogFold>,
 }
 
 /// Whether a client error means the brokers will not have this client (credentials or TLS), as
@@ -514,14 +516,18 @@ fn is_refusal(error: &rdkafka::error::KafkaError) -> bool {
 }
 
 impl ClientContext for WorkerContext {
-    /// librdkafka's client errors: logged as librdkafka's own default does; a refused login or TLS
-    /// handshake also makes the worker not ready until the group takes it in.
+    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tickfleet_service::kafka_log::log_line(&self.logs, "consumer", level, fac, log_message);
+    }
+
+    /// librdkafka's client errors, folded; a refused login or TLS handshake also makes the worker
+    /// not ready until the group takes it in.
     fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
         if is_refusal(&error) {
             let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
             *refused = Some(reason.to_owned());
         }
-        tracing::error!(error = %error, reason, "kafka client error");
+        tickfleet_service::kafka_log::failure(&self.logs, "consumer", &error, reason);
     }
 
     /// librdkafka's statistics (every `statistics.interval.ms`, on the poll thread): the consumer lag of
@@ -641,7 +647,14 @@ pub(crate) fn poll_loop(
                 held |= lanes.dispatch(&consumer, record);
                 lanes.enforce_budget(&consumer);
             }
-            Some(Err(e)) => warn!(error = %e, "kafka consumer error"),
+            Some(Err(e)) => {
+                tickfleet_service::kafka_log::failure(
+                    &consumer.context().logs,
+                    "consumer",
+                    &e,
+                    "poll failed",
+                );
+            }
             None => {}
         }
         if held {

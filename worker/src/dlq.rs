@@ -27,6 +27,8 @@ use rdkafka::error::KafkaError;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::types::RDKafkaErrorCode;
+use tickfleet_service::LogFold;
+use tickfleet_service::kafka_log::FoldedLogs;
 
 use crate::Error;
 use crate::lane::{DeadLetterSink, Record};
@@ -56,14 +58,20 @@ const MIN_CUT_BYTES: usize = 1024;
 
 /// A [`DeadLetterSink`] producing to a Kafka topic.
 pub struct KafkaDeadLetters {
-    producer: FutureProducer,
+    producer: FutureProducer<FoldedLogs>,
     topic: String,
     max_message_bytes: usize,
 }
 
 impl KafkaDeadLetters {
-    /// A producer on `config` (bootstrap servers and security already set) writing to `topic`.
-    pub fn new(config: &ClientConfig, topic: &str) -> Result<Self, Error> {
+    /// A producer on `config` (bootstrap servers and security already set) writing to `topic`;
+    /// its librdkafka log lines are folded by `logs` (shared with the consumer, so a broker that is
+    /// down is one folded series of lines).
+    pub fn new(
+        config: &ClientConfig,
+        topic: &str,
+        logs: std::sync::Arc<LogFold>,
+    ) -> Result<Self, Error> {
         let max_message_bytes = config
             .get("message.max.bytes")
             .and_then(|v| v.parse().ok())
@@ -72,7 +80,7 @@ impl KafkaDeadLetters {
             .clone()
             .set("enable.idempotence", "true")
             .set("partitioner", "murmur2_random")
-            .create()?;
+            .create_with_context(FoldedLogs::new(logs, "dead-letter producer"))?;
         Ok(KafkaDeadLetters {
             producer,
             topic: topic.to_owned(),

@@ -62,11 +62,15 @@ pub async fn run(
     health: Arc<Health>,
     shutdown: CancellationToken,
 ) -> Result<Drain, Error> {
+    // librdkafka's lines of the consumer and the dead-letter producer, folded together: a broker
+    // that is down is logged with backoff, not on every poll
+    let kafka_logs = Arc::new(tickfleet_service::LogFold::default());
     let dead_letters = match dead_letters {
         Some(d) => d,
         None => Arc::new(dlq::KafkaDeadLetters::new(
             &config.kafka.client_config(&[]),
             &config.dlq_topic(),
+            kafka_logs.clone(),
         )?),
     };
     health.fail(STORE_CHECK, "store not reached yet");
@@ -98,6 +102,7 @@ pub async fn run(
             .create_with_context(WorkerContext {
                 lanes: lanes.clone(),
                 refused: refused.clone(),
+                logs: kafka_logs,
             })?;
     consumer.subscribe(&[&config.topic])?;
     health.set_ready(true);
