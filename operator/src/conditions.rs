@@ -75,7 +75,7 @@ pub enum Rollout {
 
 /// The rollout state and pod counts of a Deployment, from its `status`.
 pub fn rollout(d: &Deployment) -> (Rollout, ReplicaStatus) {
-    let desired = d.spec.as_ref().and_then(|s| s.replicas).unwrap_or(1);
+    let desired = d.spec.replicas.unwrap_or(1);
     let st = d.status.clone().unwrap_or_default();
     let pods = ReplicaStatus {
         desired,
@@ -85,8 +85,8 @@ pub fn rollout(d: &Deployment) -> (Rollout, ReplicaStatus) {
         available: st.available_replicas.unwrap_or(0),
     };
     let stalled = st.conditions.iter().flatten().find(|c| {
-        c.type_ == "Progressing"
-            && c.status == "False"
+        c.type_.as_deref() == Some("Progressing")
+            && c.status.as_deref() == Some("False")
             && c.reason.as_deref() == Some("ProgressDeadlineExceeded")
     });
     let state = if d.status.is_none() || st.observed_generation < d.metadata.generation {

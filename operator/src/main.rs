@@ -2,7 +2,7 @@
 //!
 //! Serves `/healthz`, `/readyz` and `/metrics` on the admin address, logs with `tracing` (text or
 //! JSON), takes part in leader election on a Lease so only one replica reconciles, and shuts down
-//! gracefully on SIGTERM/SIGINT (in-flight reconciles finish, the Lease is released).
+//! gracefully on SIGTERM/SIGINT (in-flight reconciles are cancelled, the Lease is released).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -84,8 +84,16 @@ impl Args {
     }
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let result = runtime.block_on(run());
+    // A Kafka call cancelled at shutdown may still hold a blocking thread until its own timeout
+    // (librdkafka calls cannot be interrupted): do not wait for it.
+    runtime.shutdown_timeout(Duration::from_millis(200));
+    result
+}
+
+async fn run() -> anyhow::Result<()> {
     let args = Args::parse();
     init_tracing(matches!(args.log_format, LogFormat::Json));
     let lease = args.lease_config()?;
@@ -115,12 +123,12 @@ async fn main() -> anyhow::Result<()> {
     };
     metrics.leader.set(1);
 
-    // the controller stops gracefully on shutdown, and at once when leadership is lost
-    let ctx = Arc::new(Context::new(
-        client,
-        Arc::new(RdKafkaAdmin::default()),
-        metrics.clone(),
-    ));
+    // the controller stops gracefully on shutdown, and at once when leadership is lost;
+    // reconciles in flight are cancelled then, not waited for
+    let ctx = Arc::new(
+        Context::new(client, Arc::new(RdKafkaAdmin::default()), metrics.clone())
+            .with_shutdown(leadership.stop()),
+    );
     info!("controller starting");
     let controller = controller::run(ctx, leadership.stop().cancelled_owned());
     if leadership.lead(controller).await == HoldEnd::Lost {

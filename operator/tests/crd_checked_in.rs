@@ -95,7 +95,7 @@ fn autoscaling_disabled_needs_nothing_else() {
     let mut tp = tickfleet_operator::TickPipeline::new(
         "btc",
         serde_json::from_value(serde_json::json!({
-            "image": "i", "kafka": {"bootstrapServers": "k:9092", "topic": "t"},
+            "image": "i", "kafka": {"bootstrapServers": "k:9092", "topic": "t", "partitions": 4},
             "store": {"redis": {"url": "redis://r:6379"}},
             "workers": {"replicas": 2, "autoscaling": {"enabled": false}}
         }))

@@ -7,15 +7,21 @@
 //!   (readiness) and `/metrics` (Prometheus text format).
 //! * [`Readiness`]: readiness as a named set of checks (the store answers, ...) run every second.
 //! * [`parse_duration_ns`]: durations as people type them (`250ms`, `30s`, `5m`, `1h`, `1d`).
+//! * [`LogFold`]: a failure that repeats is logged once, then with backoff (`kafka_log`, feature
+//!   `kafka`: librdkafka's log lines and errors through it).
 //! * `kafka` (feature `kafka`): the librdkafka client configuration of the worker, `tickctl` and
 //!   the operator, from flags/variables (`KafkaOptions`) or a pipeline's spec (`KafkaConnection`).
 
 mod duration;
 #[cfg(feature = "kafka")]
 pub mod kafka;
+#[cfg(feature = "kafka")]
+pub mod kafka_log;
+mod log_fold;
 mod readiness;
 
 pub use duration::parse_duration_ns;
+pub use log_fold::LogFold;
 pub use readiness::{Failure, Readiness};
 
 use std::net::SocketAddr;

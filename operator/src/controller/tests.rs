@@ -438,14 +438,28 @@ async fn more_workers_than_partitions_are_capped_and_explained() {
 async fn grows_topic_and_reports_when_it_cannot_shrink() {
     let tp = pipeline();
     let kafka = Arc::new(FakeKafka::with_topic("ticks", 4));
-    let (res, _, _) = run(server_for(&tp), kafka.clone(), &tp).await;
+    let (res, log, _) = run(server_for(&tp), kafka.clone(), &tp).await;
     res.expect("reconcile");
-    assert_eq!(kafka.calls(), vec!["describe ticks", "grow ticks 6"]);
+    assert_eq!(
+        kafka.calls(),
+        vec!["describe ticks", "grow ticks 6", "lag ticks tickfleet.markets.btc"]
+    );
+    assert_eq!(
+        events_of(&log),
+        vec![(
+            "Normal".into(),
+            "TopicGrown".into(),
+            "grew topic ticks from 4 to 6 partitions".into()
+        )]
+    );
 
     let kafka = Arc::new(FakeKafka::with_topic("ticks", 12));
     let (res, log, _) = run(server_for(&tp), kafka.clone(), &tp).await;
     res.expect("a bigger topic still works");
-    assert_eq!(kafka.calls(), vec!["describe ticks"]);
+    assert_eq!(
+        kafka.calls(),
+        vec!["describe ticks", "lag ticks tickfleet.markets.btc"]
+    );
     let st = status_of(&log);
     assert_eq!(st.partitions, Some(12));
     let degraded = cond(&st, "Degraded");
@@ -561,7 +575,8 @@ async fn autoscaling_sizes_workers_from_lag() {
     *kafka.fail_lag.lock().unwrap() = true;
     let (res, log, _) = run(server_for(&again), kafka, &again).await;
     assert_eq!(res.expect_err("lag failure").metric_label(), "kafka");
-    assert_eq!(log[1].body["spec"]["replicas"], 5);
+    assert_eq!(requests(&log)[1].body["spec"]["replicas"], 5);
+    assert_eq!(events_of(&log)[0].1, "KafkaUnreachable");
     let st = status_of(&log);
     assert_eq!(cond(&st, "Degraded").reason, "LagUnavailable");
     assert_eq!(
@@ -686,10 +701,16 @@ async fn lag_is_measured_for_every_pipeline_at_most_once_per_interval() {
     *kafka.lag.lock().unwrap() = Some(500);
     let (client, log) = server_for(&tp).start();
     let ctx = Context::test(client, kafka.clone());
-    let tp = Arc::new(tp);
-    reconcile(tp.clone(), ctx.clone()).await.expect("first");
-    // a Deployment status change triggers another reconcile right away: no second lag read
-    reconcile(tp.clone(), ctx.clone()).await.expect("second");
+    reconcile(Arc::new(tp.clone()), ctx.clone())
+        .await
+        .expect("first");
+    // a Deployment status change triggers another reconcile right away (of the pipeline with
+    // the status just written): no second lag read, the measured lag is kept
+    let mut again = tp.clone();
+    again.status = Some(status_of(&log.lock().unwrap()));
+    reconcile(Arc::new(again), ctx.clone())
+        .await
+        .expect("second");
     assert_eq!(
         kafka.calls(),
         vec![

@@ -127,11 +127,17 @@ fn component_labels(tp: &TickPipeline, component: &str) -> BTreeMap<String, Stri
 
 /// Owner reference making the pipeline the controller of a child, so deleting the pipeline
 /// garbage-collects its children and `Controller::owns` maps child events back to it. `None` when
-/// the pipeline has no uid (not yet stored). `blockOwnerDeletion` is left unset: setting it needs
-/// `update` on `tickpipelines/finalizers` under the OwnerReferencesPermissionEnforcement admission
-/// plugin, and background deletion works without it.
+/// the pipeline has no uid (not yet stored). `blockOwnerDeletion: true`, so a foreground deletion
+/// of the pipeline (`kubectl delete --cascade=foreground`) ends only once its children are gone;
+/// under the OwnerReferencesPermissionEnforcement admission plugin that needs `update` on
+/// `tickpipelines/finalizers`, which the operator's RBAC grants.
 pub fn owner_reference(tp: &TickPipeline) -> Option<OwnerReference> {
-    tp.controller_owner_ref(&())
+    tp.controller_owner_ref(&()).map(|mut owner| {
+        // `kubectl delete --cascade=foreground` (and the garbage collector's foreground
+        // deletion) waits for children that block their owner's deletion
+        owner.block_owner_deletion = Some(true);
+        owner
+    })
 }
 
 fn child_meta(tp: &TickPipeline, name: &str, component: Option<&str>) -> ObjectMeta {
@@ -199,9 +205,8 @@ mod tests {
             assert_eq!(o[0].name, "btc");
             assert_eq!(o[0].uid, "6b0e4a57-0d0c-4b37-9c2f-6a51d6e1f0aa");
             assert_eq!(o[0].controller, Some(true));
-            // not set: with OwnerReferencesPermissionEnforcement it would need `update` on
-            // tickpipelines/finalizers, which background garbage collection does not need
-            assert_eq!(o[0].block_owner_deletion, None);
+            // a foreground deletion of the pipeline waits for its children
+            assert_eq!(o[0].block_owner_deletion, Some(true));
         }
     }
 }

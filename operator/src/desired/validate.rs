@@ -84,11 +84,17 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
     if spec.workers.drain_timeout_seconds < 1 {
         problems.push("workers.drainTimeoutSeconds must be at least 1".to_string());
     }
-    if let Some(a) = &spec.workers.autoscaling {
+    // `autoscaling: {enabled: false}` needs nothing else
+    if let Some(a) = spec.workers.autoscaling.as_ref().filter(|a| a.enabled) {
         if a.min_replicas < 1 {
             problems.push("workers.autoscaling.minReplicas must be at least 1".to_string());
         }
-        if a.max_replicas < a.min_replicas {
+        if a.max_replicas < 1 {
+            problems.push(
+                "workers.autoscaling.maxReplicas is required when autoscaling is enabled"
+                    .to_string(),
+            );
+        } else if a.max_replicas < a.min_replicas {
             problems
                 .push("workers.autoscaling.maxReplicas must be at least minReplicas".to_string());
         }
