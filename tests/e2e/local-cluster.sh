@@ -7,7 +7,8 @@
 #   bash tests/e2e/local-cluster.sh
 #
 # What it does, failing at the first step that does not hold (the cluster is always stopped):
-#   1. builds the release binaries and an image of them (same binaries, user 65532 as the Dockerfile);
+#   1. builds the binaries (release unless TICKFLEET_E2E_PROFILE=debug) and an image of them (the
+#      Dockerfile's binaries in /usr/local/bin, user 65532);
 #   2. starts the cluster and imports the image;
 #   3. starts Redis (TLS only, client certificates required) and Apache Kafka (tests/kafka/kafka.sh,
 #      KRaft) on the node address 10.244.0.1, the one address the pods can reach;
@@ -25,12 +26,15 @@
 #   9. deletes the pipeline with --cascade=foreground (returns once every child is gone) and
 #      uninstalls the chart.
 #
-# Knobs: TICKFLEET_K8S_DIR, TICKS (60000), RATE (3000), KEEP_LOGS=DIR (copy logs there).
+# Knobs: TICKFLEET_K8S_DIR, TICKFLEET_E2E_PROFILE (release; debug uses the binaries scripts/test.sh
+# built), TICKS (60000), RATE (3000), KEEP_LOGS=DIR (copy logs there).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
 K8S=${TICKFLEET_K8S_DIR:-$ROOT/../shared/k8s}
 TICKS=${TICKS:-60000}
+# release (what the Dockerfile ships) or debug (what scripts/test.sh has already built)
+PROFILE=${TICKFLEET_E2E_PROFILE:-release}
 RATE=${RATE:-3000}
 NODE_IP=10.244.0.1
 IMAGE=localhost/tickfleet:e2e
@@ -50,7 +54,7 @@ if [ "$(id -u)" -ne 0 ]; then
   exec sudo -E bash "$0" "$@"
 fi
 K8S=$(cd "$K8S" && pwd)
-KAFKA_SH=$ROOT/tests/kafka/kafka.sh
+KAFKA_SH=${KAFKA_SH:-$ROOT/tests/kafka/kafka.sh}
 [ -f "$KAFKA_SH" ] || die "no $KAFKA_SH (Apache Kafka for the tests)"
 
 work=$(mktemp -d /tmp/tf-e2e.XXXXXX)
@@ -140,14 +144,18 @@ sys.exit("no terminated state of the container was seen")
 # the Events about object $1 in $NS, "REASON: NOTE" per line
 events() { kubectl -n "$NS" get events.events.k8s.io --field-selector "regarding.name=$1" -o jsonpath='{range .items[*]}{.reason}: {.note}{"\n"}{end}'; }
 
-log "1. release binaries and the image $IMAGE"
+log "1. $PROFILE binaries and the image $IMAGE"
 t=$SECONDS
 # the Dockerfile's build (every binary of the workspace) plus its healthcheck helper
-cargo build --release --locked --workspace --bins
+if [ "$PROFILE" = release ]; then
+  cargo build --release --locked --workspace --bins
+else
+  cargo build --locked --workspace --bins
+fi
 bins=(tickfleet-worker tickfleet-api tickfleet-operator tickctl crdgen)
-release=$(cd "${CARGO_TARGET_DIR:-target}/release" && pwd)
+release=$(cd "${CARGO_TARGET_DIR:-target}/$PROFILE" && pwd)
 rustc --edition 2024 -O -C strip=symbols -D warnings -o "$release/tickfleet-probe" docker/healthprobe.rs
-echo "release build: $((SECONDS - t)) s"
+echo "$PROFILE build: $((SECONDS - t)) s"
 TICKCTL=$release/tickctl
 
 log "2. cluster up ($K8S)"
