@@ -43,7 +43,9 @@ fn a_worker_without_kafka_logs_the_failure_with_backoff_not_every_poll() {
         lines.join("\n")
     );
     assert!(
-        lines.iter().any(|l| l.contains("folded=") && !l.contains("folded=0")),
+        lines
+            .iter()
+            .any(|l| l.contains("folded=") && !l.contains("folded=0")),
         "a later line says how many were folded in:\n{}",
         lines.join("\n")
     );
@@ -101,9 +103,8 @@ fn operator_sigterm_ends_within_5s_while_kafka_calls_hang() {
     signal(&operator.child, "TERM");
     let status = wait_exit(&mut operator.child, Duration::from_secs(5));
     let log = operator.log_text();
-    let status = status.unwrap_or_else(|| {
-        panic!("the operator was still running 5 s after SIGTERM:\n{log}")
-    });
+    let status = status
+        .unwrap_or_else(|| panic!("the operator was still running 5 s after SIGTERM:\n{log}"));
     assert!(status.success(), "exit {status:?}:\n{log}");
     assert!(log.contains("reconcile cancelled"), "{log}");
     let lines = kafka_lines(&log);

@@ -92,7 +92,11 @@ pub fn rollout(d: &Deployment) -> (Rollout, ReplicaStatus) {
     let state = if d.status.is_none() || st.observed_generation < d.metadata.generation {
         Rollout::Waiting("the Deployment controller has not seen the current spec yet".into())
     } else if let Some(c) = stalled {
-        Rollout::Stalled(c.message.clone().unwrap_or_else(|| "progress deadline exceeded".into()))
+        Rollout::Stalled(
+            c.message
+                .clone()
+                .unwrap_or_else(|| "progress deadline exceeded".into()),
+        )
     } else if pods.updated < desired {
         Rollout::Waiting(format!(
             "{} of {desired} pods run the current spec",
@@ -355,7 +359,10 @@ mod tests {
             ..Observation::default()
         };
         let w = wanted(&obs);
-        assert_eq!((w[0].status, w[0].reason.as_str()), ("False", "WorkersNotReady"));
+        assert_eq!(
+            (w[0].status, w[0].reason.as_str()),
+            ("False", "WorkersNotReady")
+        );
         assert_eq!(
             w[0].message,
             "0 of 4 workers available (0 ready, 4 run the current spec)"
@@ -363,25 +370,57 @@ mod tests {
         assert_eq!((w[1].status, w[1].reason.as_str()), ("True", "RollingOut"));
         assert_eq!(w[1].message, "workers: 0 of 4 pods available");
 
-        let unseen = deployment(3, serde_json::json!({"observedGeneration": 2, "replicas": 4,
-            "updatedReplicas": 4, "availableReplicas": 4, "readyReplicas": 4}));
+        let unseen = deployment(
+            3,
+            serde_json::json!({"observedGeneration": 2, "replicas": 4,
+            "updatedReplicas": 4, "availableReplicas": 4, "readyReplicas": 4}),
+        );
         assert!(matches!(rollout(&unseen).0, Rollout::Waiting(m) if m.contains("not seen")));
-        let half = deployment(2, serde_json::json!({"observedGeneration": 2, "replicas": 5,
-            "updatedReplicas": 2, "availableReplicas": 4}));
-        assert_eq!(rollout(&half).0, Rollout::Waiting("2 of 4 pods run the current spec".into()));
-        let old_left = deployment(2, serde_json::json!({"observedGeneration": 2, "replicas": 5,
-            "updatedReplicas": 4, "availableReplicas": 4}));
-        assert_eq!(rollout(&old_left).0, Rollout::Waiting("1 old pods still terminating".into()));
-        let stuck = deployment(2, serde_json::json!({"observedGeneration": 2, "replicas": 4,
+        let half = deployment(
+            2,
+            serde_json::json!({"observedGeneration": 2, "replicas": 5,
+            "updatedReplicas": 2, "availableReplicas": 4}),
+        );
+        assert_eq!(
+            rollout(&half).0,
+            Rollout::Waiting("2 of 4 pods run the current spec".into())
+        );
+        let old_left = deployment(
+            2,
+            serde_json::json!({"observedGeneration": 2, "replicas": 5,
+            "updatedReplicas": 4, "availableReplicas": 4}),
+        );
+        assert_eq!(
+            rollout(&old_left).0,
+            Rollout::Waiting("1 old pods still terminating".into())
+        );
+        let stuck = deployment(
+            2,
+            serde_json::json!({"observedGeneration": 2, "replicas": 4,
             "updatedReplicas": 4, "conditions": [{"type": "Progressing", "status": "False",
             "reason": "ProgressDeadlineExceeded",
-            "message": "ReplicaSet \"btc-worker-1\" has timed out progressing."}]}));
+            "message": "ReplicaSet \"btc-worker-1\" has timed out progressing."}]}),
+        );
         let (state, p) = rollout(&stuck);
-        assert_eq!(state, Rollout::Stalled("ReplicaSet \"btc-worker-1\" has timed out progressing.".into()));
-        let w = wanted(&Observation { workers: p, workers_rollout: state, api: pods(1), ..Observation::default() });
-        assert_eq!((w[1].status, w[1].reason.as_str()), ("False", "ProgressDeadlineExceeded"));
-        let done = deployment(2, serde_json::json!({"observedGeneration": 2, "replicas": 4,
-            "updatedReplicas": 4, "availableReplicas": 4, "readyReplicas": 4}));
+        assert_eq!(
+            state,
+            Rollout::Stalled("ReplicaSet \"btc-worker-1\" has timed out progressing.".into())
+        );
+        let w = wanted(&Observation {
+            workers: p,
+            workers_rollout: state,
+            api: pods(1),
+            ..Observation::default()
+        });
+        assert_eq!(
+            (w[1].status, w[1].reason.as_str()),
+            ("False", "ProgressDeadlineExceeded")
+        );
+        let done = deployment(
+            2,
+            serde_json::json!({"observedGeneration": 2, "replicas": 4,
+            "updatedReplicas": 4, "availableReplicas": 4, "readyReplicas": 4}),
+        );
         assert_eq!(rollout(&done), (Rollout::Complete, pods(4)));
     }
 
@@ -518,7 +557,11 @@ mod tests {
             "{}",
             find(&after, PAUSED).message
         );
-        assert!(paused(Some(2), Some(2)).message.ends_with("nothing is pending"));
+        assert!(
+            paused(Some(2), Some(2))
+                .message
+                .ends_with("nothing is pending")
+        );
         assert_eq!(find(&after, PAUSED).reason, "PausedByAnnotation");
         assert_eq!(find(&after, PAUSED).last_transition_time, t(500));
         assert_eq!(find(&after, READY), find(&before, READY));

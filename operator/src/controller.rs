@@ -27,7 +27,6 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use tokio_util::sync::CancellationToken;
 use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
@@ -40,6 +39,7 @@ use kube::runtime::watcher;
 use kube::{Client, Resource, ResourceExt};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
 use crate::autoscale;
@@ -47,7 +47,9 @@ use crate::conditions::{self, Observation, Problem, Rollout};
 use crate::crd::{ReplicaStatus, TickPipeline, TickPipelineStatus};
 use crate::desired::{self, FIELD_MANAGER, MANAGED_BY};
 use crate::events::Events;
-use crate::kafka::{KafkaAdmin, KafkaConnection, KafkaError, LagReport, TopicOutcome, ensure_topic};
+use crate::kafka::{
+    KafkaAdmin, KafkaConnection, KafkaError, LagReport, TopicOutcome, ensure_topic,
+};
 use crate::metrics::Metrics;
 use crate::offer;
 use crate::{Error, Result};
@@ -341,7 +343,10 @@ async fn reconcile_paused(
         .into_iter()
         .filter(|w| [conditions::READY, conditions::PROGRESSING].contains(&w.type_))
         .collect();
-    wanted.push(conditions::paused(old.observed_generation, tp.metadata.generation));
+    wanted.push(conditions::paused(
+        old.observed_generation,
+        tp.metadata.generation,
+    ));
     status.conditions = conditions::merge(&old.conditions, &wanted, now, tp.metadata.generation);
     status.workers = obs.workers.clone();
     status.api = obs.api.clone();
@@ -545,7 +550,10 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
                         tp,
                         "KafkaUnreachable",
                         "EnsureTopic",
-                        format!("{message} (bootstrap servers {})", spec.kafka.bootstrap_servers),
+                        format!(
+                            "{message} (bootstrap servers {})",
+                            spec.kafka.bootstrap_servers
+                        ),
                     )
                     .await;
                 problems.push(Problem {

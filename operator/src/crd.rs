@@ -395,11 +395,11 @@ pub struct AutoscalingSpec {
     pub min_replicas: i32,
     /// Most workers (required when enabled).
     #[serde(default)]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1), transform = no_default)]
     pub max_replicas: i32,
     /// Consumer lag (messages) one worker is expected to keep up with (required when enabled).
     #[serde(default)]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1), transform = no_default)]
     pub target_lag_per_worker: i64,
     /// A scale-down only goes to the highest recommendation of this many past seconds, so a
     /// briefly low lag does not remove workers that are needed again a minute later.
@@ -410,6 +410,12 @@ pub struct AutoscalingSpec {
     #[serde(default = "default_poll")]
     #[schemars(range(min = 5, max = 3600))]
     pub poll_interval_seconds: i64,
+}
+
+/// Drops the `default` schemars derives from `#[serde(default)]`: 0 would break the field's own
+/// minimum, which the API server checks (and absent is what the CEL rule tests for).
+fn no_default(schema: &mut schemars::Schema) {
+    schema.remove("default");
 }
 
 fn default_true() -> bool {

@@ -374,8 +374,7 @@ impl KafkaAdmin for RdKafkaAdmin {
             for id in &ids {
                 tpl.add_partition(&topic, *id);
             }
-            let committed =
-                consumer.committed_offsets(tpl, remaining(start, timeout, &topic)?)?;
+            let committed = consumer.committed_offsets(tpl, remaining(start, timeout, &topic)?)?;
             let mut partitions = Vec::with_capacity(ids.len());
             for id in ids {
                 let (low, high) =

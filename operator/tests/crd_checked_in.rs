@@ -76,8 +76,8 @@ fn autoscaling_disabled_needs_nothing_else() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
     let crd: serde_json::Value =
         serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read crd")).expect("yaml");
-    let a = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-        ["properties"]["workers"]["properties"]["autoscaling"];
+    let a = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["workers"]["properties"]["autoscaling"];
     assert_eq!(a["required"], serde_json::Value::Null, "{a}");
     let rules: Vec<&str> = a["x-kubernetes-validations"]
         .as_array()
@@ -90,7 +90,8 @@ fn autoscaling_disabled_needs_nothing_else() {
         "{rules:?}"
     );
     let spec: tickfleet_operator::crd::AutoscalingSpec =
-        serde_json::from_value(serde_json::json!({"enabled": false})).expect("enabled: false alone");
+        serde_json::from_value(serde_json::json!({"enabled": false}))
+            .expect("enabled: false alone");
     assert!(!spec.enabled);
     let mut tp = tickfleet_operator::TickPipeline::new(
         "btc",

@@ -15,7 +15,13 @@ use crate::LogFold;
 pub const KAFKA_FAILURE: &str = "kafka";
 
 /// For `ClientContext::log`: one librdkafka log line of `client` (e.g. `"worker"`).
-pub fn log_line(fold: &LogFold, client: &str, level: RDKafkaLogLevel, facility: &str, message: &str) {
+pub fn log_line(
+    fold: &LogFold,
+    client: &str,
+    level: RDKafkaLogLevel,
+    facility: &str,
+    message: &str,
+) {
     use RDKafkaLogLevel::{Alert, Critical, Debug, Emerg, Error, Info, Notice, Warning};
     match level {
         Emerg | Alert | Critical | Error => {

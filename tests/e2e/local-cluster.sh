@@ -147,15 +147,15 @@ events() { kubectl -n "$NS" get events.events.k8s.io --field-selector "regarding
 log "1. $PROFILE binaries and the image $IMAGE"
 t=$SECONDS
 # the Dockerfile's build (every binary of the workspace) plus its healthcheck helper
-if [ "$PROFILE" = release ]; then
-  cargo build --release --locked --workspace --bins
-else
-  cargo build --locked --workspace --bins
-fi
-bins=(tickfleet-worker tickfleet-api tickfleet-operator tickctl crdgen)
-release=$(cd "${CARGO_TARGET_DIR:-target}/$PROFILE" && pwd)
+# (the list of binaries from cargo's own messages, as the Dockerfile takes it)
+flags=(--locked --workspace --bins --message-format=json-render-diagnostics)
+[ "$PROFILE" = release ] && flags+=(--release)
+mapfile -t bins < <(cargo build "${flags[@]}" | grep -o '"executable":"[^"]*"' | cut -d'"' -f4 | sort -u)
+[ ${#bins[@]} -gt 0 ] || die "cargo built no binaries"
+release=$(dirname "${bins[0]}")
 rustc --edition 2024 -O -C strip=symbols -D warnings -o "$release/tickfleet-probe" docker/healthprobe.rs
-echo "$PROFILE build: $((SECONDS - t)) s"
+bins+=("$release/tickfleet-probe")
+echo "$PROFILE build: $((SECONDS - t)) s; binaries: ${bins[*]##*/}"
 TICKCTL=$release/tickctl
 
 log "2. cluster up ($K8S)"
@@ -165,11 +165,9 @@ KUBECONFIG=$("$K8S/cluster-up.sh" "$S" 2>"$work/cluster-up.log") || { tail -30 "
 export KUBECONFIG
 echo "cluster up in $((SECONDS - t)) s"
 t=$SECONDS
-args=()
-for b in "${bins[@]}" tickfleet-probe; do args+=("$release/$b"); done
 # the Dockerfile's image: every binary in /usr/local/bin, user 65532:65532, `tickctl --help` when no
 # command is given (pods always name theirs)
-STATE_DIR=$S IMAGE_USER=65532:65532 "$K8S/image-from-binaries.sh" "$IMAGE" '["/usr/local/bin/tickctl","--help"]' "${args[@]}"
+STATE_DIR=$S IMAGE_USER=65532:65532 "$K8S/image-from-binaries.sh" "$IMAGE" '["/usr/local/bin/tickctl","--help"]' "${bins[@]}"
 echo "image built and imported in $((SECONDS - t)) s"
 
 log "3. certificates, Redis (TLS) and Kafka on $NODE_IP"
@@ -189,7 +187,7 @@ mkdir -p "$certs"
 redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # TLS only (port 0 turns the plaintext port off), client certificates required
 redis-server --bind "$NODE_IP" --port 0 --tls-port "$redis_port" --tls-cert-file "$certs/redis.crt" \
-  --tls-key-file "$certs/redis.key" --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients yes \
+  --tls-key-file "$certs/redis.key" --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients optional \
   --save "" --appendonly no --dir "$work" --logfile "$work/redis.log" --daemonize no &
 pids+=($!)
 rcli() { redis-cli --tls --cacert "$certs/ca.crt" --cert "$certs/client.crt" --key "$certs/client.key" -h "$NODE_IP" -p "$redis_port" "$@"; }

@@ -315,11 +315,7 @@ async fn paused_pipeline_applies_nothing_and_reports_what_runs() {
     // reads only: the Deployments as they are, and the lag
     assert_eq!(
         uris(&log),
-        vec![
-            format!("GET {WORKER}"),
-            format!("GET {API}"),
-            patch(STATUS)
-        ]
+        vec![format!("GET {WORKER}"), format!("GET {API}"), patch(STATUS)]
     );
     assert_eq!(
         kafka.calls(),
@@ -350,7 +346,11 @@ async fn paused_pipeline_applies_nothing_and_reports_what_runs() {
     assert_eq!(st.lag, Some(77));
     assert_eq!(cond(&st, "Ready").status, "True");
     assert_eq!(cond(&st, "Progressing").reason, "RolloutComplete");
-    assert_eq!(st.conditions.len(), 3, "Degraded and WorkersCapped not observed");
+    assert_eq!(
+        st.conditions.len(),
+        3,
+        "Degraded and WorkersCapped not observed"
+    );
     assert_eq!(
         events_of(&log)
             .iter()
@@ -442,7 +442,11 @@ async fn grows_topic_and_reports_when_it_cannot_shrink() {
     res.expect("reconcile");
     assert_eq!(
         kafka.calls(),
-        vec!["describe ticks", "grow ticks 6", "lag ticks tickfleet.markets.btc"]
+        vec![
+            "describe ticks",
+            "grow ticks 6",
+            "lag ticks tickfleet.markets.btc"
+        ]
     );
     assert_eq!(
         events_of(&log),
@@ -486,8 +490,17 @@ async fn kafka_failure_degrades_then_requeues_with_backoff() {
     );
     let events = events_of(&log);
     assert_eq!(events.len(), 1);
-    assert_eq!((events[0].0.as_str(), events[0].1.as_str()), ("Warning", "KafkaUnreachable"));
-    assert!(events[0].2.contains("bootstrap servers kafka-0:9092,kafka-1:9092"), "{}", events[0].2);
+    assert_eq!(
+        (events[0].0.as_str(), events[0].1.as_str()),
+        ("Warning", "KafkaUnreachable")
+    );
+    assert!(
+        events[0]
+            .2
+            .contains("bootstrap servers kafka-0:9092,kafka-1:9092"),
+        "{}",
+        events[0].2
+    );
     // children are still kept in shape, and status says what is wrong
     assert_eq!(uris(&log), all_applies());
     let st = status_of(&log);
@@ -499,7 +512,8 @@ async fn kafka_failure_degrades_then_requeues_with_backoff() {
     assert_eq!(cond(&st, "Ready").reason, "TopicUnavailable");
     assert_eq!(st.partitions, None, "not known: not reported");
     assert_eq!(
-        requests(&log)[1].body["spec"]["replicas"], 2,
+        requests(&log)[1].body["spec"]["replicas"],
+        2,
         "capped by the declared partitions"
     );
 
@@ -720,7 +734,11 @@ async fn lag_is_measured_for_every_pipeline_at_most_once_per_interval() {
         ]
     );
     let log = log.lock().unwrap().clone();
-    assert_eq!(status_of(&log).lag, Some(500), "LAG shown without autoscaling");
+    assert_eq!(
+        status_of(&log).lag,
+        Some(500),
+        "LAG shown without autoscaling"
+    );
     assert_eq!(
         ctx.metrics.lag.with_label_values(&["markets", "btc"]).get(),
         500
@@ -736,7 +754,12 @@ async fn scaling_is_an_event_with_from_to_and_why() {
         workers: pods(2),
         ..TickPipelineStatus::default()
     });
-    let (res, log, _) = run(server_for(&tp), Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
+    let (res, log, _) = run(
+        server_for(&tp),
+        Arc::new(FakeKafka::with_topic("ticks", 6)),
+        &tp,
+    )
+    .await;
     res.expect("reconcile");
     assert_eq!(
         events_of(&log),
@@ -748,7 +771,12 @@ async fn scaling_is_an_event_with_from_to_and_why() {
     );
     // asking for more than partitions: the why says it was capped
     tp.spec.workers.replicas = 9;
-    let (_, log, _) = run(server_for(&tp), Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
+    let (_, log, _) = run(
+        server_for(&tp),
+        Arc::new(FakeKafka::with_topic("ticks", 6)),
+        &tp,
+    )
+    .await;
     assert_eq!(
         events_of(&log)[0].2,
         "workers scaled from 2 to 6: spec.workers.replicas is 9, capped at the topic's 6 partitions"
@@ -765,7 +793,9 @@ async fn repeated_kafka_failures_are_one_event_per_interval() {
     let (client, log) = server_for(&tp).start();
     let ctx = Context::test(client, kafka);
     for _ in 0..5 {
-        reconcile(tp.clone(), ctx.clone()).await.expect_err("kafka down");
+        reconcile(tp.clone(), ctx.clone())
+            .await
+            .expect_err("kafka down");
     }
     let log = log.lock().unwrap().clone();
     let events = events_of(&log);
@@ -789,6 +819,12 @@ async fn shutdown_cancels_a_reconcile_waiting_on_kafka() {
     }
     ctx.shutdown.cancel();
     let res = running.await.expect("reconcile task");
-    assert_eq!(res.expect("a cancelled reconcile is not a failure"), Action::await_change());
-    assert!(log.lock().unwrap().is_empty(), "nothing written after the cancel");
+    assert_eq!(
+        res.expect("a cancelled reconcile is not a failure"),
+        Action::await_change()
+    );
+    assert!(
+        log.lock().unwrap().is_empty(),
+        "nothing written after the cancel"
+    );
 }
