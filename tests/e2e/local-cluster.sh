@@ -187,8 +187,8 @@ mkdir -p "$certs"
 redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 # TLS only (port 0 turns the plaintext port off), client certificates required
 redis-server --bind "$NODE_IP" --port 0 --tls-port "$redis_port" --tls-cert-file "$certs/redis.crt" \
-  --tls-key-file "$certs/redis.key" --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients optional \
-  --save "" --appendonly no --dir "$work" --logfile "$work/redis.log" --daemonize no &
+  --tls-key-file "$certs/redis.key" --tls-ca-cert-file "$certs/ca.crt" --tls-auth-clients yes \
+  --protected-mode no --save "" --appendonly no --dir "$work" --logfile "$work/redis.log" --daemonize no &
 pids+=($!)
 rcli() { redis-cli --tls --cacert "$certs/ca.crt" --cert "$certs/client.crt" --key "$certs/client.key" -h "$NODE_IP" -p "$redis_port" "$@"; }
 until_ok 10 rcli ping || die "redis-server did not start on $NODE_IP:$redis_port"
