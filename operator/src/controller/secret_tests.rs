@@ -214,7 +214,11 @@ async fn offered_sasl_secret_is_read_and_used() {
             ],
             "checked by metadata, then read for topic admin"
         );
-        assert_eq!(kafka.calls(), vec!["describe ticks"]);
+        // the topic, then the lag (measured for every pipeline)
+        assert_eq!(
+            kafka.calls(),
+            vec!["describe ticks", "lag ticks tickfleet.markets.btc"]
+        );
         assert!(references(&log, WORKER, "kafka-creds"));
         assert!(
             !references(&log, API, "kafka-creds"),
