@@ -317,6 +317,7 @@ def full_values() -> dict:
                 "kafka": {"bootstrapServers": "kafka.markets.svc:9092", "topic": "ticks", "partitions": 6},
                 "store": {"redis": {"url": "redis://redis.markets.svc:6379"}},
                 "workers": {"replicas": 2},
+                "sources": [{"exchange": "binance", "symbols": ["BTC-USDT", "ETH-USDT", "SOL-USDT"]}],
             },
         }],
     }

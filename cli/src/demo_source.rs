@@ -47,6 +47,7 @@ pub async fn replay(
         ws_url: Some(server.url(path)),
         kafka: kafka.clone(),
         topic: topic.to_owned(),
+        format: tickfleet_proto::Format::Protobuf,
         reconnect_min_ms: 20,
         reconnect_max_ms: 200,
         ping_interval_secs: 15,
@@ -60,6 +61,7 @@ pub async fn replay(
     let sink = Arc::new(KafkaSink::new(
         &kafka.client_config(KafkaSink::DEFAULTS),
         topic,
+        tickfleet_proto::Format::Protobuf,
         metrics.clone(),
         readiness.clone(),
     )?);

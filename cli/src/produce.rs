@@ -161,27 +161,6 @@ fn now_ns() -> i64 {
         .unwrap_or(0)
 }
 
-/// Encodes a tick in `format`.
-pub fn encode(tick: &Tick, format: Format) -> Vec<u8> {
-    match format {
-        Format::Protobuf => tick.to_protobuf(),
-        Format::Json => {
-            let secs = tick.event_time_ns.div_euclid(1_000_000_000);
-            let nanos = tick.event_time_ns.rem_euclid(1_000_000_000);
-            serde_json::json!({
-                "symbol": tick.asset_id,
-                "price": tick.price.to_string(),
-                "size": tick.size.map(|s| s.to_string()),
-                "timestamp": format!("{secs}.{nanos:09}"),
-                "source": tick.source,
-                "seq": tick.seq,
-            })
-            .to_string()
-            .into_bytes()
-        }
-    }
-}
-
 /// The poison message kinds `--poison-every` cycles through, by the dead-letter reason they must get.
 pub const POISON_REASONS: [&str; 6] = [
     "malformed",
@@ -219,7 +198,7 @@ pub fn poison(n: u64, format: Format) -> (&'static str, &'static str, Vec<u8>) {
         "invalid_timestamp" => tick.event_time_ns = -5,
         _ => tick.source = "x".repeat(70_000),
     }
-    (reason, key, encode(&tick, format))
+    (reason, key, tick.encode(format))
 }
 
 /// Counts broker acknowledgements.
@@ -338,7 +317,7 @@ pub async fn produce(
         }
         for _ in 0..batch.min(remaining) {
             let tick = generator.next_tick();
-            send(&producer, topic, &tick.asset_id, &encode(&tick, format))?;
+            send(&producer, topic, &tick.asset_id, &tick.encode(format))?;
             let a = report.assets.entry(tick.asset_id.clone()).or_default();
             if a.count == 0 {
                 a.first_seq = tick.seq;
@@ -482,9 +461,9 @@ mod tests {
     fn json_encoding_decodes_to_the_same_tick() {
         let mut g = Generator::new(2, "J", 1);
         let t = g.next_tick();
-        let back = tickfleet_proto::decode_json(&encode(&t, Format::Json)).unwrap();
+        let back = tickfleet_proto::decode_json(&t.encode(Format::Json)).unwrap();
         assert_eq!(back, t);
-        let back = tickfleet_proto::decode_protobuf(&encode(&t, Format::Protobuf)).unwrap();
+        let back = tickfleet_proto::decode_protobuf(&t.encode(Format::Protobuf)).unwrap();
         assert_eq!(back, t);
     }
 }

@@ -83,6 +83,9 @@ pub struct ConnectorConfig {
     /// Topic to produce to.
     #[arg(long, env = "TICKFLEET_TOPIC", default_value = "ticks")]
     pub topic: String,
+    /// Payload format, the one the pipeline's workers read: protobuf (tickfleet.v1.Tick) or json.
+    #[arg(long, env = "TICKFLEET_FORMAT", default_value = "protobuf")]
+    pub format: tickfleet_proto::Format,
     /// First reconnect delay, in milliseconds (doubles per failed attempt, with jitter).
     #[arg(long, env = "TICKFLEET_RECONNECT_MIN_MS", default_value_t = 500)]
     pub reconnect_min_ms: u64,

@@ -31,6 +31,7 @@ async fn main() -> anyhow::Result<()> {
     let sink = KafkaSink::new(
         &config.kafka.client_config(KafkaSink::DEFAULTS),
         &config.topic,
+        config.format,
         metrics.clone(),
         readiness.clone(),
     )?;

@@ -8,7 +8,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use async_trait::async_trait;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
-use tickfleet_proto::Tick;
+use tickfleet_proto::{Format, Tick};
 use tickfleet_service::Health;
 use tokio::sync::Semaphore;
 use tracing::warn;
@@ -68,6 +68,7 @@ const MAX_IN_FLIGHT: usize = 100_000;
 pub struct KafkaSink {
     producer: FutureProducer,
     topic: Arc<str>,
+    format: Format,
     permits: Arc<Semaphore>,
     metrics: Metrics,
     readiness: Arc<Readiness>,
@@ -80,6 +81,7 @@ impl KafkaSink {
     pub fn new(
         config: &rdkafka::ClientConfig,
         topic: &str,
+        format: Format,
         metrics: Metrics,
         readiness: Arc<Readiness>,
     ) -> Result<Self, Error> {
@@ -87,6 +89,7 @@ impl KafkaSink {
         Ok(KafkaSink {
             producer,
             topic: topic.into(),
+            format,
             permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
             metrics,
             readiness,
@@ -117,11 +120,12 @@ impl Sink for KafkaSink {
             .map_err(|_| Error::Closed)?;
         let producer = self.producer.clone();
         let topic = self.topic.clone();
+        let format = self.format;
         let metrics = self.metrics.clone();
         let readiness = self.readiness.clone();
         metrics.in_flight.inc();
         tokio::spawn(async move {
-            let payload = tick.to_protobuf();
+            let payload = tick.encode(format);
             let mut backoff = Duration::from_millis(100);
             loop {
                 let record = FutureRecord::to(&topic)

@@ -130,6 +130,8 @@ pub struct Observation {
     pub api_rollout: Rollout,
     /// `(asked, partitions)` when more workers were asked for than partitions exist.
     pub capped: Option<(i32, i32)>,
+    /// Each source's connector: `(source name, rollout, pods)`.
+    pub sources: Vec<(String, Rollout, ReplicaStatus)>,
 }
 
 /// Conditions for a pipeline that is not paused: `Ready` when nothing blocks it and every worker
@@ -162,7 +164,23 @@ pub fn wanted(obs: &Observation) -> Vec<Wanted> {
                 obs.api.available, obs.api.desired, obs.api.ready, obs.api.updated
             ),
         )
-    } else {
+    } else if let Some((name, pods, _)) = obs
+        .sources
+        .iter()
+        .map(|(name, rollout, pods)| (name, pods, rollout))
+        .find(|(_, pods, rollout)| not_up(pods, rollout))
+    {
+        Wanted::new(
+            READY,
+            false,
+            "SourceNotReady",
+            format!(
+                "source {name}: {} of {} connector pods available (a connector is ready while it \
+                 is subscribed to the venue and producing to Kafka)",
+                pods.available, pods.desired
+            ),
+        )
+    } else if obs.sources.is_empty() {
         Wanted::new(
             READY,
             true,
@@ -172,15 +190,36 @@ pub fn wanted(obs: &Observation) -> Vec<Wanted> {
                 obs.workers.available, obs.api.available
             ),
         )
+    } else {
+        Wanted::new(
+            READY,
+            true,
+            "AllReplicasReady",
+            format!(
+                "{} workers, {} api pods and {} source connectors available",
+                obs.workers.available,
+                obs.api.available,
+                obs.sources.len()
+            ),
+        )
     };
-    let stalled = [("workers", &obs.workers_rollout), ("api", &obs.api_rollout)]
-        .into_iter()
-        .find_map(|(which, r)| match r {
-            Rollout::Stalled(m) => Some(format!("{which}: {m}")),
-            _ => None,
-        });
-    let waiting: Vec<String> = [("workers", &obs.workers_rollout), ("api", &obs.api_rollout)]
-        .into_iter()
+    let rollouts: Vec<(String, &Rollout)> = [
+        ("workers".to_string(), &obs.workers_rollout),
+        ("api".to_string(), &obs.api_rollout),
+    ]
+    .into_iter()
+    .chain(
+        obs.sources
+            .iter()
+            .map(|(name, rollout, _)| (format!("source {name}"), rollout)),
+    )
+    .collect();
+    let stalled = rollouts.iter().find_map(|(which, r)| match r {
+        Rollout::Stalled(m) => Some(format!("{which}: {m}")),
+        _ => None,
+    });
+    let waiting: Vec<String> = rollouts
+        .iter()
         .filter_map(|(which, r)| match r {
             Rollout::Waiting(m) => Some(format!("{which}: {m}")),
             _ => None,
@@ -339,6 +378,47 @@ mod tests {
             "status": status,
         }))
         .unwrap()
+    }
+
+    #[test]
+    fn a_source_that_is_not_up_keeps_the_pipeline_unready() {
+        let mut obs = healthy();
+        obs.sources = vec![
+            ("kraken".into(), Rollout::Complete, pods(1)),
+            (
+                "binance".into(),
+                Rollout::Waiting("0 of 1 pods available".into()),
+                ReplicaStatus {
+                    available: 0,
+                    ready: 0,
+                    ..pods(1)
+                },
+            ),
+        ];
+        let w = wanted(&obs);
+        assert_eq!(
+            (w[0].status, w[0].reason.as_str()),
+            ("False", "SourceNotReady")
+        );
+        assert!(
+            w[0].message
+                .starts_with("source binance: 0 of 1 connector pods available"),
+            "{}",
+            w[0].message
+        );
+        assert_eq!((w[1].status, w[1].reason.as_str()), ("True", "RollingOut"));
+        assert_eq!(w[1].message, "source binance: 0 of 1 pods available");
+        obs.sources[1] = ("binance".into(), Rollout::Complete, pods(1));
+        let w = wanted(&obs);
+        assert_eq!(
+            (w[0].status, w[0].reason.as_str()),
+            ("True", "AllReplicasReady")
+        );
+        assert_eq!(
+            w[0].message,
+            "3 workers, 1 api pods and 2 source connectors available"
+        );
+        assert_eq!(w[1].status, "False");
     }
 
     #[test]

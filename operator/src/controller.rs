@@ -10,8 +10,9 @@
 //! 4. make sure the Kafka topic has its partitions (create or grow, never shrink);
 //! 5. measure the group's lag (every pipeline, at most once per [`LAG_INTERVAL`]; with autoscaling
 //!    at its poll interval) and, with autoscaling, decide the worker count;
-//! 6. server-side apply every child (ConfigMap, worker Deployment, PDB, api Deployment, Service)
-//!    with the field manager `tickfleet-operator` and an owner reference to the pipeline;
+//! 6. server-side apply every child (ConfigMap, worker Deployment, PDB, api Deployment, Service,
+//!    one connector Deployment per source) with the field manager `tickfleet-operator` and an
+//!    owner reference to the pipeline; delete the connector of a source removed from the spec;
 //! 7. server-side apply the status: conditions computed from the Deployments' own status
 //!    (see [`conditions::rollout`]), `observedGeneration` (the generation just applied), replicas,
 //!    lag, partitions.
@@ -44,7 +45,7 @@ use tracing::{info, warn};
 
 use crate::autoscale;
 use crate::conditions::{self, Observation, Problem, Rollout};
-use crate::crd::{ReplicaStatus, TickPipeline, TickPipelineStatus};
+use crate::crd::{ReplicaStatus, SourceStatus, TickPipeline, TickPipelineStatus};
 use crate::desired::{self, FIELD_MANAGER, MANAGED_BY};
 use crate::events::Events;
 use crate::kafka::{
@@ -278,6 +279,30 @@ fn observe(d: Option<&Deployment>) -> (Rollout, ReplicaStatus) {
     }
 }
 
+/// Deletes a Deployment; one that is already gone is fine.
+async fn delete_deployment(client: &Client, ns: &str, name: &str) -> Result<()> {
+    match Api::<Deployment>::namespaced(client.clone(), ns)
+        .delete(name, &Default::default())
+        .await
+    {
+        Ok(_) => Ok(()),
+        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// A source's status line from its connector Deployment's rollout.
+fn source_status(base: SourceStatus, rollout: &Rollout, pods: ReplicaStatus) -> SourceStatus {
+    SourceStatus {
+        pods,
+        message: match rollout {
+            Rollout::Complete => "Complete".into(),
+            Rollout::Waiting(m) | Rollout::Stalled(m) => m.clone(),
+        },
+        ..base
+    }
+}
+
 /// Measures the lag when it is due (`force`: autoscaling asks at its own interval).
 async fn measure_lag(
     ctx: &Context,
@@ -321,6 +346,15 @@ async fn reconcile_paused(
     let api = get_deployment(&ctx.client, ns, &names.api).await?;
     let (workers_rollout, workers) = observe(worker.as_ref());
     let (api_rollout, api) = observe(api.as_ref());
+    // the connectors that were applied (a source added or removed while paused waits too)
+    let mut source_obs = Vec::new();
+    let mut source_lines = Vec::new();
+    for applied in &old.sources {
+        let d = get_deployment(&ctx.client, ns, &applied.deployment).await?;
+        let (rollout, pods) = observe(d.as_ref());
+        source_lines.push(source_status(applied.clone(), &rollout, pods.clone()));
+        source_obs.push((applied.name.clone(), rollout, pods));
+    }
     let mut problems = Vec::new();
     if let Ok(conn) = kafka_connection(&ctx.client, tp, ns).await {
         match measure_lag(ctx, tp, &conn, false).await {
@@ -336,6 +370,7 @@ async fn reconcile_paused(
         api,
         api_rollout,
         capped: None,
+        sources: source_obs,
     };
     // what runs is observed (Ready, Progressing); the topic and the spec are not looked at while
     // paused, so Degraded and WorkersCapped stay as they were
@@ -350,6 +385,7 @@ async fn reconcile_paused(
     status.conditions = conditions::merge(&old.conditions, &wanted, now, tp.metadata.generation);
     status.workers = obs.workers.clone();
     status.api = obs.api.clone();
+    status.sources = source_lines;
     let was_paused = old
         .conditions
         .iter()
@@ -657,6 +693,36 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
         false => None,
     };
     apply(&ctx.client, &ns, &children.api_service).await?;
+    // connectors: one Deployment per source (held back like the others when a Secret it needs
+    // is not offered)
+    let mut applied_sources = Vec::new();
+    for (source, d) in spec.sources.iter().zip(&children.sources) {
+        let applied = match offers.allow_deployment(d) {
+            true => Some(apply(&ctx.client, &ns, d).await?),
+            false => None,
+        };
+        applied_sources.push((source, d.metadata.name.clone().unwrap_or_default(), applied));
+    }
+    // a source removed from the spec: its connector goes (found by the name status recorded)
+    for gone in old.sources.iter().filter(|s| {
+        !applied_sources
+            .iter()
+            .any(|(_, name, _)| *name == s.deployment)
+    }) {
+        delete_deployment(&ctx.client, &ns, &gone.deployment).await?;
+        info!(pipeline = %key(tp), source = %gone.name, deployment = %gone.deployment, "removed source");
+        ctx.events
+            .change(
+                tp,
+                "SourceRemoved",
+                "DeleteConnector",
+                format!(
+                    "source {} is no longer in the spec: deleted its connector {}",
+                    gone.name, gone.deployment
+                ),
+            )
+            .await;
+    }
 
     // scaled: the worker count applied differs from the one applied before
     if old.observed_generation.is_some() && old.workers.desired != workers {
@@ -687,6 +753,29 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     let (api_rollout, api_pods) = api
         .as_ref()
         .map_or_else(|| held(&old.api), conditions::rollout);
+    let mut source_obs = Vec::new();
+    let mut source_lines = Vec::new();
+    for (source, deployment, applied) in applied_sources {
+        let base = SourceStatus {
+            name: source.name().to_string(),
+            exchange: source.exchange.as_str().to_string(),
+            symbols: i32::try_from(source.symbols.len()).unwrap_or(i32::MAX),
+            deployment,
+            ..SourceStatus::default()
+        };
+        let (rollout, pods) = match &applied {
+            Some(d) => conditions::rollout(d),
+            None => held(
+                &old.sources
+                    .iter()
+                    .find(|s| s.deployment == base.deployment)
+                    .map(|s| s.pods.clone())
+                    .unwrap_or_default(),
+            ),
+        };
+        source_obs.push((base.name.clone(), rollout.clone(), pods.clone()));
+        source_lines.push(source_status(base, &rollout, pods));
+    }
     let obs = Observation {
         problems,
         workers: worker_pods,
@@ -694,6 +783,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
         api: api_pods,
         api_rollout,
         capped,
+        sources: source_obs,
     };
     status.conditions =
         conditions::merge(&old.conditions, &conditions::wanted(&obs), &now, generation);
@@ -702,6 +792,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     status.workers = obs.workers.clone();
     status.api = obs.api.clone();
     status.partitions = known_partitions.or(old.partitions);
+    status.sources = source_lines;
     status.selector = Some(desired::worker_selector_string(tp));
     write_status(ctx, tp, &ns, &status).await?;
     ctx.metrics.pipeline(

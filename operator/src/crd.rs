@@ -92,6 +92,80 @@ pub struct TickPipelineSpec {
     /// Log format of the worker and api processes.
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Exchange trade streams that put ticks on the topic: each source runs as one connector
+    /// Deployment (`tickfleet-connector`, one pod). Each symbol comes from one source only, so an
+    /// asset's ticks come from one venue.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(length(max = 16))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.all(s, self.filter(t, (has(t.name) ? t.name : t.exchange) == (has(s.name) ? s.name : s.exchange)).size() == 1)"
+    ).message("two sources have the same name (a source's name defaults to its exchange): give each a distinct name"))]
+    #[x_kube(validation = kube::core::Rule::new(
+        "self.all(s, s.symbols.all(x, self.filter(t, x in t.symbols).size() == 1))"
+    ).message("a symbol is in two sources: one pipeline takes each asset from one venue"))]
+    pub sources: Vec<SourceSpec>,
+}
+
+/// Longest number of symbols one source reads (one WebSocket connection; bounded so the CRD's
+/// cross-source CEL rule stays within the API server's cost budget).
+pub const MAX_SOURCE_SYMBOLS: usize = 64;
+
+/// One exchange trade stream, run by one connector pod.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceSpec {
+    /// Name of the source, unique in the pipeline; its Deployment is `<pipeline>-source-<name>`.
+    /// Defaults to the exchange.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 20), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
+    pub name: Option<String>,
+    /// The venue.
+    pub exchange: Exchange,
+    /// Symbols as `BASE-QUOTE` in upper case (e.g. `BTC-USDT`): the asset ids and Kafka keys of
+    /// the ticks; the connector maps them to the venue's spelling.
+    #[schemars(
+        length(min = 1, max = 64),
+        inner(pattern(r"^[A-Z0-9]{1,16}-[A-Z0-9]{1,16}$")),
+        extend("x-kubernetes-list-type" = "set")
+    )]
+    pub symbols: Vec<String>,
+    /// WebSocket URL instead of the venue's public endpoint (a proxy, a mirror).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^wss?://"))]
+    pub ws_url: Option<String>,
+    /// Compute resources of the connector container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+impl SourceSpec {
+    /// The source's name: its `name`, or the exchange's.
+    pub fn name(&self) -> &str {
+        self.name.as_deref().unwrap_or(self.exchange.as_str())
+    }
+}
+
+/// Venues a source can read (the `tickfleet-connector --exchange` values).
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Exchange {
+    /// Binance spot, `<symbol>@trade` streams.
+    Binance,
+    /// Coinbase Exchange, `matches` channel.
+    Coinbase,
+    /// Kraken WebSocket v2, `trade` channel.
+    Kraken,
+}
+
+impl Exchange {
+    /// The `TICKFLEET_EXCHANGE` value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Binance => "binance",
+            Self::Coinbase => "coinbase",
+            Self::Kraken => "kraken",
+        }
+    }
 }
 
 /// Kafka source of a pipeline.
@@ -573,6 +647,29 @@ pub struct TickPipelineStatus {
     /// Inputs and outcome of the last autoscaling decision.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
+    /// The connector of each source, as its Deployment reports it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub sources: Vec<SourceStatus>,
+}
+
+/// How one source's connector runs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct SourceStatus {
+    /// The source's name.
+    pub name: String,
+    /// Its exchange.
+    pub exchange: String,
+    /// Symbols it reads.
+    pub symbols: i32,
+    /// Its connector Deployment.
+    pub deployment: String,
+    /// Connector pods (ready means subscribed to the venue and producing to Kafka).
+    #[serde(default)]
+    pub pods: ReplicaStatus,
+    /// Where its rollout stands (`Complete`, or what it waits for).
+    #[serde(default)]
+    pub message: String,
 }
 
 /// Pods of a Deployment, as its own status reports them.

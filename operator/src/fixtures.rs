@@ -38,6 +38,7 @@ pub fn pipeline() -> TickPipeline {
             image: "ghcr.io/tickfleet/tickfleet:0.1.0".into(),
             image_pull_policy: None,
             log_format: LogFormat::Json,
+            sources: vec![],
         },
     );
     tp.metadata = ObjectMeta {
@@ -250,7 +251,7 @@ pub struct Recorded {
 /// with that status, Secrets come from a map (only their metadata when that is all the client
 /// asks for), requests matching `fail` get the given error status, requests matching `hang` are
 /// never answered, and one Lease is kept like the API server keeps it: created, read and replaced
-/// with `resourceVersion` checks (`409 Conflict` for a stale one).
+/// with `resourceVersion` checks (`409 Conflict` for a stale one); deleting a Deployment succeeds.
 #[derive(Default)]
 pub struct ApiServer {
     /// The pipeline being reconciled (returned by status patches).
@@ -340,6 +341,9 @@ impl ApiServer {
                 ok(&d)
             }
             "POST" | "PUT" if path.contains("/leases") => self.write_lease(method, body),
+            "DELETE" if path.contains("/deployments/") => ok(&json!({
+                "kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success",
+            })),
             "PATCH" | "POST" | "PUT" => ok(body),
             "GET" if path.contains("/deployments/") => match self.deployment_status.get(name) {
                 Some(st) => ok(&json!({

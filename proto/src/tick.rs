@@ -4,7 +4,7 @@ use std::str::FromStr;
 use prost::Message;
 use rust_decimal::Decimal;
 
-use crate::v1;
+use crate::{Format, v1};
 
 /// One price observation for one asset, with exact decimal price and size.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -47,6 +47,29 @@ impl Tick {
     /// Encodes the tick as a protobuf `tickfleet.v1.Tick` message.
     pub fn to_protobuf(&self) -> Vec<u8> {
         v1::Tick::from(self).encode_to_vec()
+    }
+
+    /// Encodes the tick in a topic's payload format, as [`crate::decode`] reads it back: protobuf
+    /// `tickfleet.v1.Tick`, or JSON `{"symbol","price","size","timestamp","source","seq"}` with the
+    /// price and size as exact decimal strings and the timestamp as `SECONDS.NANOSECONDS`.
+    pub fn encode(&self, format: Format) -> Vec<u8> {
+        match format {
+            Format::Protobuf => self.to_protobuf(),
+            Format::Json => {
+                let secs = self.event_time_ns.div_euclid(1_000_000_000);
+                let nanos = self.event_time_ns.rem_euclid(1_000_000_000);
+                serde_json::json!({
+                    "symbol": self.asset_id,
+                    "price": self.price.to_string(),
+                    "size": self.size.map(|s| s.to_string()),
+                    "timestamp": format!("{secs}.{nanos:09}"),
+                    "source": self.source,
+                    "seq": self.seq,
+                })
+                .to_string()
+                .into_bytes()
+            }
+        }
     }
 }
 

@@ -828,3 +828,192 @@ async fn shutdown_cancels_a_reconcile_waiting_on_kafka() {
         "nothing written after the cancel"
     );
 }
+
+fn with_sources(sources: serde_json::Value) -> TickPipeline {
+    let mut tp = pipeline();
+    tp.spec.sources = serde_json::from_value(sources).expect("sources");
+    tp
+}
+
+const BINANCE: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-source-binance";
+
+#[tokio::test]
+async fn a_pipeline_with_a_binance_source_gets_a_connector_deployment() {
+    let tp = with_sources(json!([{"exchange": "binance", "symbols": ["BTC-USDT", "ETH-USDT"]}]));
+    let mut server = server_for(&tp);
+    for (name, n) in [("btc-worker", 2), ("btc-api", 1), ("btc-source-binance", 1)] {
+        server
+            .deployment_status
+            .insert(name.into(), ready_status(n));
+    }
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
+    let (res, log, _) = run(server, kafka, &tp).await;
+    res.expect("reconcile");
+    let mut want = all_applies();
+    want.insert(5, patch(BINANCE));
+    assert_eq!(uris(&log), want, "the connector is applied after the api");
+    // its body is exactly the desired connector Deployment, owned by the pipeline
+    let sent = requests(&log)[5].clone();
+    let desired = desired::desired(&tp, 2);
+    assert_eq!(
+        sent.body,
+        serde_json::to_value(&desired.sources[0]).unwrap()
+    );
+    let pod = &sent.body["spec"]["template"]["spec"];
+    assert_eq!(
+        pod["containers"][0]["command"],
+        json!(["/usr/local/bin/tickfleet-connector"])
+    );
+    assert_eq!(
+        sent.body["metadata"]["ownerReferences"][0]["kind"],
+        "TickPipeline"
+    );
+    let st = status_of(&log);
+    assert_eq!(
+        st.sources,
+        vec![SourceStatus {
+            name: "binance".into(),
+            exchange: "binance".into(),
+            symbols: 2,
+            deployment: "btc-source-binance".into(),
+            pods: pods(1),
+            message: "Complete".into(),
+        }]
+    );
+    let ready = cond(&st, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("True", "AllReplicasReady")
+    );
+    assert_eq!(
+        ready.message,
+        "2 workers, 1 api pods and 1 source connectors available"
+    );
+}
+
+#[tokio::test]
+async fn a_connector_that_is_not_subscribed_keeps_the_pipeline_unready() {
+    let tp = with_sources(json!([{"exchange": "binance", "symbols": ["BTC-USDT"]}]));
+    let mut server = server_for(&tp);
+    server
+        .deployment_status
+        .insert("btc-worker".into(), ready_status(2));
+    server
+        .deployment_status
+        .insert("btc-api".into(), ready_status(1));
+    // the pod runs but is not ready: the venue is unreachable, so it is not subscribed
+    server.deployment_status.insert(
+        "btc-source-binance".into(),
+        DeploymentStatus {
+            ready_replicas: Some(0),
+            available_replicas: Some(0),
+            ..ready_status(1)
+        },
+    );
+    let (res, log, _) = run(server, Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
+    res.expect("reconcile");
+    let st = status_of(&log);
+    let ready = cond(&st, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "SourceNotReady")
+    );
+    assert!(
+        ready
+            .message
+            .starts_with("source binance: 0 of 1 connector pods available")
+    );
+    assert_eq!(st.sources[0].message, "0 of 1 pods available");
+    assert_eq!(
+        cond(&st, "Progressing").message,
+        "source binance: 0 of 1 pods available"
+    );
+}
+
+#[tokio::test]
+async fn a_source_removed_from_the_spec_loses_its_connector() {
+    let mut tp = with_sources(json!([{"exchange": "binance", "symbols": ["BTC-USDT"]}]));
+    // applied before: binance and kraken; the spec now has binance only
+    let line = |name: &str| SourceStatus {
+        name: name.into(),
+        exchange: name.into(),
+        symbols: 1,
+        deployment: format!("btc-source-{name}"),
+        pods: pods(1),
+        message: "Complete".into(),
+    };
+    tp.status = Some(TickPipelineStatus {
+        observed_generation: Some(2),
+        sources: vec![line("binance"), line("kraken")],
+        ..TickPipelineStatus::default()
+    });
+    let (res, log, _) = run(
+        server_for(&tp),
+        Arc::new(FakeKafka::with_topic("ticks", 6)),
+        &tp,
+    )
+    .await;
+    res.expect("reconcile");
+    let mut want = all_applies();
+    want.insert(5, patch(BINANCE));
+    want.insert(
+        6,
+        "DELETE /apis/apps/v1/namespaces/markets/deployments/btc-source-kraken?".into(),
+    );
+    assert_eq!(uris(&log), want);
+    assert!(
+        events_of(&log).contains(&(
+            "Normal".into(),
+            "SourceRemoved".into(),
+            "source kraken is no longer in the spec: deleted its connector btc-source-kraken"
+                .into()
+        )),
+        "{:?}",
+        events_of(&log)
+    );
+    let st = status_of(&log);
+    let names: Vec<_> = st.sources.iter().map(|s| s.name.as_str()).collect();
+    assert_eq!(names, vec!["binance"]);
+}
+
+#[tokio::test]
+async fn a_paused_pipeline_reports_its_connectors_without_touching_them() {
+    let mut tp = with_sources(json!([]));
+    tp.metadata.annotations = Some(
+        [(
+            crate::crd::PAUSED_ANNOTATION.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    );
+    tp.status = Some(TickPipelineStatus {
+        observed_generation: Some(2),
+        sources: vec![SourceStatus {
+            name: "kraken".into(),
+            exchange: "kraken".into(),
+            symbols: 3,
+            deployment: "btc-source-kraken".into(),
+            ..SourceStatus::default()
+        }],
+        ..TickPipelineStatus::default()
+    });
+    let mut server = server_for(&tp);
+    server
+        .deployment_status
+        .insert("btc-source-kraken".into(), ready_status(1));
+    let (res, log, _) = run(server, Arc::new(FakeKafka::with_topic("ticks", 6)), &tp).await;
+    res.expect("reconcile");
+    // the source left the spec while paused: its connector is read, not deleted
+    assert_eq!(
+        uris(&log),
+        vec![
+            format!("GET {WORKER}"),
+            format!("GET {API}"),
+            "GET /apis/apps/v1/namespaces/markets/deployments/btc-source-kraken".to_string(),
+            patch(STATUS)
+        ]
+    );
+    let st = status_of(&log);
+    assert_eq!(st.sources[0].pods, pods(1));
+    assert_eq!(st.sources[0].symbols, 3);
+}

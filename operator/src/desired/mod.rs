@@ -34,7 +34,9 @@ pub use secrets::{
     secret_mounts,
 };
 pub use validate::validate;
-pub use workloads::{api_deployment, api_service, cap_workers, worker_deployment, worker_pdb};
+pub use workloads::{
+    api_deployment, api_service, cap_workers, source_deployment, worker_deployment, worker_pdb,
+};
 
 /// Field manager of every server-side apply the operator makes.
 pub const FIELD_MANAGER: &str = "tickfleet-operator";
@@ -46,6 +48,11 @@ pub const MANAGED_BY: &str = "tickfleet-operator";
 pub const WORKER_ADMIN_PORT: i32 = 9090;
 /// Port of the api's admin server.
 pub const API_ADMIN_PORT: i32 = 9091;
+/// Port of a connector's admin server.
+pub const CONNECTOR_ADMIN_PORT: i32 = 9092;
+/// Pod label naming the source a connector pod reads (part of its Deployment's selector, so the
+/// connector Deployments of one pipeline never select each other's pods).
+pub const SOURCE_LABEL: &str = "tickfleet.io/source";
 /// User and group the tickfleet image runs as.
 pub const IMAGE_UID: i64 = 65532;
 /// Seconds a worker pod gets beyond its drain bound before it is killed, so a drain that uses its
@@ -74,6 +81,11 @@ impl Names {
             worker: format!("{name}-worker"),
             api: format!("{name}-api"),
         }
+    }
+
+    /// The connector Deployment of the source named `source`.
+    pub fn source(tp: &TickPipeline, source: &str) -> String {
+        format!("{}-source-{source}", tp.name_any())
     }
 }
 
@@ -167,6 +179,8 @@ pub struct Children {
     pub api: Deployment,
     /// Query api Service.
     pub api_service: Service,
+    /// One connector Deployment per source, in spec order.
+    pub sources: Vec<Deployment>,
 }
 
 /// All children of `tp` with `worker_replicas` workers (the caller caps it at the partitions).
@@ -178,6 +192,12 @@ pub fn desired(tp: &TickPipeline, worker_replicas: i32) -> Children {
         worker_pdb: worker_pdb(tp),
         api: api_deployment(tp, &config_hash(tp, "api", &data)),
         api_service: api_service(tp),
+        sources: tp
+            .spec
+            .sources
+            .iter()
+            .map(|s| source_deployment(tp, s, &config_hash(tp, "connector", &data)))
+            .collect(),
     }
 }
 
@@ -197,6 +217,7 @@ mod tests {
             c.api.metadata.owner_references,
             c.api_service.metadata.owner_references,
         ];
+        assert!(c.sources.is_empty(), "no sources, no connectors");
         for o in owners {
             let o = o.expect("owner reference");
             assert_eq!(o.len(), 1);

@@ -1,4 +1,4 @@
-//! The pod template every component (worker, api) shares: a locked-down container that reads the
+//! The pod template every component (worker, api, connector) shares: a locked-down container that reads the
 //! pipeline config, HTTP probes on the admin port, a writable `/tmp`, and rolling updates that
 //! never take a pod away before its replacement is ready.
 
@@ -16,8 +16,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, ObjectMeta};
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::{
-    CONFIG_HASH_ANNOTATION, IMAGE_UID, Names, child_meta, component_labels, secret_env,
-    secret_mounts, selector_labels,
+    CONFIG_HASH_ANNOTATION, IMAGE_UID, Names, SOURCE_LABEL, child_meta, component_labels,
+    secret_env, secret_mounts, selector_labels,
 };
 use crate::crd::TickPipeline;
 
@@ -105,9 +105,11 @@ fn pod_annotations(hash: &str, admin_port: i32) -> BTreeMap<String, String> {
     ])
 }
 
-/// What differs between the worker's pods and the api's.
+/// What differs between the worker's pods, the api's and a connector's.
 pub(super) struct ComponentPod<'a> {
     pub(super) component: &'a str,
+    /// The source a connector reads ([`SOURCE_LABEL`] on its pods and in its selector).
+    pub(super) source: Option<&'a str>,
     pub(super) binary: &'a str,
     pub(super) admin_port: i32,
     pub(super) extra_ports: Vec<ContainerPort>,
@@ -166,11 +168,21 @@ pub(super) fn component_deployment(
         volume_mounts: Some(mounts),
         ..Container::default()
     };
-    let selector = selector_labels(tp, c.component);
+    let mut selector = selector_labels(tp, c.component);
+    if let Some(source) = c.source {
+        selector.insert(SOURCE_LABEL.to_string(), source.to_string());
+    }
     let mut pod_labels = component_labels(tp, c.component);
     pod_labels.extend(selector.clone());
+    let mut metadata = child_meta(tp, name, Some(c.component));
+    if let Some(source) = c.source {
+        metadata
+            .labels
+            .get_or_insert_with(BTreeMap::new)
+            .insert(SOURCE_LABEL.to_string(), source.to_string());
+    }
     Deployment {
-        metadata: child_meta(tp, name, Some(c.component)),
+        metadata,
         spec: DeploymentSpec {
             replicas: Some(c.replicas),
             selector: LabelSelector {

@@ -36,15 +36,18 @@ pub(super) fn secret_env_var(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// Environment variables a component's pods (`worker` or `api`) read from Secrets: the Redis URL
-/// when given by reference (both), and the Kafka SASL credentials (workers only: the api does not
-/// talk to Kafka, so its pods do not get them).
+/// Environment variables a component's pods (`worker`, `api` or `connector`) read from Secrets:
+/// the Redis URL when given by reference (workers and api: connectors do not talk to Redis), and
+/// the Kafka SASL credentials (workers and connectors: the api does not talk to Kafka). Each
+/// component gets only what it uses.
 pub fn secret_env(tp: &TickPipeline, component: &str) -> Vec<EnvVar> {
     let mut env = Vec::new();
-    if let Some(r) = &tp.spec.store.redis.url_secret_ref {
+    if component != "connector"
+        && let Some(r) = &tp.spec.store.redis.url_secret_ref
+    {
         env.push(secret_env_var("TICKFLEET_REDIS_URL", &r.name, &r.key));
     }
-    if component != "worker" {
+    if component == "api" {
         return env;
     }
     if let Some(sasl) = tp.spec.kafka.auth.as_ref().and_then(|a| a.sasl.as_ref()) {
@@ -115,12 +118,14 @@ fn secret_mount(
     }
 }
 
-/// Secrets mounted as files into a component's pods (`worker` or `api`): the Redis CA and client
-/// certificate (both), the gRPC certificate (api only). The operator only references them; it
-/// never reads them.
+/// Secrets mounted as files into a component's pods (`worker`, `api` or `connector`): the Redis CA
+/// and client certificate (workers and api), the gRPC certificate (api only); connectors get none.
+/// The operator only references them; it never reads them.
 pub fn secret_mounts(tp: &TickPipeline, component: &str) -> Vec<SecretMount> {
     let mut mounts = Vec::new();
-    if let Some(tls) = &tp.spec.store.redis.tls {
+    if component != "connector"
+        && let Some(tls) = &tp.spec.store.redis.tls
+    {
         if let Some(ca) = &tls.ca_secret_ref {
             mounts.push(secret_mount(
                 "redis-ca",

@@ -3,7 +3,9 @@
 use kube::ResourceExt;
 
 use super::MAX_NAME_LEN;
-use crate::crd::{SecurityProtocol, TickPipeline};
+use std::collections::{BTreeMap, BTreeSet};
+
+use crate::crd::{MAX_SOURCE_SYMBOLS, SecurityProtocol, SourceSpec, TickPipeline};
 
 /// Checks what the CRD schema may not have caught (objects stored under an older schema, rules the
 /// API server only checks when its CEL support is on). Returns a message a user can act on.
@@ -116,10 +118,82 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
     {
         problems.push("api.tls.secretName must not be empty".to_string());
     }
+    validate_sources(&spec.sources, &mut problems);
     if problems.is_empty() {
         Ok(())
     } else {
         Err(problems.join("; "))
+    }
+}
+
+/// A `BASE-QUOTE` symbol in the canonical (upper-case) form the CRD asks for: 1-16 upper-case
+/// ASCII letters or digits on each side of one `-` (the connector's `Symbol` parser accepts the
+/// same, and lower case too).
+fn is_symbol(s: &str) -> bool {
+    let ok = |part: &str| {
+        (1..=16).contains(&part.len())
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
+    };
+    s.split_once('-')
+        .is_some_and(|(base, quote)| ok(base) && ok(quote))
+}
+
+/// A DNS label of at most 20 characters (a source's name, part of its Deployment's name).
+fn is_source_name(s: &str) -> bool {
+    (1..=20).contains(&s.len())
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn validate_sources(sources: &[SourceSpec], problems: &mut Vec<String>) {
+    if sources.len() > 16 {
+        problems.push("at most 16 sources".to_string());
+    }
+    let mut names = BTreeSet::new();
+    let mut owner: BTreeMap<&str, &str> = BTreeMap::new();
+    for source in sources {
+        let name = source.name();
+        if !is_source_name(name) {
+            problems.push(format!(
+                "sources: name {name:?} must be 1-20 lower-case letters, digits or '-'"
+            ));
+        }
+        if !names.insert(name) {
+            problems.push(format!(
+                "sources: two sources are named {name:?} (a source's name defaults to its exchange)"
+            ));
+        }
+        if source.symbols.is_empty() || source.symbols.len() > MAX_SOURCE_SYMBOLS {
+            problems.push(format!("sources.{name}: 1 to {MAX_SOURCE_SYMBOLS} symbols"));
+        }
+        for symbol in &source.symbols {
+            if !is_symbol(symbol) {
+                problems.push(format!(
+                    "sources.{name}: symbol {symbol:?} is not BASE-QUOTE in upper case (e.g. BTC-USDT)"
+                ));
+            } else if let Some(first) = owner.insert(symbol, name) {
+                problems.push(if first == name {
+                    format!("sources.{name}: symbol {symbol} is listed twice")
+                } else {
+                    format!(
+                        "sources: symbol {symbol} is in both {first} and {name}; one pipeline takes each asset from one venue"
+                    )
+                });
+            }
+        }
+        if source
+            .ws_url
+            .as_ref()
+            .is_some_and(|u| !(u.starts_with("ws://") || u.starts_with("wss://")))
+        {
+            problems.push(format!(
+                "sources.{name}: wsUrl must start with ws:// or wss://"
+            ));
+        }
     }
 }
 
@@ -198,6 +272,51 @@ mod tests {
             validate(&tp).unwrap_err(),
             "store.redis.tls.caSecretRef needs a name and a key; \
              store.redis.tls.clientCertSecretName must not be empty"
+        );
+    }
+
+    fn source(name: Option<&str>, exchange: crate::crd::Exchange, symbols: &[&str]) -> SourceSpec {
+        SourceSpec {
+            name: name.map(Into::into),
+            exchange,
+            symbols: symbols.iter().map(|s| s.to_string()).collect(),
+            ws_url: None,
+            resources: None,
+        }
+    }
+
+    #[test]
+    fn sources_are_checked_like_the_crd_checks_them() {
+        use crate::crd::Exchange::{Binance, Kraken};
+        let mut tp = pipeline();
+        tp.spec.sources = vec![
+            source(None, Binance, &["BTC-USDT", "ETH-USDT"]),
+            source(None, Kraken, &["SOL-USD"]),
+        ];
+        assert_eq!(validate(&tp), Ok(()));
+        // malformed symbols, a symbol in two sources, a name used twice, a bad URL
+        tp.spec.sources = vec![
+            source(None, Binance, &["btc-usdt", "BTCUSDT", "ETH-USDT"]),
+            source(Some("spare"), Binance, &["ETH-USDT"]),
+            source(Some("Bad_Name"), Kraken, &["SOL-USD", "SOL-USD"]),
+            source(Some("binance"), Kraken, &["XRP-USD"]),
+        ];
+        tp.spec.sources[0].ws_url = Some("http://proxy".into());
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "sources.binance: symbol \"btc-usdt\" is not BASE-QUOTE in upper case (e.g. BTC-USDT); \
+             sources.binance: symbol \"BTCUSDT\" is not BASE-QUOTE in upper case (e.g. BTC-USDT); \
+             sources.binance: wsUrl must start with ws:// or wss://; \
+             sources: symbol ETH-USDT is in both binance and spare; one pipeline takes each asset from one venue; \
+             sources: name \"Bad_Name\" must be 1-20 lower-case letters, digits or '-'; \
+             sources.Bad_Name: symbol SOL-USD is listed twice; \
+             sources: two sources are named \"binance\" (a source's name defaults to its exchange)"
+        );
+        // an empty source
+        tp.spec.sources = vec![source(Some("b2"), Binance, &[])];
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            format!("sources.b2: 1 to {MAX_SOURCE_SYMBOLS} symbols")
         );
     }
 }

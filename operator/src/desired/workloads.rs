@@ -1,5 +1,5 @@
 //! The workloads of a pipeline: the worker Deployment (capped at the topic's partitions) and its
-//! PodDisruptionBudget, the api Deployment and its Service.
+//! PodDisruptionBudget, the api Deployment and its Service, one connector Deployment per source.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerPort, Service, ServicePort, ServiceSpec};
@@ -9,9 +9,10 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::pod::{ComponentPod, component_deployment, plain_env};
 use super::{
-    API_ADMIN_PORT, GRACE_MARGIN_SECONDS, Names, WORKER_ADMIN_PORT, child_meta, selector_labels,
+    API_ADMIN_PORT, CONNECTOR_ADMIN_PORT, GRACE_MARGIN_SECONDS, Names, WORKER_ADMIN_PORT,
+    child_meta, selector_labels,
 };
-use crate::crd::TickPipeline;
+use crate::crd::{SourceSpec, TickPipeline};
 
 /// Worker count to run for a wish of `requested`: never more than the topic's partitions, since a
 /// worker beyond that would own no partition. Returns the count and whether it was capped.
@@ -33,6 +34,7 @@ pub fn worker_deployment(tp: &TickPipeline, replicas: i32, hash: &str) -> Deploy
         hash,
         ComponentPod {
             component: "worker",
+            source: None,
             binary: "tickfleet-worker",
             admin_port: WORKER_ADMIN_PORT,
             extra_ports: vec![],
@@ -53,6 +55,7 @@ pub fn api_deployment(tp: &TickPipeline, hash: &str) -> Deployment {
         hash,
         ComponentPod {
             component: "api",
+            source: None,
             binary: "tickfleet-api",
             admin_port: API_ADMIN_PORT,
             extra_ports: vec![ContainerPort {
@@ -68,6 +71,41 @@ pub fn api_deployment(tp: &TickPipeline, hash: &str) -> Deployment {
             resources: api.resources.clone(),
             grace_seconds: 30,
             replicas: api.replicas,
+        },
+    )
+}
+
+/// The connector Deployment of one source: one pod reading the venue's trade stream and producing
+/// to the pipeline's topic in the pipeline's format (`TICKFLEET_TOPIC`, `TICKFLEET_FORMAT` and the
+/// Kafka settings come from the ConfigMap, the SASL credentials from their Secret).
+///
+/// One replica: a venue's stream cannot be split between pods. During a rollout the new pod starts
+/// before the old one stops (`maxSurge` 1, `maxUnavailable` 0), so for a moment both produce the
+/// same trades; that costs nothing, since a trade's identity is the venue's trade id and the store
+/// keeps it once. A hot standby would work the same way (a second pod on the same symbols, twice
+/// the Kafka traffic, no gap when one dies), which is why none is needed for correctness.
+pub fn source_deployment(tp: &TickPipeline, source: &SourceSpec, hash: &str) -> Deployment {
+    let mut env = vec![
+        plain_env("TICKFLEET_EXCHANGE", source.exchange.as_str().to_string()),
+        plain_env("TICKFLEET_SYMBOLS", source.symbols.join(",")),
+    ];
+    if let Some(url) = &source.ws_url {
+        env.push(plain_env("TICKFLEET_WS_URL", url.clone()));
+    }
+    component_deployment(
+        tp,
+        &Names::source(tp, source.name()),
+        hash,
+        ComponentPod {
+            component: "connector",
+            source: Some(source.name()),
+            binary: "tickfleet-connector",
+            admin_port: CONNECTOR_ADMIN_PORT,
+            extra_ports: vec![],
+            extra_env: env,
+            resources: source.resources.clone(),
+            grace_seconds: i64::from(tp.spec.workers.drain_timeout_seconds) + GRACE_MARGIN_SECONDS,
+            replicas: 1,
         },
     )
 }
@@ -184,5 +222,90 @@ mod tests {
         assert_eq!(cap_workers(10, 6), (6, true));
         assert_eq!(cap_workers(0, 6), (0, false));
         assert_eq!(cap_workers(-1, 6), (0, false));
+    }
+
+    #[test]
+    fn each_source_is_one_locked_down_connector_pod_with_only_the_kafka_secrets() {
+        use crate::desired::SOURCE_LABEL;
+        let mut tp = crate::fixtures::pipeline_with_every_secret();
+        tp.spec.sources = serde_json::from_value(serde_json::json!([
+            {"exchange": "binance", "symbols": ["BTC-USDT", "ETH-USDT"]},
+            {"name": "kraken-eu", "exchange": "kraken", "symbols": ["SOL-USD"],
+             "wsUrl": "wss://proxy.internal/kraken"}
+        ]))
+        .unwrap();
+        let children = crate::desired::desired(&tp, 2);
+        assert_eq!(children.sources.len(), 2);
+        let d = &children.sources[1];
+        assert_eq!(d.metadata.name.as_deref(), Some("btc-source-kraken-eu"));
+        assert_eq!(d.spec.replicas, Some(1), "a venue's stream is not split");
+        let selector = d.spec.selector.match_labels.clone().unwrap();
+        assert_eq!(selector[SOURCE_LABEL], "kraken-eu");
+        assert_eq!(selector["app.kubernetes.io/component"], "connector");
+        // the two connectors never select each other's pods
+        let other = children.sources[0]
+            .spec
+            .selector
+            .match_labels
+            .clone()
+            .unwrap();
+        assert_eq!(other[SOURCE_LABEL], "binance");
+        assert_ne!(selector, other);
+        let pod = d.spec.template.spec.as_ref().unwrap();
+        let c = &pod.containers[0];
+        assert_eq!(
+            c.command.as_ref().unwrap()[0],
+            "/usr/local/bin/tickfleet-connector"
+        );
+        let sc = c.security_context.as_ref().unwrap();
+        assert_eq!(sc.read_only_root_filesystem, Some(true));
+        assert_eq!(
+            pod.security_context.as_ref().unwrap().run_as_user,
+            Some(65532)
+        );
+        assert_eq!(pod.termination_grace_period_seconds, Some(45));
+        let env = env_of(d);
+        for (k, v) in [
+            ("TICKFLEET_EXCHANGE", "kraken"),
+            ("TICKFLEET_SYMBOLS", "SOL-USD"),
+            ("TICKFLEET_WS_URL", "wss://proxy.internal/kraken"),
+            ("TICKFLEET_ADMIN_ADDR", "0.0.0.0:9092"),
+        ] {
+            assert!(env.contains(&plain_env(k, v.into())), "{k} in {env:?}");
+        }
+        assert!(
+            !env_of(&children.sources[0])
+                .iter()
+                .any(|e| e.name == "TICKFLEET_WS_URL"),
+            "the venue's public endpoint unless wsUrl is set"
+        );
+        // Kafka credentials yes; the Redis URL, Redis TLS files and the api certificate no
+        let secret_vars: Vec<&str> = env
+            .iter()
+            .filter(|e| e.value_from.is_some())
+            .map(|e| e.name.as_str())
+            .collect();
+        assert_eq!(
+            secret_vars,
+            vec![
+                "TICKFLEET_KAFKA_SASL_USERNAME",
+                "TICKFLEET_KAFKA_SASL_PASSWORD"
+            ]
+        );
+        let volumes: Vec<&str> = pod
+            .volumes
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|v| v.name.as_str())
+            .collect();
+        assert_eq!(volumes, vec!["tmp"]);
+        // the topic, brokers and format come from the pipeline's ConfigMap, as for the workers
+        let from = c.env_from.as_ref().unwrap()[0]
+            .config_map_ref
+            .as_ref()
+            .unwrap();
+        assert_eq!(from.name, "btc-config");
+        assert_eq!(config_data(&tp)["TICKFLEET_FORMAT"], "protobuf");
     }
 }
