@@ -69,9 +69,9 @@ pub(crate) struct Released {
     /// Every lane stored what it held within the drain timeout.
     pub(crate) drained: bool,
     /// Kafka accepted the commit of their watermarks (or there was nothing to commit), or refused it
-    /// only because the group is rebalancing: the partitions are being handed over and their next owner
-    /// re-reads from the previous commit, which the idempotent store absorbs. Any other refusal is a
-    /// failed commit.
+    /// only because the partitions are changing hands (the group is rebalancing, or it no longer counts
+    /// this worker as the owner): their next owner re-reads from the previous commit, which the
+    /// idempotent store absorbs. Any other refusal is a failed commit.
     pub(crate) committed: bool,
 }
 
@@ -80,9 +80,11 @@ pub(crate) struct Released {
 enum Commit {
     /// Accepted (or there was nothing to commit).
     Accepted,
-    /// Refused because the group is rebalancing: the partitions are changing hands, as they do whenever
-    /// members join or leave (several workers stopping at once, a rolling restart).
-    Rebalancing,
+    /// Refused because the partitions are changing hands: the group is rebalancing (members joining or
+    /// leaving: several workers stopping at once, a rolling restart), or the coordinator no longer
+    /// counts this worker as a member or as the owner at this epoch (its session expired while the
+    /// broker was unreachable or restarting; under KIP-848 a stale or fenced member epoch).
+    HandOver,
     /// Refused for any other reason (broker unreachable, not authorized, …).
     Failed,
 }
@@ -457,18 +459,11 @@ impl Lanes {
                     .commit_failures
                     .with_label_values(&[trigger])
                     .inc();
-                // Kafka refuses commits while the group rebalances (members joining or leaving): expected,
-                // and harmless since the store's writes are idempotent. Anything else deserves a warning.
-                let rebalancing = matches!(
-                    e,
-                    rdkafka::error::KafkaError::ConsumerCommit(
-                        rdkafka::types::RDKafkaErrorCode::RebalanceInProgress
-                            | rdkafka::types::RDKafkaErrorCode::IllegalGeneration
-                    )
-                );
-                if rebalancing {
-                    info!(trigger, error = %e, "commit refused during a rebalance; the next owner re-reads from the last commit (writes are idempotent)");
-                    Commit::Rebalancing
+                // Kafka refuses commits while partitions change hands: expected, and harmless since the
+                // store's writes are idempotent. Anything else deserves a warning.
+                if is_hand_over(&e) {
+                    info!(trigger, error = %e, "commit refused: the partitions are changing hands; the next owner re-reads from the last commit (writes are idempotent)");
+                    Commit::HandOver
                 } else {
                     warn!(trigger, error = %e,
                         "commit refused; retried later, or the next owner re-reads from the last commit (writes are idempotent)");
@@ -567,6 +562,27 @@ fn partition_lags(topic: &rdkafka::statistics::Topic, assigned: &[i32]) -> Vec<(
             Some((*p, lag))
         })
         .collect()
+}
+
+/// Whether a commit was refused only because its partitions are changing hands. Classic protocol: the
+/// group is rebalancing (`REBALANCE_IN_PROGRESS`), or this member's generation (`ILLEGAL_GENERATION`) or
+/// membership (`UNKNOWN_MEMBER_ID`, a session that expired) is gone. KIP-848 (`group.protocol=consumer`):
+/// `STALE_MEMBER_EPOCH` or `FENCED_MEMBER_EPOCH` — after a broker restart, members whose heartbeats were
+/// late are fenced and their final commit is refused with `UNKNOWN_MEMBER_ID` — and librdkafka's own
+/// `ASSIGNMENT_LOST`.
+fn is_hand_over(e: &rdkafka::error::KafkaError) -> bool {
+    use rdkafka::types::RDKafkaErrorCode as C;
+    matches!(
+        e,
+        rdkafka::error::KafkaError::ConsumerCommit(
+            C::RebalanceInProgress
+                | C::IllegalGeneration
+                | C::UnknownMemberId
+                | C::StaleMemberEpoch
+                | C::FencedMemberEpoch
+                | C::AssignmentLost
+        )
+    )
 }
 
 fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
@@ -698,7 +714,6 @@ mod tests {
     use rdkafka::statistics::{Partition, Topic};
     use std::collections::BTreeSet;
     use std::str::FromStr;
-    use std::sync::atomic::{AtomicBool, Ordering};
     use tickfleet_proto::{Format, Limits, Tick};
     use tickfleet_service::Health;
     use tickfleet_store::{
@@ -709,12 +724,12 @@ mod tests {
     use crate::lane::{Backoff, DeadLetterSink};
     use crate::metrics::Metrics;
 
-    /// Records what the lanes ask of the consumer; commits fail while `fail_commits` is set.
+    /// Records what the lanes ask of the consumer; commits are refused with `refuse` while it is set.
     #[derive(Default)]
     struct FakeConsumer {
         commits: Mutex<Vec<Vec<(i32, i64)>>>,
         paused: Mutex<BTreeSet<i32>>,
-        fail_commits: AtomicBool,
+        refuse: Mutex<Option<rdkafka::types::RDKafkaErrorCode>>,
     }
 
     impl FakeConsumer {
@@ -725,10 +740,8 @@ mod tests {
 
     impl Partitions for FakeConsumer {
         fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
-            if self.fail_commits.load(Ordering::SeqCst) {
-                return Err(rdkafka::error::KafkaError::ConsumerCommit(
-                    rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure,
-                ));
+            if let Some(code) = *self.refuse.lock().unwrap() {
+                return Err(rdkafka::error::KafkaError::ConsumerCommit(code));
             }
             let offsets = tpl
                 .elements()
@@ -885,7 +898,8 @@ mod tests {
         let s = setup(1000, false, 1 << 20);
         s.lanes.open(&[0]);
         s.lanes.dispatch(&s.consumer, message(&s.lanes, 0, 41, 100));
-        s.consumer.fail_commits.store(true, Ordering::SeqCst);
+        *s.consumer.refuse.lock().unwrap() =
+            Some(rdkafka::types::RDKafkaErrorCode::BrokerTransportFailure);
         let released = s.lanes.retire(&s.consumer, &[0], "shutdown");
         assert_eq!(
             released,
@@ -904,13 +918,52 @@ mod tests {
             1
         );
         // And a commit Kafka accepts is reported as such.
-        s.consumer.fail_commits.store(false, Ordering::SeqCst);
+        *s.consumer.refuse.lock().unwrap() = None;
         s.lanes.open(&[1]);
         s.lanes.dispatch(&s.consumer, message(&s.lanes, 1, 7, 100));
         let released = s.lanes.retire(&s.consumer, &[1], "shutdown");
         assert!(released.drained && released.committed);
         assert_eq!(*s.consumer.commits.lock().unwrap(), vec![vec![(1, 8)]]);
         drop(s.runtime);
+    }
+
+    #[test]
+    fn a_final_commit_refused_because_the_partitions_changed_hands_is_a_hand_over() {
+        use rdkafka::types::RDKafkaErrorCode as C;
+        for (p, code) in [
+            C::RebalanceInProgress,
+            C::IllegalGeneration,
+            C::UnknownMemberId,
+            C::StaleMemberEpoch,
+            C::FencedMemberEpoch,
+            C::AssignmentLost,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let s = setup(1000, false, 1 << 20);
+            let p = p as i32;
+            s.lanes.open(&[p]);
+            s.lanes.dispatch(&s.consumer, message(&s.lanes, p, 41, 100));
+            *s.consumer.refuse.lock().unwrap() = Some(code);
+            let released = s.lanes.retire(&s.consumer, &[p], "shutdown");
+            assert_eq!(
+                released,
+                Released {
+                    drained: true,
+                    committed: true
+                },
+                "{code:?}"
+            );
+            // Still counted as a refused commit.
+            let failures = &s.lanes.shared.metrics.commit_failures;
+            assert_eq!(
+                failures.with_label_values(&["shutdown"]).get(),
+                1,
+                "{code:?}"
+            );
+            drop(s.runtime);
+        }
     }
 
     #[test]
