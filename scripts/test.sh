@@ -6,7 +6,8 @@
 #
 # TICKFLEET_TEST_KAFKA=HOST:PORT already set: the tests use that Kafka and none is started. Tests that
 # kill, restart or secure a broker start dedicated ones through the same script; the dev broker
-# (`tickctl dev-broker`) serves the tests that are about it.
+# (`tickctl dev-broker`) serves the tests that are about it. Every broker JVM the run starts is recorded
+# (TICKFLEET_KAFKA_LEDGER, by pid and start time); one still running once the tests are over fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -37,6 +38,8 @@ if ! cargo nextest --version >/dev/null 2>&1; then
 fi
 
 work=$(mktemp -d)
+export TICKFLEET_KAFKA_LEDGER="$work/kafka-ledger"
+: >"$TICKFLEET_KAFKA_LEDGER"
 redis_pid=""
 kafka_dir=""
 cleanup() {
@@ -75,4 +78,23 @@ else
 fi
 export TICKFLEET_TEST_KAFKA
 log "running the tests"
-cargo nextest run --workspace --locked --profile ci
+status=0
+cargo nextest run --workspace --locked --profile ci || status=$?
+
+# No broker JVM started by this run may outlive it: each was SIGKILLed by its test (on drop or by its
+# owner watch, within a second or two of the test process exiting) or is the shared one, stopped here.
+if [ -n "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir"; kafka_dir=""; fi
+log "checking that no broker started by this run still runs ($(wc -l <"$TICKFLEET_KAFKA_LEDGER") started)"
+left=""
+for _ in $(seq 1 50); do
+  left=$(bash tests/kafka/kafka.sh survivors "$TICKFLEET_KAFKA_LEDGER")
+  [ -n "$left" ] || break
+  sleep 0.2
+done
+if [ -n "$left" ]; then
+  echo "broker JVMs started by this run are still running (pid, start time, dir):" >&2
+  echo "$left" >&2
+  while read -r pid _ _; do kill -9 "$pid" 2>/dev/null || true; done <<<"$left"
+  [ "$status" -ne 0 ] || status=1
+fi
+exit "$status"

@@ -140,7 +140,10 @@ pub fn partition_leaders(bootstrap: &str, security: &[(&str, &str)], topic: &str
 }
 
 /// A Kafka of a test's own (one node, or a cluster with `--nodes N`), started by `tests/kafka/kafka.sh`
-/// in a temp dir; SIGKILLed and deleted when dropped (and by the script's owner watch if the test dies).
+/// in a temp dir. Its JVMs never outlive the test: they are SIGKILLed when it is dropped (also while a
+/// panicking test unwinds, and when its start fails half-way), and `kafka.sh --owner` SIGKILLs them once
+/// the test process is gone without dropping it (abort, SIGKILL, nextest's timeout killing the test's
+/// process group).
 pub struct Kafka {
     dir: tempfile::TempDir,
     /// Its bootstrap servers (every node).
@@ -150,8 +153,12 @@ pub struct Kafka {
 impl Kafka {
     /// Starts one with `kafka.sh start DIR ARGS…` (e.g. `["--nodes", "3"]`) and waits until it serves.
     pub fn start(args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().expect("kafka dir");
-        let state = dir.path().join("kafka");
+        // Owned before it starts: a start that panics half-way still kills what it launched.
+        let mut kafka = Kafka {
+            dir: tempfile::tempdir().expect("kafka dir"),
+            bootstrap: String::new(),
+        };
+        let state = kafka.dir();
         let owner = std::process::id().to_string();
         let mut full = vec![
             "start",
@@ -160,8 +167,8 @@ impl Kafka {
             &owner,
         ];
         full.extend_from_slice(args);
-        let bootstrap = run(&full);
-        Kafka { dir, bootstrap }
+        kafka.bootstrap = run(&full);
+        kafka
     }
 
     /// The cluster directory (the node directory when it has one node).
@@ -208,10 +215,14 @@ impl Kafka {
 
 impl Drop for Kafka {
     fn drop(&mut self) {
+        if !self.dir().exists() {
+            return;
+        }
         let _ = Command::new("bash")
             .arg(script())
             .arg("kill")
             .arg(self.dir())
+            .stderr(std::process::Stdio::null())
             .status();
     }
 }
@@ -230,4 +241,101 @@ fn run(args: &[&str]) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::process::CommandExt;
+    use std::process::Stdio;
+
+    use super::*;
+
+    /// The broker pids `kafka.sh pid DIR` finds (only processes whose command line names DIR's config).
+    fn pids(dir: &Path) -> String {
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("pid")
+            .arg(dir)
+            .stderr(Stdio::null())
+            .output()
+            .expect("kafka.sh pid");
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    }
+
+    /// What nextest does to a test that runs past its timeout: SIGKILL of the test's whole process
+    /// group. The broker that test started with `--owner` (its own pid) must go with it, although its
+    /// owner watch was started from inside that group.
+    #[test]
+    fn a_broker_dies_with_its_owner_when_the_owners_process_group_is_killed() {
+        // Dropped at the end whatever happens: this test's own JVM does not outlive it either.
+        let guard = Kafka {
+            dir: tempfile::tempdir().expect("dir"),
+            bootstrap: String::new(),
+        };
+        let state = guard.dir();
+        // The owner: a process leading a group of its own, standing in for the test process.
+        let mut owner = Command::new("sleep")
+            .arg("600")
+            .process_group(0)
+            .spawn()
+            .expect("sleep");
+        let group = owner.id() as i32;
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(&state)
+            .arg("--owner")
+            .arg(owner.id().to_string())
+            .process_group(group)
+            .output()
+            .expect("kafka.sh start");
+        assert!(
+            out.status.success(),
+            "kafka.sh start: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pid = pids(&state);
+        assert!(!pid.is_empty(), "the broker runs after a successful start");
+
+        let killed = Command::new("kill")
+            .args(["-KILL", "--", &format!("-{group}")])
+            .status()
+            .expect("kill");
+        assert!(killed.success());
+        owner.wait().expect("reap the owner");
+        wait_for(
+            Duration::from_secs(30),
+            Duration::from_millis(100),
+            &format!("broker pid {pid} to exit after its owner's process group was SIGKILLed"),
+            || pids(&state).is_empty().then_some(()),
+        );
+        drop(guard);
+    }
+
+    /// A start that fails after launching the JVM (here: a start timeout of 0 s) SIGKILLs it.
+    #[test]
+    fn a_broker_that_fails_to_start_is_not_left_running() {
+        let guard = Kafka {
+            dir: tempfile::tempdir().expect("dir"),
+            bootstrap: String::new(),
+        };
+        let state = guard.dir();
+        let out = Command::new("bash")
+            .arg(script())
+            .arg("start")
+            .arg(&state)
+            .env("TICKFLEET_KAFKA_START_TIMEOUT", "0")
+            .output()
+            .expect("kafka.sh start");
+        assert!(!out.status.success(), "a start timeout of 0 s fails");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(stderr.contains("did not start within 0s"), "{stderr}");
+        let launched: u32 = std::fs::read_to_string(state.join("pid"))
+            .expect("the JVM was launched (its pid file)")
+            .trim()
+            .parse()
+            .expect("pid");
+        assert!(pids(&state).is_empty(), "pid {launched} still runs");
+        drop(guard);
+    }
 }

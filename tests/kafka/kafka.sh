@@ -18,21 +18,29 @@
 #       --config KEY=VALUE            any broker property (repeatable; wins over the defaults here)
 #       --heap SIZE                   JVM heap bound per node (512m; 384m each with --nodes > 1)
 #       --owner PID                   SIGKILL the broker when process PID exits (a test that dies
-#                                     without cleaning up leaves no JVM behind)
+#                                     without cleaning up — panic, abort, SIGKILL of its whole
+#                                     process group — leaves no JVM behind); the watch runs in a
+#                                     session of its own, so it outlives the owner's process group
 #   kafka.sh stop DIR                 SIGTERM (controlled shutdown), SIGKILL after 30 s; waits for the exit
 #   kafka.sh kill DIR                 SIGKILL, waits for the exit
 #   kafka.sh restart DIR              start again (stopping it first if it runs) on the same ports, config
 #                                     and log dirs — data on disk survives; prints the bootstrap servers
 #   kafka.sh bootstrap DIR | pid DIR  what a started DIR records
 #   kafka.sh class CLASS ARGS...      run a class of the Kafka jars (e.g. org.apache.kafka.tools.ConsumerPerformance)
+#   kafka.sh survivors LEDGER         the brokers recorded in LEDGER (see below) that still run, one
+#                                     "PID START_TIME DIR" a line
 #
 # DIR is a node directory (server.properties, data/, server.log, pid, bootstrap) or, with --nodes, a
 # cluster directory whose node-K subdirectories are nodes; stop/kill/restart/pid on a cluster directory act
 # on every node, on DIR/node-K on that one. Only processes whose command line names DIR's own
 # server.properties are ever signalled.
 #
+# A start that fails (a node exits or does not start in time) SIGKILLs the nodes it launched.
+#
 # Environment: TICKFLEET_KAFKA_JARS (jar directory, default ~/.cache/tickfleet/kafka-VERSION),
-# TICKFLEET_KAFKA_START_TIMEOUT (seconds to wait for a node to start, default 120).
+# TICKFLEET_KAFKA_START_TIMEOUT (seconds to wait for a node to start, default 120),
+# TICKFLEET_KAFKA_LEDGER (a file: every JVM launched appends "PID START_TIME DIR" to it, so a test
+# run can tell afterwards whether any broker it started outlived it — scripts/test.sh does).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -71,6 +79,16 @@ java_cmd() { # NODE_DIR → the JVM command line of that node, one word per line
     "-Dtickfleet.kafka.log=$dir/server.log" -cp "$jars/*" kafka.Kafka "$dir/server.properties"
 }
 
+# Start time of process PID (clock ticks since boot, /proc/PID/stat field 22), nothing if it is gone or
+# a zombie: with the pid it names one process, whatever pid reuse happens later.
+proc_start() {
+  local rest
+  rest=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null) || return 0
+  set -- $rest
+  [ "${1:-Z}" != Z ] || return 0
+  echo "${20}"
+}
+
 # The node's broker pid if it runs (and really is this node's JVM), else nothing.
 node_pid() {
   local dir=$1 pid state
@@ -96,8 +114,8 @@ nodes_of() { # DIR → its node directories
   fi
 }
 
-launch_node() { # NODE_DIR: start the JVM in the background and guard it with the owner watcher
-  local dir=$1 pid owner
+launch_node() { # NODE_DIR: start the JVM in the background and guard it with the owner watch
+  local dir=$1 pid start owner
   [ -z "$(node_pid "$dir")" ] || die "$dir: already running (pid $(node_pid "$dir"))"
   mapfile -t cmd < <(java_cmd "$dir")
   [ ! -s "$dir/server.log" ] || mv "$dir/server.log" "$dir/server.log.1"
@@ -105,21 +123,35 @@ launch_node() { # NODE_DIR: start the JVM in the background and guard it with th
   setsid "${cmd[@]}" >"$dir/stdout.log" 2>&1 </dev/null &
   pid=$!
   echo "$pid" >"$dir/pid"
+  launched+=("$dir")
+  start=$(proc_start "$pid")
+  [ -z "${TICKFLEET_KAFKA_LEDGER:-}" ] || echo "$pid $start $dir" >>"$TICKFLEET_KAFKA_LEDGER"
   owner=$(cat "$dir/owner" 2>/dev/null || true)
-  if [ -n "$owner" ]; then
-    # Watches the owner: if it exits while this JVM runs, the JVM is SIGKILLed. Exits with the JVM.
-    (
-      exec </dev/null >/dev/null 2>&1
-      while kill -0 "$pid" 2>/dev/null && [ -n "$(node_pid "$dir")" ]; do
-        if ! kill -0 "$owner" 2>/dev/null; then
-          [ "$(node_pid "$dir")" = "$pid" ] && kill -9 "$pid"
-          exit 0
-        fi
-        sleep 1
-      done
-    ) &
-    disown
+  if [ -n "$owner" ] && [ -n "$start" ]; then
+    # In a session of its own: a test runner that kills the owner's whole process group (nextest
+    # does on a timeout) must not take the watch with it and leave the JVM behind.
+    setsid bash "$here/kafka.sh" _watch "$pid" "$start" $owner </dev/null >/dev/null 2>&1 &
   fi
+}
+
+# _watch PID START OWNER OWNER_START: SIGKILLs the JVM (PID, START) once the owner process has exited;
+# exits with the JVM.
+cmd_watch() {
+  local pid=$1 start=$2 owner=$3 owner_start=$4
+  while [ "$(proc_start "$pid")" = "$start" ]; do
+    if [ "$(proc_start "$owner")" != "$owner_start" ]; then
+      kill -9 "$pid" 2>/dev/null || true
+      exit 0
+    fi
+    sleep 1
+  done
+}
+
+# Nodes this invocation launched; SIGKILLed if it fails before they all serve.
+launched=()
+abort_launched() {
+  local n
+  for n in "${launched[@]}"; do signal_node "$n" KILL 10 || true; done
 }
 
 wait_started() { # NODE_DIR
@@ -162,7 +194,7 @@ write_node() { # NODE_DIR ID → server.properties of one node (reads the start 
   local dir=$1 id=$2 port=$3 cport=$4 client
   mkdir -p "$dir/data"
   echo "$heap" >"$dir/heap"
-  [ -z "$owner" ] || echo "$owner" >"$dir/owner"
+  [ -z "$owner" ] || echo "$owner $owner_start" >"$dir/owner"
   if [ "$sasl_ssl" = 1 ]; then client=SASL_SSL; else client=PLAINTEXT; fi
   echo "$host:$port" >"$dir/bootstrap"
   {
@@ -261,6 +293,11 @@ cmd_start() {
       die "--sasl-ssl needs --tls-cert, --tls-key, --tls-ca and at least one --scram USER:PASSWORD"
     fi
   fi
+  owner_start=""
+  if [ -n "$owner" ]; then
+    owner_start=$(proc_start "$owner")
+    [ -n "$owner_start" ] || die "--owner $owner: no such process"
+  fi
   [ -n "$heap" ] || { if [ "$nodes" -gt 1 ]; then heap=384m; else heap=512m; fi; }
   if [ "$nodes" -ge 3 ]; then rf=3 min_isr=2; else rf=$nodes min_isr=1; fi
   mkdir -p "$dir"
@@ -288,8 +325,10 @@ cmd_start() {
   done
   for f in "${formats[@]}"; do wait "$f" || die "formatting failed"; done
   [ "$nodes" = 1 ] || echo "$bootstrap" >"$dir/bootstrap"
+  trap abort_launched EXIT
   for n in "${node_dirs[@]}"; do launch_node "$n"; done
   for n in "${node_dirs[@]}"; do wait_started "$n"; done
+  trap - EXIT
   echo "$bootstrap"
 }
 
@@ -299,9 +338,20 @@ cmd_restart() {
   ensure_jars
   mapfile -t ns < <(nodes_of "$dir")
   for n in "${ns[@]}"; do signal_node "$n" TERM 30; done
+  trap abort_launched EXIT
   for n in "${ns[@]}"; do launch_node "$n"; done
   for n in "${ns[@]}"; do wait_started "$n"; done
+  trap - EXIT
   cmd_bootstrap "$dir"
+}
+
+cmd_survivors() { # LEDGER
+  local pid start dir
+  [ -f "$1" ] || return 0
+  while read -r pid start dir; do
+    [ -n "$start" ] && [ "$(proc_start "$pid")" = "$start" ] && echo "$pid $start $dir"
+  done <"$1"
+  return 0
 }
 
 cmd_bootstrap() {
@@ -317,6 +367,8 @@ case ${1:-} in
   kill) mapfile -t ns < <(nodes_of "${2:?usage: kafka.sh kill DIR}"); for n in "${ns[@]}"; do signal_node "$n" KILL 10; done ;;
   restart) shift; cmd_restart "$@" ;;
   bootstrap) cmd_bootstrap "${2:-}" ;;
+  survivors) cmd_survivors "${2:?usage: kafka.sh survivors LEDGER}" ;;
+  _watch) shift; cmd_watch "$@" ;;
   pid) mapfile -t ns < <(nodes_of "${2:?usage: kafka.sh pid DIR}"); for n in "${ns[@]}"; do node_pid "$n"; done ;;
   class) shift; ensure_jars; exec java -Xmx256m -XX:+UseSerialGC "-Dlog4j2.configurationFile=$here/log4j2.properties" \
     "-Dtickfleet.kafka.log=/dev/null" -cp "$jars/*" "$@" ;;
