@@ -42,6 +42,7 @@ export TICKFLEET_KAFKA_LEDGER="$work/kafka-ledger"
 : >"$TICKFLEET_KAFKA_LEDGER"
 redis_pid=""
 kafka_dir=""
+# shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
   if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
   if [ -n "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir" || true; fi

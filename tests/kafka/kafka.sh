@@ -82,11 +82,11 @@ java_cmd() { # NODE_DIR → the JVM command line of that node, one word per line
 # Start time of process PID (clock ticks since boot, /proc/PID/stat field 22), nothing if it is gone or
 # a zombie: with the pid it names one process, whatever pid reuse happens later.
 proc_start() {
-  local rest
+  local rest f
   rest=$(sed 's/^.*) //' "/proc/$1/stat" 2>/dev/null) || return 0
-  set -- $rest
-  [ "${1:-Z}" != Z ] || return 0
-  echo "${20}"
+  read -r -a f <<<"$rest"
+  [ "${f[0]:-Z}" != Z ] || return 0
+  echo "${f[19]}"
 }
 
 # The node's broker pid if it runs (and really is this node's JVM), else nothing.
@@ -115,7 +115,7 @@ nodes_of() { # DIR → its node directories
 }
 
 launch_node() { # NODE_DIR: start the JVM in the background and guard it with the owner watch
-  local dir=$1 pid start owner
+  local dir=$1 pid start owner="" owner_start=""
   [ -z "$(node_pid "$dir")" ] || die "$dir: already running (pid $(node_pid "$dir"))"
   mapfile -t cmd < <(java_cmd "$dir")
   [ ! -s "$dir/server.log" ] || mv "$dir/server.log" "$dir/server.log.1"
@@ -126,11 +126,11 @@ launch_node() { # NODE_DIR: start the JVM in the background and guard it with th
   launched+=("$dir")
   start=$(proc_start "$pid")
   [ -z "${TICKFLEET_KAFKA_LEDGER:-}" ] || echo "$pid $start $dir" >>"$TICKFLEET_KAFKA_LEDGER"
-  owner=$(cat "$dir/owner" 2>/dev/null || true)
+  [ ! -f "$dir/owner" ] || read -r owner owner_start <"$dir/owner"
   if [ -n "$owner" ] && [ -n "$start" ]; then
     # In a session of its own: a test runner that kills the owner's whole process group (nextest
     # does on a timeout) must not take the watch with it and leave the JVM behind.
-    setsid bash "$here/kafka.sh" _watch "$pid" "$start" $owner </dev/null >/dev/null 2>&1 &
+    setsid bash "$here/kafka.sh" _watch "$pid" "$start" "$owner" "$owner_start" </dev/null >/dev/null 2>&1 &
   fi
 }
 
