@@ -1,7 +1,7 @@
 //! The dashboards and alert rules, proven against a real Prometheus.
 //!
-//! One test starts, on loopback: a topic of its own on the run's Apache Kafka, created by the operator's
-//! topic ensure (`spec.kafka.partitions`) before any worker starts; pipeline `prices` — two `tickfleet-worker`s storing
+//! One test starts, on loopback: a topic of its own on the run's Apache Kafka and its dead-letter topic,
+//! both created by the operator's reconcile (`spec.kafka.partitions`) before any worker starts; pipeline `prices` — two `tickfleet-worker`s storing
 //! into the test's redis-server; pipeline `stalled` — one worker whose Redis is unreachable, so it stays
 //! not ready and its partitions do not progress; the real `tickfleet-operator` binary (leader election
 //! off) against [`FakeKube`], a small fake Kubernetes API server serving a valid autoscaled
@@ -43,8 +43,8 @@ use serde_json::{Value, json};
 use tickfleet_e2e::kube::FakeKube;
 use tickfleet_e2e::prometheus::{Prometheus, has_finite_sample};
 use tickfleet_e2e::{
-    Api, Operator, Producer, Watch, Worker, WorkerSetup, create_topic, dump_logs, free_port,
-    redis_url, shared_kafka, signal, tickctl_json, topic_partitions, unique, wait_for,
+    Api, Operator, Producer, Watch, Worker, WorkerSetup, dump_logs, free_port, redis_url,
+    shared_kafka, signal, tickctl_json, topic_partitions, unique, wait_for,
 };
 
 /// Rules whose condition the test brings about (poison messages; a worker without its Redis): their
@@ -303,8 +303,7 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
     let dir = tempfile::tempdir().unwrap();
     let bootstrap = shared_kafka();
     let topic = unique("metrics");
-    // The dead-letter topic is the test's to make; the pipeline's topic is the operator's (below).
-    create_topic(&bootstrap, &[], &format!("{topic}.dlq"), 2, None);
+    // The pipeline's topic and its dead-letter topic are the operator's to make (below).
 
     let prices = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
     // nothing listens on this port: the worker starts (Redis connects lazily) and stays not ready
@@ -338,12 +337,18 @@ fn every_dashboard_and_alert_expression_returns_data_from_a_real_prometheus() {
         ),
     ]);
     let operator = Operator::start(&kube.kubeconfig(dir.path()), dir.path());
-    // The operator's topic ensure creates the topic through the broker's admin API.
+    // The operator's reconcile creates the topic and its dead-letter topic (with the spec's partitions)
+    // through the broker's admin API; the workers' dead letters (poison below) go to the latter.
+    let dlq = format!("{topic}.dlq");
     wait_for(
         Duration::from_secs(60),
         Duration::from_millis(200),
-        "the operator to create the pipeline's topic with 8 partitions",
-        || (topic_partitions(&bootstrap, &[], &topic) == Some(8)).then_some(()),
+        "the operator to create the pipeline's topic and dead-letter topic with 8 partitions",
+        || {
+            (topic_partitions(&bootstrap, &[], &topic) == Some(8)
+                && topic_partitions(&bootstrap, &[], &dlq) == Some(8))
+            .then_some(())
+        },
     );
     let workers = vec![Worker::start(&prices, 0), Worker::start(&prices, 1)];
     let stalled = Worker::start(&stalled_setup, 2);

@@ -7,7 +7,8 @@
 //! 3. check that every Secret the spec names was offered to the pipeline ([`crate::offer`]); a
 //!    refused one is reported (`SecretNotOffered`, ...), never read, and keeps the Deployments
 //!    that would reference it from being applied;
-//! 4. make sure the Kafka topic has its partitions (create or grow, never shrink);
+//! 4. make sure the Kafka topic has its partitions (create or grow, never shrink) and its dead-letter
+//!    topic `<topic>.dlq` exists (created like it when missing);
 //! 5. measure the group's lag (every pipeline, at most once per [`LAG_INTERVAL`]; with autoscaling
 //!    at its poll interval) and, with autoscaling, decide the worker count;
 //! 6. server-side apply every child (ConfigMap, worker Deployment, PDB, api Deployment, Service,
@@ -49,7 +50,8 @@ use crate::crd::{ReplicaStatus, SourceStatus, TickPipeline, TickPipelineStatus};
 use crate::desired::{self, FIELD_MANAGER, MANAGED_BY};
 use crate::events::Events;
 use crate::kafka::{
-    KafkaAdmin, KafkaConnection, KafkaError, LagReport, TopicOutcome, ensure_topic,
+    KafkaAdmin, KafkaConnection, KafkaError, LagReport, TopicOutcome, dead_letter_topic,
+    ensure_dead_letter_topic, ensure_topic,
 };
 use crate::metrics::Metrics;
 use crate::offer;
@@ -598,6 +600,39 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
                     blocks_ready: true,
                 });
                 deferred = Some(e.into());
+            }
+        }
+    }
+
+    // the dead-letter topic the workers write to; without it a malformed message stalls its partition
+    if let Some(conn) = conn.as_ref().filter(|_| kafka_answered) {
+        let (topic, partitions) = (&spec.kafka.topic, spec.kafka.partitions);
+        let dlq = dead_letter_topic(topic);
+        match ensure_dead_letter_topic(
+            ctx.kafka.as_ref(),
+            conn,
+            topic,
+            partitions,
+            spec.kafka.replication_factor,
+        )
+        .await
+        {
+            Ok(Some(partitions)) => {
+                info!(pipeline = %key(tp), topic = %dlq, partitions, "created dead-letter topic");
+                let message =
+                    format!("created dead-letter topic {dlq} with {partitions} partitions");
+                ctx.events
+                    .change(tp, "TopicCreated", "CreateTopic", message)
+                    .await;
+            }
+            Ok(None) => {}
+            Err(e) => {
+                problems.push(Problem {
+                    reason: "DeadLetterTopicUnavailable".into(),
+                    message: format!("could not ensure dead-letter topic {dlq}: {e}"),
+                    blocks_ready: true,
+                });
+                deferred.get_or_insert(e.into());
             }
         }
     }

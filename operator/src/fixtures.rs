@@ -138,16 +138,22 @@ pub struct FakeKafka {
     pub fail_describe: bool,
     /// Make `grow_topic` fail (e.g. a policy forbids it).
     pub fail_grow: bool,
+    /// Make `create_topic` fail (e.g. the operator may not create topics).
+    pub fail_create: bool,
     /// Make `topic_partitions` never answer (a broker that accepts connections and says
     /// nothing), to test that shutdown does not wait for Kafka.
     pub hang: bool,
 }
 
 impl FakeKafka {
-    /// A cluster that has `topic` with `partitions` partitions.
+    /// A cluster that has `topic` with `partitions` partitions, and its dead-letter topic.
     pub fn with_topic(topic: &str, partitions: i32) -> Self {
         let f = Self::default();
         f.topics.lock().unwrap().insert(topic.into(), partitions);
+        f.topics
+            .lock()
+            .unwrap()
+            .insert(crate::kafka::dead_letter_topic(topic), partitions);
         f
     }
 
@@ -193,6 +199,13 @@ impl KafkaAdmin for FakeKafka {
         replication: Option<i32>,
     ) -> Result<(), KafkaError> {
         self.log(format!("create {topic} {partitions} {replication:?}"));
+        if self.fail_create {
+            return Err(KafkaError::Topic {
+                op: "create",
+                topic: topic.into(),
+                code: RDKafkaErrorCode::TopicAuthorizationFailed,
+            });
+        }
         self.topics.lock().unwrap().insert(topic.into(), partitions);
         Ok(())
     }

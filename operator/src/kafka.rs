@@ -1,5 +1,5 @@
-//! What the operator does in Kafka: make sure the topic has its partitions, and measure the
-//! consumer group's lag for autoscaling.
+//! What the operator does in Kafka: make sure the topic has its partitions and its dead-letter topic
+//! exists, and measure the consumer group's lag for autoscaling.
 //!
 //! Both sit behind the [`KafkaAdmin`] trait so the controller can be tested with a fake; the real
 //! implementation, [`RdKafkaAdmin`], uses librdkafka. Lag is
@@ -23,6 +23,7 @@ use tickfleet_service::kafka_log::FoldedLogs;
 /// How to reach a pipeline's Kafka cluster, with credentials already read from their Secret (the
 /// one librdkafka configuration every tickfleet client builds, in `tickfleet-service`).
 pub use tickfleet_service::kafka::KafkaConnection;
+pub use tickfleet_service::kafka::dead_letter_topic;
 
 /// A failed Kafka operation.
 #[derive(Debug, thiserror::Error)]
@@ -180,6 +181,35 @@ pub async fn ensure_topic(
         }
         Some(actual) if actual > declared => Ok(TopicOutcome::CannotShrink { actual, declared }),
         Some(actual) => Ok(TopicOutcome::Unchanged { partitions: actual }),
+    }
+}
+
+/// Makes the dead-letter topic of `topic` ([`dead_letter_topic`], where the workers send what they
+/// cannot store) exist: created with `partitions` and `replication` (the pipeline's) when missing, else
+/// left as it is — no consumer group shards by it, so its partition count matters to nobody and a
+/// topic made by hand is kept. Returns the partitions it was created with, `None` when it existed.
+pub async fn ensure_dead_letter_topic(
+    admin: &dyn KafkaAdmin,
+    conn: &KafkaConnection,
+    topic: &str,
+    partitions: i32,
+    replication: Option<i32>,
+) -> Result<Option<i32>, KafkaError> {
+    let dlq = dead_letter_topic(topic);
+    if admin.topic_partitions(conn, &dlq).await?.is_some() {
+        return Ok(None);
+    }
+    match admin
+        .create_topic(conn, &dlq, partitions, replication)
+        .await
+    {
+        Ok(()) => Ok(Some(partitions)),
+        // made meanwhile (by hand, or by another pipeline of the same topic): it exists
+        Err(KafkaError::Topic {
+            code: RDKafkaErrorCode::TopicAlreadyExists,
+            ..
+        }) => Ok(None),
+        Err(e) => Err(e),
     }
 }
 
@@ -424,6 +454,29 @@ mod tests {
             vec!["describe ticks", "create ticks 6 Some(3)"]
         );
         assert_eq!(admin.topics.lock().unwrap()["ticks"], 6);
+    }
+
+    #[tokio::test]
+    async fn creates_a_missing_dead_letter_topic_and_leaves_an_existing_one() {
+        let admin = FakeAdmin::default();
+        let out = ensure_dead_letter_topic(&admin, &conn(), "ticks", 6, Some(3))
+            .await
+            .unwrap();
+        assert_eq!(out, Some(6));
+        // the name the worker writes to by default
+        assert_eq!(dead_letter_topic("ticks"), "ticks.dlq");
+        assert_eq!(
+            admin.calls(),
+            vec!["describe ticks.dlq", "create ticks.dlq 6 Some(3)"]
+        );
+        // one made by hand with other partitions is kept: never grown, never shrunk
+        admin.topics.lock().unwrap().insert("ticks.dlq".into(), 2);
+        let out = ensure_dead_letter_topic(&admin, &conn(), "ticks", 6, None)
+            .await
+            .unwrap();
+        assert_eq!(out, None);
+        assert_eq!(admin.topics.lock().unwrap()["ticks.dlq"], 2);
+        assert_eq!(admin.calls().len(), 3, "{:?}", admin.calls());
     }
 
     #[tokio::test]

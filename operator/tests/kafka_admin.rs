@@ -1,6 +1,7 @@
 //! The operator's Kafka side against Apache Kafka (the test run's broker, `TICKFLEET_TEST_KAFKA`, which
 //! `scripts/test.sh` starts): topic ensure — create with the declared partitions, grow, refuse to
-//! shrink — through the real admin API, and lag from offsets a consumer group really committed.
+//! shrink — and the dead-letter topic beside it, through the real admin API, and lag from offsets a
+//! consumer group really committed.
 //!
 //! Each test uses topics and groups of its own, so tests sharing the broker never meet.
 
@@ -10,7 +11,8 @@ use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 use tickfleet_operator::kafka::{
-    KafkaAdmin, KafkaConnection, LagReport, PartitionLag, RdKafkaAdmin, TopicOutcome, ensure_topic,
+    KafkaAdmin, KafkaConnection, LagReport, PartitionLag, RdKafkaAdmin, TopicOutcome,
+    ensure_dead_letter_topic, ensure_topic,
 };
 
 fn kafka() -> String {
@@ -149,6 +151,52 @@ async fn ensure_topic_creates_grows_and_refuses_to_shrink_on_apache_kafka() {
     assert!(
         err.to_string().contains("create topic"),
         "the error names the operation: {err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_dead_letter_topic_is_created_beside_the_topic_once_on_apache_kafka() {
+    let admin = RdKafkaAdmin::default();
+    let conn = KafkaConnection::plaintext(kafka());
+    let topic = unique("dlq");
+    let dlq = format!("{topic}.dlq");
+    ensure_topic(&admin, &conn, &topic, 3, None).await.unwrap();
+
+    let made = ensure_dead_letter_topic(&admin, &conn, &topic, 3, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(made, Some(3));
+    assert_eq!(
+        partitions_once(&admin, &conn, &dlq, 3).await,
+        Some(3),
+        "the broker has {dlq} with the pipeline's partitions"
+    );
+    // there: nothing more to do
+    let again = ensure_dead_letter_topic(&admin, &conn, &topic, 3, Some(1))
+        .await
+        .unwrap();
+    assert_eq!(again, None);
+
+    // a dead-letter topic made by hand with other partitions is kept as it is
+    let other = unique("dlq-by-hand");
+    admin
+        .create_topic(&conn, &format!("{other}.dlq"), 1, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        partitions_once(&admin, &conn, &format!("{other}.dlq"), 1).await,
+        Some(1)
+    );
+    let kept = ensure_dead_letter_topic(&admin, &conn, &other, 6, None)
+        .await
+        .unwrap();
+    assert_eq!(kept, None);
+    assert_eq!(
+        admin
+            .topic_partitions(&conn, &format!("{other}.dlq"))
+            .await
+            .unwrap(),
+        Some(1)
     );
 }
 

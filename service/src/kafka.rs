@@ -6,11 +6,18 @@
 //!   operator reads them from a Secret); its `Debug` never shows the password.
 //! * [`KafkaOptions`]: the same as `--brokers`/`--kafka-*` flags and `TICKFLEET_*` variables,
 //!   plus extra librdkafka properties (`--kafka-option`), for the binaries.
+//! * [`dead_letter_topic`]: the name of a topic's dead-letter topic, the worker's default and the
+//!   topic the operator creates beside the pipeline's.
 
 use std::fmt;
 
 use clap::Args;
 use rdkafka::ClientConfig;
+
+/// The dead-letter topic of `topic`: `<topic>.dlq`.
+pub fn dead_letter_topic(topic: &str) -> String {
+    format!("{topic}.dlq")
+}
 
 /// How to reach a Kafka cluster: bootstrap servers and security, credentials included.
 #[derive(Clone, PartialEq, Eq)]

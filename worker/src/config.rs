@@ -95,7 +95,7 @@ impl WorkerConfig {
     pub fn dlq_topic(&self) -> String {
         self.dlq_topic
             .clone()
-            .unwrap_or_else(|| format!("{}.dlq", self.topic))
+            .unwrap_or_else(|| tickfleet_service::kafka::dead_letter_topic(&self.topic))
     }
 
     /// The store retention policy.

@@ -217,7 +217,11 @@ async fn offered_sasl_secret_is_read_and_used() {
         // the topic, then the lag (measured for every pipeline)
         assert_eq!(
             kafka.calls(),
-            vec!["describe ticks", "lag ticks tickfleet.markets.btc"]
+            vec![
+                "describe ticks",
+                "describe ticks.dlq",
+                "lag ticks tickfleet.markets.btc"
+            ]
         );
         assert!(references(&log, WORKER, "kafka-creds"));
         assert!(

@@ -130,16 +130,25 @@ async fn applies_every_child_with_owner_reference_then_status() {
         vec![
             "describe ticks",
             "create ticks 6 None",
+            "describe ticks.dlq",
+            "create ticks.dlq 6 None",
             "lag ticks tickfleet.markets.btc"
         ]
     );
     assert_eq!(
         events_of(&log),
-        vec![(
-            "Normal".into(),
-            "TopicCreated".into(),
-            "created topic ticks with 6 partitions".into()
-        )]
+        vec![
+            (
+                "Normal".into(),
+                "TopicCreated".into(),
+                "created topic ticks with 6 partitions".into()
+            ),
+            (
+                "Normal".into(),
+                "TopicCreated".into(),
+                "created dead-letter topic ticks.dlq with 6 partitions".into()
+            )
+        ]
     );
     let log: Vec<Recorded> = requests(&log).into_iter().cloned().collect();
 
@@ -252,7 +261,11 @@ async fn ready_deployments_make_the_pipeline_ready_keeping_transition_times() {
     res.expect("reconcile");
     assert_eq!(
         kafka.calls(),
-        vec!["describe ticks", "lag ticks tickfleet.markets.btc"],
+        vec![
+            "describe ticks",
+            "describe ticks.dlq",
+            "lag ticks tickfleet.markets.btc"
+        ],
         "topic already right: no change"
     );
     assert!(events_of(&log).is_empty(), "nothing changed: no Event");
@@ -445,6 +458,7 @@ async fn grows_topic_and_reports_when_it_cannot_shrink() {
         vec![
             "describe ticks",
             "grow ticks 6",
+            "describe ticks.dlq",
             "lag ticks tickfleet.markets.btc"
         ]
     );
@@ -462,7 +476,11 @@ async fn grows_topic_and_reports_when_it_cannot_shrink() {
     res.expect("a bigger topic still works");
     assert_eq!(
         kafka.calls(),
-        vec!["describe ticks", "lag ticks tickfleet.markets.btc"]
+        vec![
+            "describe ticks",
+            "describe ticks.dlq",
+            "lag ticks tickfleet.markets.btc"
+        ]
     );
     let st = status_of(&log);
     assert_eq!(st.partitions, Some(12));
@@ -531,6 +549,44 @@ async fn kafka_failure_degrades_then_requeues_with_backoff() {
 }
 
 #[tokio::test]
+async fn a_dead_letter_topic_that_cannot_be_created_keeps_the_pipeline_not_ready() {
+    let tp = pipeline();
+    let kafka = Arc::new(FakeKafka {
+        fail_create: true,
+        ..FakeKafka::default()
+    });
+    kafka.topics.lock().unwrap().insert("ticks".into(), 6);
+    let (res, log, _) = run(server_for(&tp), kafka.clone(), &tp).await;
+    let err = res.expect_err("retried with backoff");
+    assert_eq!(err.metric_label(), "kafka");
+    assert_eq!(
+        kafka.calls(),
+        vec![
+            "describe ticks",
+            "describe ticks.dlq",
+            "create ticks.dlq 6 None",
+            "lag ticks tickfleet.markets.btc"
+        ]
+    );
+    // the workers are still applied (a DLQ made by hand later is found on the next reconcile)
+    assert_eq!(uris(&log), all_applies());
+    let st = status_of(&log);
+    let ready = cond(&st, "Ready");
+    assert_eq!(
+        (ready.status.as_str(), ready.reason.as_str()),
+        ("False", "DeadLetterTopicUnavailable")
+    );
+    assert!(
+        cond(&st, "Degraded")
+            .message
+            .contains("could not ensure dead-letter topic ticks.dlq"),
+        "{:?}",
+        cond(&st, "Degraded")
+    );
+    assert_eq!(st.partitions, Some(6));
+}
+
+#[tokio::test]
 async fn api_server_error_is_returned_for_retry() {
     let tp = pipeline();
     let mut server = server_for(&tp);
@@ -564,7 +620,11 @@ async fn autoscaling_sizes_workers_from_lag() {
     );
     assert_eq!(
         kafka.calls(),
-        vec!["describe ticks", "lag ticks tickfleet.markets.btc"]
+        vec![
+            "describe ticks",
+            "describe ticks.dlq",
+            "lag ticks tickfleet.markets.btc"
+        ]
     );
     assert_eq!(log[1].body["spec"]["replicas"], 5, "ceil(4500 / 1000)");
     let st = status_of(&log);
@@ -729,8 +789,10 @@ async fn lag_is_measured_for_every_pipeline_at_most_once_per_interval() {
         kafka.calls(),
         vec![
             "describe ticks",
+            "describe ticks.dlq",
             "lag ticks tickfleet.markets.btc",
-            "describe ticks"
+            "describe ticks",
+            "describe ticks.dlq"
         ]
     );
     let log = log.lock().unwrap().clone();
