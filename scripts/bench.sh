@@ -1,13 +1,24 @@
 #!/usr/bin/env bash
 # Measures tickfleet's ingest against the machine's ceilings and a peer, all in one run on one machine:
 #   1. redis-benchmark: pipelined ZADD on the same Redis (the store's ceiling);
-#   2. tickctl bench consume: the dev broker's raw consume rate with librdkafka (the Kafka side's ceiling);
-#   3. tickctl bench ingest: 1 and 2 tickfleet-worker processes storing the same pre-produced backlog;
+#   2+3. on two brokers, the same backlog (TICKS ticks over ASSETS assets in PARTITIONS partitions) on
+#      each: the dev broker (librdkafka's mock cluster, `tickctl dev-broker`) and Apache Kafka (one KRaft
+#      node, tests/kafka/kafka.sh, the release the tests use), REPEAT rounds, the brokers alternating
+#      within a round so both see the same machine:
+#      - tickctl bench ingest: 1 and 2 tickfleet-worker processes storing the backlog;
+#      - tickctl bench consume: librdkafka's raw consume rate of the backlog (the Kafka side's ceiling);
+#      - on Apache Kafka also the broker's own consumer tool on the same topic,
+#        org.apache.kafka.tools.ConsumerPerformance (kafka-consumer-perf-test), its fetch rate;
+#      medians over the rounds are reported, and ratios of medians;
 #   4. scripts/bench_peer.py: a plain Python consumer (confluent-kafka + redis-py) storing it too;
 #   5. memory: 1 worker on a backlog of several million ticks (64 partitions), peak RSS;
-#   6. the api: GetLatest flat out and at 5k rps, ListTicks(limit 1000), 16 clients, over what step 3 stored.
+#   6. the api: GetLatest flat out and at 5k rps, ListTicks(limit 1000), 16 clients, over what the last
+#      ingest stored.
 # Results go to bench-results/<timestamp>/ (summary.md has the table quoted in BENCHMARKS.md).
-# Settings: TICKS (default 1000000), ASSETS (100), PARTITIONS (16), BIG_TICKS (4000000).
+# Settings: TICKS (default 1000000), ASSETS (100), PARTITIONS (16), BIG_TICKS (4000000), REPEAT (3),
+# PART (all, or brokers: only steps 2+3), PROFILE (release, or debug: the debug binaries of
+# `cargo build --workspace --bins`, where a release build is not possible; absolute figures then say
+# little, ratios between the brokers still do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -15,6 +26,10 @@ TICKS=${TICKS:-1000000}
 ASSETS=${ASSETS:-100}
 PARTITIONS=${PARTITIONS:-16}
 BIG_TICKS=${BIG_TICKS:-4000000}
+REPEAT=${REPEAT:-3}
+PART=${PART:-all}
+PROFILE=${PROFILE:-release}
+case $PART in all | brokers) ;; *) echo "PART is all or brokers" >&2; exit 2 ;; esac
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -23,20 +38,31 @@ if ! command -v redis-server >/dev/null || ! command -v redis-benchmark >/dev/nu
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server redis-tools >/dev/null
 fi
 venv="$HOME/.cache/tickfleet/bench-venv"
-if [ ! -x "$venv/bin/python" ]; then
+if [ "$PART" = all ] && [ ! -x "$venv/bin/python" ]; then
   log "creating the peer's Python environment ($venv)"
   python3 -m venv "$venv"
   "$venv/bin/pip" install -q confluent-kafka redis grpcio-tools
 fi
 
-log "building release binaries"
-cargo build --release --locked --bins -p tickfleet-cli -p tickfleet-worker -p tickfleet-api
-tickctl=target/release/tickctl
+if [ "$PROFILE" = release ]; then
+  log "building release binaries"
+  cargo build --release --locked --bins -p tickfleet-cli -p tickfleet-worker -p tickfleet-api
+  bin=target/release
+else
+  log "building debug binaries (PROFILE=$PROFILE)"
+  cargo build --locked --workspace --bins
+  bin=target/debug
+fi
+tickctl=$bin/tickctl
 
 out="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$out"
 pids=()
-cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; }
+kafka_dir="$out/kafka"
+cleanup() {
+  for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
+  if [ -d "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir" || true; rm -rf "$kafka_dir/data"; fi
+}
 trap cleanup EXIT
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -49,23 +75,51 @@ redis="redis://127.0.0.1:$port"
 pids+=($!)
 until [ -s "$out/bootstrap" ]; do sleep 0.1; done
 brokers=$(cat "$out/bootstrap")
+log "starting Apache Kafka (tests/kafka/kafka.sh) with topic bench ($PARTITIONS partitions)"
+kafka=$(bash tests/kafka/kafka.sh start "$kafka_dir" --owner $$)
+bash tests/kafka/kafka.sh class org.apache.kafka.tools.TopicCommand --bootstrap-server "$kafka" --create \
+  --topic bench --partitions "$PARTITIONS" >/dev/null
+kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml)
 
 {
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
   echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
-  echo "redis: $(redis-server --version | awk '{print $3}'), broker: librdkafka mock cluster (tickctl dev-broker), $PARTITIONS partitions"
+  echo "redis: $(redis-server --version | awk '{print $3}'), brokers: librdkafka mock cluster (tickctl dev-broker) and Apache Kafka $kafka_version (one KRaft node, $(java -version 2>&1 | head -1)), $PARTITIONS partitions"
+  echo "binaries: $PROFILE; $REPEAT rounds; $TICKS ticks over $ASSETS assets"
   echo "load during the run: $(cat /proc/loadavg)"
 } >"$out/machine.txt"
 
-log "1. Redis ceiling: redis-benchmark pipelined ZADD (-P 64)"
-redis-benchmark -p "$port" -P 64 -n 2000000 -r 1000000 -q ZADD bench:ceiling __rand_int__ member:__rand_int__ \
-  | tee "$out/redis-benchmark.txt"
+if [ "$PART" = all ]; then
+  log "1. Redis ceiling: redis-benchmark pipelined ZADD (-P 64)"
+  redis-benchmark -p "$port" -P 64 -n 2000000 -r 1000000 -q ZADD bench:ceiling __rand_int__ member:__rand_int__ \
+    | tee "$out/redis-benchmark.txt"
+fi
 
-log "2+3. tickfleet: produce $TICKS ticks over $ASSETS assets, then 1 and 2 workers store them"
-"$tickctl" bench ingest --brokers "$brokers" --topic bench --redis "$redis" --ticks "$TICKS" \
-  --assets "$ASSETS" --workers 1,2 --json "$out/ingest.json" | tee "$out/ingest.txt"
-"$tickctl" bench consume --brokers "$brokers" --topic bench --json "$out/consume.json" | tee "$out/consume.txt"
+declare -A addr=([mock]="$brokers" [kafka]="$kafka")
+for round in $(seq 1 "$REPEAT"); do
+  for b in mock kafka; do
+    log "2+3. round $round/$REPEAT, $b: 1 and 2 workers store the backlog; raw consume"
+    skip=()
+    if [ "$round" = 1 ]; then
+      log "producing $TICKS ticks over $ASSETS assets to $b"
+    else
+      skip=(--skip-produce)
+    fi
+    # Redis holds one run's ticks at a time (the last run's stay for step 6).
+    redis-cli -p "$port" flushall >/dev/null
+    "$tickctl" bench ingest --brokers "${addr[$b]}" --topic bench --redis "$redis" --ticks "$TICKS" \
+      --assets "$ASSETS" --workers 1,2 "${skip[@]}" --json "$out/ingest-$b-$round.json" | tee -a "$out/ingest-$b.txt"
+    "$tickctl" bench consume --brokers "${addr[$b]}" --topic bench --json "$out/consume-$b-$round.json" \
+      | tee -a "$out/consume-$b.txt"
+  done
+  log "2+3. round $round/$REPEAT: Apache Kafka's ConsumerPerformance on the same topic"
+  bash tests/kafka/kafka.sh class org.apache.kafka.tools.ConsumerPerformance --bootstrap-server "$kafka" \
+    --topic bench --num-records "$TICKS" --group "perf-$round-$$" --timeout 60000 \
+    | tee "$out/kafka-perf-$round.txt"
+done
+cp "$out/ingest-kafka-$REPEAT.json" "$out/ingest.json"
 
+if [ "$PART" = all ]; then
 log "4. Python peer (confluent-kafka + redis-py) on the same topic"
 "$venv/bin/python" scripts/bench_peer.py --brokers "$brokers" --topic bench --redis "$redis" \
   --prefix peer --group "peer-$(date +%s)" --expect "$TICKS" | tee "$out/peer.json"
@@ -78,7 +132,7 @@ log "6. api load (16 clients, 10 s each)"
 prefix=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["prefix"])' "$out/ingest.json")
 gport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 aport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
-RUST_LOG=warn target/release/tickfleet-api --grpc-addr "127.0.0.1:$gport" --admin-addr "127.0.0.1:$aport" \
+RUST_LOG=warn "$bin/tickfleet-api" --grpc-addr "127.0.0.1:$gport" --admin-addr "127.0.0.1:$aport" \
   --redis-url "$redis" --redis-prefix "$prefix" &
 pids+=($!)
 until curl -sf "http://127.0.0.1:$aport/readyz" >/dev/null 2>&1; do sleep 0.1; done
@@ -86,41 +140,74 @@ api="http://127.0.0.1:$gport"
 "$tickctl" bench api --api "$api" --method latest --clients 16 --seconds 10 --json "$out/api-latest-max.json"
 "$tickctl" bench api --api "$api" --method latest --clients 16 --rps 5000 --seconds 10 --json "$out/api-latest-5k.json"
 "$tickctl" bench api --api "$api" --method ticks --limit 1000 --clients 16 --seconds 10 --json "$out/api-ticks.json"
+fi
 
-python3 - "$out" <<'PY'
-import json, re, sys, pathlib
-out = pathlib.Path(sys.argv[1])
-zadd = float(re.search(r"([\d.]+) requests per second", (out / "redis-benchmark.txt").read_text()).group(1))
-ingest = {r["workers"]: r for r in json.loads((out / "ingest.json").read_text())}
-consume = json.loads((out / "consume.json").read_text())["messages_per_second"]
-peer = json.loads((out / "peer.json").read_text().strip().splitlines()[-1])["ticks_per_second"]
-mem = json.loads((out / "memory.json").read_text())[0]
-one, two = ingest[1], ingest[2]
-rows = [
-    ("Redis pipelined ZADD ceiling (redis-benchmark -P 64)", f"{zadd:,.0f} ops/s", ""),
-    ("broker raw consume (librdkafka, no store)", f"{consume:,.0f} msg/s", ""),
-    ("tickfleet, 1 worker", f"{one['ticks_per_second']:,.0f} ticks/s",
-     f"{one['cpu_seconds']:.1f} CPU s, peak RSS {one['peak_rss_mib']:.0f} MiB"),
-    ("tickfleet, 2 workers", f"{two['ticks_per_second']:,.0f} ticks/s",
-     f"{two['cpu_seconds']:.1f} CPU s, peak RSS {two['peak_rss_mib']:.0f} MiB (max of the two)"),
-    ("Python peer (confluent-kafka + redis-py)", f"{peer:,.0f} ticks/s", ""),
-    (f"1 worker on a {mem['ticks']:,}-tick backlog (64 partitions)", f"{mem['ticks_per_second']:,.0f} ticks/s",
-     f"peak RSS {mem['peak_rss_mib']:.0f} MiB"),
+python3 - "$out" "$REPEAT" <<'PY'
+import json, re, sys, pathlib, statistics
+out, repeat = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+med = statistics.median
+def ingest(b, w):
+    return [next(r for r in json.loads((out / f"ingest-{b}-{i}.json").read_text()) if r["workers"] == w)
+            for i in range(1, repeat + 1)]
+def consume(b):
+    return [json.loads((out / f"consume-{b}-{i}.json").read_text())["messages_per_second"]
+            for i in range(1, repeat + 1)]
+def perf():
+    rates = []
+    for i in range(1, repeat + 1):
+        lines = [l for l in (out / f"kafka-perf-{i}.txt").read_text().splitlines() if "," in l]
+        head = [h.strip() for h in lines[0].split(",")]
+        vals = [v.strip() for v in lines[-1].split(",")]
+        rates.append(float(vals[head.index("fetch.nMsg.sec")]))
+    return rates
+def runs(xs):
+    return ", ".join(f"{x:,.0f}" for x in xs)
+rows, ratios = [], []
+rate = {}
+for b, name in [("mock", "dev broker (librdkafka mock)"), ("kafka", "Apache Kafka")]:
+    c = consume(b)
+    rate[b, "consume"] = med(c)
+    rows.append((f"{name}: raw consume (librdkafka, no store: tickctl bench consume)", f"{med(c):,.0f} msg/s",
+                 f"runs: {runs(c)}"))
+    for w in (1, 2):
+        rs = ingest(b, w)
+        tps = [r["ticks_per_second"] for r in rs]
+        rate[b, w] = med(tps)
+        rows.append((f"{name}: tickfleet, {w} worker{'s' if w > 1 else ''}", f"{med(tps):,.0f} ticks/s",
+                     f"runs: {runs(tps)}; median {med([r['cpu_seconds'] for r in rs]):.1f} CPU s, "
+                     f"peak RSS {max(r['peak_rss_mib'] for r in rs):.0f} MiB"))
+p = perf()
+rows.append(("Apache Kafka: its own consumer (ConsumerPerformance, fetch rate)", f"{med(p):,.0f} msg/s",
+             f"runs: {runs(p)}"))
+ratios += [
+    ("Apache Kafka / dev broker, tickfleet 1 worker", rate["kafka", 1] / rate["mock", 1]),
+    ("Apache Kafka / dev broker, tickfleet 2 workers", rate["kafka", 2] / rate["mock", 2]),
+    ("Apache Kafka / dev broker, raw consume", rate["kafka", "consume"] / rate["mock", "consume"]),
+    ("Apache Kafka: raw consume (librdkafka) / ConsumerPerformance", rate["kafka", "consume"] / med(p)),
+    ("Apache Kafka: tickfleet 1 worker / raw consume", rate["kafka", 1] / rate["kafka", "consume"]),
+    ("Apache Kafka: tickfleet 2 workers / 1 worker", rate["kafka", 2] / rate["kafka", 1]),
 ]
-best = max(one["ticks_per_second"], two["ticks_per_second"])
-ratios = [
-    ("tickfleet (best of 1 and 2 workers) / Redis ZADD ceiling", best / zadd),
-    ("tickfleet 1 worker / Python peer", one["ticks_per_second"] / peer),
-    ("tickfleet 2 workers / 1 worker", two["ticks_per_second"] / one["ticks_per_second"]),
-]
-for name, label in [("api-latest-max", "GetLatest, flat out"), ("api-latest-5k", "GetLatest at 5k rps"),
-                    ("api-ticks", "ListTicks(limit 1000), flat out")]:
-    a = json.loads((out / f"{name}.json").read_text())
-    rows.append((f"api {label}, {a['clients']} clients", f"{a['rps']:,.0f} req/s",
-                 f"p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms, p999 {a['p999_ms']:.2f} ms, {a['errors']} errors"))
-lines = ["| what | rate | notes |", "|---|---|---|"]
+if (out / "peer.json").exists():
+    zadd = float(re.search(r"([\d.]+) requests per second", (out / "redis-benchmark.txt").read_text()).group(1))
+    peer = json.loads((out / "peer.json").read_text().strip().splitlines()[-1])["ticks_per_second"]
+    mem = json.loads((out / "memory.json").read_text())[0]
+    rows.insert(0, ("Redis pipelined ZADD ceiling (redis-benchmark -P 64)", f"{zadd:,.0f} ops/s", ""))
+    rows.append(("Python peer (confluent-kafka + redis-py), dev broker", f"{peer:,.0f} ticks/s", ""))
+    rows.append((f"1 worker on a {mem['ticks']:,}-tick backlog (64 partitions), dev broker",
+                 f"{mem['ticks_per_second']:,.0f} ticks/s", f"peak RSS {mem['peak_rss_mib']:.0f} MiB"))
+    best = max(rate["mock", 1], rate["mock", 2])
+    ratios += [
+        ("tickfleet (best of 1 and 2 workers, dev broker) / Redis ZADD ceiling", best / zadd),
+        ("tickfleet 1 worker / Python peer (dev broker)", rate["mock", 1] / peer),
+    ]
+    for name, label in [("api-latest-max", "GetLatest, flat out"), ("api-latest-5k", "GetLatest at 5k rps"),
+                        ("api-ticks", "ListTicks(limit 1000), flat out")]:
+        a = json.loads((out / f"{name}.json").read_text())
+        rows.append((f"api {label}, {a['clients']} clients", f"{a['rps']:,.0f} req/s",
+                     f"p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms, p999 {a['p999_ms']:.2f} ms, {a['errors']} errors"))
+lines = ["| what | median | notes |", "|---|---|---|"]
 lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
-lines += ["", "| ratio | value |", "|---|---|"]
+lines += ["", "| ratio (of medians) | value |", "|---|---|"]
 lines += [f"| {a} | {v:.2f} |" for a, v in ratios]
 text = "\n".join(lines) + "\n"
 (out / "summary.md").write_text((out / "machine.txt").read_text() + "\n" + text)
