@@ -425,6 +425,19 @@ pub struct WorkersSpec {
     #[serde(default = "default_drain_timeout")]
     #[schemars(range(min = 1, max = 3600))]
     pub drain_timeout_seconds: i32,
+    /// Ticks dated more than this many seconds after the worker's clock are dead-lettered with
+    /// reason `clock_skew`, so one bad producer clock cannot pin `latest` or empty the retention
+    /// window (`TICKFLEET_MAX_SKEW_AHEAD_SECS`; the worker's default when unset: 300). At most
+    /// 9223372036, the seconds a 64-bit count of nanoseconds holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 9_223_372_036_i64))]
+    pub max_skew_ahead_seconds: Option<i64>,
+    /// Ticks dated more than this many seconds before the worker's clock are dead-lettered with
+    /// reason `clock_skew` (`TICKFLEET_MAX_SKEW_BEHIND_SECS`; the worker's default when unset:
+    /// 31536000, 365 days). At most 9223372036.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 9_223_372_036_i64))]
+    pub max_skew_behind_seconds: Option<i64>,
     /// Compute resources of a worker container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resources: Option<ResourceRequirements>,
@@ -438,6 +451,8 @@ impl Default for WorkersSpec {
             batch_size: None,
             batch_linger_ms: None,
             drain_timeout_seconds: default_drain_timeout(),
+            max_skew_ahead_seconds: None,
+            max_skew_behind_seconds: None,
             resources: None,
         }
     }

@@ -105,3 +105,19 @@ fn autoscaling_disabled_needs_nothing_else() {
     tp.metadata.namespace = Some("markets".into());
     assert_eq!(tickfleet_operator::desired::validate(&tp), Ok(()));
 }
+
+/// The skew limits reach the worker as seconds it turns into 64-bit nanoseconds: the API server
+/// refuses 0 (every tick a nanosecond ahead would be dead-lettered) and anything that overflows.
+#[test]
+fn crd_bounds_the_skew_limits() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
+    let crd: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read crd")).expect("yaml");
+    let workers = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["workers"]["properties"];
+    for field in ["maxSkewAheadSeconds", "maxSkewBehindSeconds"] {
+        assert_eq!(workers[field]["type"], "integer", "{field}");
+        assert_eq!(workers[field]["minimum"], 1.0, "{field}");
+        assert_eq!(workers[field]["maximum"], 9_223_372_036.0, "{field}");
+    }
+}

@@ -63,6 +63,12 @@ pub fn config_data(tp: &TickPipeline) -> BTreeMap<String, String> {
         "TICKFLEET_DRAIN_TIMEOUT_SECS",
         spec.workers.drain_timeout_seconds.to_string(),
     );
+    if let Some(ahead) = spec.workers.max_skew_ahead_seconds {
+        put("TICKFLEET_MAX_SKEW_AHEAD_SECS", ahead.to_string());
+    }
+    if let Some(behind) = spec.workers.max_skew_behind_seconds {
+        put("TICKFLEET_MAX_SKEW_BEHIND_SECS", behind.to_string());
+    }
     put("TICKFLEET_LOG_FORMAT", spec.log_format.as_str().to_string());
     if let Some(auth) = &spec.kafka.auth {
         put(
@@ -159,8 +165,37 @@ mod tests {
             "set per container"
         );
         assert!(!data.contains_key("TICKFLEET_KAFKA_SASL_PASSWORD"));
+        // unset: the worker's own defaults (5 minutes ahead, 365 days behind)
+        assert!(!data.contains_key("TICKFLEET_MAX_SKEW_AHEAD_SECS"));
+        assert!(!data.contains_key("TICKFLEET_MAX_SKEW_BEHIND_SECS"));
         assert_eq!(cm.metadata.name.as_deref(), Some("btc-config"));
         assert_eq!(cm.metadata.namespace.as_deref(), Some("markets"));
+    }
+
+    #[test]
+    fn the_pipelines_skew_limits_reach_the_workers() {
+        let mut tp = pipeline();
+        tp.spec.workers.max_skew_ahead_seconds = Some(60);
+        tp.spec.workers.max_skew_behind_seconds = Some(86_400);
+        let cm = desired(&tp, 1).config_map;
+        let data = cm.data.as_ref().unwrap();
+        assert_eq!(data["TICKFLEET_MAX_SKEW_AHEAD_SECS"], "60");
+        assert_eq!(data["TICKFLEET_MAX_SKEW_BEHIND_SECS"], "86400");
+        // the workers read the ConfigMap as their environment, and a changed limit rolls them
+        let hash = |tp: &TickPipeline| {
+            desired(tp, 1)
+                .worker
+                .spec
+                .template
+                .metadata
+                .unwrap()
+                .annotations
+                .unwrap()[CONFIG_HASH_ANNOTATION]
+                .clone()
+        };
+        let mut wider = tp.clone();
+        wider.spec.workers.max_skew_ahead_seconds = Some(600);
+        assert_ne!(hash(&tp), hash(&wider));
     }
 
     #[test]

@@ -7,6 +7,9 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::crd::{MAX_SOURCE_SYMBOLS, SecurityProtocol, SourceSpec, TickPipeline};
 
+/// Largest skew limit a worker can apply: the seconds a 64-bit nanosecond clock difference holds.
+const MAX_SKEW_SECONDS: i64 = i64::MAX / 1_000_000_000;
+
 /// Checks what the CRD schema may not have caught (objects stored under an older schema, rules the
 /// API server only checks when its CEL support is on). Returns a message a user can act on.
 pub fn validate(tp: &TickPipeline) -> Result<(), String> {
@@ -85,6 +88,16 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
     }
     if spec.workers.drain_timeout_seconds < 1 {
         problems.push("workers.drainTimeoutSeconds must be at least 1".to_string());
+    }
+    for (field, limit) in [
+        ("maxSkewAheadSeconds", spec.workers.max_skew_ahead_seconds),
+        ("maxSkewBehindSeconds", spec.workers.max_skew_behind_seconds),
+    ] {
+        if limit.is_some_and(|s| !(1..=MAX_SKEW_SECONDS).contains(&s)) {
+            problems.push(format!(
+                "workers.{field} must be between 1 and {MAX_SKEW_SECONDS}"
+            ));
+        }
     }
     // `autoscaling: {enabled: false}` needs nothing else
     if let Some(a) = spec.workers.autoscaling.as_ref().filter(|a| a.enabled) {
@@ -237,6 +250,21 @@ mod tests {
             sasl: None,
         });
         assert!(validate(&sasl).unwrap_err().contains("kafka.auth.sasl"));
+    }
+
+    #[test]
+    fn skew_limits_must_be_positive_and_fit_a_nanosecond_clock() {
+        let mut tp = pipeline();
+        tp.spec.workers.max_skew_ahead_seconds = Some(1);
+        tp.spec.workers.max_skew_behind_seconds = Some(MAX_SKEW_SECONDS);
+        assert_eq!(validate(&tp), Ok(()));
+        tp.spec.workers.max_skew_ahead_seconds = Some(0);
+        tp.spec.workers.max_skew_behind_seconds = Some(MAX_SKEW_SECONDS + 1);
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "workers.maxSkewAheadSeconds must be between 1 and 9223372036; \
+             workers.maxSkewBehindSeconds must be between 1 and 9223372036"
+        );
     }
 
     #[test]
