@@ -541,3 +541,53 @@ async fn redis_live_feed_reconnects_and_reports_the_gap() {
     store.write_batch(&more).await.unwrap();
     assert_eq!(next_batch(&mut feed).await.1, more[2..].to_vec());
 }
+
+/// Two writers (their own key prefixes) start on a Redis that has not loaded the write script. Their
+/// first pipelines run together: while one gets `NOSCRIPT` for its first assets, the other's `SCRIPT
+/// LOAD` can land between the commands of its pipeline, so its later assets are written. Each write
+/// must still report every tick as new exactly once — re-running the whole pipeline after the load
+/// counted the assets already written as duplicates (a worker's `ticks_stored_total` fell short of
+/// what it stored). Repeated on a flushed script cache, since the interleaving is up to the server.
+#[tokio::test]
+async fn writers_racing_a_script_load_count_every_tick_once() {
+    let redis = OwnRedis::start();
+    let client = ::redis::Client::open(redis.url.as_str()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    // 40 assets of 50 ticks: a pipeline of several read buffers, so the server interleaves clients.
+    let batch: Vec<Tick> = (0..40)
+        .flat_map(|a| series(&format!("A{a:02}"), 50))
+        .collect();
+    for round in 0..12 {
+        let _: () = ::redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let writers: Vec<RedisStore> = (0..4)
+            .map(|w| {
+                RedisStore::open(
+                    &redis.url,
+                    &format!("race-{round}-{w}"),
+                    Retention::default(),
+                )
+                .unwrap()
+            })
+            .collect();
+        let writes = writers.iter().map(|s| s.write_batch(&batch));
+        for (w, summary) in futures::future::join_all(writes)
+            .await
+            .into_iter()
+            .enumerate()
+        {
+            let s = summary.unwrap();
+            assert_eq!(
+                (s.inserted, s.duplicates),
+                (batch.len(), 0),
+                "round {round}, writer {w}"
+            );
+        }
+        for w in &writers {
+            assert_eq!(all(w, "A17").await, series("A17", 50));
+        }
+    }
+}

@@ -247,8 +247,11 @@ impl Worker {
                 vec!["--kafka-option", "session.timeout.ms=6000"]
             })
             .args(&setup.args)
+            .env(
+                "RUST_LOG",
+                std::env::var("TICKFLEET_TEST_WORKER_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .envs(setup.env.iter().map(|(k, v)| (k, v)))
-            .env("RUST_LOG", "info")
             .stdout(Stdio::null())
             .stderr(file)
             .spawn()

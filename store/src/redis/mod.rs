@@ -166,7 +166,7 @@ impl RedisStore {
             .strip_suffix("}:live")
     }
 
-    /// Runs a pipeline; after a `NOSCRIPT` loads both scripts and runs it once more (it is idempotent).
+    /// Runs a one-command pipeline; after a `NOSCRIPT` loads both scripts and runs it once more.
     async fn query_with_scripts<T: redis::FromRedisValue>(
         &self,
         pipe: &redis::Pipeline,
@@ -174,17 +174,26 @@ impl RedisStore {
         let mut conn = self.conn.clone();
         match pipe.query_async(&mut conn).await {
             Err(e) if is_noscript(&e) => {
-                for src in [WRITE_LUA, RANGE_LUA] {
-                    let _: String = redis::cmd("SCRIPT")
-                        .arg("LOAD")
-                        .arg(src)
-                        .query_async(&mut conn)
-                        .await?;
-                }
+                self.load_scripts(&mut conn).await?;
                 Ok(pipe.query_async(&mut conn).await?)
             }
             other => Ok(other?),
         }
+    }
+
+    /// Loads both Lua scripts (Redis forgets them on a restart or `SCRIPT FLUSH`).
+    async fn load_scripts(
+        &self,
+        conn: &mut redis::aio::ConnectionManager,
+    ) -> Result<(), StoreError> {
+        for src in [WRITE_LUA, RANGE_LUA] {
+            let _: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(src)
+                .query_async(conn)
+                .await?;
+        }
+        Ok(())
     }
 
     fn decode(&self, asset: &str, m: &str) -> Result<Tick, StoreError> {
@@ -315,29 +324,54 @@ impl TickStore for RedisStore {
             .map_or(0, |a| u64::try_from(a.as_micros()).unwrap_or(u64::MAX));
         let max_count = self.retention.max_count.unwrap_or(0);
         let now_us = crate::clock_us();
-        let mut pipe = redis::pipe();
-        for (asset, ticks) in &by_asset {
-            let cmd = pipe
-                .cmd("EVALSHA")
-                .arg(&self.write_sha)
-                .arg(2)
-                .arg(self.ticks_key(asset))
-                .arg(self.latest_key(asset))
-                .arg(max_age_us)
-                .arg(max_count)
-                .arg(self.live_channel(asset))
-                .arg(now_us);
-            for t in ticks {
-                cmd.arg(member::score(t.event_time_ns))
-                    .arg(member::encode(t));
+        let by_asset: Vec<(&str, Vec<&Tick>)> = by_asset.into_iter().collect();
+        // One EVALSHA per asset, each answered on its own: when Redis has lost the script (a restart,
+        // `SCRIPT FLUSH`), only the assets that got NOSCRIPT are sent again after loading it. Another
+        // client's `SCRIPT LOAD` can land between the commands of this pipeline, so some assets may
+        // already be written; sending those again would count their ticks as duplicates.
+        let mut pending: Vec<usize> = (0..by_asset.len()).collect();
+        let mut inserted = 0;
+        for attempt in 0..2 {
+            let mut pipe = redis::pipe();
+            pipe.ignore_errors();
+            for &i in &pending {
+                let (asset, ticks) = &by_asset[i];
+                let cmd = pipe
+                    .cmd("EVALSHA")
+                    .arg(&self.write_sha)
+                    .arg(2)
+                    .arg(self.ticks_key(asset))
+                    .arg(self.latest_key(asset))
+                    .arg(max_age_us)
+                    .arg(max_count)
+                    .arg(self.live_channel(asset))
+                    .arg(now_us);
+                for t in ticks {
+                    cmd.arg(member::score(t.event_time_ns))
+                        .arg(member::encode(t));
+                }
             }
+            pipe.cmd("SADD")
+                .arg(self.assets_key())
+                .arg(pending.iter().map(|&i| by_asset[i].0).collect::<Vec<_>>());
+            let mut conn = self.conn.clone();
+            let mut answers: Vec<redis::RedisResult<usize>> = pipe.query_async(&mut conn).await?;
+            // SADD's answer (the count of new assets) is not the batch's
+            answers.pop().transpose()?;
+            let mut noscript = Vec::new();
+            for (&i, answer) in pending.iter().zip(answers) {
+                match answer {
+                    Ok(n) => inserted += n,
+                    Err(e) if is_noscript(&e) && attempt == 0 => noscript.push(i),
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if noscript.is_empty() {
+                break;
+            }
+            self.load_scripts(&mut conn).await?;
+            pending = noscript;
         }
-        pipe.cmd("SADD")
-            .arg(self.assets_key())
-            .arg(by_asset.keys().collect::<Vec<_>>())
-            .ignore();
-        let added: Vec<usize> = self.query_with_scripts(&pipe).await?;
-        let inserted = added.iter().sum();
         Ok(WriteSummary {
             inserted,
             duplicates: ticks.len() - inserted,
