@@ -51,6 +51,42 @@ pub(crate) trait Partitions {
     fn resume(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
 }
 
+/// A consumer whose commits give up at `until`: the final commit of a drain must fit in the drain
+/// bound, and librdkafka's synchronous commit waits as long as the broker is away (with the broker
+/// gone, a worker reported "drain timed out" rather than that its commit failed). The commit runs on a
+/// thread of its own that is left to finish, holding the consumer, when the bound passes.
+pub(crate) struct BoundedCommits<P> {
+    /// The consumer.
+    pub(crate) consumer: Arc<P>,
+    /// When a commit not yet answered counts as failed.
+    pub(crate) until: Instant,
+}
+
+impl<P: Partitions + Send + Sync + 'static> Partitions for BoundedCommits<P> {
+    fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+        use rdkafka::error::KafkaError;
+        use rdkafka::types::RDKafkaErrorCode;
+        let timed_out = || KafkaError::ConsumerCommit(RDKafkaErrorCode::OperationTimedOut);
+        let (tx, rx) = std::sync::mpsc::channel();
+        let consumer = self.consumer.clone();
+        let tpl = tpl.clone();
+        std::thread::Builder::new()
+            .name("kafka-commit".into())
+            .spawn(move || {
+                let _ = tx.send(consumer.commit_sync(&tpl));
+            })
+            .map_err(|_| timed_out())?;
+        rx.recv_timeout(self.until.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| Err(timed_out()))
+    }
+    fn pause(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+        self.consumer.pause(tpl)
+    }
+    fn resume(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+        self.consumer.resume(tpl)
+    }
+}
+
 impl<C: ConsumerContext> Partitions for BaseConsumer<C> {
     fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
         self.commit(tpl, CommitMode::Sync)
@@ -626,14 +662,26 @@ impl ConsumerContext for WorkerContext {
     }
 }
 
-/// The poll loop: runs on its own thread until `stop` is cancelled, then drains every lane, commits and
-/// closes the consumer (which leaves the group). Returns how the final release went.
+/// When and how a worker drains, shared by the runtime that decides to stop and the poll thread.
+pub(crate) struct DrainPlan {
+    /// Set (before `stop` is cancelled) to the instant the whole drain must be over by.
+    pub(crate) deadline: std::sync::OnceLock<Instant>,
+    /// The part of the drain bound kept for the final commit and leaving the group; the commit must
+    /// be answered by `deadline - reserve / 2`.
+    pub(crate) reserve: Duration,
+}
+
+/// The poll loop: runs on its own thread until `stop` is cancelled, then drains every lane, commits
+/// within the drain plan's bound, reports how the release went on `released`, and closes the consumer
+/// (which leaves the group).
 pub(crate) fn poll_loop(
     consumer: BaseConsumer<WorkerContext>,
     lanes: Arc<Lanes>,
     stop: CancellationToken,
     commit_every: Duration,
-) -> Released {
+    plan: Arc<DrainPlan>,
+    released: tokio::sync::oneshot::Sender<Released>,
+) {
     let mut last_commit = Instant::now();
     let mut polls: u32 = 0;
     let topic: Arc<str> = Arc::from(lanes.topic.as_str());
@@ -688,24 +736,38 @@ pub(crate) fn poll_loop(
     }
     if lanes.fatal.is_cancelled() {
         // Crash-only: commit nothing more, leave at once; the next owner re-reads from the last commit.
-        return Released {
-            drained: false,
-            committed: false,
-        };
+        return;
     }
     let assigned = lanes.assigned();
     info!(partitions = ?assigned, "draining: fetching stopped");
     if let Err(e) = Consumer::pause(&consumer, &lanes.tpl(&assigned)) {
         debug!(error = %e, "pause before drain failed");
     }
-    let released = lanes.retire(&consumer, &assigned, "shutdown");
-    if !released.committed {
+    let deadline = plan
+        .deadline
+        .get()
+        .copied()
+        .unwrap_or_else(|| Instant::now() + lanes.drain_timeout + plan.reserve);
+    let bounded = BoundedCommits {
+        consumer: Arc::new(consumer),
+        until: deadline.checked_sub(plan.reserve / 2).unwrap_or(deadline),
+    };
+    let outcome = lanes.retire(&bounded, &assigned, "shutdown");
+    if !outcome.committed {
         error!(partitions = ?assigned, "final commit failed: the next owner re-reads from the previous commit (writes are idempotent)");
     }
-    // Dropping the consumer closes it: it leaves the group, so its partitions move at once.
-    drop(consumer);
-    info!("consumer closed");
-    released
+    let _ = released.send(outcome);
+    // Dropping the consumer closes it: it leaves the group, so its partitions move at once. A commit
+    // still waiting for Kafka holds it; it closes when that commit gives up.
+    match Arc::try_unwrap(bounded.consumer) {
+        Ok(consumer) => {
+            drop(consumer);
+            info!("consumer closed");
+        }
+        Err(_) => warn!(
+            "the final commit is still waiting for Kafka: the consumer closes when it gives up"
+        ),
+    }
 }
 
 #[cfg(test)]
@@ -714,6 +776,7 @@ mod tests {
     use rdkafka::statistics::{Partition, Topic};
     use std::collections::BTreeSet;
     use std::str::FromStr;
+    use std::sync::atomic::{AtomicBool, Ordering};
     use tickfleet_proto::{Format, Limits, Tick};
     use tickfleet_service::Health;
     use tickfleet_store::{
@@ -730,6 +793,8 @@ mod tests {
         commits: Mutex<Vec<Vec<(i32, i64)>>>,
         paused: Mutex<BTreeSet<i32>>,
         refuse: Mutex<Option<rdkafka::types::RDKafkaErrorCode>>,
+        /// Commits wait (as librdkafka's do for a broker that is gone) while this is set.
+        hang_commits: AtomicBool,
     }
 
     impl FakeConsumer {
@@ -740,6 +805,9 @@ mod tests {
 
     impl Partitions for FakeConsumer {
         fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
+            while self.hang_commits.load(Ordering::SeqCst) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             if let Some(code) = *self.refuse.lock().unwrap() {
                 return Err(rdkafka::error::KafkaError::ConsumerCommit(code));
             }
@@ -924,6 +992,45 @@ mod tests {
         let released = s.lanes.retire(&s.consumer, &[1], "shutdown");
         assert!(released.drained && released.committed);
         assert_eq!(*s.consumer.commits.lock().unwrap(), vec![vec![(1, 8)]]);
+        drop(s.runtime);
+    }
+
+    /// With the broker gone, librdkafka's synchronous commit does not return; the drain must still end
+    /// within its bound and report the commit as failed (not as a drain that timed out).
+    #[test]
+    fn a_final_commit_kafka_never_answers_fails_at_its_bound() {
+        let s = setup(1000, false, 1 << 20);
+        let consumer = Arc::new(FakeConsumer::default());
+        s.lanes.open(&[0]);
+        s.lanes.dispatch(&*consumer, message(&s.lanes, 0, 41, 100));
+        consumer.hang_commits.store(true, Ordering::SeqCst);
+        let bounded = BoundedCommits {
+            consumer: consumer.clone(),
+            until: Instant::now() + Duration::from_millis(200),
+        };
+        let started = Instant::now();
+        let released = s.lanes.retire(&bounded, &[0], "shutdown");
+        assert_eq!(
+            released,
+            Released {
+                drained: true,
+                committed: false
+            }
+        );
+        // A generous bound: the commit never returns on its own while it hangs.
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{:?}",
+            started.elapsed()
+        );
+        assert!(consumer.commits.lock().unwrap().is_empty());
+        // The abandoned commit still goes through if Kafka answers later (the next owner would
+        // otherwise re-read, which the store absorbs).
+        consumer.hang_commits.store(false, Ordering::SeqCst);
+        wait_until("the abandoned commit to go through", || {
+            !consumer.commits.lock().unwrap().is_empty()
+        });
+        assert_eq!(*consumer.commits.lock().unwrap(), vec![vec![(0, 42)]]);
         drop(s.runtime);
     }
 

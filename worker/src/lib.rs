@@ -33,7 +33,7 @@ pub use config::{KafkaOptions, WorkerConfig};
 pub use error::Error;
 pub use metrics::Metrics;
 
-use consumer::{Lanes, WorkerContext, poll_loop};
+use consumer::{DrainPlan, Lanes, WorkerContext, poll_loop};
 use lane::{DeadLetterSink, LaneShared};
 
 /// How a worker's run ended.
@@ -43,8 +43,8 @@ pub enum Drain {
     Clean,
     /// The drain timeout passed first; whatever was not stored was not committed either.
     TimedOut,
-    /// Everything was stored, but Kafka refused the final commit: the next owner re-reads from the
-    /// previous commit (the store absorbs the redelivery).
+    /// Everything was stored, but Kafka refused the final commit or did not answer it within the drain
+    /// timeout: the next owner re-reads from the previous commit (the store absorbs the redelivery).
     CommitFailed,
 }
 
@@ -82,8 +82,12 @@ pub async fn run(
         metrics: metrics.clone(),
         health: health.clone(),
     };
-    // Lanes get most of the drain budget; committing and leaving the group get the rest.
-    let lane_budget = drain_timeout.saturating_sub((drain_timeout / 4).min(Duration::from_secs(3)));
+    // Lanes get most of the drain budget; the final commit and leaving the group get the rest.
+    let plan = Arc::new(DrainPlan {
+        deadline: std::sync::OnceLock::new(),
+        reserve: (drain_timeout / 4).min(Duration::from_secs(3)),
+    });
+    let lane_budget = drain_timeout.saturating_sub(plan.reserve);
     let lanes = Arc::new(Lanes::new(
         tokio::runtime::Handle::current(),
         shared,
@@ -109,14 +113,25 @@ pub async fn run(
     info!(topic = %config.topic, group = %config.group, brokers = %config.kafka.brokers, "worker started");
 
     let stop_polling = CancellationToken::new();
-    let (done_tx, mut done_rx) = tokio::sync::oneshot::channel();
+    // `released` says how the final drain and commit went; `closed`, that the poll thread ended (the
+    // consumer left the group).
+    let (released_tx, released_rx) = tokio::sync::oneshot::channel();
+    let (closed_tx, mut closed_rx) = tokio::sync::oneshot::channel::<()>();
     let commit_every = Duration::from_millis(config.commit_interval_ms.max(10));
     let poll_stop = stop_polling.clone();
+    let poll_plan = plan.clone();
     std::thread::Builder::new()
         .name("kafka-poll".into())
         .spawn(move || {
-            let drained = poll_loop(consumer, lanes, poll_stop, commit_every);
-            let _ = done_tx.send(drained);
+            poll_loop(
+                consumer,
+                lanes,
+                poll_stop,
+                commit_every,
+                poll_plan,
+                released_tx,
+            );
+            let _ = closed_tx.send(());
         })
         .map_err(|e| Error::Internal(format!("starting the poll thread: {e}")))?;
 
@@ -131,7 +146,7 @@ pub async fn run(
             let (partition, message) = watched.panicked().unwrap_or_default();
             return Err(Error::LanePanicked { partition, message });
         }
-        ended = &mut done_rx => {
+        ended = &mut closed_rx => {
             // Only a panic ends the poll thread before shutdown: fail, so the process is restarted.
             health.set_ready(false);
             readiness.abort();
@@ -140,11 +155,23 @@ pub async fn run(
     }
     health.set_ready(false);
     let started = Instant::now();
+    let deadline = started + drain_timeout;
+    let _ = plan.deadline.set(deadline);
     info!(timeout_s = drain_timeout.as_secs(), "draining");
     stop_polling.cancel();
     readiness.abort();
-    let outcome = match tokio::time::timeout(drain_timeout, done_rx).await {
-        Ok(Ok(released)) if released.drained && released.committed => Drain::Clean,
+    let deadline = tokio::time::Instant::from_std(deadline);
+    let outcome = match tokio::time::timeout_at(deadline, released_rx).await {
+        Ok(Ok(released)) if released.drained && released.committed => {
+            // Everything is stored and committed; leaving the group hands the partitions over now
+            // rather than after the session timeout.
+            if tokio::time::timeout_at(deadline, closed_rx).await.is_ok() {
+                Drain::Clean
+            } else {
+                warn!("the consumer did not leave the group within the drain timeout");
+                Drain::TimedOut
+            }
+        }
         Ok(Ok(released)) if released.drained => {
             error!(
                 "drain stored everything but the final commit failed; the next owner re-reads from the previous commit"
