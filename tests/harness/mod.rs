@@ -713,6 +713,21 @@ impl RedisServer {
         }
     }
 
+    /// Stops the server with SIGSTOP: connections stay open and nothing is answered, as with a
+    /// server that hangs, until [`thaw`](Self::thaw).
+    pub fn freeze(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "STOP");
+        }
+    }
+
+    /// Lets a [`freeze`](Self::freeze)d server run on (SIGCONT).
+    pub fn thaw(&self) {
+        if let Some(child) = &self.child {
+            signal(child, "CONT");
+        }
+    }
+
     /// Starts the server (again) on the same port and data directory, and waits until it answers.
     pub fn start_again(&mut self) {
         let child = Command::new("redis-server")
