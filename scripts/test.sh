@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# Installs what tickfleet's tests need on a fresh Debian machine, starts a real redis-server and Apache
-# Kafka (one KRaft broker, tests/kafka/kafka.sh, fetched from Maven Central with mvn) on free loopback
-# ports, builds the binaries, runs formatting and lint checks and every workspace test (unit, conformance
-# and end-to-end), stops both, and exits with the tests' status.
+# Installs what tickfleet's tests need on a fresh Debian machine, starts a real redis-server, a Redis
+# Cluster (3 primaries, 3 replicas: scripts/redis-cluster.sh) and Apache Kafka (one KRaft broker,
+# tests/kafka/kafka.sh, fetched from Maven Central with mvn) on free loopback ports, builds the
+# binaries, runs formatting and lint checks and every workspace test (unit, conformance and
+# end-to-end), stops them all, and exits with the tests' status.
 #
 # TICKFLEET_TEST_KAFKA=HOST:PORT already set: the tests use that Kafka and none is started. Tests that
 # kill, restart or secure a broker start dedicated ones through the same script; the dev broker
@@ -41,10 +42,12 @@ work=$(mktemp -d)
 export TICKFLEET_KAFKA_LEDGER="$work/kafka-ledger"
 : >"$TICKFLEET_KAFKA_LEDGER"
 redis_pid=""
+cluster_dir=""
 kafka_dir=""
 # shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
   if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
+  if [ -n "$cluster_dir" ]; then bash scripts/redis-cluster.sh stop "$cluster_dir" || true; fi
   if [ -n "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir" || true; fi
   rm -rf "$work"
 }
@@ -61,6 +64,13 @@ for _ in $(seq 1 100); do
 done
 redis-cli -p "$port" ping >/dev/null
 export TICKFLEET_TEST_REDIS_URL="redis://127.0.0.1:$port"
+# The store conformance suite's cluster target and the cluster e2e tests (which start clusters of their
+# own for resharding and failover) read the seed URLs from TICKFLEET_TEST_REDIS_CLUSTER_URLS (~3 s).
+log "starting a Redis Cluster (3 primaries, 3 replicas) on loopback"
+cluster_dir="$work/redis-cluster"
+TICKFLEET_TEST_REDIS_CLUSTER_URLS=$(bash scripts/redis-cluster.sh start "$cluster_dir")
+export TICKFLEET_TEST_REDIS_CLUSTER_URLS
+echo "Redis Cluster at $TICKFLEET_TEST_REDIS_CLUSTER_URLS"
 
 bash scripts/check-packaging.sh  # manifests, Helm chart, docker-compose, Dockerfile (no Docker needed)
 log "cargo fmt --check"

@@ -15,7 +15,7 @@ use clap::Args;
 use prometheus::core::Collector;
 use tickfleet_proto::Format;
 use tickfleet_service::{CancellationToken, Health};
-use tickfleet_store::{MemoryStore, RedisStore, Retention, TickStore};
+use tickfleet_store::{MemoryStore, RedisMode, RedisSettings, RedisStore, Retention, TickStore};
 use tickfleet_worker::{KafkaOptions, Metrics, WorkerConfig};
 
 use crate::dev_broker::DevBroker;
@@ -35,6 +35,9 @@ pub struct DemoArgs {
     /// Key prefix in Redis.
     #[arg(long, default_value = "tf-demo")]
     redis_prefix: String,
+    /// With --redis: `standalone` (one server) or `cluster` (--redis takes comma-separated seed URLs).
+    #[arg(long, value_enum, default_value_t = RedisMode::Standalone, requires = "redis")]
+    redis_mode: RedisMode,
     /// Topic.
     #[arg(long, default_value = "ticks")]
     topic: String,
@@ -93,10 +96,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         (None, None) => unreachable!("a broker is started when none is given"),
     };
     let store: Arc<dyn TickStore> = match &args.redis {
-        Some(url) => Arc::new(RedisStore::open(
+        Some(url) => Arc::new(RedisStore::connect(
             url,
             &args.redis_prefix,
             Retention::default(),
+            RedisSettings {
+                mode: args.redis_mode,
+                ..RedisSettings::default()
+            },
         )?),
         None => Arc::new(MemoryStore::new()),
     };
@@ -140,8 +147,10 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         redis: tickfleet_store::RedisOptions {
             redis_url: args.redis.clone().unwrap_or_default(),
             redis_prefix: args.redis_prefix.clone(),
+            redis_mode: args.redis_mode,
             ..Default::default()
         },
+        replica_acks: Default::default(),
         retention_max_age_secs: None,
         retention_max_count: None,
         admin_addr: "127.0.0.1:0".parse()?,

@@ -18,9 +18,9 @@ use std::time::Duration;
 
 pub use live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 pub use memory::MemoryStore;
+pub use redis::{RedisMode, RedisSettings, RedisStore, RedisTls};
 #[cfg(feature = "clap")]
-pub use redis::RedisOptions;
-pub use redis::{RedisStore, RedisTls};
+pub use redis::{RedisOptions, ReplicaAckOptions};
 pub use tickfleet_proto::{Tick, TickId};
 
 /// The largest page [`TickStore::range`] returns, whatever the caller asks for.
@@ -146,6 +146,21 @@ pub enum StoreError {
     /// Redis failed, could not be reached, or refused the command; see [`StoreError::is_retriable`].
     #[error("redis: {0}")]
     Redis(#[from] ::redis::RedisError),
+    /// Redis could not be reached to set up a connection (a cluster's slot map could not be read, say):
+    /// always retriable, whatever the server answered.
+    #[error("redis unreachable: {0}")]
+    Connect(::redis::RedisError),
+    /// Fewer replicas than required acknowledged a write within the timeout (`WAIT`): the write is
+    /// on the primary but not yet as durable as asked, so the call failed (retriable).
+    #[error("only {acked} of {wanted} required replicas acknowledged the write within {timeout:?}")]
+    Replication {
+        /// Replicas required (`--redis-min-replica-acks`).
+        wanted: u32,
+        /// Replicas that acknowledged.
+        acked: u32,
+        /// How long `WAIT` waited.
+        timeout: Duration,
+    },
     /// Stored data could not be read back as a tick.
     #[error("corrupt stored tick {key}: {detail}")]
     Corrupt {
@@ -170,7 +185,8 @@ impl StoreError {
     pub fn kind(&self) -> &'static str {
         match self {
             StoreError::Redis(e) if !redis_error_is_retriable(e) => "rejected",
-            StoreError::Redis(_) => "redis",
+            StoreError::Redis(_) | StoreError::Connect(_) => "redis",
+            StoreError::Replication { .. } => "replication",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::Config(_) => "config",
             StoreError::Injected(_) => "injected",
@@ -183,7 +199,9 @@ impl StoreError {
     pub fn is_retriable(&self) -> bool {
         match self {
             StoreError::Redis(e) => redis_error_is_retriable(e),
-            StoreError::Injected(_) => true,
+            StoreError::Injected(_) | StoreError::Connect(_) | StoreError::Replication { .. } => {
+                true
+            }
             StoreError::Corrupt { .. }
             | StoreError::Config(_)
             | StoreError::InjectedRejection(_) => false,

@@ -1,6 +1,8 @@
-//! One suite, two stores: every test here runs against [`MemoryStore`] and against [`RedisStore`] on a real
-//! `redis-server` (its URL in `TICKFLEET_TEST_REDIS_URL`; `scripts/test.sh` starts one). Each Redis test
-//! uses a key prefix of its own, so tests can share one server.
+//! One suite, three targets: every test here runs against [`MemoryStore`], against [`RedisStore`] on a
+//! real `redis-server` (its URL in `TICKFLEET_TEST_REDIS_URL`) and against [`RedisStore`] in cluster mode
+//! on a real Redis Cluster of 3 primaries and 3 replicas (its seed URLs, comma-separated, in
+//! `TICKFLEET_TEST_REDIS_CLUSTER_URLS`); `scripts/test.sh` starts both. Each Redis test uses a key prefix
+//! of its own, so tests can share one server and one cluster.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -8,15 +10,13 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 use tickfleet_store::{
-    LiveEvent, LiveFeed, MemoryStore, RangeQuery, RedisStore, Retention, Tick, TickId, TickStore,
+    LiveEvent, LiveFeed, MemoryStore, RangeQuery, RedisMode, RedisSettings, RedisStore, Retention,
+    Tick, TickId, TickStore,
 };
 
-fn redis_store(retention: Retention) -> RedisStore {
+fn unique_prefix() -> String {
     static N: AtomicU32 = AtomicU32::new(0);
-    let url = std::env::var("TICKFLEET_TEST_REDIS_URL").expect(
-        "TICKFLEET_TEST_REDIS_URL is not set: run scripts/test.sh, which starts redis-server and sets it",
-    );
-    let prefix = format!(
+    format!(
         "conformance-{}-{}-{}",
         std::process::id(),
         N.fetch_add(1, Ordering::Relaxed),
@@ -24,8 +24,29 @@ fn redis_store(retention: Retention) -> RedisStore {
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap()
             .as_nanos()
+    )
+}
+
+fn redis_store(retention: Retention) -> RedisStore {
+    let url = std::env::var("TICKFLEET_TEST_REDIS_URL").expect(
+        "TICKFLEET_TEST_REDIS_URL is not set: run scripts/test.sh, which starts redis-server and sets it",
     );
-    RedisStore::open(&url, &prefix, retention).unwrap()
+    RedisStore::open(&url, &unique_prefix(), retention).unwrap()
+}
+
+fn cluster_urls() -> String {
+    std::env::var("TICKFLEET_TEST_REDIS_CLUSTER_URLS").expect(
+        "TICKFLEET_TEST_REDIS_CLUSTER_URLS is not set: run scripts/test.sh, which starts a Redis Cluster \
+         (scripts/redis-cluster.sh) and sets it",
+    )
+}
+
+fn cluster_store(retention: Retention) -> RedisStore {
+    let settings = RedisSettings {
+        mode: RedisMode::Cluster,
+        ..RedisSettings::default()
+    };
+    RedisStore::connect(&cluster_urls(), &unique_prefix(), retention, settings).unwrap()
 }
 
 fn memory_store(retention: Retention) -> MemoryStore {
@@ -355,6 +376,18 @@ macro_rules! conformance {
                 }
             )*
         }
+        mod cluster {
+            use super::*;
+            $(
+                #[tokio::test]
+                async fn $name() {
+                    #[allow(unused_mut, unused_assignments)]
+                    let mut retention = Retention::default();
+                    $(retention = $retention;)?
+                    super::$name(cluster_store(retention)).await;
+                }
+            )*
+        }
     };
 }
 
@@ -540,6 +573,149 @@ async fn redis_live_feed_reconnects_and_reports_the_gap() {
     let more = series("A", 4);
     store.write_batch(&more).await.unwrap();
     assert_eq!(next_batch(&mut feed).await.1, more[2..].to_vec());
+}
+
+fn cluster_store_with(settings: RedisSettings) -> RedisStore {
+    let settings = RedisSettings {
+        mode: RedisMode::Cluster,
+        ..settings
+    };
+    RedisStore::connect(
+        &cluster_urls(),
+        &unique_prefix(),
+        Retention::default(),
+        settings,
+    )
+    .unwrap()
+}
+
+/// Every primary of the test cluster, as `redis://` URLs (from `CLUSTER NODES` via the first seed).
+async fn cluster_primaries() -> Vec<String> {
+    let first = cluster_urls().split(',').next().unwrap().to_owned();
+    let client = ::redis::Client::open(first).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let nodes: String = ::redis::cmd("CLUSTER")
+        .arg("NODES")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    nodes
+        .lines()
+        .filter(|l| l.contains("master") && !l.contains("fail"))
+        .map(|l| {
+            let addr = l.split_whitespace().nth(1).unwrap();
+            format!("redis://{}", addr.split('@').next().unwrap())
+        })
+        .collect()
+}
+
+/// Promoted replicas and restarted nodes have no scripts: after `SCRIPT FLUSH` on every primary the
+/// cluster store loads them again and loses nothing.
+#[tokio::test]
+async fn cluster_reloads_scripts_it_lost() {
+    let store = cluster_store(Retention::default());
+    let assets: Vec<String> = (0..20).map(|i| format!("S{i}")).collect();
+    let batch = |n| assets.iter().flat_map(|a| series(a, n)).collect::<Vec<_>>();
+    store.write_batch(&batch(2)).await.unwrap();
+    let primaries = cluster_primaries().await;
+    assert_eq!(primaries.len(), 3, "{primaries:?}");
+    for url in &primaries {
+        let client = ::redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+        let _: () = ::redis::cmd("SCRIPT")
+            .arg("FLUSH")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let s = store.write_batch(&batch(4)).await.unwrap();
+    assert_eq!((s.inserted, s.duplicates), (40, 40));
+    for a in &assets {
+        assert_eq!(all(&store, a).await, series(a, 4));
+    }
+    assert_eq!(store.assets().await.unwrap().len(), 20);
+}
+
+/// With `min_replica_acks` the write waits for replicas: 1 (each primary of the test cluster has one)
+/// succeeds; 2 cannot be met, so the write fails after the timeout, retriable, and says why.
+#[tokio::test]
+async fn cluster_writes_wait_for_replica_acks() {
+    let one = cluster_store_with(RedisSettings {
+        min_replica_acks: 1,
+        replica_ack_timeout: Duration::from_secs(2),
+        ..RedisSettings::default()
+    });
+    let batch: Vec<Tick> = (0..10).flat_map(|i| series(&format!("W{i}"), 3)).collect();
+    let s = one.write_batch(&batch).await.unwrap();
+    assert_eq!(s.inserted, 30);
+
+    let two = cluster_store_with(RedisSettings {
+        min_replica_acks: 2,
+        replica_ack_timeout: Duration::from_millis(200),
+        ..RedisSettings::default()
+    });
+    let err = two.write_batch(&series("W0", 4)).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert_eq!(err.kind(), "replication");
+    assert!(err.to_string().contains("only 1 of 2"), "{err}");
+}
+
+/// On one server without replicas, `WAIT 1` cannot be met: the write fails (retriable) instead of
+/// counting as stored.
+#[tokio::test]
+async fn redis_writes_without_replicas_fail_when_acks_are_required() {
+    let url = std::env::var("TICKFLEET_TEST_REDIS_URL").unwrap();
+    let store = RedisStore::connect(
+        &url,
+        &unique_prefix(),
+        Retention::default(),
+        RedisSettings {
+            min_replica_acks: 1,
+            replica_ack_timeout: Duration::from_millis(100),
+            ..RedisSettings::default()
+        },
+    )
+    .unwrap();
+    let err = store.write_batch(&series("A", 2)).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert_eq!(err.kind(), "replication");
+    assert!(err.to_string().contains("only 0 of 1"), "{err}");
+}
+
+/// Assets indexed by versions before the bucketed index (one `PREFIX:assets` set) are still listed.
+#[tokio::test]
+async fn redis_lists_assets_of_the_single_set_index_too() {
+    let store = redis_store(Retention::default());
+    store.write_batch(&series("NEW", 1)).await.unwrap();
+    let client = ::redis::Client::open(std::env::var("TICKFLEET_TEST_REDIS_URL").unwrap()).unwrap();
+    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
+    let _: () = ::redis::cmd("SADD")
+        .arg(format!("{}:assets", store.prefix()))
+        .arg("OLD")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(store.assets().await.unwrap(), vec!["NEW", "OLD"]);
+}
+
+/// A store in cluster mode pointed at a server that is not in a cluster is unreachable (retriable, the
+/// worker waits and says so), never a rejection of the ticks.
+#[tokio::test]
+async fn cluster_mode_against_a_standalone_server_is_retriable() {
+    let url = std::env::var("TICKFLEET_TEST_REDIS_URL").unwrap();
+    let store = RedisStore::connect(
+        &url,
+        "x",
+        Retention::default(),
+        RedisSettings {
+            mode: RedisMode::Cluster,
+            ..RedisSettings::default()
+        },
+    )
+    .unwrap();
+    let err = store.write_batch(&series("A", 1)).await.unwrap_err();
+    assert!(err.is_retriable(), "{err}");
+    assert!(store.ping().await.is_err());
 }
 
 /// Two writers (their own key prefixes) start on a Redis that has not loaded the write script. Their

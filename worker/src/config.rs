@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use rdkafka::ClientConfig;
 use tickfleet_proto::{Format, Limits};
-use tickfleet_store::{RedisOptions, Retention};
+use tickfleet_store::{RedisOptions, ReplicaAckOptions, Retention};
 
 use crate::lane::{Backoff, LaneConfig};
 
@@ -72,6 +72,9 @@ pub struct WorkerConfig {
     /// The store.
     #[command(flatten)]
     pub redis: RedisOptions,
+    /// How many replicas must hold a batch before its offsets may be committed.
+    #[command(flatten)]
+    pub replica_acks: ReplicaAckOptions,
     /// Keep ticks at most this many seconds back from each asset's newest tick (bounded by the worker's clock).
     #[arg(long, env = "TICKFLEET_RETENTION_MAX_AGE_SECS")]
     pub retention_max_age_secs: Option<u64>,

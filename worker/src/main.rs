@@ -24,7 +24,11 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
     let metrics = Metrics::new();
     let health = Health::new();
-    let store = Arc::new(config.redis.open(config.retention())?);
+    let store = Arc::new(
+        config
+            .redis
+            .open_with_acks(config.retention(), &config.replica_acks)?,
+    );
     let (admin, _) = serve_admin(
         config.admin_addr,
         metrics.registry.clone(),
