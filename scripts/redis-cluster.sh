@@ -65,11 +65,18 @@ start)
       exit 1
     }
   done
-  # Every replica attached and in sync, so a failover test starts from a replicated cluster.
-  for _ in $(seq 1 200); do
-    [ "$(redis-cli -p "$first" cluster nodes | grep -c 'slave.*connected')" -eq 3 ] && break
+  # Every replica attached and its replication link up (initial sync done), so a failover test starts
+  # from a replicated cluster: a replica that never synced cannot be promoted.
+  replicas=0
+  for _ in $(seq 1 300); do
+    replicas=0
+    for port in $(cat "$dir/ports"); do
+      redis-cli -p "$port" info replication 2>/dev/null | grep -q '^master_link_status:up' && replicas=$((replicas + 1))
+    done
+    [ "$replicas" -eq 3 ] && break
     sleep 0.1
   done
+  [ "$replicas" -eq 3 ] || { echo "only $replicas of 3 replicas in sync; see $dir" >&2; exit 1; }
   sed 's|^|redis://127.0.0.1:|' "$dir/ports" | paste -sd, -
   ;;
 stop)

@@ -351,11 +351,28 @@ fn default_key_prefix() -> String {
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.tls) || !has(self.url) || self.url.startsWith('rediss://')"
 ).message("redis.tls needs a rediss:// url"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.url) || !self.url.contains(',') || (has(self.mode) && self.mode == 'cluster')"
+).message("several comma-separated redis.url seeds need mode: cluster"))]
+#[x_kube(validation = kube::core::Rule::new(
+    "!has(self.tls) || !has(self.mode) || self.mode != 'cluster'"
+).message("redis.tls (a private CA or client certificate) is not supported with mode: cluster"))]
 pub struct RedisSpec {
-    /// `redis://` or `rediss://` URL.
+    /// `redis://` or `rediss://` URL; with `mode: cluster`, one or more comma-separated seed URLs of
+    /// the cluster's nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(pattern(r"^rediss?://"))]
     pub url: Option<String>,
+    /// `standalone` (one Redis server; the default) or `cluster` (a Redis Cluster, reached through the
+    /// seed URLs) — `TICKFLEET_REDIS_MODE` of the workers and the api.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<RedisMode>,
+    /// Replicas that must acknowledge each batch (`WAIT`) before the workers commit its offsets
+    /// (`TICKFLEET_REDIS_MIN_REPLICA_ACKS`); 0 when unset: the primary's answer is enough. A shard
+    /// with fewer replicas in sync takes no writes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0, max = 16))]
+    pub min_replica_acks: Option<u32>,
     /// Secret key holding the URL (the Secret must be offered to the pipeline: annotation
     /// `tickfleet.io/allowed-pipelines`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -364,6 +381,27 @@ pub struct RedisSpec {
     /// needed when the server's certificate is signed by a public CA and it does not check clients.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<RedisTlsSpec>,
+}
+
+/// Which kind of Redis deployment the store is.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum RedisMode {
+    /// One Redis server.
+    #[default]
+    Standalone,
+    /// A Redis Cluster.
+    Cluster,
+}
+
+impl RedisMode {
+    /// The value of `TICKFLEET_REDIS_MODE`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RedisMode::Standalone => "standalone",
+            RedisMode::Cluster => "cluster",
+        }
+    }
 }
 
 /// Private CA and client certificate for Redis over TLS. The Secrets are mounted read-only into

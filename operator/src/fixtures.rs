@@ -24,6 +24,8 @@ pub fn pipeline() -> TickPipeline {
             store: StoreSpec {
                 redis: RedisSpec {
                     url: Some("redis://redis:6379".into()),
+                    mode: None,
+                    min_replica_acks: None,
                     url_secret_ref: None,
                     tls: None,
                 },

@@ -121,3 +121,37 @@ fn crd_bounds_the_skew_limits() {
         assert_eq!(workers[field]["maximum"], 9_223_372_036.0, "{field}");
     }
 }
+
+#[test]
+fn redis_mode_and_replica_acks_are_validated_by_the_crd() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
+    let crd: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read crd")).expect("yaml");
+    let redis = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["store"]["properties"]["redis"];
+    assert_eq!(
+        redis["properties"]["mode"]["enum"],
+        serde_json::json!(["standalone", "cluster"])
+    );
+    assert_eq!(
+        redis["properties"]["minReplicaAcks"]["minimum"].as_f64(),
+        Some(0.0)
+    );
+    let rules: Vec<&str> = redis["x-kubernetes-validations"]
+        .as_array()
+        .expect("rules")
+        .iter()
+        .map(|r| r["rule"].as_str().expect("rule"))
+        .collect();
+    // The rules that span fields: seeds need cluster mode, cluster mode takes no TLS files.
+    assert!(
+        rules.contains(
+            &"!has(self.url) || !self.url.contains(',') || (has(self.mode) && self.mode == 'cluster')"
+        ),
+        "{rules:?}"
+    );
+    assert!(
+        rules.contains(&"!has(self.tls) || !has(self.mode) || self.mode != 'cluster'"),
+        "{rules:?}"
+    );
+}

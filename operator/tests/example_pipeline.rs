@@ -53,6 +53,30 @@ fn example_pipeline_is_valid() {
     );
 }
 
+/// `manifests/example-pipeline-cluster.yaml`: a pipeline on a Redis Cluster, valid and with the
+/// cluster settings it shows.
+#[test]
+fn cluster_example_pipeline_is_valid() {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../manifests/example-pipeline-cluster.yaml"
+    );
+    let text = std::fs::read_to_string(path).expect("read example");
+    let raw: Value = serde_saphyr::from_str(&text).expect("yaml");
+    let mut tp: TickPipeline = serde_json::from_value(raw.clone()).expect("a TickPipeline");
+    let round_trip = serde_json::to_value(&tp).expect("serialize");
+    included(&raw, &round_trip, "").expect("every field is known");
+    tp.metadata.namespace = Some("markets".into());
+    assert_eq!(validate(&tp), Ok(()));
+    let redis = &tp.spec.store.redis;
+    assert_eq!(
+        redis.mode,
+        Some(tickfleet_operator::crd::RedisMode::Cluster)
+    );
+    assert_eq!(redis.min_replica_acks, Some(1));
+    assert_eq!(redis.url.as_deref().unwrap().split(',').count(), 3);
+}
+
 #[test]
 fn typo_in_a_field_is_caught() {
     let raw: Value = serde_json::json!({

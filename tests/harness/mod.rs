@@ -18,10 +18,12 @@ use std::time::{Duration, Instant};
 pub mod kafka;
 pub mod kube;
 pub mod prometheus;
+pub mod redis_cluster;
 
 pub use kafka::{
     Kafka, create_topic, partition_leaders, shared_kafka, shared_topic, topic_partitions,
 };
+pub use redis_cluster::{RedisCluster, redis_cluster_urls};
 
 /// Path of one of the workspace's binaries.
 pub fn bin(name: &str) -> PathBuf {
@@ -501,6 +503,16 @@ pub fn wait_verified(
 
 /// `tickctl verify --json` of `report` against `redis_url` under `prefix`: (clean?, summary).
 pub fn verify(report: &Path, redis_url: &str, prefix: &str) -> (bool, serde_json::Value) {
+    verify_on(report, redis_url, prefix, &[])
+}
+
+/// [`verify`] with extra `tickctl verify` arguments (e.g. `--redis-mode cluster`).
+pub fn verify_on(
+    report: &Path,
+    redis_url: &str,
+    prefix: &str,
+    extra: &[&str],
+) -> (bool, serde_json::Value) {
     let out = Command::new(bin("tickctl"))
         .args([
             "verify",
@@ -509,8 +521,9 @@ pub fn verify(report: &Path, redis_url: &str, prefix: &str) -> (bool, serde_json
             redis_url,
             "--redis-prefix",
             prefix,
-            "--report",
         ])
+        .args(extra)
+        .arg("--report")
         .arg(report)
         .output()
         .expect("run tickctl verify");
@@ -544,13 +557,19 @@ impl Api {
 
     /// [`Api::start`] with extra arguments (e.g. `--stream-buffer 16`).
     pub fn start_with(prefix: &str, dir: &Path, n: usize, extra: &[&str]) -> Self {
+        Self::start_on(&redis_url(), prefix, dir, n, extra)
+    }
+
+    /// [`Api::start_with`] over the Redis at `redis_url` (say, a cluster's seeds with
+    /// `--redis-mode cluster` in `extra`).
+    pub fn start_on(redis_url: &str, prefix: &str, dir: &Path, n: usize, extra: &[&str]) -> Self {
         let grpc = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
         let log = dir.join(format!("api-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(bin("tickfleet-api"))
             .args(["--grpc-addr", &grpc, "--admin-addr", &admin])
-            .args(["--redis-url", &redis_url(), "--redis-prefix", prefix])
+            .args(["--redis-url", redis_url, "--redis-prefix", prefix])
             .args(extra)
             // Variables meant for the worker must not bother the api.
             .env("TICKFLEET_BROKERS", "127.0.0.1:1")

@@ -45,6 +45,18 @@ pub fn config_data(tp: &TickPipeline) -> BTreeMap<String, String> {
     if let Some(url) = &spec.store.redis.url {
         put("TICKFLEET_REDIS_URL", url.clone());
     }
+    put(
+        "TICKFLEET_REDIS_MODE",
+        spec.store
+            .redis
+            .mode
+            .unwrap_or_default()
+            .as_str()
+            .to_string(),
+    );
+    if let Some(acks) = spec.store.redis.min_replica_acks {
+        put("TICKFLEET_REDIS_MIN_REPLICA_ACKS", acks.to_string());
+    }
     if let Some(r) = &spec.store.retention {
         if let Some(age) = r.max_age_seconds {
             put("TICKFLEET_RETENTION_MAX_AGE_SECS", age.to_string());
@@ -148,6 +160,21 @@ mod tests {
     use k8s_openapi::api::apps::v1::Deployment;
 
     #[test]
+    fn a_cluster_store_reaches_workers_and_api() {
+        let mut tp = pipeline();
+        tp.spec.store.redis.url = Some("redis://r-0:6379,redis://r-1:6379".into());
+        tp.spec.store.redis.mode = Some(crate::crd::RedisMode::Cluster);
+        tp.spec.store.redis.min_replica_acks = Some(1);
+        let data = config_map(&tp).data.unwrap();
+        assert_eq!(
+            data["TICKFLEET_REDIS_URL"],
+            "redis://r-0:6379,redis://r-1:6379"
+        );
+        assert_eq!(data["TICKFLEET_REDIS_MODE"], "cluster");
+        assert_eq!(data["TICKFLEET_REDIS_MIN_REPLICA_ACKS"], "1");
+    }
+
+    #[test]
     fn config_map_holds_worker_settings() {
         let tp = pipeline();
         let cm = config_map(&tp);
@@ -158,6 +185,8 @@ mod tests {
         assert_eq!(data["TICKFLEET_FORMAT"], "protobuf");
         assert_eq!(data["TICKFLEET_REDIS_URL"], "redis://redis:6379");
         assert_eq!(data["TICKFLEET_REDIS_PREFIX"], "tf");
+        assert_eq!(data["TICKFLEET_REDIS_MODE"], "standalone");
+        assert!(!data.contains_key("TICKFLEET_REDIS_MIN_REPLICA_ACKS"));
         assert_eq!(data["TICKFLEET_DRAIN_TIMEOUT_SECS"], "30");
         assert_eq!(data["TICKFLEET_LOG_FORMAT"], "json");
         assert!(

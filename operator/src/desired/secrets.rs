@@ -242,6 +242,8 @@ mod tests {
         let mut tp = pipeline();
         tp.spec.store.redis = crate::crd::RedisSpec {
             url: None,
+            mode: None,
+            min_replica_acks: None,
             url_secret_ref: Some(crate::crd::SecretKeyRef {
                 name: "redis-auth".into(),
                 key: "url".into(),

@@ -58,6 +58,17 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
         _ => problems
             .push("set exactly one of store.redis.url and store.redis.urlSecretRef".to_string()),
     }
+    let cluster = redis.mode == Some(crate::crd::RedisMode::Cluster);
+    if !cluster && redis.url.as_ref().is_some_and(|u| u.contains(',')) {
+        problems
+            .push("several comma-separated store.redis.url seeds need mode: cluster".to_string());
+    }
+    if cluster && redis.tls.is_some() {
+        problems.push(
+            "store.redis.tls (a private CA or client certificate) is not supported with mode: cluster"
+                .to_string(),
+        );
+    }
     if let Some(tls) = &redis.tls {
         if redis
             .url
@@ -300,6 +311,24 @@ mod tests {
             validate(&tp).unwrap_err(),
             "store.redis.tls.caSecretRef needs a name and a key; \
              store.redis.tls.clientCertSecretName must not be empty"
+        );
+    }
+
+    #[test]
+    fn cluster_mode_rules_span_the_url_and_tls() {
+        let mut tp = pipeline();
+        tp.spec.store.redis.url = Some("redis://a:6379,redis://b:6379".into());
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "several comma-separated store.redis.url seeds need mode: cluster"
+        );
+        tp.spec.store.redis.mode = Some(crate::crd::RedisMode::Cluster);
+        assert_eq!(validate(&tp), Ok(()));
+        let mut tls = tls_pipeline();
+        tls.spec.store.redis.mode = Some(crate::crd::RedisMode::Cluster);
+        assert_eq!(
+            validate(&tls).unwrap_err(),
+            "store.redis.tls (a private CA or client certificate) is not supported with mode: cluster"
         );
     }
 
