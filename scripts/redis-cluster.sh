@@ -33,6 +33,7 @@ start)
   mkdir -p "$dir"
   : >"$dir/ports"
   nodes=()
+  ports=()
   for _ in 1 2 3 4 5 6; do
     port=$(free_port)
     mkdir -p "$dir/$port"
@@ -43,19 +44,19 @@ start)
     echo $! >"$dir/$port/pid"
     echo "$port" >>"$dir/ports"
     nodes+=("127.0.0.1:$port")
+    ports+=("$port")
   done
-  for port in $(cat "$dir/ports"); do
+  for port in "${ports[@]}"; do
     for _ in $(seq 1 100); do
       redis-cli -p "$port" ping >/dev/null 2>&1 && break
       sleep 0.1
     done
   done
-  for port in $(cat "$dir/ports"); do
+  for port in "${ports[@]}"; do
     redis-cli -p "$port" ping >/dev/null 2>&1 || { echo "redis node $port did not start; see $dir/$port/log" >&2; exit 1; }
   done
   { yes yes || true; } | redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 >"$dir/create.log" 2>&1
-  first=$(head -1 "$dir/ports")
-  for port in $(cat "$dir/ports"); do
+  for port in "${ports[@]}"; do
     for _ in $(seq 1 200); do
       redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && break
       sleep 0.1
@@ -70,7 +71,7 @@ start)
   replicas=0
   for _ in $(seq 1 300); do
     replicas=0
-    for port in $(cat "$dir/ports"); do
+    for port in "${ports[@]}"; do
       redis-cli -p "$port" info replication 2>/dev/null | grep -q '^master_link_status:up' && replicas=$((replicas + 1))
     done
     [ "$replicas" -eq 3 ] && break
