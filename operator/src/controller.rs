@@ -487,6 +487,9 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     for refused in &offers.refused {
         let message = refused.message(tp);
         warn!(pipeline = %key(tp), secret = %refused.secret, reason = refused.reason(), "secret refused");
+        ctx.events
+            .warning(tp, refused.reason(), "ReadSecret", message.clone())
+            .await;
         problems.push(Problem {
             reason: refused.reason().into(),
             message: message.clone(),
@@ -759,8 +762,9 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
             .await;
     }
 
-    // scaled: the worker count applied differs from the one applied before
-    if old.observed_generation.is_some() && old.workers.desired != workers {
+    // scaled: the worker count applied differs from the one applied before (a Deployment held
+    // back for a Secret not offered was not scaled)
+    if worker.is_some() && old.observed_generation.is_some() && old.workers.desired != workers {
         info!(pipeline = %key(tp), from = old.workers.desired, to = workers, %why, "scaled workers");
         ctx.events
             .change(

@@ -4,7 +4,8 @@
 //! - **changes** (Normal): `TopicCreated`, `TopicGrown`, `Scaled` (from → to, and why), `Paused`,
 //!   `Resumed`. The controller publishes one only when the change happens (it compares with what
 //!   the status already says), so each is a new Event with its own message.
-//! - **warnings** (Warning): `InvalidSpec`, `KafkaUnreachable`. They repeat while the problem
+//! - **warnings** (Warning): `InvalidSpec`, `KafkaUnreachable`, `SecretNotOffered`,
+//!   `SecretNotFound`, `SecretUnreadable`. They repeat while the problem
 //!   lasts (every retry), so they go through one shared kube [`Recorder`], which turns a repeat
 //!   into a count on the first Event (`series.count`, shown as `(xN over M)`), and at most one
 //!   publish per pipeline and reason every [`WARNING_INTERVAL`]: a pipeline whose Kafka is down

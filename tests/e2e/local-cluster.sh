@@ -225,6 +225,10 @@ log "5. TickPipeline $TP (TLS to Redis, gRPC over TLS)"
 kubectl create namespace "$NS"
 kubectl -n "$NS" create secret generic redis-ca --from-file=ca.crt="$certs/ca.crt"
 kubectl -n "$NS" create secret tls redis-client --cert="$certs/client.crt" --key="$certs/client.key"
+# the operator references only Secrets offered to the pipeline (the confused-deputy guard)
+offer() { kubectl -n "$NS" annotate secret "$1" tickfleet.io/allowed-pipelines="$TP" >/dev/null; }
+offer redis-ca
+offer redis-client
 kubectl apply -f - <<EOF
 apiVersion: tickfleet.io/v1alpha1
 kind: TickPipeline
@@ -257,6 +261,7 @@ api_port=$(kubectl -n "$NS" get svc "$TP-api" -o jsonpath='{.spec.ports[?(@.name
   openssl x509 -req -in api.csr -CA ca.crt -CAkey ca.key -CAcreateserial -days 2 -extfile api.ext -out api.crt 2>/dev/null
 )
 kubectl -n "$NS" create secret tls "$TP-api-tls" --cert="$certs/api.crt" --key="$certs/api.key"
+offer "$TP-api-tls"
 t=$SECONDS
 kubectl -n "$NS" wait --for=condition=Ready "tp/$TP" --timeout=3m
 echo "Ready after $((SECONDS - t)) s"

@@ -320,3 +320,45 @@ async fn sasl_read_checks_the_offer_on_the_object_it_read() {
         "{err}"
     );
 }
+
+/// Issue 19 (seen on the real cluster): a pipeline whose Secret was not offered showed only
+/// `Scaled 0 → 1` Events, one per retry, and nothing about the Secret, although no worker was
+/// applied. The refusal is a Warning Event naming the Secret and the fix; nothing was scaled.
+#[tokio::test]
+async fn a_secret_not_offered_is_a_warning_event_and_a_held_deployment_is_not_scaled() {
+    let mut tp = pipeline_with_every_secret();
+    // what a first failed reconcile leaves: generation observed, nothing applied yet
+    tp.status = Some(TickPipelineStatus {
+        observed_generation: Some(1),
+        ..TickPipelineStatus::default()
+    });
+    let secrets = EVERY_SECRET
+        .iter()
+        .map(|n| secret(n, (*n != "redis-ca").then_some("btc")))
+        .collect();
+    let (res, log) =
+        reconcile_with(&tp, secrets, Arc::new(FakeKafka::with_topic("ticks", 6))).await;
+    assert!(res.is_err());
+    assert!(!applied(&log, WORKER));
+    let events: Vec<(String, String, String)> = log
+        .iter()
+        .filter(|r| {
+            r.uri
+                .starts_with("/apis/events.k8s.io/v1/namespaces/markets/events")
+        })
+        .map(|r| {
+            let s = |k: &str| r.body[k].as_str().unwrap_or_default().to_string();
+            (s("type"), s("reason"), s("note"))
+        })
+        .collect();
+    assert_eq!(events.len(), 1, "{events:?}");
+    let (kind, reason, note) = &events[0];
+    assert_eq!(
+        (kind.as_str(), reason.as_str()),
+        ("Warning", "SecretNotOffered")
+    );
+    assert!(
+        note.starts_with("secret markets/redis-ca ") && note.contains("kubectl annotate"),
+        "{note}"
+    );
+}
