@@ -315,11 +315,17 @@ async fn measure_lag(
     if !ctx.lag_due(&key(tp), if force { Duration::ZERO } else { LAG_INTERVAL }) {
         return None;
     }
-    Some(
-        ctx.kafka
-            .consumer_lag(conn, &tp.spec.kafka.topic, &desired::consumer_group(tp))
-            .await,
-    )
+    let lag = ctx
+        .kafka
+        .consumer_lag(conn, &tp.spec.kafka.topic, &desired::consumer_group(tp))
+        .await;
+    if lag.is_err() {
+        // not measured: the next reconcile (its own backoff bounds them) tries again rather than
+        // leaving LAG empty for an interval (seen on a real broker: a topic created a moment ago
+        // is not in the metadata yet)
+        ctx.lag_measured.lock().expect("lag lock").remove(&key(tp));
+    }
+    Some(lag)
 }
 
 fn lag_problem(e: &KafkaError, keeping: Option<i32>) -> Problem {

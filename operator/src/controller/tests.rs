@@ -807,6 +807,35 @@ async fn lag_is_measured_for_every_pipeline_at_most_once_per_interval() {
     );
 }
 
+/// Issue 19 (seen on the real cluster): LAG stayed empty for the first interval when the first
+/// measurement failed. A failed measurement does not count: the next reconcile measures again.
+#[tokio::test]
+async fn a_failed_lag_measurement_is_retried_at_the_next_reconcile() {
+    let tp = pipeline();
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
+    *kafka.fail_lag.lock().unwrap() = true;
+    let (client, log) = server_for(&tp).start();
+    let ctx = Context::test(client, kafka.clone());
+    reconcile(Arc::new(tp.clone()), ctx.clone())
+        .await
+        .expect("first");
+    assert_eq!(status_of(&log.lock().unwrap()).lag, None);
+    *kafka.fail_lag.lock().unwrap() = false;
+    *kafka.lag.lock().unwrap() = Some(42);
+    let mut again = tp.clone();
+    again.status = Some(status_of(&log.lock().unwrap()));
+    reconcile(Arc::new(again), ctx.clone())
+        .await
+        .expect("second");
+    let lags = kafka
+        .calls()
+        .iter()
+        .filter(|c| c.starts_with("lag "))
+        .count();
+    assert_eq!(lags, 2, "{:?}", kafka.calls());
+    assert_eq!(status_of(&log.lock().unwrap()).lag, Some(42));
+}
+
 #[tokio::test]
 async fn scaling_is_an_event_with_from_to_and_why() {
     let mut tp = pipeline();
