@@ -140,6 +140,13 @@ fn key(tp: &TickPipeline) -> String {
 pub async fn reconcile(tp: Arc<TickPipeline>, ctx: Arc<Context>) -> Result<Action> {
     ctx.metrics.reconciles.inc();
     let _timer = ctx.metrics.duration.start_timer();
+    if tp.metadata.deletion_timestamp.is_some() {
+        // being deleted: the garbage collector removes the children (with `--cascade=foreground`
+        // it waits for them); applying them again would re-create them and the deletion would
+        // never finish (seen on the real cluster)
+        ctx.lag_measured.lock().expect("lag lock").remove(&key(&tp));
+        return Ok(Action::await_change());
+    }
     let result = tokio::select! {
         r = reconcile_inner(&tp, &ctx) => r,
         () = ctx.shutdown.cancelled() => {

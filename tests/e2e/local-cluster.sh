@@ -167,6 +167,11 @@ bins+=("$release/tickfleet-probe")
 echo "$PROFILE build: $((SECONDS - t)) s; binaries: ${bins[*]##*/} ($(du -shc "${bins[@]}" | tail -1 | cut -f1))"
 
 log "2. cluster up ($K8S)"
+# the kit's kubelet evicts every pod when less than 1% of the disk is free (evictionHard
+# nodefs.available); the image and the pods' logs need about 1 GB beyond that
+read -r disk_kb free_kb < <(df -Pk /var/lib | awk 'NR == 2 {print $2, $4}')
+[ "$free_kb" -gt $((disk_kb / 100 + 1024 * 1024)) ] ||
+  die "only $((free_kb / 1024)) MB free on the disk of /var/lib: the kubelet evicts pods below $((disk_kb / 100 / 1024)) MB; free some space"
 t=$SECONDS
 cluster_up=1
 KUBECONFIG=$("$K8S/cluster-up.sh" "$S" 2>"$work/cluster-up.log") || { tail -30 "$work/cluster-up.log"; die "cluster-up.sh failed"; }
@@ -380,7 +385,9 @@ EOF
 has_event() { events "$1" | grep -q "^$2"; }
 until_ok 60 has_event silent KafkaUnreachable || die "no KafkaUnreachable Event for tp/silent: $(events silent)"
 events silent
-kubectl -n "$NS" wait --for=jsonpath='{.status.conditions[?(@.type=="Degraded")].reason}'=TopicUnavailable tp/silent --timeout=60s
+# (kubectl wait --for=jsonpath takes no filter expressions in v1.28)
+degraded_reason() { kubectl -n "$NS" get tp silent -o jsonpath='{.status.conditions[?(@.type=="Degraded")].reason}'; }
+until_ok 60 test "$(degraded_reason)" = TopicUnavailable || die "tp/silent: Degraded reason '$(degraded_reason)', want TopicUnavailable"
 # the retry after the backoff is a Kafka call in flight again: SIGTERM the leader during it
 n=$(grep -c accepted "$work/blackhole.log" || true)
 more_accepted() { [ "$(grep -c accepted "$work/blackhole.log")" -gt "$n" ]; }

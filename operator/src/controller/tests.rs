@@ -807,6 +807,27 @@ async fn lag_is_measured_for_every_pipeline_at_most_once_per_interval() {
     );
 }
 
+/// Issue 19 (seen on the real cluster): `kubectl delete tp --cascade=foreground` never finished:
+/// the operator re-applied the children the garbage collector was deleting. A pipeline being
+/// deleted is left alone: no call to the API server or to Kafka.
+#[tokio::test]
+async fn a_pipeline_being_deleted_is_not_reapplied() {
+    let mut tp = pipeline();
+    tp.metadata.deletion_timestamp = Some(Time(now()));
+    tp.metadata.finalizers = Some(vec!["foregroundDeletion".into()]);
+    let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
+    let (client, log) = server_for(&tp).start();
+    let ctx = Context::test(client, kafka.clone());
+    reconcile(Arc::new(tp), ctx).await.expect("reconcile");
+    let log = log.lock().unwrap().clone();
+    assert!(
+        log.is_empty(),
+        "{:?}",
+        log.iter().map(|r| &r.uri).collect::<Vec<_>>()
+    );
+    assert!(kafka.calls().is_empty(), "{:?}", kafka.calls());
+}
+
 /// Issue 19 (seen on the real cluster): LAG stayed empty for the first interval when the first
 /// measurement failed. A failed measurement does not count: the next reconcile measures again.
 #[tokio::test]
