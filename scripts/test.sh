@@ -92,6 +92,16 @@ log "running the tests"
 status=0
 cargo nextest run --workspace --locked --profile ci || status=$?
 
+# The operator and the pods on a real Kubernetes (tests/e2e/local-cluster.sh, about 4 minutes): run
+# when the cluster kit is there (TICKFLEET_K8S_DIR, default ../shared/k8s next to the repository);
+# the script itself prints "SKIP local-cluster e2e: <why>" and succeeds when it is not, or when it
+# cannot have root. It stops the cluster on any exit (its trap runs cluster-down.sh) and its own
+# Kafka (recorded in the ledger below like every other). Its image is made of the debug binaries
+# built above (a release build of the workspace took over 50 minutes on the shared 2-core machine);
+# TICKFLEET_E2E_PROFILE=release for the Dockerfile's profile.
+log "Kubernetes e2e on the local cluster kit (tests/e2e/local-cluster.sh)"
+TICKFLEET_E2E_PROFILE=${TICKFLEET_E2E_PROFILE:-debug} bash tests/e2e/local-cluster.sh || status=$?
+
 # No broker JVM started by this run may outlive it: each was SIGKILLed by its test (on drop or by its
 # owner watch, within a second or two of the test process exiting) or is the shared one, stopped here.
 if [ -n "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir"; kafka_dir=""; fi

@@ -68,6 +68,10 @@ pub const LAG_INTERVAL: Duration = Duration::from_secs(30);
 pub const BACKOFF_BASE: Duration = Duration::from_secs(5);
 /// Longest retry delay.
 pub const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Longest retry delay while a Secret the spec names is missing, not offered or unreadable: the
+/// operator may not watch Secrets (RBAC grants `get` by name only), so it looks again this often
+/// and a Secret created after its pipeline is picked up within seconds, not minutes.
+pub const SECRET_RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// What the reconciler needs, shared by all reconciles.
 pub struct Context {
@@ -172,7 +176,10 @@ pub fn error_policy(tp: Arc<TickPipeline>, error: &Error, ctx: Arc<Context>) -> 
         *n = n.saturating_add(1);
         *n
     };
-    let delay = backoff(n);
+    let delay = match error {
+        Error::Secret { .. } => backoff(n).min(SECRET_RETRY_MAX),
+        _ => backoff(n),
+    };
     warn!(pipeline = %key(&tp), error = %error, retry_in_secs = delay.as_secs(), "reconcile failed");
     Action::requeue(delay)
 }

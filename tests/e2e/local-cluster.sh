@@ -54,6 +54,10 @@ if [ "$(id -u)" -ne 0 ]; then
   exec sudo -E bash "$0" "$@"
 fi
 K8S=$(cd "$K8S" && pwd)
+# one cluster per machine (the kubelet, the bridge and iptables are machine-wide)
+if [ -e /run/tickfleet-k8s.state ]; then
+  skip "a cluster of the kit is already running on this machine ($(cat /run/tickfleet-k8s.state)); it allows one per machine"
+fi
 KAFKA_SH=${KAFKA_SH:-$ROOT/tests/kafka/kafka.sh}
 [ -f "$KAFKA_SH" ] || die "no $KAFKA_SH (Apache Kafka for the tests)"
 

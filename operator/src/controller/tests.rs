@@ -807,6 +807,29 @@ async fn lag_is_measured_for_every_pipeline_at_most_once_per_interval() {
     );
 }
 
+/// Issue 19 (seen on the real cluster): a Secret created a few seconds after its pipeline was
+/// picked up 87 s later (the exponential backoff). Waiting for a Secret is retried every 10 s at
+/// most.
+#[tokio::test]
+async fn a_missing_secret_is_looked_for_again_within_10s() {
+    let tp = Arc::new(pipeline());
+    let (client, _log) = server_for(&tp).start();
+    let ctx = Context::test(client, Arc::new(FakeKafka::default()));
+    let err = Error::Secret {
+        name: "redis-ca".into(),
+        reason: "does not exist".into(),
+    };
+    let delays: Vec<Action> = (0..6)
+        .map(|_| error_policy(tp.clone(), &err, ctx.clone()))
+        .collect();
+    assert_eq!(
+        delays,
+        [5, 10, 10, 10, 10, 10]
+            .map(|s| Action::requeue(Duration::from_secs(s)))
+            .to_vec()
+    );
+}
+
 /// Issue 19 (seen on the real cluster): `kubectl delete tp --cascade=foreground` never finished:
 /// the operator re-applied the children the garbage collector was deleting. A pipeline being
 /// deleted is left alone: no call to the API server or to Kafka.
