@@ -120,12 +120,13 @@ pub struct SourceSpec {
     #[schemars(length(min = 1, max = 20), pattern(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"))]
     pub name: Option<String>,
     /// The venue.
+    #[schemars(extend("maxLength" = 16))]
     pub exchange: Exchange,
     /// Symbols as `BASE-QUOTE` in upper case (e.g. `BTC-USDT`): the asset ids and Kafka keys of
     /// the ticks; the connector maps them to the venue's spelling.
     #[schemars(
         length(min = 1, max = 64),
-        inner(pattern(r"^[A-Z0-9]{1,16}-[A-Z0-9]{1,16}$")),
+        inner(length(max = 33), pattern(r"^[A-Z0-9]{1,16}-[A-Z0-9]{1,16}$")),
         extend("x-kubernetes-list-type" = "set")
     )]
     pub symbols: Vec<String>,

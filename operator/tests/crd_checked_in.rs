@@ -155,3 +155,37 @@ fn redis_mode_and_replica_acks_are_validated_by_the_crd() {
         "{rules:?}"
     );
 }
+
+/// Issue 19 (seen on the real API server v1.28): the CRD was refused — "estimated rule cost
+/// exceeds budget by factor of 8.1x" for the `sources` CEL rules — because the strings they
+/// compare (a source's exchange, its symbols) had no `maxLength`, so the API server priced each
+/// comparison at the largest request. Every list and string those rules walk is bounded.
+#[test]
+fn the_sources_cel_rules_walk_only_bounded_lists_and_strings() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
+    let crd: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read crd")).expect("yaml");
+    let sources = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["sources"];
+    assert!(
+        sources["x-kubernetes-validations"]
+            .as_array()
+            .is_some_and(|r| !r.is_empty())
+    );
+    assert!(sources["maxItems"].as_u64().is_some(), "sources: maxItems");
+    let source = &sources["items"]["properties"];
+    for field in ["name", "exchange"] {
+        assert!(
+            source[field]["maxLength"].as_u64().is_some(),
+            "sources[].{field}: maxLength"
+        );
+    }
+    assert!(
+        source["symbols"]["maxItems"].as_u64().is_some(),
+        "symbols: maxItems"
+    );
+    assert!(
+        source["symbols"]["items"]["maxLength"].as_u64().is_some(),
+        "symbols[]: maxLength"
+    );
+}
