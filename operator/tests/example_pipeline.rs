@@ -30,20 +30,24 @@ fn included(part: &Value, whole: &Value, path: &str) -> Result<(), String> {
     }
 }
 
-#[test]
-fn example_pipeline_is_valid() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../manifests/example-pipeline.yaml"
-    );
-    let text = std::fs::read_to_string(path).expect("read example");
+/// Reads `manifests/FILE`, checks that it parses into a TickPipeline with every field it sets
+/// known, and that the operator's validation accepts it once `kubectl apply -n` has put it in a
+/// namespace.
+fn valid_example(file: &str) -> TickPipeline {
+    let path = format!("{}/../manifests/{file}", env!("CARGO_MANIFEST_DIR"));
+    let text = std::fs::read_to_string(&path).expect("read example");
     let raw: Value = serde_saphyr::from_str(&text).expect("yaml");
     let mut tp: TickPipeline = serde_json::from_value(raw.clone()).expect("a TickPipeline");
     let round_trip = serde_json::to_value(&tp).expect("serialize");
     included(&raw, &round_trip, "").expect("every field is known");
-    // kubectl apply -n puts it in a namespace
     tp.metadata.namespace = Some("markets".into());
-    assert_eq!(validate(&tp), Ok(()));
+    assert_eq!(validate(&tp), Ok(()), "{file}");
+    tp
+}
+
+#[test]
+fn example_pipeline_is_valid() {
+    let tp = valid_example("example-pipeline.yaml");
     assert!(
         tp.spec
             .workers
@@ -57,17 +61,7 @@ fn example_pipeline_is_valid() {
 /// cluster settings it shows.
 #[test]
 fn cluster_example_pipeline_is_valid() {
-    let path = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../manifests/example-pipeline-cluster.yaml"
-    );
-    let text = std::fs::read_to_string(path).expect("read example");
-    let raw: Value = serde_saphyr::from_str(&text).expect("yaml");
-    let mut tp: TickPipeline = serde_json::from_value(raw.clone()).expect("a TickPipeline");
-    let round_trip = serde_json::to_value(&tp).expect("serialize");
-    included(&raw, &round_trip, "").expect("every field is known");
-    tp.metadata.namespace = Some("markets".into());
-    assert_eq!(validate(&tp), Ok(()));
+    let tp = valid_example("example-pipeline-cluster.yaml");
     let redis = &tp.spec.store.redis;
     assert_eq!(
         redis.mode,

@@ -115,6 +115,18 @@ fn server_for(tp: &TickPipeline) -> ApiServer {
     }
 }
 
+/// [`server_for`] with the worker Deployment reporting 2 ready pods and the api 1.
+fn ready_server(tp: &TickPipeline) -> ApiServer {
+    let mut server = server_for(tp);
+    server
+        .deployment_status
+        .insert("btc-worker".into(), ready_status(2));
+    server
+        .deployment_status
+        .insert("btc-api".into(), ready_status(1));
+    server
+}
+
 #[tokio::test]
 async fn applies_every_child_with_owner_reference_then_status() {
     let tp = pipeline();
@@ -249,13 +261,7 @@ async fn ready_deployments_make_the_pipeline_ready_keeping_transition_times() {
         ],
         ..TickPipelineStatus::default()
     });
-    let mut server = server_for(&tp);
-    server
-        .deployment_status
-        .insert("btc-worker".into(), ready_status(2));
-    server
-        .deployment_status
-        .insert("btc-api".into(), ready_status(1));
+    let server = ready_server(&tp);
     let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
     let (res, log, ctx) = run(server, kafka.clone(), &tp).await;
     res.expect("reconcile");
@@ -314,13 +320,7 @@ async fn paused_pipeline_applies_nothing_and_reports_what_runs() {
         },
         ..TickPipelineStatus::default()
     });
-    let mut server = server_for(&tp);
-    server
-        .deployment_status
-        .insert("btc-worker".into(), ready_status(2));
-    server
-        .deployment_status
-        .insert("btc-api".into(), ready_status(1));
+    let server = ready_server(&tp);
     let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
     *kafka.lag.lock().unwrap() = Some(77);
     let (res, log, _) = run(server, kafka.clone(), &tp).await;
@@ -975,12 +975,10 @@ const BINANCE: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-source-b
 #[tokio::test]
 async fn a_pipeline_with_a_binance_source_gets_a_connector_deployment() {
     let tp = with_sources(json!([{"exchange": "binance", "symbols": ["BTC-USDT", "ETH-USDT"]}]));
-    let mut server = server_for(&tp);
-    for (name, n) in [("btc-worker", 2), ("btc-api", 1), ("btc-source-binance", 1)] {
-        server
-            .deployment_status
-            .insert(name.into(), ready_status(n));
-    }
+    let mut server = ready_server(&tp);
+    server
+        .deployment_status
+        .insert("btc-source-binance".into(), ready_status(1));
     let kafka = Arc::new(FakeKafka::with_topic("ticks", 6));
     let (res, log, _) = run(server, kafka, &tp).await;
     res.expect("reconcile");
@@ -1029,13 +1027,7 @@ async fn a_pipeline_with_a_binance_source_gets_a_connector_deployment() {
 #[tokio::test]
 async fn a_connector_that_is_not_subscribed_keeps_the_pipeline_unready() {
     let tp = with_sources(json!([{"exchange": "binance", "symbols": ["BTC-USDT"]}]));
-    let mut server = server_for(&tp);
-    server
-        .deployment_status
-        .insert("btc-worker".into(), ready_status(2));
-    server
-        .deployment_status
-        .insert("btc-api".into(), ready_status(1));
+    let mut server = ready_server(&tp);
     // the pod runs but is not ready: the venue is unreachable, so it is not subscribed
     server.deployment_status.insert(
         "btc-source-binance".into(),
