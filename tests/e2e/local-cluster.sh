@@ -121,6 +121,8 @@ delete_and_watch() {
   sleep 1
   deleted=$(date -u +%s.%N)
   kubectl -n "$ns" delete pod "$pod" --wait=true --timeout=2m >/dev/null
+  # let the watch write the last event (the pod's deletion) before it is stopped
+  sleep 1
   kill "$watch_pid" 2>/dev/null || true
   wait "$watch_pid" 2>/dev/null || true
   python3 -c '
@@ -131,7 +133,11 @@ while i < len(text):
     if text[i].isspace():
         i += 1
         continue
-    obj, i = dec.raw_decode(text, i)
+    try:
+        obj, i = dec.raw_decode(text, i)
+    except json.JSONDecodeError:
+        # the watch was stopped while it wrote an object: the objects before it are whole
+        break
     objs.append(obj)
 for obj in reversed(objs):
     for c in obj.get("status", {}).get("containerStatuses", []):
