@@ -6,34 +6,39 @@
 //! are dropped — so `[100, 101, 99, 102, 98]` averages to exactly `100`.
 
 use rust_decimal::{Decimal, RoundingStrategy};
-use tickfleet_proto::{Tick, TickId};
+use tickfleet_proto::Tick;
 use tickfleet_service::{Error as DurationError, parse_duration_ns};
+use tickfleet_store::{Base, Overflow as StoreOverflow};
 
 /// Decimal places an average keeps beyond its most precise input.
 pub const AVG_EXTRA_DP: u32 = 8;
 
-/// The longest candle interval.
+/// The longest candle interval served from raw ticks (one that is not a whole number of seconds).
 pub const MAX_INTERVAL_NS: i64 = 86_400 * 1_000_000_000;
 
-/// Parses an interval such as `1s`, `5s`, `1m`, `5m`, `1h`, `1d` or `250ms` into nanoseconds: a
-/// duration ([`parse_duration_ns`]) more than 0 and at most [`MAX_INTERVAL_NS`].
+/// The longest candle interval served from rollups (a whole number of seconds).
+pub const MAX_ROLLUP_INTERVAL_NS: i64 = 366 * MAX_INTERVAL_NS;
+
+/// Parses an interval such as `1s`, `5s`, `1m`, `15m`, `4h`, `1d`, `7d` or `250ms` into nanoseconds: a
+/// duration ([`parse_duration_ns`]) more than 0 and, for a whole number of seconds (served from
+/// rollups), at most [`MAX_ROLLUP_INTERVAL_NS`], else at most [`MAX_INTERVAL_NS`].
 pub fn parse_interval(s: &str) -> Result<i64, String> {
     match parse_duration_ns(s) {
         Ok(ns) if ns > 0 && ns <= MAX_INTERVAL_NS => Ok(ns),
+        Ok(ns) if ns > 0 && ns <= MAX_ROLLUP_INTERVAL_NS && Base::dividing(ns).is_some() => Ok(ns),
         Err(DurationError::DurationUnit(_)) => Err(format!(
             "interval {s:?} is not a whole number followed by ms, s, m, h or d (e.g. 1s, 5m, 1h)"
         )),
         Err(DurationError::DurationNumber(_)) => {
             Err(format!("interval {s:?} has no number (e.g. 1s, 5m, 1h)"))
         }
-        _ => Err(format!("interval {s:?} must be more than 0 and at most 1d")),
+        _ => Err(format!(
+            "interval {s:?} must be more than 0 and at most 366d (at most 1d unless a whole number of seconds)"
+        )),
     }
 }
 
-/// Start of the epoch-aligned bucket of width `interval_ns` holding `t_ns`.
-pub fn bucket_start(t_ns: i64, interval_ns: i64) -> i64 {
-    t_ns - t_ns.rem_euclid(interval_ns)
-}
+pub use tickfleet_store::rollup::bucket_start;
 
 /// Why candles or an average could not be computed.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -48,75 +53,20 @@ pub enum CalcError {
 
 use CalcError::Overflow;
 
-/// One candle being built from ticks given in any order, each exactly once.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct CandleAcc {
-    /// Bucket start (ns).
-    pub start_ns: i64,
-    /// Bucket end (ns, exclusive).
-    pub end_ns: i64,
-    open: (TickId, Decimal),
-    close: (TickId, Decimal),
-    /// Highest price.
-    pub high: Decimal,
-    /// Lowest price.
-    pub low: Decimal,
-    /// Sum of sizes.
-    pub volume: Decimal,
-    /// Ticks added.
-    pub count: u64,
-}
+/// One candle being built from ticks (or rollup candles) given in any order, each exactly once: the
+/// store's [`Candle`], so a candle computed here from raw ticks and one kept by the store at write time
+/// are the same arithmetic.
+pub use tickfleet_store::Candle as CandleAcc;
 
-impl CandleAcc {
-    /// A candle of the bucket `tick` falls in, holding just `tick`.
-    pub fn new(tick: &Tick, interval_ns: i64) -> Self {
-        let start_ns = bucket_start(tick.event_time_ns, interval_ns);
-        CandleAcc {
-            start_ns,
-            end_ns: start_ns.saturating_add(interval_ns),
-            open: (tick.id(), tick.price),
-            close: (tick.id(), tick.price),
-            high: tick.price,
-            low: tick.price,
-            volume: tick.size.unwrap_or_default(),
-            count: 1,
-        }
-    }
-
-    /// Adds a tick of the same bucket. Order does not matter: open and close go by tick id.
-    pub fn add(&mut self, tick: &Tick) -> Result<(), CalcError> {
-        let id = tick.id();
-        if id < self.open.0 {
-            self.open = (id, tick.price);
-        }
-        if id > self.close.0 {
-            self.close = (id, tick.price);
-        }
-        self.high = self.high.max(tick.price);
-        self.low = self.low.min(tick.price);
-        if let Some(size) = tick.size {
-            self.volume = self
-                .volume
-                .checked_add(size)
-                .ok_or(Overflow("candle volume"))?;
-        }
-        self.count += 1;
-        Ok(())
-    }
-
-    /// Opening price.
-    pub fn open(&self) -> Decimal {
-        self.open.1
-    }
-
-    /// Closing price.
-    pub fn close(&self) -> Decimal {
-        self.close.1
+impl From<StoreOverflow> for CalcError {
+    fn from(o: StoreOverflow) -> Self {
+        CalcError::Overflow(o.0)
     }
 }
 
-/// Candles built from ticks fed one at a time (page by page from the store), holding only the candles
-/// themselves: memory grows with the number of candles (at most `max`), never with the number of ticks.
+/// Candles built from ticks (or smaller rollup candles) fed one at a time (page by page from the store),
+/// holding only the candles themselves: memory grows with the number of candles (at most `max`), never
+/// with the number of ticks.
 ///
 /// Ticks may come in any order, each once; in tick-id order (as the store pages them) each tick costs
 /// O(1), as only the newest candle is touched.
@@ -140,7 +90,13 @@ impl CandleSeries {
 
     /// Adds one tick; fails on overflow or when it would start candle number `max + 1`.
     pub fn add(&mut self, tick: &Tick) -> Result<(), CalcError> {
-        let start = bucket_start(tick.event_time_ns, self.interval_ns);
+        self.merge(&CandleAcc::new(tick, self.interval_ns)?)
+    }
+
+    /// Adds the ticks of a candle whose bucket lies inside one of this series' (a 1 s rollup candle
+    /// into 5 s candles); fails like [`add`](Self::add).
+    pub fn merge(&mut self, part: &CandleAcc) -> Result<(), CalcError> {
+        let start = bucket_start(part.start_ns, self.interval_ns);
         let at = match self.candles.last() {
             Some(last) if last.start_ns == start => self.candles.len() - 1,
             Some(last) if last.start_ns < start => self.candles.len(),
@@ -152,11 +108,10 @@ impl CandleSeries {
         };
         let full = self.candles.len() >= self.max;
         match self.candles.get_mut(at) {
-            Some(c) if c.start_ns == start => c.add(tick),
+            Some(c) if c.start_ns == start => Ok(c.merge(part)?),
             _ if full => Err(CalcError::TooManyCandles(self.max)),
             _ => {
-                self.candles
-                    .insert(at, CandleAcc::new(tick, self.interval_ns));
+                self.candles.insert(at, part.widened(self.interval_ns));
                 Ok(())
             }
         }
@@ -244,6 +199,60 @@ impl AverageAcc {
         Ok(())
     }
 
+    /// Adds every tick of a rollup candle, from its sums.
+    pub fn merge(&mut self, c: &CandleAcc) -> Result<(), CalcError> {
+        self.sum = self
+            .sum
+            .checked_add(c.price_sum)
+            .ok_or(Overflow("sum of prices"))?;
+        self.price_dp = self.price_dp.max(c.price_scale);
+        self.pv = self
+            .pv
+            .checked_add(c.turnover)
+            .ok_or(Overflow("sum of price × size"))?;
+        self.volume = self
+            .volume
+            .checked_add(c.volume)
+            .ok_or(Overflow("sum of sizes"))?;
+        let (first, last) = (c.open_id().event_time_ns, c.close_id().event_time_ns);
+        if self.count == 0 || first < self.from_ns {
+            self.from_ns = first;
+        }
+        if self.count == 0 || last > self.to_ns {
+            self.to_ns = last;
+        }
+        self.count += c.count;
+        Ok(())
+    }
+
+    /// Adds the ticks summed in another accumulator.
+    pub fn absorb(&mut self, o: &AverageAcc) -> Result<(), CalcError> {
+        if o.count == 0 {
+            return Ok(());
+        }
+        self.sum = self
+            .sum
+            .checked_add(o.sum)
+            .ok_or(Overflow("sum of prices"))?;
+        self.pv = self
+            .pv
+            .checked_add(o.pv)
+            .ok_or(Overflow("sum of price × size"))?;
+        self.volume = self
+            .volume
+            .checked_add(o.volume)
+            .ok_or(Overflow("sum of sizes"))?;
+        self.price_dp = self.price_dp.max(o.price_dp);
+        if self.count == 0 || o.from_ns < self.from_ns {
+            self.from_ns = o.from_ns;
+        }
+        if self.count == 0 || o.to_ns > self.to_ns {
+            self.to_ns = o.to_ns;
+        }
+        self.count += o.count;
+        Ok(())
+    }
+
     /// The average; `None` when no tick was added.
     pub fn finish(&self) -> Result<Option<Average>, CalcError> {
         if self.count == 0 {
@@ -309,6 +318,9 @@ mod tests {
         assert_eq!(parse_interval("1h"), Ok(3_600_000_000_000));
         assert_eq!(parse_interval("250ms"), Ok(250_000_000));
         assert_eq!(parse_interval("1d"), Ok(MAX_INTERVAL_NS));
+        // Longer intervals are served from rollups, so they must be whole seconds.
+        assert_eq!(parse_interval("7d"), Ok(7 * MAX_INTERVAL_NS));
+        assert_eq!(parse_interval("366d"), Ok(MAX_ROLLUP_INTERVAL_NS));
         for bad in [
             "",
             "s",
@@ -317,7 +329,8 @@ mod tests {
             "1x",
             "-1s",
             "1.5s",
-            "2d",
+            "367d",
+            "86400001ms",
             "99999999999999999999h",
             "1 s",
         ] {

@@ -17,6 +17,7 @@
 pub mod calc;
 pub mod limits;
 pub mod metrics;
+mod rollups;
 pub mod service;
 mod stream;
 pub mod validate;

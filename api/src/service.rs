@@ -1,8 +1,16 @@
 //! The `tickfleet.v1.TickService` implementation over any [`TickStore`].
 //!
 //! Every store call has a deadline of its own ([`Api::with_store_timeout`]): a store that hangs makes the
-//! call UNAVAILABLE, never a stuck call. Ranges (candles, windowed averages, seeding live candles) are
-//! read page by page and folded as they come, so a call holds one page of ticks whatever its range.
+//! call UNAVAILABLE, never a stuck call.
+//!
+//! **Candles and windowed averages read the store's write-time rollups** ([`tickfleet_store::rollup`]):
+//! candles of an interval that is a whole number of seconds are merged from the rollups of the largest
+//! base that divides it (5 s from 1 s, 15 min from 1 min, 4 h from 1 h, 7 d from 1 d), so a call costs
+//! O(candles), not O(ticks). Intervals that no base divides (`250ms`, `1500ms`) are computed from the raw
+//! ticks as before, bounded by the same 10000-candle cap. A window average covers its window with as few
+//! rollup candles as fit (a ladder of 1 s, 1 min, 1 h, 1 d candles) and reads raw ticks only for the part
+//! of its oldest second that lies outside the window. Both are read page by page and folded as they
+//! come, so a call holds one page whatever its range.
 
 use std::future::Future;
 use std::sync::Arc;
@@ -17,7 +25,7 @@ use tickfleet_proto::v1::{
     get_moving_average_request::Over, tick_service_server::TickService,
 };
 use tickfleet_service::CancellationToken;
-use tickfleet_store::{RangeQuery, StoreError, TickStore};
+use tickfleet_store::{Base, RangeQuery, StoreError, TickStore};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use tracing::warn;
@@ -239,13 +247,24 @@ impl Api {
             ))
         };
         let mut series = CandleSeries::new(interval, MAX_CANDLES);
-        self.fold_range(&r.asset_id, from, to, |page| {
-            series.extend(page).map_err(|e| match e {
-                CalcError::TooManyCandles(_) => too_many(),
-                e => calc_error(e),
-            })
-        })
-        .await?;
+        let fail = |e| match e {
+            CalcError::TooManyCandles(_) => too_many(),
+            e => calc_error(e),
+        };
+        match Base::dividing(interval) {
+            Some(base) => {
+                self.fold_rollups(&r.asset_id, base, from, to, |page| {
+                    page.iter().try_for_each(|c| series.merge(c)).map_err(fail)
+                })
+                .await?;
+            }
+            None => {
+                self.fold_range(&r.asset_id, from, to, |page| {
+                    series.extend(page).map_err(fail)
+                })
+                .await?
+            }
+        }
         Ok(GetCandlesResponse {
             candles: series
                 .finish()
@@ -288,10 +307,8 @@ impl Api {
                     .map_err(|e| Status::invalid_argument(format!("window: {e}")))?;
                 let newest = self.known(&r.asset_id).await?.event_time_ns;
                 let to = newest.saturating_add(1);
-                self.fold_range(&r.asset_id, (to - window).max(0), to, |page| {
-                    page.iter().try_for_each(|t| acc.add(t)).map_err(calc_error)
-                })
-                .await?;
+                self.window_average(&r.asset_id, (to - window).max(0), to, &mut acc)
+                    .await?;
             }
         }
         let avg = acc

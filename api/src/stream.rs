@@ -5,10 +5,13 @@
 //!
 //! **Live candles** are kept incrementally: per asset, the open candle and the last [`KEEP_CLOSED`]
 //! closed ones, each updated by the live ticks of its bucket. A candle the stream holds no state for (its
-//! first tick on this stream, or a late tick for an older bucket) is seeded once from the store, page by
-//! page; streams that need the same seed at the same time (say 50 clients of one asset's `1d` candles,
-//! all woken by the same tick) share one scan ([`Seeds`]). Nothing is ever read again for a candle the
-//! stream already holds.
+//! first tick on this stream, or a late tick for an older bucket) is seeded once from the store: for an
+//! interval that is a whole number of seconds, from the write-time rollups (at most a few dozen rollup
+//! candles, whatever the ticks), tagged with the asset's write version it was read at, so live batches
+//! of that version or older (already in it) are skipped and later ones added; for other intervals
+//! (`250ms`), from the raw ticks, page by page, remembering the ids it read. Streams that need the same
+//! seed at the same time (say 50 clients of one asset's `1d` candles, all woken by the same tick) share
+//! one read ([`Seeds`]). Nothing is ever read again for a candle the stream already holds.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::future::Future;
@@ -21,7 +24,7 @@ use tickfleet_proto::v1::{
 };
 use tickfleet_proto::{Tick, TickId};
 use tickfleet_service::CancellationToken;
-use tickfleet_store::LiveEvent;
+use tickfleet_store::{Base, LiveEvent};
 use tokio::sync::{OnceCell, mpsc};
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Response, Status};
@@ -227,22 +230,34 @@ pub(crate) async fn stream_ticks(mut ctx: StreamCtx<StreamTicksResponse>) {
 pub(crate) struct Seeded {
     /// Every stored tick of the bucket, the live tick that asked for the seed included.
     acc: CandleAcc,
-    /// Ids read from the store that are newer than that live tick: they may still arrive live (they
-    /// were stored after the stream subscribed) and are then skipped, so no tick counts twice. Normally a
-    /// handful; at most [`MAX_SEED_SKIP`].
+    /// Seeded from rollups: the asset's write version they were read at. Live batches of this version
+    /// or older are in `acc` already.
+    version: u64,
+    /// Seeded from raw ticks: ids read from the store that are newer than that live tick: they may still
+    /// arrive live (they were stored after the stream subscribed) and are then skipped, so no tick counts
+    /// twice. Normally a handful; at most [`MAX_SEED_SKIP`].
     skip: Arc<HashSet<TickId>>,
 }
 
 /// One candle of a `StreamCandles`.
 struct LiveCandle {
     acc: CandleAcc,
+    version: u64,
     skip: Arc<HashSet<TickId>>,
+}
+
+impl LiveCandle {
+    /// Whether the live tick `id` of a batch of `version` is in this candle already.
+    fn holds(&self, version: u64, id: TickId) -> bool {
+        version <= self.version || self.skip.contains(&id)
+    }
 }
 
 impl From<Seeded> for LiveCandle {
     fn from(s: Seeded) -> Self {
         LiveCandle {
             acc: s.acc,
+            version: s.version,
             skip: s.skip,
         }
     }
@@ -269,7 +284,12 @@ impl Api {
             flights.entry(key.clone()).or_default().clone()
         };
         let seeded = flight
-            .get_or_init(|| self.scan_candle(asset, interval, first))
+            .get_or_init(|| async {
+                match Base::dividing(interval) {
+                    Some(base) => self.rollup_candle(asset, base, interval, first).await,
+                    None => self.scan_candle(asset, interval, first).await,
+                }
+            })
             .await
             .clone();
         let mut flights = self.seeds.flights.lock().unwrap_or_else(|e| e.into_inner());
@@ -277,6 +297,42 @@ impl Api {
             flights.remove(&key);
         }
         seeded
+    }
+
+    /// The candle of `first`'s bucket composed from the rollups of `base`, at one write version.
+    async fn rollup_candle(
+        &self,
+        asset: &str,
+        base: Base,
+        interval: i64,
+        first: &Tick,
+    ) -> Result<Seeded, Status> {
+        let start = calc::bucket_start(first.event_time_ns, interval);
+        let mut last = None;
+        // A bucket of more than one page of rollups (intervals of over 10000 s not a whole number of
+        // minutes) may see a write between its pages: read again until one version covers it all.
+        for _ in 0..3 {
+            let mut series = CandleSeries::new(interval, 1);
+            let versions = self
+                .fold_rollups(asset, base, start, start.saturating_add(interval), |page| {
+                    page.iter()
+                        .try_for_each(|c| series.merge(c))
+                        .map_err(calc_error)
+                })
+                .await?;
+            let acc = series.finish().pop().ok_or_else(|| {
+                Status::unavailable("the store holds no rollup of the tick it announced")
+            })?;
+            last = Some(Seeded {
+                acc,
+                version: versions.1,
+                skip: Arc::default(),
+            });
+            if versions.0 == versions.1 {
+                break;
+            }
+        }
+        last.ok_or_else(|| Status::internal("unreachable: no seed attempt"))
     }
 
     async fn scan_candle(
@@ -313,6 +369,7 @@ impl Api {
         })?;
         Ok(Seeded {
             acc,
+            version: 0,
             skip: Arc::new(skip),
         })
     }
@@ -344,7 +401,7 @@ pub(crate) async fn stream_candles(
         for t in &batch.ticks {
             let bucket = calc::bucket_start(t.event_time_ns, interval);
             if let Some(c) = recent.iter_mut().find(|c| c.acc.start_ns == bucket) {
-                if c.skip.contains(&t.id()) {
+                if c.holds(batch.version, t.id()) {
                     continue;
                 }
                 if let Err(e) = c.acc.add(t) {
@@ -360,8 +417,18 @@ pub(crate) async fn stream_candles(
                 if !changed.contains(&newest.acc.start_ns) {
                     changed.push(newest.acc.start_ns);
                 }
+                let acc = match CandleAcc::new(t, interval) {
+                    Ok(acc) => acc,
+                    Err(e) => {
+                        warn!(asset, error = %e, "live candle overflow");
+                        recent.clear();
+                        ctx.gap("overflow");
+                        break;
+                    }
+                };
                 recent.push_back(LiveCandle {
-                    acc: CandleAcc::new(t, interval),
+                    acc,
+                    version: 0,
                     skip: Arc::default(),
                 });
             } else {

@@ -560,10 +560,10 @@ async fn bad_requests_get_the_right_code_and_say_what_is_wrong() {
             "more than 0",
         ),
         (
-            "an interval beyond a day",
-            c().get_candles(candles("25h", None, None)).await.map(drop),
+            "an interval beyond a year",
+            c().get_candles(candles("367d", None, None)).await.map(drop),
             Code::InvalidArgument,
-            "at most 1d",
+            "at most 366d",
         ),
         (
             "an interval in an unknown unit",

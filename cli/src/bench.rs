@@ -42,6 +42,8 @@ enum BenchCommand {
     Consume(ConsumeArgs),
     /// Load the gRPC api: K concurrent clients calling GetLatest or ListTicks for T seconds.
     Api(ApiBenchArgs),
+    /// What candle rollups cost per written tick and save per candle query (one Redis, one asset).
+    Rollups(crate::bench_rollups::RollupsBenchArgs),
 }
 
 #[derive(Args, Debug)]
@@ -560,5 +562,6 @@ pub async fn run(args: BenchArgs) -> anyhow::Result<ExitCode> {
         BenchCommand::Api(a) => api_load(a).await,
         BenchCommand::Ingest(a) => ingest(a).await,
         BenchCommand::Consume(a) => tokio::task::spawn_blocking(move || consume(a)).await?,
+        BenchCommand::Rollups(a) => crate::bench_rollups::run(a).await,
     }
 }

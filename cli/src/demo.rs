@@ -153,6 +153,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         replica_acks: Default::default(),
         retention_max_age_secs: None,
         retention_max_count: None,
+        rollup_retention: Default::default(),
         admin_addr: "127.0.0.1:0".parse()?,
         log_format: "text".into(),
     };

@@ -1,6 +1,7 @@
 //! `tickctl`: the tickfleet command line — load generator, dev broker, local demo and store audit.
 
 mod bench;
+mod bench_rollups;
 mod demo;
 mod demo_source;
 mod dev_broker;
@@ -8,6 +9,7 @@ mod dlq;
 mod out;
 mod produce;
 mod query;
+mod rollups;
 mod verify;
 
 use clap::{Parser, Subcommand};
@@ -40,6 +42,8 @@ enum Command {
     Dlq(dlq::DlqArgs),
     /// Measure: worker ingest throughput, CPU and memory; the broker's raw consume rate.
     Bench(bench::BenchArgs),
+    /// Candle rollups in the store: `rebuild` recomputes them from the stored ticks.
+    Rollups(rollups::RollupsArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -62,6 +66,7 @@ fn main() -> std::process::ExitCode {
             Command::Verify(args) => verify::run(args).await,
             Command::Dlq(args) => dlq::run(args).await,
             Command::Bench(args) => bench::run(args).await,
+            Command::Rollups(args) => rollups::run(args).await,
         }
     });
     match result {

@@ -6,12 +6,14 @@
 //!   batch costs one pipelined round trip. See [`redis`] for the layout.
 //! * [`MemoryStore`]: the same semantics in process memory, for unit tests and the embedded demo.
 //!
-//! Both pass one conformance suite (`store/tests/conformance.rs`), run against a real `redis-server`.
+//! Both keep write-time candle rollups ([`rollup`]) in the same atomic write, and both pass one
+//! conformance suite (`store/tests/conformance.rs`), run against a real `redis-server`.
 
 pub mod live;
-mod member;
+pub mod member;
 mod memory;
 pub mod redis;
+pub mod rollup;
 
 use async_trait::async_trait;
 use std::time::Duration;
@@ -21,6 +23,9 @@ pub use memory::MemoryStore;
 pub use redis::{RedisMode, RedisSettings, RedisStore, RedisTls};
 #[cfg(feature = "clap")]
 pub use redis::{RedisOptions, ReplicaAckOptions};
+pub use rollup::{
+    Base, Candle, Overflow, RebuildSummary, RollupPage, RollupQuery, RollupRetention,
+};
 pub use tickfleet_proto::{Tick, TickId};
 
 /// The largest page [`TickStore::range`] returns, whatever the caller asks for.
@@ -53,6 +58,22 @@ pub trait TickStore: Send + Sync + 'static {
 
     /// Checks that the store answers (readiness).
     async fn ping(&self) -> Result<(), StoreError>;
+
+    /// One page of `asset_id`'s rollup candles of `query.base` starting in `[from_ns, to_ns)`, in time
+    /// order, with the asset's write version at the time of the read (see [`rollup`]).
+    async fn rollups(&self, asset_id: &str, query: &RollupQuery) -> Result<RollupPage, StoreError>;
+
+    /// Recomputes `asset_id`'s rollups of the UTC days overlapping `[from_ns, to_ns)` from its stored
+    /// ticks (for data written before rollups existed, or after a bug). Idempotent, and safe while
+    /// workers write: a day is replaced only if no tick was stored into it meanwhile, else it is tried
+    /// again and, if it stays busy, listed in [`RebuildSummary::busy`]. Buckets at or below the asset's
+    /// retention horizon (raw ticks gone) are left as they are.
+    async fn rebuild_rollups(
+        &self,
+        asset_id: &str,
+        from_ns: i64,
+        to_ns: i64,
+    ) -> Result<RebuildSummary, StoreError>;
 }
 
 /// The readiness check of a process that works on a store: `Ok` while `store` answers a ping, else
@@ -178,6 +199,19 @@ pub enum StoreError {
     /// A permanent rejection injected by a test double.
     #[error("injected rejection: {0}")]
     InjectedRejection(String),
+    /// A rollup candle of the asset cannot hold the batch's sums (permanent: the same ticks always
+    /// overflow it).
+    #[error("rollup of {asset}: {overflow}")]
+    Overflow {
+        /// The asset.
+        asset: String,
+        /// Which sum.
+        overflow: Overflow,
+    },
+    /// Other writers kept changing the asset between this write's read and its compare-and-set
+    /// (retriable: the next attempt reads again).
+    #[error("asset {0} changed under every one of this write's attempts")]
+    Contended(String),
 }
 
 impl StoreError {
@@ -191,6 +225,8 @@ impl StoreError {
             StoreError::Config(_) => "config",
             StoreError::Injected(_) => "injected",
             StoreError::InjectedRejection(_) => "rejected",
+            StoreError::Overflow { .. } => "overflow",
+            StoreError::Contended(_) => "contended",
         }
     }
 
@@ -199,10 +235,12 @@ impl StoreError {
     pub fn is_retriable(&self) -> bool {
         match self {
             StoreError::Redis(e) => redis_error_is_retriable(e),
-            StoreError::Injected(_) | StoreError::Connect(_) | StoreError::Replication { .. } => {
-                true
-            }
-            StoreError::Corrupt { .. }
+            StoreError::Injected(_)
+            | StoreError::Connect(_)
+            | StoreError::Replication { .. }
+            | StoreError::Contended(_) => true,
+            StoreError::Overflow { .. }
+            | StoreError::Corrupt { .. }
             | StoreError::Config(_)
             | StoreError::InjectedRejection(_) => false,
         }
@@ -267,5 +305,16 @@ impl<S: TickStore + ?Sized> TickStore for std::sync::Arc<S> {
     }
     async fn ping(&self) -> Result<(), StoreError> {
         (**self).ping().await
+    }
+    async fn rollups(&self, asset_id: &str, query: &RollupQuery) -> Result<RollupPage, StoreError> {
+        (**self).rollups(asset_id, query).await
+    }
+    async fn rebuild_rollups(
+        &self,
+        asset_id: &str,
+        from_ns: i64,
+        to_ns: i64,
+    ) -> Result<RebuildSummary, StoreError> {
+        (**self).rebuild_rollups(asset_id, from_ns, to_ns).await
     }
 }

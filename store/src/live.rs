@@ -22,6 +22,9 @@ pub struct LiveBatch {
     pub asset_id: String,
     /// Its ticks that were not stored before, in [`TickId`](crate::TickId) order.
     pub ticks: Vec<Tick>,
+    /// The asset's write version this batch made: a [`RollupPage`](crate::RollupPage) read at this
+    /// version or later already holds these ticks.
+    pub version: u64,
 }
 
 /// What a [`LiveFeed`] yields.
@@ -63,8 +66,9 @@ impl LiveFeed {
     }
 }
 
-/// Groups `ticks` (already known to be new) by asset, each group in tick-id order.
-pub(crate) fn batches(ticks: Vec<Tick>) -> Vec<LiveBatch> {
+/// Groups `ticks` (already known to be new) by asset, each group in tick-id order, with the version
+/// `version_of(asset)` the write made.
+pub(crate) fn batches(ticks: Vec<Tick>, version_of: impl Fn(&str) -> u64) -> Vec<LiveBatch> {
     let mut by_asset: std::collections::BTreeMap<String, Vec<Tick>> = Default::default();
     for t in ticks {
         by_asset.entry(t.asset_id.clone()).or_default().push(t);
@@ -73,7 +77,12 @@ pub(crate) fn batches(ticks: Vec<Tick>) -> Vec<LiveBatch> {
         .into_iter()
         .map(|(asset_id, mut ticks)| {
             ticks.sort_by_key(Tick::id);
-            LiveBatch { asset_id, ticks }
+            let version = version_of(&asset_id);
+            LiveBatch {
+                asset_id,
+                ticks,
+                version,
+            }
         })
         .collect()
 }

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use rdkafka::ClientConfig;
 use tickfleet_proto::{Format, Limits};
-use tickfleet_store::{RedisOptions, ReplicaAckOptions, Retention};
+use tickfleet_store::{RedisOptions, ReplicaAckOptions, Retention, RollupRetention};
 
 use crate::lane::{Backoff, LaneConfig};
 
@@ -81,6 +81,10 @@ pub struct WorkerConfig {
     /// Keep at most this many ticks per asset.
     #[arg(long, env = "TICKFLEET_RETENTION_MAX_COUNT")]
     pub retention_max_count: Option<u64>,
+    /// How long candle rollups are kept per base interval, counted like raw retention and separate
+    /// from it: `1s=7d,1m=400d,1h=forever,1d=forever` (the default; bases not named keep theirs).
+    #[arg(long, env = "TICKFLEET_ROLLUP_RETENTION", default_value = "", value_parser = RollupRetention::parse)]
+    pub rollup_retention: RollupRetention,
     /// Address of the admin endpoint (/healthz, /readyz, /metrics).
     #[arg(long, env = "TICKFLEET_ADMIN_ADDR", default_value = "0.0.0.0:9090")]
     pub admin_addr: SocketAddr,

@@ -501,6 +501,21 @@ mod tests {
         async fn ping(&self) -> Result<(), StoreError> {
             Ok(())
         }
+        async fn rollups(
+            &self,
+            a: &str,
+            q: &tickfleet_store::RollupQuery,
+        ) -> Result<tickfleet_store::RollupPage, StoreError> {
+            self.inner.rollups(a, q).await
+        }
+        async fn rebuild_rollups(
+            &self,
+            a: &str,
+            from: i64,
+            to: i64,
+        ) -> Result<tickfleet_store::RebuildSummary, StoreError> {
+            self.inner.rebuild_rollups(a, from, to).await
+        }
     }
 
     /// Records dead letters; the first `unwritable` sends fail as if the topic were missing.

@@ -27,7 +27,8 @@ async fn main() -> anyhow::Result<()> {
     let store = Arc::new(
         config
             .redis
-            .open_with_acks(config.retention(), &config.replica_acks)?,
+            .open_with_acks(config.retention(), &config.replica_acks)?
+            .with_rollup_retention(config.rollup_retention),
     );
     let (admin, _) = serve_admin(
         config.admin_addr,

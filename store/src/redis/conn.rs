@@ -105,6 +105,21 @@ impl Conn {
         }
     }
 
+    /// Runs one single-slot pipeline as it is (a `MULTI`/`EXEC` one stays a transaction: a read of
+    /// several keys of one asset at one moment).
+    pub(super) async fn query_pipeline<T: redis::FromRedisValue>(
+        &self,
+        pipe: &Pipeline,
+    ) -> Result<T, StoreError> {
+        match self {
+            Conn::Standalone(c) => Ok(pipe.query_async(&mut c.clone()).await?),
+            Conn::Cluster { client, conn } => {
+                let mut c = Self::cluster_conn(client, conn).await?;
+                Ok(pipe.query_async(&mut c).await?)
+            }
+        }
+    }
+
     /// Checks that the store answers: the server, or every primary of the cluster.
     pub(super) async fn ping(&self) -> Result<(), StoreError> {
         let _: String = self.query(&redis::cmd("PING")).await?;

@@ -1,7 +1,9 @@
 //! The live feed of [`RedisStore`](super::RedisStore): one shared pub/sub connection per store.
 //!
 //! `write.lua` publishes each batch's new members with `PUBLISH` on `PREFIX:{ASSET}:live`, inside the
-//! same atomic script that stores them. The feed listens with `PSUBSCRIBE PREFIX:{*}:live`.
+//! same atomic script that stores them, with the asset version that write made (`{"v": version, "m":
+//! [members]}`), so a live candle seeded from rollups read at version v takes only later batches. The
+//! feed listens with `PSUBSCRIBE PREFIX:{*}:live`.
 //!
 //! On a Redis Cluster this is classic (not sharded) pub/sub: a node relays every `PUBLISH` to every
 //! other node over the cluster bus, so one subscription on any node (a replica too) hears every asset,
@@ -132,9 +134,17 @@ pub(super) async fn run(
     }
 }
 
-/// Decodes a live message: a JSON array of members of `asset`.
+/// A live message: the version the write made and the members it added.
+#[derive(serde::Deserialize)]
+struct LiveMessage {
+    v: u64,
+    m: Vec<String>,
+}
+
+/// Decodes a live message of `asset` (see [`LiveMessage`]).
 fn decode(asset: &str, payload: &[u8]) -> Result<LiveBatch, String> {
-    let members: Vec<String> = serde_json::from_slice(payload).map_err(|e| e.to_string())?;
+    let LiveMessage { v, m: members } =
+        serde_json::from_slice(payload).map_err(|e| e.to_string())?;
     let mut ticks = members
         .iter()
         .map(|m| member::decode(asset, m))
@@ -143,6 +153,7 @@ fn decode(asset: &str, payload: &[u8]) -> Result<LiveBatch, String> {
     Ok(LiveBatch {
         asset_id: asset.to_owned(),
         ticks,
+        version: v,
     })
 }
 

@@ -7,15 +7,34 @@
 //! |---|---|---|
 //! | `PREFIX:{ASSET}:ticks` | sorted set | one member per tick, scored by event time in µs |
 //! | `PREFIX:{ASSET}:latest` | string | the member of the tick with the greatest (event time, seq) |
+//! | `PREFIX:{ASSET}:ver` | string | the asset's write version: every write that changes it bumps it |
+//! | `PREFIX:{ASSET}:horizon` | string | the id (39 digits) of the newest tick retention removed |
+//! | `PREFIX:{ASSET}:rollup:1s` (`1m`, `1h`, `1d`) | sorted set | one candle per bucket, scored by its start in s |
 //! | `PREFIX:assets:{NN}` | set | the asset ids of index bucket NN (`00`..`15`, FNV-1a of the id mod 16) |
-//! | `PREFIX:{ASSET}:live` | pub/sub channel | the ticks each batch added, as a JSON array of members |
+//! | `PREFIX:{ASSET}:live` | pub/sub channel | the ticks each batch added: `{"v": version, "m": [members]}` |
 //!
 //! A member is `TIME(19 digits)SEQ(20 digits)|price|size|source`, so equal ticks are equal members and a
-//! redelivered tick adds nothing. A batch is one `EVALSHA` of `write.lua` per asset (which asks
-//! `ZMSCORE` which members are stored already, adds the rest with one variadic `ZADD`, moves `latest`
-//! only forward, and applies retention), plus one `SADD` per index bucket for the assets this store has
-//! not indexed yet. No call touches two slots; on one server the whole batch is one pipeline, on a
-//! cluster each asset's call goes to its slot's primary, all at once (see [`conn`]).
+//! redelivered tick adds nothing. A rollup member is [`Candle::encode`](crate::Candle::encode)'s text.
+//!
+//! **A batch write is a compare-and-set** (in [`rollups`]). (1) `prepare.lua` per asset (read only):
+//! `ZMSCORE` says which ticks are new (not stored, not repeated, above the horizon), and it returns the
+//! rollup candles those ticks fall into and the asset's version. (2) The new candles are computed in Rust
+//! with `rust_decimal` ([`rollup::fold_new`](crate::rollup::fold_new)) — Redis Lua numbers are doubles,
+//! which cannot add decimal prices exactly, and exact decimal arithmetic written in Lua would cost Redis
+//! far more CPU per tick than a second round trip costs — and `write.lua` per asset stores the new ticks
+//! (one variadic `ZADD` per 1000), the candles, moves `latest` only forward, applies raw and rollup
+//! retention and bumps the version, all only if the version (and what else the caller assumed) still
+//! holds; plus one `SADD` per index bucket for the assets this store has not indexed yet. In the steady
+//! state (1) is skipped: a store assumes what its own last write of the asset left, and `write.lua`
+//! checks it, so a batch is one round trip. An asset whose assumption failed (another writer, say
+//! during a consumer-group rebalance, or a redelivery) is read and tried again, up to
+//! [`WRITE_ATTEMPTS`] times; an asset whose ticks were all stored already writes nothing (with replica
+//! acks it still sends an empty `write.lua`, so its `WAIT` covers the earlier attempt's writes).
+//!
+//! Every script touches only keys under one asset's `{ASSET}` tag, so no call touches two slots: on one
+//! server each round trip is one pipeline, on a cluster each asset's call (a `prepare.lua`, a
+//! `write.lua`) is its own single-slot pipeline to its slot's primary, all at once (see [`conn`]), and
+//! with `min_replica_acks` every write part ends with `WAIT`.
 //!
 //! **The asset index** is 16 sets, not one: on a cluster they spread over the primaries, and a store
 //! adds an asset to its bucket only the first time it writes that asset (the index then changes only
@@ -24,9 +43,10 @@
 //! (and the single `PREFIX:assets` set of earlier versions, so their data stays listed).
 //!
 //! Scripts are loaded on first use and again after a `NOSCRIPT` (a restarted or newly promoted Redis
-//! forgets them). The live feed is described in [`live`].
+//! forgets them): only the parts that got `NOSCRIPT` are sent again. The live feed is described in
+//! [`live`].
 
-use std::collections::{BTreeMap, BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -36,19 +56,28 @@ use tokio::sync::broadcast;
 
 use crate::live::{LIVE_BUFFER, LiveFeed};
 use crate::member;
+use crate::rollup::{Base, RebuildSummary, RollupPage, RollupQuery, RollupRetention};
 use crate::{MAX_PAGE, RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
 
 mod conn;
 mod live;
 #[cfg(feature = "clap")]
 mod options;
+mod rollups;
 pub use conn::RedisMode;
 use conn::{Acks, Conn};
 #[cfg(feature = "clap")]
 pub use options::{RedisOptions, ReplicaAckOptions};
 
+const PREPARE_LUA: &str = include_str!("prepare.lua");
 const WRITE_LUA: &str = include_str!("write.lua");
 const RANGE_LUA: &str = include_str!("range.lua");
+const REBUILD_LUA: &str = include_str!("rebuild.lua");
+
+/// How often a batch write reads and tries again an asset that other writers keep changing.
+pub const WRITE_ATTEMPTS: u32 = 20;
+/// How often a rebuild tries a day that workers keep writing to before it reports it busy.
+pub const REBUILD_ATTEMPTS: u32 = 5;
 
 /// How many sets the asset index is split into (part of the key layout: changing it moves assets).
 pub const ASSET_BUCKETS: u64 = 16;
@@ -98,9 +127,14 @@ pub struct RedisStore {
     indexed: Arc<Mutex<HashSet<String>>>,
     prefix: String,
     retention: Retention,
+    rollup_retention: RollupRetention,
+    /// Per asset, what this store's last write of it left (see [`rollups::Known`]).
+    cache: Arc<Mutex<std::collections::HashMap<String, rollups::Known>>>,
     acks: Option<Acks>,
+    prepare_sha: String,
     write_sha: String,
     range_sha: String,
+    rebuild_sha: String,
 }
 
 impl std::fmt::Debug for RedisStore {
@@ -214,18 +248,36 @@ impl RedisStore {
             indexed: Arc::default(),
             prefix: prefix.to_owned(),
             retention,
+            rollup_retention: RollupRetention::default(),
+            cache: Arc::default(),
             acks: (settings.min_replica_acks > 0).then_some(Acks {
                 replicas: settings.min_replica_acks,
                 timeout: settings.replica_ack_timeout,
             }),
+            prepare_sha: redis::Script::new(PREPARE_LUA).get_hash().to_owned(),
             write_sha: redis::Script::new(WRITE_LUA).get_hash().to_owned(),
             range_sha: redis::Script::new(RANGE_LUA).get_hash().to_owned(),
+            rebuild_sha: redis::Script::new(REBUILD_LUA).get_hash().to_owned(),
         })
+    }
+
+    /// Sets how long rollups are kept (default [`RollupRetention::default`]).
+    pub fn with_rollup_retention(mut self, retention: RollupRetention) -> Self {
+        self.rollup_retention = retention;
+        self
     }
 
     /// The key prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// One server or a cluster.
+    pub fn mode(&self) -> RedisMode {
+        match self.conn {
+            Conn::Standalone(_) => RedisMode::Standalone,
+            Conn::Cluster { .. } => RedisMode::Cluster,
+        }
     }
 
     fn ticks_key(&self, asset: &str) -> String {
@@ -234,6 +286,22 @@ impl RedisStore {
 
     fn latest_key(&self, asset: &str) -> String {
         format!("{}:{{{asset}}}:latest", self.prefix)
+    }
+
+    fn version_key(&self, asset: &str) -> String {
+        format!("{}:{{{asset}}}:ver", self.prefix)
+    }
+
+    fn horizon_key(&self, asset: &str) -> String {
+        format!("{}:{{{asset}}}:horizon", self.prefix)
+    }
+
+    fn rollup_key(&self, asset: &str, base: Base) -> String {
+        format!("{}:{{{asset}}}:rollup:{}", self.prefix, base.label())
+    }
+
+    fn rollup_ages(&self) -> [u64; 4] {
+        Base::ALL.map(|b| self.rollup_retention.max_age_secs(b))
     }
 
     /// The index bucket set holding `asset`.
@@ -251,7 +319,7 @@ impl RedisStore {
     }
 
     /// Runs `parts`; when some got `NOSCRIPT` (Redis lost the scripts: a restart, a promoted
-    /// replica, `SCRIPT FLUSH`), loads both scripts and sends again only those parts. Another client's
+    /// replica, `SCRIPT FLUSH`), loads every script and sends again only those parts. Another client's
     /// `SCRIPT LOAD` can land between the commands of one call, so the other parts may be written
     /// already; sending them again would count their ticks as duplicates.
     async fn exec_with_scripts(
@@ -264,7 +332,9 @@ impl RedisStore {
             .filter(|&i| matches!(&outcomes[i], Err(e) if conn::is_noscript_err(e)))
             .collect();
         if !lost.is_empty() {
-            self.conn.load_scripts(&[WRITE_LUA, RANGE_LUA]).await?;
+            self.conn
+                .load_scripts(&[PREPARE_LUA, WRITE_LUA, RANGE_LUA, REBUILD_LUA])
+                .await?;
             let again: Vec<redis::Pipeline> = lost.iter().map(|&i| parts[i].clone()).collect();
             for (i, outcome) in lost.into_iter().zip(self.conn.exec(&again, acks).await?) {
                 outcomes[i] = outcome;
@@ -292,69 +362,7 @@ fn reply<T: redis::FromRedisValue>(v: Option<Value>) -> Result<T, StoreError> {
 #[async_trait]
 impl TickStore for RedisStore {
     async fn write_batch(&self, ticks: &[Tick]) -> Result<WriteSummary, StoreError> {
-        if ticks.is_empty() {
-            return Ok(WriteSummary::default());
-        }
-        let mut by_asset: BTreeMap<&str, Vec<&Tick>> = BTreeMap::new();
-        for t in ticks {
-            by_asset.entry(t.asset_id.as_str()).or_default().push(t);
-        }
-        let max_age_us = self
-            .retention
-            .max_age
-            .map_or(0, |a| u64::try_from(a.as_micros()).unwrap_or(u64::MAX));
-        let max_count = self.retention.max_count.unwrap_or(0);
-        let now_us = crate::clock_us();
-        // One part per asset (its slot), then one per index bucket with assets not indexed yet.
-        let mut parts = Vec::with_capacity(by_asset.len() + 1);
-        for (asset, ticks) in &by_asset {
-            let mut pipe = redis::pipe();
-            let cmd = pipe
-                .cmd("EVALSHA")
-                .arg(&self.write_sha)
-                .arg(2)
-                .arg(self.ticks_key(asset))
-                .arg(self.latest_key(asset))
-                .arg(max_age_us)
-                .arg(max_count)
-                .arg(self.live_channel(asset))
-                .arg(now_us);
-            for t in ticks {
-                cmd.arg(member::score(t.event_time_ns))
-                    .arg(member::encode(t));
-            }
-            parts.push(pipe);
-        }
-        let new: Vec<&str> = {
-            let indexed = self.indexed.lock().unwrap_or_else(|p| p.into_inner());
-            by_asset
-                .keys()
-                .copied()
-                .filter(|a| !indexed.contains(*a))
-                .collect()
-        };
-        let mut buckets: BTreeMap<u64, BTreeSet<&str>> = BTreeMap::new();
-        for a in &new {
-            buckets.entry(bucket(a)).or_default().insert(a);
-        }
-        for (b, assets) in &buckets {
-            let mut pipe = redis::pipe();
-            pipe.cmd("SADD").arg(self.bucket_key(*b)).arg(assets);
-            parts.push(pipe);
-        }
-        let replies = self.exec_with_scripts(&parts, self.acks).await?;
-        if !new.is_empty() {
-            let mut indexed = self.indexed.lock().unwrap_or_else(|p| p.into_inner());
-            indexed.extend(new.iter().map(|a| (*a).to_owned()));
-        }
-        let mut inserted = 0;
-        for r in replies.into_iter().take(by_asset.len()) {
-            inserted += reply::<usize>(r.into_iter().next())?;
-        }
-        Ok(WriteSummary {
-            inserted,
-            duplicates: ticks.len() - inserted,
-        })
+        self.write(ticks).await
     }
 
     async fn latest(&self, asset_id: &str) -> Result<Option<Tick>, StoreError> {
@@ -460,6 +468,19 @@ impl TickStore for RedisStore {
 
     async fn ping(&self) -> Result<(), StoreError> {
         self.conn.ping().await
+    }
+
+    async fn rollups(&self, asset_id: &str, query: &RollupQuery) -> Result<RollupPage, StoreError> {
+        self.read_rollups(asset_id, query).await
+    }
+
+    async fn rebuild_rollups(
+        &self,
+        asset_id: &str,
+        from_ns: i64,
+        to_ns: i64,
+    ) -> Result<RebuildSummary, StoreError> {
+        self.rebuild(asset_id, from_ns, to_ns).await
     }
 }
 
