@@ -1,7 +1,7 @@
 //! Candles and window averages served from write-time rollups equal those computed from the raw ticks by
 //! a plain reference, for every base interval and composed ones, over random streams with duplicates,
-//! redelivered batches and late ticks — against `MemoryStore` and a real redis-server
-//! (`TICKFLEET_TEST_REDIS_URL`). The handlers are called directly (no transport: what is under test is
+//! redelivered batches and late ticks — against `MemoryStore`, a real redis-server
+//! (`TICKFLEET_TEST_REDIS_URL`) and a real Redis Cluster (`TICKFLEET_TEST_REDIS_CLUSTER_URLS`). The handlers are called directly (no transport: what is under test is
 //! the arithmetic and the store reads).
 
 use std::collections::BTreeMap;
@@ -14,7 +14,9 @@ use tickfleet_proto::v1::{
     GetCandlesRequest, GetMovingAverageRequest, get_moving_average_request::Over,
 };
 use tickfleet_service::CancellationToken;
-use tickfleet_store::{MemoryStore, RedisStore, Retention, Tick, TickStore};
+use tickfleet_store::{
+    MemoryStore, RedisMode, RedisSettings, RedisStore, Retention, Tick, TickStore,
+};
 use tonic::Request;
 
 const T0: i64 = 1_700_000_000_000_000_000;
@@ -214,6 +216,28 @@ async fn redis_rollup_candles_equal_candles_of_the_raw_ticks() {
     for seed in 1..=8 {
         let prefix = format!("rollups-{}-{seed}-{nanos}", std::process::id());
         let store = Arc::new(RedisStore::open(&url, &prefix, Retention::default()).unwrap());
+        candles_and_averages_equal_the_reference(store, "P", seed).await;
+    }
+}
+
+#[tokio::test]
+async fn cluster_rollup_candles_equal_candles_of_the_raw_ticks() {
+    let urls = std::env::var("TICKFLEET_TEST_REDIS_CLUSTER_URLS").expect(
+        "TICKFLEET_TEST_REDIS_CLUSTER_URLS is not set: run scripts/test.sh, which starts a Redis Cluster \
+         (scripts/redis-cluster.sh) and sets it",
+    );
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    for seed in 1..=8 {
+        let prefix = format!("rollups-{}-{seed}-{nanos}", std::process::id());
+        let settings = RedisSettings {
+            mode: RedisMode::Cluster,
+            ..RedisSettings::default()
+        };
+        let store =
+            Arc::new(RedisStore::connect(&urls, &prefix, Retention::default(), settings).unwrap());
         candles_and_averages_equal_the_reference(store, "P", seed).await;
     }
 }

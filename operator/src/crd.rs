@@ -337,6 +337,11 @@ pub struct StoreSpec {
     /// How long ticks are kept; unbounded when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retention: Option<RetentionSpec>,
+    /// How long the candle rollups are kept, per base interval (`TICKFLEET_ROLLUP_RETENTION` of the
+    /// workers). Separate from `retention`, which never removes a rollup; when unset the workers keep
+    /// 1-second candles 7 days, 1-minute candles 400 days, hourly and daily candles for ever.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollup_retention: Option<RollupRetentionSpec>,
 }
 
 fn default_key_prefix() -> String {
@@ -438,6 +443,66 @@ pub struct RetentionSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub max_count: Option<i64>,
+}
+
+/// Retention of the candle rollups, per base interval: each age is counted back from the asset's
+/// newest tick (bounded by the worker's clock), like raw retention. A base left out keeps the workers'
+/// default; 0 keeps its candles for ever.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct RollupRetentionSpec {
+    /// Drop 1-second candles older than this many seconds (default 604800, 7 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub one_second_max_age_seconds: Option<i64>,
+    /// Drop 1-minute candles older than this many seconds (default 34560000, 400 days).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub one_minute_max_age_seconds: Option<i64>,
+    /// Drop 1-hour candles older than this many seconds (default: kept for ever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub one_hour_max_age_seconds: Option<i64>,
+    /// Drop 1-day candles older than this many seconds (default: kept for ever).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 0))]
+    pub one_day_max_age_seconds: Option<i64>,
+}
+
+impl RollupRetentionSpec {
+    /// The bases that are set, as `(label, field, seconds)` in base order.
+    pub fn ages(&self) -> [(&'static str, &'static str, Option<i64>); 4] {
+        [
+            (
+                "1s",
+                "oneSecondMaxAgeSeconds",
+                self.one_second_max_age_seconds,
+            ),
+            (
+                "1m",
+                "oneMinuteMaxAgeSeconds",
+                self.one_minute_max_age_seconds,
+            ),
+            ("1h", "oneHourMaxAgeSeconds", self.one_hour_max_age_seconds),
+            ("1d", "oneDayMaxAgeSeconds", self.one_day_max_age_seconds),
+        ]
+    }
+
+    /// The workers' `TICKFLEET_ROLLUP_RETENTION` (`1s=604800s,1h=forever`; 0 is `forever`), or `None`
+    /// when no base is set.
+    pub fn env_value(&self) -> Option<String> {
+        let parts: Vec<String> = self
+            .ages()
+            .into_iter()
+            .filter_map(|(label, _, age)| {
+                age.map(|a| match a {
+                    0 => format!("{label}=forever"),
+                    a => format!("{label}={a}s"),
+                })
+            })
+            .collect();
+        (!parts.is_empty()).then(|| parts.join(","))
+    }
 }
 
 /// The worker fleet.

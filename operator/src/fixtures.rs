@@ -31,6 +31,7 @@ pub fn pipeline() -> TickPipeline {
                 },
                 key_prefix: "tf".into(),
                 retention: None,
+                rollup_retention: None,
             },
             workers: WorkersSpec {
                 replicas: 2,

@@ -189,3 +189,38 @@ fn the_sources_cel_rules_walk_only_bounded_lists_and_strings() {
         "symbols[]: maxLength"
     );
 }
+
+/// `store.rollupRetention` is four optional ages in seconds, none negative (0 keeps for ever); a
+/// pipeline that sets some of them is valid and reaches the workers' ConfigMap.
+#[test]
+fn crd_declares_rollup_retention_per_base() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
+    let crd: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read crd")).expect("yaml");
+    let r = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["store"]["properties"]["rollupRetention"];
+    assert_eq!(r["type"], "object", "{r}");
+    assert_eq!(r["required"], serde_json::Value::Null, "{r}");
+    for field in [
+        "oneSecondMaxAgeSeconds",
+        "oneMinuteMaxAgeSeconds",
+        "oneHourMaxAgeSeconds",
+        "oneDayMaxAgeSeconds",
+    ] {
+        assert_eq!(r["properties"][field]["type"], "integer", "{field}");
+        assert_eq!(r["properties"][field]["minimum"], 0.0, "{field}");
+    }
+    let mut tp = tickfleet_operator::TickPipeline::new(
+        "btc",
+        serde_json::from_value(serde_json::json!({
+            "image": "i", "kafka": {"bootstrapServers": "k:9092", "topic": "t", "partitions": 4},
+            "store": {"redis": {"url": "redis://r:6379"},
+                      "rollupRetention": {"oneSecondMaxAgeSeconds": 86400, "oneHourMaxAgeSeconds": 0}},
+        }))
+        .expect("spec"),
+    );
+    tp.metadata.namespace = Some("markets".into());
+    assert_eq!(tickfleet_operator::desired::validate(&tp), Ok(()));
+    let data = tickfleet_operator::desired::config_data(&tp);
+    assert_eq!(data["TICKFLEET_ROLLUP_RETENTION"], "1s=86400s,1h=forever");
+}

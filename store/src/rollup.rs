@@ -590,6 +590,15 @@ mod tests {
         assert_eq!(r.max_age_secs(Base::Minute), 400 * 86_400);
         assert_eq!(r.max_age_secs(Base::Hour), 30 * 86_400);
         assert_eq!(r.max_age_secs(Base::Day), 0);
+        // What the operator renders from spec.store.rollupRetention (seconds; 0 is forever).
+        let r = RollupRetention::parse("1s=86400s,1m=0s,1d=forever");
+        assert!(
+            r.is_err(),
+            "0s is not an age: the operator renders 0 as forever"
+        );
+        let r = RollupRetention::parse("1s=86400s,1d=forever").unwrap();
+        assert_eq!(r.max_age_secs(Base::Second), 86_400);
+        assert_eq!(r.max_age_secs(Base::Day), 0);
         for bad in ["1s", "2s=1d", "1s=1x", "1s=0d", "1s=-1d"] {
             assert!(RollupRetention::parse(bad).is_err(), "{bad}");
         }

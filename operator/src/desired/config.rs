@@ -65,6 +65,14 @@ pub fn config_data(tp: &TickPipeline) -> BTreeMap<String, String> {
             put("TICKFLEET_RETENTION_MAX_COUNT", count.to_string());
         }
     }
+    if let Some(r) = spec
+        .store
+        .rollup_retention
+        .as_ref()
+        .and_then(|r| r.env_value())
+    {
+        put("TICKFLEET_ROLLUP_RETENTION", r);
+    }
     if let Some(size) = spec.workers.batch_size {
         put("TICKFLEET_BATCH_SIZE", size.to_string());
     }
@@ -201,6 +209,19 @@ mod tests {
         assert_eq!(cm.metadata.namespace.as_deref(), Some("markets"));
     }
 
+    /// The config hash on the worker pod template (a change rolls the workers).
+    fn worker_hash(tp: &TickPipeline) -> String {
+        desired(tp, 1)
+            .worker
+            .spec
+            .template
+            .metadata
+            .unwrap()
+            .annotations
+            .unwrap()[CONFIG_HASH_ANNOTATION]
+            .clone()
+    }
+
     #[test]
     fn the_pipelines_skew_limits_reach_the_workers() {
         let mut tp = pipeline();
@@ -211,20 +232,36 @@ mod tests {
         assert_eq!(data["TICKFLEET_MAX_SKEW_AHEAD_SECS"], "60");
         assert_eq!(data["TICKFLEET_MAX_SKEW_BEHIND_SECS"], "86400");
         // the workers read the ConfigMap as their environment, and a changed limit rolls them
-        let hash = |tp: &TickPipeline| {
-            desired(tp, 1)
-                .worker
-                .spec
-                .template
-                .metadata
-                .unwrap()
-                .annotations
-                .unwrap()[CONFIG_HASH_ANNOTATION]
-                .clone()
-        };
         let mut wider = tp.clone();
         wider.spec.workers.max_skew_ahead_seconds = Some(600);
-        assert_ne!(hash(&tp), hash(&wider));
+        assert_ne!(worker_hash(&tp), worker_hash(&wider));
+    }
+
+    #[test]
+    fn the_pipelines_rollup_retention_reaches_the_workers() {
+        let mut tp = pipeline();
+        assert!(!config_data(&tp).contains_key("TICKFLEET_ROLLUP_RETENTION"));
+        tp.spec.store.rollup_retention = Some(crate::crd::RollupRetentionSpec {
+            one_second_max_age_seconds: Some(86_400),
+            one_day_max_age_seconds: Some(0),
+            ..Default::default()
+        });
+        let data = desired(&tp, 1).config_map.data.unwrap();
+        // the worker's --rollup-retention syntax; bases not named keep the worker's default
+        assert_eq!(data["TICKFLEET_ROLLUP_RETENTION"], "1s=86400s,1d=forever");
+        let mut longer = tp.clone();
+        longer.spec.store.rollup_retention = Some(crate::crd::RollupRetentionSpec {
+            one_second_max_age_seconds: Some(2 * 86_400),
+            ..Default::default()
+        });
+        assert_ne!(
+            worker_hash(&tp),
+            worker_hash(&longer),
+            "a changed retention rolls the workers"
+        );
+        // an empty object sets nothing
+        longer.spec.store.rollup_retention = Some(Default::default());
+        assert!(!config_data(&longer).contains_key("TICKFLEET_ROLLUP_RETENTION"));
     }
 
     #[test]

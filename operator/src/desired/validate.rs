@@ -110,6 +110,15 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
             ));
         }
     }
+    if let Some(r) = &spec.store.rollup_retention {
+        for (_, field, age) in r.ages() {
+            if age.is_some_and(|a| a < 0) {
+                problems.push(format!(
+                    "store.rollupRetention.{field} must not be negative (0 keeps for ever)"
+                ));
+            }
+        }
+    }
     // `autoscaling: {enabled: false}` needs nothing else
     if let Some(a) = spec.workers.autoscaling.as_ref().filter(|a| a.enabled) {
         if a.min_replicas < 1 {
@@ -275,6 +284,25 @@ mod tests {
             validate(&tp).unwrap_err(),
             "workers.maxSkewAheadSeconds must be between 1 and 9223372036; \
              workers.maxSkewBehindSeconds must be between 1 and 9223372036"
+        );
+    }
+
+    #[test]
+    fn rollup_retention_must_not_be_negative() {
+        let mut tp = pipeline();
+        tp.spec.store.rollup_retention = Some(crate::crd::RollupRetentionSpec {
+            one_second_max_age_seconds: Some(0),
+            one_hour_max_age_seconds: Some(3_600),
+            ..Default::default()
+        });
+        assert_eq!(validate(&tp), Ok(()));
+        tp.spec.store.rollup_retention = Some(crate::crd::RollupRetentionSpec {
+            one_minute_max_age_seconds: Some(-1),
+            ..Default::default()
+        });
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "store.rollupRetention.oneMinuteMaxAgeSeconds must not be negative (0 keeps for ever)"
         );
     }
 
