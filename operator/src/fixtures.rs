@@ -55,6 +55,17 @@ pub fn pipeline() -> TickPipeline {
     tp
 }
 
+/// `n` pods of a Deployment, all current, ready, updated and available.
+pub fn pods(n: i32) -> crate::crd::ReplicaStatus {
+    crate::crd::ReplicaStatus {
+        desired: n,
+        current: n,
+        ready: n,
+        updated: n,
+        available: n,
+    }
+}
+
 /// The Secrets [`pipeline_with_every_secret`] names, in spec order.
 pub const EVERY_SECRET: [&str; 5] = [
     "kafka-creds",
@@ -278,6 +289,14 @@ pub struct ApiServer {
     pub secrets: HashMap<String, Secret>,
     /// The Lease at the start (`GET .../leases/NAME` is 404 while there is none).
     pub lease: Option<k8s_openapi::api::coordination::v1::Lease>,
+    /// `(after, lease)`: another replica writes `lease` (with the next `resourceVersion`) that
+    /// long after [`ApiServer::start`]; reads see it from then on, and a watch of the Lease gets
+    /// it as a `MODIFIED` event at that moment (the watch then ends; one with nothing left to
+    /// send is held open without events).
+    pub lease_changes: Vec<(
+        std::time::Duration,
+        k8s_openapi::api::coordination::v1::Lease,
+    )>,
     /// `(method, path prefix, status code)`: matching requests fail with that code.
     pub fail: Vec<(&'static str, String, u16)>,
     /// `(method, path prefix)`: matching requests are never answered (a hung API server).
@@ -330,6 +349,34 @@ impl ApiServer {
         let answer = serde_json::to_value(&lease).unwrap();
         self.lease = Some(lease);
         ok(&answer)
+    }
+
+    /// Stores the [`Self::lease_changes`] due at `now`, each with the next version.
+    fn apply_lease_changes(&mut self, start: tokio::time::Instant, now: tokio::time::Instant) {
+        while let Some((after, _)) = self.lease_changes.first() {
+            if start + *after > now {
+                break;
+            }
+            let (_, mut lease) = self.lease_changes.remove(0);
+            lease.metadata.resource_version =
+                Some((stored_version(self.lease.as_ref()) + 1).to_string());
+            self.lease = Some(lease);
+        }
+    }
+
+    /// The next lease change as its watch event, and when it is due.
+    fn next_lease_event(
+        &self,
+        start: tokio::time::Instant,
+    ) -> Option<(tokio::time::Instant, Value)> {
+        let (after, lease) = self.lease_changes.first()?;
+        let mut lease = lease.clone();
+        lease.metadata.resource_version =
+            Some((stored_version(self.lease.as_ref()) + 1).to_string());
+        Some((
+            start + *after,
+            json!({"type": "MODIFIED", "object": serde_json::to_value(&lease).unwrap()}),
+        ))
     }
 
     fn answer(&mut self, method: &str, path: &str, accept: &str, body: &Value) -> Response<Body> {
@@ -401,13 +448,17 @@ impl ApiServer {
         let (service, handle) = mock::pair::<Request<Body>, Response<Body>>();
         let log = Arc::new(Mutex::new(Vec::new()));
         let recorded = log.clone();
+        let start = tokio::time::Instant::now();
         tokio::spawn(async move {
             pin_mut!(handle);
             let mut hung = Vec::new();
             while let Some((request, send)) = handle.next_request().await {
+                self.apply_lease_changes(start, tokio::time::Instant::now());
                 let method = request.method().to_string();
                 let uri = request.uri().to_string();
                 let path = request.uri().path().to_string();
+                let lease_watch =
+                    method == "GET" && path.ends_with("/leases") && uri.contains("watch=true");
                 let [content_type, accept] = [http::header::CONTENT_TYPE, http::header::ACCEPT]
                     .map(|name| {
                         request
@@ -425,7 +476,8 @@ impl ApiServer {
                     .hang
                     .iter()
                     .any(|(m, p)| *m == method && path.starts_with(p.as_str()));
-                let response = (!hang).then(|| {
+                let event = lease_watch.then(|| self.next_lease_event(start)).flatten();
+                let response = (!hang && !lease_watch).then(|| {
                     self.answer(&method, &path, accept.as_deref().unwrap_or_default(), &body)
                 });
                 recorded.lock().unwrap().push(Recorded {
@@ -435,6 +487,15 @@ impl ApiServer {
                     accept,
                     body,
                 });
+                if let Some((due, event)) = event {
+                    tokio::spawn(async move {
+                        tokio::time::sleep_until(due).await;
+                        let mut line = serde_json::to_vec(&event).unwrap();
+                        line.push(b'\n');
+                        send.send_response(Response::builder().body(Body::from(line)).unwrap());
+                    });
+                    continue;
+                }
                 match response {
                     Some(response) => send.send_response(response),
                     // kept, so the client waits instead of seeing the connection drop

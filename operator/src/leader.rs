@@ -15,7 +15,14 @@
 //!   disagree by any amount. It remembers the Lease record it last saw *change*
 //!   (`resourceVersion`, holder, times) and when it saw that, on its own monotonic clock, and takes
 //!   the Lease only once that record has stayed the same for the record's `leaseDurationSeconds`.
-//!   It checks again exactly when that time is up, so failover does not wait for the next retry.
+//!   It **watches** the Lease (a `fieldSelector` watch from the version it read), so it sees each
+//!   renewal when the API server commits it rather than up to a retry period later, and it tries
+//!   exactly when the record's time is up, or at once when the watch shows the Lease released or
+//!   deleted. It also reads the Lease every retry period, so a watch that broke or lags costs at
+//!   most one retry period, never correctness (a late sighting only makes it wait longer).
+//! - **Timings derive from the lease duration** when only it is given: renew deadline 2/3 of it,
+//!   retry period 2/15 of it ([`LeaseConfig::derived`]), which gives client-go's 10 s and 2 s for
+//!   15 s.
 //! - **Writes** are `replace` with the `resourceVersion` that was read, so when two replicas race,
 //!   or the holder renewed after the standby's last look, the API server accepts one write and
 //!   answers the other `409 Conflict`.
@@ -25,11 +32,12 @@
 //! sending it; the standby waits a whole lease duration after seeing it. This needs the two clocks
 //! to run at about the same *rate* (5 s of margin in 15 s), never that they *agree*.
 //!
-//! After a holder dies without releasing the Lease (SIGKILL, node loss), a standby takes over
-//! between `lease duration − retry period` and `lease duration + retry period` after the death (it
-//! saw the last renewal up to one retry period late, and the renewal was up to one retry period
-//! old); a holder that shuts down cleanly releases the Lease and a standby takes over at its next
-//! look.
+//! After a holder dies without releasing the Lease (SIGKILL, node loss), a standby takes over one
+//! lease duration after its last renewal, plus the watch's delivery latency (milliseconds; at most
+//! a retry period when the watch is broken and the periodic read sees it). Since the renewal came
+//! before the death, that is between `lease duration − retry period` and `lease duration` (plus
+//! that latency) after the death. A holder that shuts down cleanly releases the Lease and a
+//! standby, seeing that on its watch, takes over at once.
 //!
 //! [`Leadership`] is the wiring the binary uses: wait to lead, reconcile until shutdown or until
 //! the Lease is lost, then release it.
@@ -37,23 +45,19 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use futures::stream::{BoxStream, StreamExt, TryStreamExt};
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Client;
-use kube::api::{Api, PostParams};
+use kube::api::{Api, PostParams, WatchEvent, WatchParams};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Default seconds a Lease stays valid without renewal, as seen by a standby.
 pub const DEFAULT_LEASE_DURATION_SECS: u64 = 15;
-/// Default seconds the holder keeps trying to renew before it gives leadership up.
-pub const DEFAULT_RENEW_DEADLINE_SECS: u64 = 10;
-/// Default seconds between renewals, and between a standby's looks at the Lease.
-pub const DEFAULT_RETRY_PERIOD_SECS: u64 = 2;
-
 /// Leader election settings.
 #[derive(Clone, Debug)]
 pub struct LeaseConfig {
@@ -72,6 +76,24 @@ pub struct LeaseConfig {
 }
 
 impl LeaseConfig {
+    /// Settings with the renew deadline and retry period derived from `lease_duration` as
+    /// client-go's defaults relate (15 s, 10 s, 2 s): 2/3 and 2/15 of it.
+    pub fn derived(
+        name: String,
+        namespace: String,
+        identity: String,
+        lease_duration: Duration,
+    ) -> Self {
+        Self {
+            name,
+            namespace,
+            identity,
+            lease_duration,
+            renew_deadline: lease_duration * 2 / 3,
+            retry_period: lease_duration * 2 / 15,
+        }
+    }
+
     /// Checks `0 < retry period < renew deadline < lease duration`, without which a holder could
     /// still be reconciling when a standby takes over.
     pub fn validate(&self) -> Result<(), String> {
@@ -267,16 +289,40 @@ impl LeaderElector {
         &self.cfg
     }
 
-    /// One round: reads the Lease and creates, renews or takes it when allowed.
-    pub async fn try_acquire_or_renew(&self) -> Result<Attempt, kube::Error> {
-        let current = self.api.get_opt(&self.cfg.name).await?;
-        let step = next_step(
-            current.as_ref(),
+    /// Notes the Lease as read or watched now (`None`: it does not exist) and says what to do.
+    fn observe(&self, lease: Option<&Lease>) -> Step {
+        next_step(
+            lease,
             &self.cfg.identity,
             &mut self.seen.lock().expect("seen lock"),
             Instant::now(),
             self.cfg.lease_duration,
-        );
+        )
+    }
+
+    /// The `resourceVersion` of the Lease record last seen held by another replica.
+    fn seen_version(&self) -> Option<String> {
+        self.seen
+            .lock()
+            .expect("seen lock")
+            .as_ref()
+            .and_then(|o| o.resource_version.clone())
+    }
+
+    /// A watch of the Lease from `version`: its changes as they are committed. Opening it is
+    /// part of the stream, so a slow API server never holds up the caller's timers.
+    fn watch(&self, version: String) -> LeaseWatch {
+        let api = self.api.clone();
+        let params = WatchParams::default().fields(&format!("metadata.name={}", self.cfg.name));
+        futures::stream::once(async move { api.watch(&params, &version).await })
+            .try_flatten()
+            .boxed()
+    }
+
+    /// One round: reads the Lease and creates, renews or takes it when allowed.
+    pub async fn try_acquire_or_renew(&self) -> Result<Attempt, kube::Error> {
+        let current = self.api.get_opt(&self.cfg.name).await?;
+        let step = self.observe(current.as_ref());
         let now = Timestamp::now();
         let write = match (&step, current) {
             (Step::Wait { holder, until }, _) => {
@@ -317,10 +363,17 @@ impl LeaderElector {
 
     /// Waits until this replica holds the Lease or shutdown is requested (`None`). Returns when
     /// the winning attempt started: the renew deadline counts from there.
+    ///
+    /// Between attempts it follows the Lease on a watch: each change seen there restarts the
+    /// wait as a read would, and an attempt is made the moment the record's lease duration is
+    /// up, or at once when the Lease is released or deleted. The Lease is read again every retry
+    /// period in any case, and a watch that ends or fails is opened again after that read.
     pub async fn acquire(&self, shutdown: &CancellationToken) -> Option<Instant> {
+        let mut watch: Option<LeaseWatch> = None;
         loop {
             let started = Instant::now();
-            let mut next = started + self.cfg.retry_period;
+            let poll = started + self.cfg.retry_period;
+            let mut next = poll;
             // an attempt that hangs must not hold the lease unknowingly for long: it is cut off
             // at the renew deadline, as a renewal would be
             match tokio::time::timeout(self.cfg.renew_deadline, self.try_acquire_or_renew()).await {
@@ -328,7 +381,12 @@ impl LeaderElector {
                     info!(lease = %self.cfg.name, identity = %self.cfg.identity, "became leader");
                     return Some(started);
                 }
-                Ok(Ok(Attempt::HeldBy { until, .. })) => next = next.min(until),
+                Ok(Ok(Attempt::HeldBy { until, .. })) => {
+                    next = next.min(until);
+                    if watch.is_none() {
+                        watch = self.seen_version().map(|v| self.watch(v));
+                    }
+                }
                 Ok(Ok(Attempt::Conflict)) => {}
                 Ok(Err(e)) => warn!(error = %e, "leader election: lease not reachable"),
                 Err(_) => warn!(
@@ -336,9 +394,37 @@ impl LeaderElector {
                     "leader election: the API server did not answer in time"
                 ),
             }
-            tokio::select! {
-                () = shutdown.cancelled() => return None,
-                () = tokio::time::sleep_until(next) => {}
+            loop {
+                tokio::select! {
+                    () = shutdown.cancelled() => return None,
+                    () = tokio::time::sleep_until(next) => break,
+                    event = next_event(&mut watch) => {
+                        let step = match event {
+                            Some(Ok(WatchEvent::Added(l) | WatchEvent::Modified(l))) => self.observe(Some(&l)),
+                            Some(Ok(WatchEvent::Deleted(_))) => self.observe(None),
+                            Some(Ok(WatchEvent::Bookmark(_))) => continue,
+                            Some(Ok(WatchEvent::Error(e))) => {
+                                debug!(code = e.code, reason = %e.reason, "lease watch ended; reading again at the next look");
+                                watch = None;
+                                continue;
+                            }
+                            Some(Err(e)) => {
+                                debug!(error = %e, "lease watch failed; reading again at the next look");
+                                watch = None;
+                                continue;
+                            }
+                            None => {
+                                watch = None;
+                                continue;
+                            }
+                        };
+                        match step {
+                            Step::Wait { until, .. } => next = poll.min(until),
+                            // released, deleted (or, oddly, ours): try now
+                            Step::Acquire | Step::Create | Step::Renew => break,
+                        }
+                    }
+                }
             }
         }
     }
@@ -409,6 +495,19 @@ impl LeaderElector {
             Ok(_) => info!(lease = %self.cfg.name, "released the lease"),
             Err(e) => warn!(error = %e, "could not release the lease"),
         }
+    }
+}
+
+/// The events of a Lease watch.
+type LeaseWatch = BoxStream<'static, Result<WatchEvent<Lease>, kube::Error>>;
+
+/// The next event of `watch`; never ready while there is none.
+async fn next_event(
+    watch: &mut Option<LeaseWatch>,
+) -> Option<Result<WatchEvent<Lease>, kube::Error>> {
+    match watch {
+        Some(w) => w.next().await,
+        None => std::future::pending().await,
     }
 }
 

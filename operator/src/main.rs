@@ -57,12 +57,13 @@ struct Args {
     #[arg(long, env = "TICKFLEET_LEASE_DURATION_SECS", default_value_t = leader::DEFAULT_LEASE_DURATION_SECS)]
     lease_duration_secs: u64,
     /// Seconds the leader keeps trying to renew before it stops reconciling and exits; below the
-    /// lease duration.
-    #[arg(long, env = "TICKFLEET_LEASE_RENEW_DEADLINE_SECS", default_value_t = leader::DEFAULT_RENEW_DEADLINE_SECS)]
-    lease_renew_deadline_secs: u64,
-    /// Seconds between renewals (and between a standby's looks); below the renew deadline.
-    #[arg(long, env = "TICKFLEET_LEASE_RETRY_SECS", default_value_t = leader::DEFAULT_RETRY_PERIOD_SECS)]
-    lease_retry_secs: u64,
+    /// lease duration. Default: 2/3 of the lease duration (10 s for 15 s).
+    #[arg(long, env = "TICKFLEET_LEASE_RENEW_DEADLINE_SECS")]
+    lease_renew_deadline_secs: Option<f64>,
+    /// Seconds between renewals (and between a standby's reads of the Lease); below the renew
+    /// deadline. Default: 2/15 of the lease duration (2 s for 15 s).
+    #[arg(long, env = "TICKFLEET_LEASE_RETRY_SECS")]
+    lease_retry_secs: Option<f64>,
 }
 
 impl Args {
@@ -71,14 +72,22 @@ impl Args {
         if !self.leader_election {
             return Ok(None);
         }
-        let cfg = LeaseConfig {
-            name: self.lease_name.clone(),
-            namespace: self.lease_namespace.clone(),
-            identity: leader::identity(self.identity.clone()),
-            lease_duration: Duration::from_secs(self.lease_duration_secs),
-            renew_deadline: Duration::from_secs(self.lease_renew_deadline_secs),
-            retry_period: Duration::from_secs(self.lease_retry_secs),
+        let secs = |what: &str, s: f64| {
+            Duration::try_from_secs_f64(s)
+                .map_err(|_| anyhow::anyhow!("{what}: {s} is not a number of seconds"))
         };
+        let mut cfg = LeaseConfig::derived(
+            self.lease_name.clone(),
+            self.lease_namespace.clone(),
+            leader::identity(self.identity.clone()),
+            Duration::from_secs(self.lease_duration_secs),
+        );
+        if let Some(s) = self.lease_renew_deadline_secs {
+            cfg.renew_deadline = secs("--lease-renew-deadline-secs", s)?;
+        }
+        if let Some(s) = self.lease_retry_secs {
+            cfg.retry_period = secs("--lease-retry-secs", s)?;
+        }
         cfg.validate().map_err(anyhow::Error::msg)?;
         Ok(Some(cfg))
     }

@@ -23,6 +23,8 @@
 #   8. applies a second pipeline whose Kafka accepts connections and never answers: a
 #      KafkaUnreachable Event, Degraded/TopicUnavailable, few librdkafka lines in the operator's log,
 #      and the leader operator pod deleted while a Kafka call is in flight exits 0 within 5 s;
+#      then the new leader is frozen (SIGSTOP) and a standby must take the Lease between the lease
+#      duration and one retry period after its last renewal (the failover figure is printed);
 #   9. deletes the pipeline with --cascade=foreground (returns once every child is gone) and
 #      uninstalls the chart.
 #
@@ -413,6 +415,43 @@ echo "operator $leader: exit code $code ($reason), stopped ${took} s after the d
 worker_lines=$(kubectl -n "$NS" logs -l app.kubernetes.io/instance=silent,app.kubernetes.io/component=worker --tail=-1 | wc -l)
 echo "the worker of tp/silent: $worker_lines log lines"
 kubectl -n "$NS" delete tp silent --cascade=foreground --timeout=60s
+
+log "8b. leader failover: the leader frozen (SIGSTOP: it neither renews nor releases the Lease)"
+# the chart's values above: lease 15 s, retry 5 s. The standby watches the Lease, so it takes it a
+# lease duration after the frozen leader's last renewal, and never before: checked on the Lease's
+# own renewTime and the new holder's acquireTime (both stamped on this node's clock)
+kubectl -n "$OP_NS" rollout status deploy/"$RELEASE-operator" --timeout=2m
+lease() { kubectl -n "$OP_NS" get lease "$RELEASE-operator" -o jsonpath="{.spec.$1}"; }
+leader=$(lease holderIdentity)
+standby=$(kubectl -n "$OP_NS" get pods -l app.kubernetes.io/component=operator -o name | grep -v "/$leader\$" | head -1)
+[ -n "$standby" ] || die "no standby operator pod besides the leader $leader"
+until_ok 60 bash -c "kubectl -n $OP_NS logs $standby | grep -q 'waiting to become leader'" ||
+  die "$standby is not standing by"
+# the host pid of the leader's process: the kubelet's cgroupfs paths name the pod's uid
+uid=$(kubectl -n "$OP_NS" get pod "$leader" -o jsonpath='{.metadata.uid}')
+pid=""
+for f in /proc/[0-9]*/cgroup; do
+  p=${f#/proc/}; p=${p%/cgroup}
+  grep -q -e "pod$uid" -e "pod${uid//-/_}" "$f" 2>/dev/null || continue
+  [ "$(basename "$(readlink "/proc/$p/exe" 2>/dev/null)")" = tickfleet-operator ] && pid=$p
+done
+[ -n "$pid" ] || die "no host process of the leader pod $leader (uid $uid)"
+kill -STOP "$pid"
+# a renewal in flight when it stopped may still land: read the last one a moment later
+sleep 1
+renewed=$(lease renewTime)
+[ "$(lease holderIdentity)" = "$leader" ] || die "the Lease changed hands before the lease expired"
+until_ok 40 test "$(lease holderIdentity)" != "$leader" || die "no standby took the Lease 40 s after the leader froze"
+acquired=$(lease acquireTime)
+echo "the frozen leader $leader (pid $pid): $(lease holderIdentity) took the Lease at $acquired, after its last renewal at $renewed"
+kill -KILL "$pid"
+took=$(python3 -c '
+import datetime, sys
+t = [datetime.datetime.fromisoformat(a.replace("Z", "+00:00")) for a in sys.argv[1:]]
+print("%.3f" % (t[1] - t[0]).total_seconds())' "$renewed" "$acquired")
+echo "leader failover: the Lease was taken ${took} s after the last renewal (lease 15 s, retry 5 s)"
+python3 -c 'import sys; sys.exit(0 if 15 <= float(sys.argv[1]) <= 20 else 1)' "$took" ||
+  die "the Lease was taken ${took} s after the last renewal: want the lease duration (15 s) to one retry period (5 s) more"
 
 log "9. delete the pipeline (foreground: every child first), uninstall the chart"
 kubectl -n "$NS" delete "tp/$TP" --cascade=foreground --timeout=2m

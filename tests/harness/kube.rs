@@ -11,10 +11,13 @@
 //!
 //! * `coordination.k8s.io` Leases, the one kind it keeps: create, get and replace with the API
 //!   server's optimistic concurrency (`409 Conflict` for a stale `resourceVersion` or an existing
-//!   name), so real operator replicas can elect a leader through it.
+//!   name), and watches of one Lease (`fieldSelector=metadata.name=…`) that send each write after
+//!   the watch's `resourceVersion` as a `MODIFIED` event (checked every 10 ms), so real operator
+//!   replicas can elect a leader through it. Every Lease write is kept, in order
+//!   ([`FakeKube::lease_writes`]).
 //!
 //! It does not validate against the CRD schema, keep other state between requests, or send watch
-//! events.
+//! events of other kinds.
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -35,8 +38,14 @@ pub struct FakeKube {
     leases: Leases,
 }
 
-/// Leases by path (`/apis/coordination.k8s.io/v1/namespaces/NS/leases/NAME`).
-type Leases = Arc<Mutex<BTreeMap<String, Value>>>;
+/// Leases by path (`/apis/coordination.k8s.io/v1/namespaces/NS/leases/NAME`), and every write.
+#[derive(Default)]
+struct LeaseStore {
+    current: BTreeMap<String, Value>,
+    writes: Vec<Value>,
+}
+
+type Leases = Arc<Mutex<LeaseStore>>;
 
 impl FakeKube {
     /// Serves `pipelines` (full `TickPipeline` objects with `metadata.namespace`).
@@ -93,10 +102,16 @@ impl FakeKube {
         self.leases
             .lock()
             .expect("leases")
+            .current
             .get(&format!(
                 "/apis/coordination.k8s.io/v1/namespaces/{namespace}/leases/{name}"
             ))
             .cloned()
+    }
+
+    /// Every Lease written (created or replaced), oldest first, as stored.
+    pub fn lease_writes(&self) -> Vec<Value> {
+        self.leases.lock().expect("leases").writes.clone()
     }
 
     /// The requests served so far (`METHOD PATH`), for failure messages.
@@ -114,7 +129,7 @@ impl Drop for FakeKube {
 fn serve(
     stream: TcpStream,
     pipelines: &[Value],
-    leases: &Mutex<BTreeMap<String, Value>>,
+    leases: &Mutex<LeaseStore>,
     stop: &AtomicBool,
     requests: &Mutex<Vec<String>>,
 ) -> std::io::Result<()> {
@@ -147,11 +162,14 @@ fn serve(
         .push(format!("{method} {target}"));
     let (path, query) = target.split_once('?').unwrap_or((&target, ""));
     let mut out = stream;
-    if method == "GET"
+    let watch = method == "GET"
         && query
             .split('&')
-            .any(|p| p == "watch=true" || p == "watch=1")
-    {
+            .any(|p| p == "watch=true" || p == "watch=1");
+    if watch && path.starts_with("/apis/coordination.k8s.io/") {
+        return watch_lease(out, path, query, leases, stop);
+    }
+    if watch {
         // a watch with no events: headers now, then hold the connection until the server stops
         out.write_all(
             b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
@@ -176,6 +194,51 @@ fn serve(
     out.flush()
 }
 
+/// A watch of one Lease: each version stored after the watch's `resourceVersion`, as a
+/// `MODIFIED` event in its own chunk, until the server stops.
+fn watch_lease(
+    mut out: TcpStream,
+    path: &str,
+    query: &str,
+    leases: &Mutex<LeaseStore>,
+    stop: &AtomicBool,
+) -> std::io::Result<()> {
+    let param = |name: &str| {
+        query
+            .split('&')
+            .find_map(|p| p.strip_prefix(name))
+            .map(|v| v.replace("%3D", "=").replace("%3d", "="))
+    };
+    let name = param("fieldSelector=")
+        .and_then(|f| f.strip_prefix("metadata.name=").map(String::from))
+        .unwrap_or_default();
+    let key = format!("{path}/{name}");
+    let version = |l: &Value| {
+        l["metadata"]["resourceVersion"]
+            .as_str()
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let mut sent = param("resourceVersion=")
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    out.write_all(
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n",
+    )?;
+    out.flush()?;
+    while !stop.load(Ordering::Relaxed) {
+        let current = leases.lock().expect("leases").current.get(&key).cloned();
+        if let Some(lease) = current.filter(|l| version(l) > sent) {
+            sent = version(&lease);
+            let line = format!("{}\n", json!({"type": "MODIFIED", "object": lease}));
+            write!(out, "{:x}\r\n{line}\r\n", line.len())?;
+            out.flush()?;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 fn not_found(path: &str) -> (u16, Value) {
     (
         404,
@@ -193,14 +256,13 @@ fn conflict(message: String) -> (u16, Value) {
 }
 
 /// Create, get and replace of Leases, with `resourceVersion` checks like the API server's.
-fn lease(
-    method: &str,
-    path: &str,
-    body: &[u8],
-    leases: &Mutex<BTreeMap<String, Value>>,
-) -> (u16, Value) {
+fn lease(method: &str, path: &str, body: &[u8], store: &Mutex<LeaseStore>) -> (u16, Value) {
     static VERSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(100);
-    let mut leases = leases.lock().expect("leases");
+    let mut store = store.lock().expect("leases");
+    let LeaseStore {
+        current: leases,
+        writes,
+    } = &mut *store;
     let object = serde_json::from_slice::<Value>(body).ok();
     let stamp = |mut object: Value| {
         let version = VERSION.fetch_add(1, Ordering::Relaxed);
@@ -220,6 +282,7 @@ fn lease(
             }
             let object = stamp(object);
             leases.insert(key, object.clone());
+            writes.push(object.clone());
             (201, object)
         }
         ("PUT", Some(object)) => {
@@ -231,6 +294,7 @@ fn lease(
             }
             let object = stamp(object);
             leases.insert(path.to_string(), object.clone());
+            writes.push(object.clone());
             (200, object)
         }
         _ => not_found(path),

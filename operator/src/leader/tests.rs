@@ -361,21 +361,40 @@ async fn standby_on_the_api_server_does_not_take_a_lease_of_a_holder_whose_clock
 #[test]
 fn renew_deadline_is_well_inside_the_lease_duration() {
     // issue 11 #6: the leader renewed until exactly the lease duration
-    let defaults = LeaseConfig {
-        lease_duration: Duration::from_secs(DEFAULT_LEASE_DURATION_SECS),
-        renew_deadline: Duration::from_secs(DEFAULT_RENEW_DEADLINE_SECS),
-        retry_period: Duration::from_secs(DEFAULT_RETRY_PERIOD_SECS),
-        ..cfg()
-    };
+    let defaults = LeaseConfig::derived(
+        "l".into(),
+        "ns".into(),
+        "op-a".into(),
+        Duration::from_secs(DEFAULT_LEASE_DURATION_SECS),
+    );
     assert_eq!(defaults.validate(), Ok(()));
     assert_eq!(
         (
-            DEFAULT_LEASE_DURATION_SECS,
-            DEFAULT_RENEW_DEADLINE_SECS,
-            DEFAULT_RETRY_PERIOD_SECS
+            defaults.lease_duration,
+            defaults.renew_deadline,
+            defaults.retry_period
         ),
-        (15, 10, 2)
+        (
+            Duration::from_secs(15),
+            Duration::from_secs(10),
+            Duration::from_secs(2)
+        ),
+        "client-go's timings"
     );
+    // derived from any lease duration in the same proportions, so always valid
+    for (lease, renew, retry) in [(30_000, 20_000, 4_000), (6_000, 4_000, 800)] {
+        let c = LeaseConfig::derived(
+            "l".into(),
+            "ns".into(),
+            "op-a".into(),
+            Duration::from_millis(lease),
+        );
+        assert_eq!(
+            (c.renew_deadline, c.retry_period),
+            (Duration::from_millis(renew), Duration::from_millis(retry))
+        );
+        assert_eq!(c.validate(), Ok(()));
+    }
     let no_margin = LeaseConfig {
         renew_deadline: Duration::from_secs(15),
         ..defaults.clone()
@@ -554,5 +573,60 @@ fn identity_outside_a_cluster_is_the_host_name_and_pid() {
         default_identity(Some("h".into()), 1),
         default_identity(Some("h".into()), 2),
         "two operators on one host differ"
+    );
+}
+
+/// Runs a standby `op-a` (default timings, paused clock) against a Lease `op-b` holds, which
+/// changes to `change` 500 ms in; returns when it took the Lease, from its start, and the
+/// requests made.
+async fn standby_with_change(change: Lease) -> (Duration, Vec<crate::fixtures::Recorded>) {
+    let t0 = Instant::now();
+    let (client, log) = ApiServer {
+        lease: Some(held_lease("op-b", Timestamp::now(), "1")),
+        lease_changes: vec![(Duration::from_millis(500), change)],
+        ..ApiServer::default()
+    }
+    .start();
+    let e = LeaderElector::new(client, cfg());
+    let started = e
+        .acquire(&CancellationToken::new())
+        .await
+        .expect("not shut down");
+    let log = log.lock().unwrap().clone();
+    let take = log.last().unwrap();
+    assert_eq!(take.method, "PUT");
+    assert_eq!(take.body["spec"]["holderIdentity"], "op-a");
+    assert!(
+        log.iter().any(|r| r.method == "GET"
+            && r.uri.contains("watch=true")
+            && r.uri
+                .contains("fieldSelector=metadata.name%3Dtickfleet-operator")),
+        "the standby watches the Lease: {log:?}"
+    );
+    (started - t0, log)
+}
+
+#[tokio::test(start_paused = true)]
+async fn standby_sees_a_renewal_on_its_watch_and_tries_the_moment_the_lease_expires() {
+    // issue 19 "failover took 13-18 s": the standby saw a renewal only at its next read, up to
+    // a retry period (2 s) late, and waited a lease duration from there. On its watch it sees
+    // the renewal (0.5 s in) when it is made, and takes over a lease duration after that, not
+    // at the first read after it (17 s). The clock is tokio's paused one: exact, not timing.
+    let renewed = held_lease("op-b", Timestamp::now(), "2");
+    let (took, log) = standby_with_change(renewed).await;
+    assert_eq!(took, Duration::from_millis(15_500));
+    let puts = log.iter().filter(|r| r.method == "PUT").count();
+    assert_eq!(puts, 1, "one attempt to take it, when it expired");
+}
+
+#[tokio::test(start_paused = true)]
+async fn standby_takes_a_lease_released_on_its_watch_at_once() {
+    let mut released = held_lease("op-b", Timestamp::now(), "2");
+    released.spec.as_mut().unwrap().holder_identity = None;
+    let (took, _) = standby_with_change(released).await;
+    assert_eq!(
+        took,
+        Duration::from_millis(500),
+        "not at the next read (2 s)"
     );
 }
