@@ -18,6 +18,9 @@
 //!    (see [`conditions::rollout`]), `observedGeneration` (the generation just applied), replicas,
 //!    lag, partitions.
 //!
+//! Step 1 is [`paused`], 3 and 4 and the lag of 5 [`topics`], the worker count of 5 [`scale`],
+//! 6 and the observation of 7 [`children`]; this module runs them in order and writes the status.
+//!
 //! What it did and what failed is also published as Kubernetes Events ([`crate::events`]).
 //! Transient failures (API server, Kafka, Secrets) still write status where they can, then return
 //! an error so [`error_policy`] requeues with exponential backoff. On shutdown a reconcile in
@@ -29,9 +32,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::StreamExt;
-use k8s_openapi::ByteString;
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ConfigMap, Secret, Service};
+use k8s_openapi::api::core::v1::{ConfigMap, Service};
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 use k8s_openapi::jiff::Timestamp;
@@ -44,15 +46,11 @@ use serde::de::DeserializeOwned;
 use tokio_util::sync::CancellationToken;
 use tracing::{info, warn};
 
-use crate::autoscale;
-use crate::conditions::{self, Observation, Problem, Rollout};
-use crate::crd::{ReplicaStatus, SourceStatus, TickPipeline, TickPipelineStatus};
+use crate::conditions::{self, Observation, Problem};
+use crate::crd::{TickPipeline, TickPipelineStatus};
 use crate::desired::{self, FIELD_MANAGER, MANAGED_BY};
 use crate::events::Events;
-use crate::kafka::{
-    KafkaAdmin, KafkaConnection, KafkaError, LagReport, TopicOutcome, dead_letter_topic,
-    ensure_dead_letter_topic, ensure_topic,
-};
+use crate::kafka::KafkaAdmin;
 use crate::metrics::Metrics;
 use crate::offer;
 use crate::{Error, Result};
@@ -224,219 +222,6 @@ async fn write_status(
     Ok(())
 }
 
-async fn secret_values(
-    client: &Client,
-    tp: &TickPipeline,
-    ns: &str,
-    name: &str,
-    keys: [&str; 2],
-) -> Result<[String; 2]> {
-    let api: Api<Secret> = Api::namespaced(client.clone(), ns);
-    let err = |reason: String| Error::Secret {
-        name: name.to_string(),
-        reason,
-    };
-    let secret = api.get(name).await.map_err(|e| err(e.to_string()))?;
-    // the offer is checked on the very object whose data is used
-    if let Err(why) = offer::verdict(Some(&secret.metadata), &tp.name_any()) {
-        let refused = offer::Refused {
-            secret: name.to_string(),
-            fields: vec![offer::SASL_FIELD],
-            why,
-        };
-        return Err(err(refused.message(tp)));
-    }
-    let mut data = secret.data.unwrap_or_default();
-    let mut take = |key: &str| {
-        let ByteString(bytes) = data
-            .remove(key)
-            .ok_or_else(|| err(format!("has no key {key}")))?;
-        String::from_utf8(bytes).map_err(|_| err(format!("key {key} is not UTF-8")))
-    };
-    Ok([take(keys[0])?, take(keys[1])?])
-}
-
-/// The pipeline's Kafka connection, with SASL credentials read from their Secret, which must be
-/// offered to the pipeline ([`crate::offer`]).
-pub async fn kafka_connection(
-    client: &Client,
-    tp: &TickPipeline,
-    ns: &str,
-) -> Result<KafkaConnection> {
-    let mut conn = KafkaConnection::plaintext(tp.spec.kafka.bootstrap_servers.clone());
-    if let Some(auth) = &tp.spec.kafka.auth {
-        conn.security_protocol = Some(auth.security_protocol.as_str().to_string());
-        if let Some(sasl) = &auth.sasl {
-            let s = &sasl.credentials_secret;
-            conn.sasl_mechanism = Some(sasl.mechanism.as_str().to_string());
-            let [user, password] =
-                secret_values(client, tp, ns, &s.name, [&s.username_key, &s.password_key]).await?;
-            conn.sasl_username = Some(user);
-            conn.sasl_password = Some(password);
-        }
-    }
-    Ok(conn)
-}
-
-/// Reads a Deployment (`None` when it does not exist yet).
-async fn get_deployment(client: &Client, ns: &str, name: &str) -> Result<Option<Deployment>> {
-    Ok(Api::<Deployment>::namespaced(client.clone(), ns)
-        .get_opt(name)
-        .await?)
-}
-
-fn observe(d: Option<&Deployment>) -> (Rollout, ReplicaStatus) {
-    match d {
-        Some(d) => conditions::rollout(d),
-        None => (
-            Rollout::Waiting("the Deployment does not exist yet".into()),
-            ReplicaStatus::default(),
-        ),
-    }
-}
-
-/// Deletes a Deployment; one that is already gone is fine.
-async fn delete_deployment(client: &Client, ns: &str, name: &str) -> Result<()> {
-    match Api::<Deployment>::namespaced(client.clone(), ns)
-        .delete(name, &Default::default())
-        .await
-    {
-        Ok(_) => Ok(()),
-        Err(kube::Error::Api(e)) if e.code == 404 => Ok(()),
-        Err(e) => Err(e.into()),
-    }
-}
-
-/// A source's status line from its connector Deployment's rollout.
-fn source_status(base: SourceStatus, rollout: &Rollout, pods: ReplicaStatus) -> SourceStatus {
-    SourceStatus {
-        pods,
-        message: match rollout {
-            Rollout::Complete => "Complete".into(),
-            Rollout::Waiting(m) | Rollout::Stalled(m) => m.clone(),
-        },
-        ..base
-    }
-}
-
-/// Measures the lag when it is due (`force`: autoscaling asks at its own interval).
-async fn measure_lag(
-    ctx: &Context,
-    tp: &TickPipeline,
-    conn: &KafkaConnection,
-    force: bool,
-) -> Option<Result<LagReport, KafkaError>> {
-    if !ctx.lag_due(&key(tp), if force { Duration::ZERO } else { LAG_INTERVAL }) {
-        return None;
-    }
-    let lag = ctx
-        .kafka
-        .consumer_lag(conn, &tp.spec.kafka.topic, &desired::consumer_group(tp))
-        .await;
-    if lag.is_err() {
-        // not measured: the next reconcile (its own backoff bounds them) tries again rather than
-        // leaving LAG empty for an interval (seen on a real broker: a topic created a moment ago
-        // is not in the metadata yet)
-        ctx.lag_measured.lock().expect("lag lock").remove(&key(tp));
-    }
-    Some(lag)
-}
-
-fn lag_problem(e: &KafkaError, keeping: Option<i32>) -> Problem {
-    Problem {
-        reason: "LagUnavailable".into(),
-        message: match keeping {
-            Some(n) => format!("could not measure consumer lag, keeping {n} workers: {e}"),
-            None => format!("could not measure consumer lag: {e}"),
-        },
-        blocks_ready: false,
-    }
-}
-
-/// A paused pipeline: nothing is applied and Kafka is not changed, but what runs is reported (the
-/// Deployments as they are, the lag), and `Paused` says which generation waits.
-async fn reconcile_paused(
-    tp: &TickPipeline,
-    ctx: &Context,
-    ns: &str,
-    now: &Time,
-) -> Result<Action> {
-    let old = tp.status.clone().unwrap_or_default();
-    let mut status = old.clone();
-    let names = desired::Names::of(tp);
-    let worker = get_deployment(&ctx.client, ns, &names.worker).await?;
-    let api = get_deployment(&ctx.client, ns, &names.api).await?;
-    let (workers_rollout, workers) = observe(worker.as_ref());
-    let (api_rollout, api) = observe(api.as_ref());
-    // the connectors that were applied (a source added or removed while paused waits too)
-    let mut source_obs = Vec::new();
-    let mut source_lines = Vec::new();
-    for applied in &old.sources {
-        let d = get_deployment(&ctx.client, ns, &applied.deployment).await?;
-        let (rollout, pods) = observe(d.as_ref());
-        source_lines.push(source_status(applied.clone(), &rollout, pods.clone()));
-        source_obs.push((applied.name.clone(), rollout, pods));
-    }
-    let mut problems = Vec::new();
-    if let Ok(conn) = kafka_connection(&ctx.client, tp, ns).await {
-        match measure_lag(ctx, tp, &conn, false).await {
-            Some(Ok(report)) => status.lag = Some(report.total),
-            Some(Err(e)) => problems.push(lag_problem(&e, None)),
-            None => {}
-        }
-    }
-    let obs = Observation {
-        problems,
-        workers,
-        workers_rollout,
-        api,
-        api_rollout,
-        capped: None,
-        sources: source_obs,
-    };
-    // what runs is observed (Ready, Progressing); the topic and the spec are not looked at while
-    // paused, so Degraded and WorkersCapped stay as they were
-    let mut wanted: Vec<_> = conditions::wanted(&obs)
-        .into_iter()
-        .filter(|w| [conditions::READY, conditions::PROGRESSING].contains(&w.type_))
-        .collect();
-    wanted.push(conditions::paused(
-        old.observed_generation,
-        tp.metadata.generation,
-    ));
-    status.conditions = conditions::merge(&old.conditions, &wanted, now, tp.metadata.generation);
-    status.workers = obs.workers.clone();
-    status.api = obs.api.clone();
-    status.sources = source_lines;
-    let was_paused = old
-        .conditions
-        .iter()
-        .any(|c| c.type_ == conditions::PAUSED && c.status == "True");
-    if !was_paused {
-        ctx.events
-            .change(
-                tp,
-                "Paused",
-                "Pause",
-                format!(
-                    "annotation {}=\"true\": the operator applies nothing and leaves the topic alone until it is removed",
-                    crate::crd::PAUSED_ANNOTATION
-                ),
-            )
-            .await;
-    }
-    write_status(ctx, tp, ns, &status).await?;
-    ctx.metrics.pipeline(
-        ns,
-        &tp.name_any(),
-        status.lag,
-        obs.workers.desired,
-        obs.workers.ready,
-    );
-    // the Deployments are watched; the requeue keeps the lag current
-    Ok(Action::requeue(LAG_INTERVAL))
-}
-
 async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     let Some(ns) = tp.namespace() else {
         // a namespaced kind always has one; nothing can be written without it
@@ -452,26 +237,9 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
 
     if tp.paused() {
         info!(pipeline = %key(tp), "paused: leaving children and topic alone");
-        return reconcile_paused(tp, ctx, &ns, &now).await;
+        return paused::reconcile_paused(tp, ctx, &ns, &now).await;
     }
-    let was_paused = old
-        .conditions
-        .iter()
-        .any(|c| c.type_ == conditions::PAUSED && c.status == "True");
-    if was_paused {
-        ctx.events
-            .change(
-                tp,
-                "Resumed",
-                "Resume",
-                format!(
-                    "annotation {} removed: applying generation {}",
-                    crate::crd::PAUSED_ANNOTATION,
-                    generation.unwrap_or_default()
-                ),
-            )
-            .await;
-    }
+    paused::resumed(ctx, tp, &old).await;
 
     if let Err(message) = desired::validate(tp) {
         warn!(pipeline = %key(tp), %message, "invalid spec");
@@ -531,7 +299,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     let conn = if sasl_refused {
         None
     } else {
-        match kafka_connection(&ctx.client, tp, &ns).await {
+        match topics::kafka_connection(&ctx.client, tp, &ns).await {
             Ok(c) => Some(c),
             Err(e) => {
                 problems.push(Problem {
@@ -545,312 +313,49 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
         }
     };
     // what the topic has; until Kafka answers, the last known count (or the declared one)
-    let mut known_partitions = None;
-    let mut kafka_answered = false;
-    if let Some(conn) = &conn {
-        match ensure_topic(
-            ctx.kafka.as_ref(),
-            conn,
-            &spec.kafka.topic,
-            spec.kafka.partitions,
-            spec.kafka.replication_factor,
-        )
-        .await
-        {
-            Ok(outcome) => {
-                kafka_answered = true;
-                known_partitions = Some(outcome.partitions());
-                match outcome {
-                    TopicOutcome::Created { partitions } => {
-                        info!(pipeline = %key(tp), topic = %spec.kafka.topic, partitions, "created topic");
-                        ctx.events
-                            .change(
-                                tp,
-                                "TopicCreated",
-                                "CreateTopic",
-                                format!(
-                                    "created topic {} with {partitions} partitions",
-                                    spec.kafka.topic
-                                ),
-                            )
-                            .await;
-                    }
-                    TopicOutcome::Grown { from, to } => {
-                        info!(pipeline = %key(tp), topic = %spec.kafka.topic, from, to, "grew topic");
-                        ctx.events
-                            .change(
-                                tp,
-                                "TopicGrown",
-                                "GrowTopic",
-                                format!(
-                                    "grew topic {} from {from} to {to} partitions",
-                                    spec.kafka.topic
-                                ),
-                            )
-                            .await;
-                    }
-                    TopicOutcome::CannotShrink { actual, declared } => problems.push(Problem {
-                        reason: "PartitionsCannotShrink".into(),
-                        message: format!(
-                            "topic {} has {actual} partitions, the spec declares {declared}; \
-                             Kafka topics are never shrunk, running with {actual}",
-                            spec.kafka.topic
-                        ),
-                        blocks_ready: false,
-                    }),
-                    TopicOutcome::Unchanged { .. } => {}
-                }
-            }
-            Err(e) => {
-                let message = format!(
-                    "could not ensure topic {} with {} partitions: {e}",
-                    spec.kafka.topic, spec.kafka.partitions
-                );
-                ctx.events
-                    .warning(
-                        tp,
-                        "KafkaUnreachable",
-                        "EnsureTopic",
-                        format!(
-                            "{message} (bootstrap servers {})",
-                            spec.kafka.bootstrap_servers
-                        ),
-                    )
-                    .await;
-                problems.push(Problem {
-                    reason: "TopicUnavailable".into(),
-                    message,
-                    blocks_ready: true,
-                });
-                deferred = Some(e.into());
-            }
-        }
-    }
-
-    // the dead-letter topic the workers write to; without it a malformed message stalls its partition
-    if let Some(conn) = conn.as_ref().filter(|_| kafka_answered) {
-        let (topic, partitions) = (&spec.kafka.topic, spec.kafka.partitions);
-        let dlq = dead_letter_topic(topic);
-        match ensure_dead_letter_topic(
-            ctx.kafka.as_ref(),
-            conn,
-            topic,
-            partitions,
-            spec.kafka.replication_factor,
-        )
-        .await
-        {
-            Ok(Some(partitions)) => {
-                info!(pipeline = %key(tp), topic = %dlq, partitions, "created dead-letter topic");
-                let message =
-                    format!("created dead-letter topic {dlq} with {partitions} partitions");
-                ctx.events
-                    .change(tp, "TopicCreated", "CreateTopic", message)
-                    .await;
-            }
-            Ok(None) => {}
-            Err(e) => {
-                problems.push(Problem {
-                    reason: "DeadLetterTopicUnavailable".into(),
-                    message: format!("could not ensure dead-letter topic {dlq}: {e}"),
-                    blocks_ready: true,
-                });
-                deferred.get_or_insert(e.into());
-            }
-        }
-    }
-
-    let partitions = known_partitions
+    let topic = match &conn {
+        Some(conn) => topics::ensure_topics(ctx, tp, conn, &mut problems, &mut deferred).await,
+        None => topics::Topics {
+            partitions: None,
+            answered: false,
+        },
+    };
+    let partitions = topic
+        .partitions
         .or(old.partitions)
         .unwrap_or(spec.kafka.partitions);
     let autoscaling = spec.workers.autoscaling.as_ref().filter(|a| a.enabled);
     // lag: measured for every pipeline (the LAG column), when Kafka answered the topic request
     // (a second timeout against a broker that just failed would only delay the status)
     let lag = match &conn {
-        Some(conn) if kafka_answered => measure_lag(ctx, tp, conn, autoscaling.is_some()).await,
+        Some(conn) if topic.answered => {
+            topics::measure_lag(ctx, tp, conn, autoscaling.is_some()).await
+        }
         _ => None,
     };
-    let mut capped = None;
-    let mut why = format!("spec.workers.replicas is {}", spec.workers.replicas);
-    let requested = match autoscaling {
-        None => {
-            status.autoscaling = None;
-            match lag {
-                Some(Ok(report)) => status.lag = Some(report.total),
-                Some(Err(e)) => problems.push(lag_problem(&e, None)),
-                None => {}
-            }
-            spec.workers.replicas
-        }
-        Some(a) => {
-            let current = old
-                .autoscaling
-                .as_ref()
-                .map_or(old.workers.desired.max(a.min_replicas), |s| s.desired);
-            match lag {
-                Some(Ok(report)) => {
-                    let history = old
-                        .autoscaling
-                        .as_ref()
-                        .map(|s| s.recommendations.clone())
-                        .unwrap_or_default();
-                    let decision = autoscale::decide(&autoscale::Input {
-                        lag: report.total,
-                        spec: a,
-                        partitions,
-                        current,
-                        now: now.0,
-                        history: &history,
-                    });
-                    capped = decision.capped;
-                    status.lag = Some(report.total);
-                    let desired = decision.status.desired;
-                    why = format!(
-                        "autoscaling ({}): lag {} with a target of {} per worker",
-                        decision.status.reason, report.total, a.target_lag_per_worker
-                    );
-                    status.autoscaling = Some(decision.status);
-                    desired
-                }
-                Some(Err(e)) => {
-                    // keep the last decision: scaling blind is worse than not scaling
-                    problems.push(lag_problem(&e, Some(current)));
-                    deferred.get_or_insert(e.into());
-                    current
-                }
-                // no connection or no topic: already reported
-                None => current,
-            }
-        }
-    };
-    if let Some(Problem { message, .. }) = problems.iter().find(|p| p.reason == "LagUnavailable") {
-        ctx.events
-            .warning(tp, "KafkaUnreachable", "MeasureLag", message.clone())
-            .await;
-    }
-    let (workers, capped_now) = desired::cap_workers(requested, partitions);
-    if capped.is_none() && capped_now {
-        capped = Some((requested, partitions));
-    }
-    if capped_now {
-        why = format!("{why}, capped at the topic's {partitions} partitions");
-    }
-
-    // children, config first so new pods find it
-    let children = desired::desired(tp, workers);
-    apply(&ctx.client, &ns, &children.config_map).await?;
-    // a Deployment whose pods would reference a Secret not offered is not applied (one that
-    // exists keeps its last applied spec)
-    let worker = match offers.allow_deployment(&children.worker) {
-        true => Some(apply(&ctx.client, &ns, &children.worker).await?),
-        false => None,
-    };
-    apply(&ctx.client, &ns, &children.worker_pdb).await?;
-    let api = match offers.allow_deployment(&children.api) {
-        true => Some(apply(&ctx.client, &ns, &children.api).await?),
-        false => None,
-    };
-    apply(&ctx.client, &ns, &children.api_service).await?;
-    // connectors: one Deployment per source (held back like the others when a Secret it needs
-    // is not offered)
-    let mut applied_sources = Vec::new();
-    for (source, d) in spec.sources.iter().zip(&children.sources) {
-        let applied = match offers.allow_deployment(d) {
-            true => Some(apply(&ctx.client, &ns, d).await?),
-            false => None,
-        };
-        applied_sources.push((source, d.metadata.name.clone().unwrap_or_default(), applied));
-    }
-    // a source removed from the spec: its connector goes (found by the name status recorded)
-    for gone in old.sources.iter().filter(|s| {
-        !applied_sources
-            .iter()
-            .any(|(_, name, _)| *name == s.deployment)
-    }) {
-        delete_deployment(&ctx.client, &ns, &gone.deployment).await?;
-        info!(pipeline = %key(tp), source = %gone.name, deployment = %gone.deployment, "removed source");
-        ctx.events
-            .change(
-                tp,
-                "SourceRemoved",
-                "DeleteConnector",
-                format!(
-                    "source {} is no longer in the spec: deleted its connector {}",
-                    gone.name, gone.deployment
-                ),
-            )
-            .await;
-    }
-
-    // scaled: the worker count applied differs from the one applied before (a Deployment held
-    // back for a Secret not offered was not scaled)
-    if worker.is_some() && old.observed_generation.is_some() && old.workers.desired != workers {
-        info!(pipeline = %key(tp), from = old.workers.desired, to = workers, %why, "scaled workers");
-        ctx.events
-            .change(
-                tp,
-                "Scaled",
-                "Scale",
-                format!(
-                    "workers scaled from {} to {workers}: {why}",
-                    old.workers.desired
-                ),
-            )
-            .await;
-    }
-
-    // a Deployment not applied (a Secret it needs is not offered) keeps what was reported before
-    let held = |old: &ReplicaStatus| {
-        (
-            Rollout::Waiting("not applied: a Secret it needs is not offered".into()),
-            old.clone(),
-        )
-    };
-    let (workers_rollout, worker_pods) = worker
-        .as_ref()
-        .map_or_else(|| held(&old.workers), conditions::rollout);
-    let (api_rollout, api_pods) = api
-        .as_ref()
-        .map_or_else(|| held(&old.api), conditions::rollout);
-    let mut source_obs = Vec::new();
-    let mut source_lines = Vec::new();
-    for (source, deployment, applied) in applied_sources {
-        let base = SourceStatus {
-            name: source.name().to_string(),
-            exchange: source.exchange.as_str().to_string(),
-            symbols: i32::try_from(source.symbols.len()).unwrap_or(i32::MAX),
-            deployment,
-            ..SourceStatus::default()
-        };
-        let (rollout, pods) = match &applied {
-            Some(d) => conditions::rollout(d),
-            None => held(
-                &old.sources
-                    .iter()
-                    .find(|s| s.deployment == base.deployment)
-                    .map(|s| s.pods.clone())
-                    .unwrap_or_default(),
-            ),
-        };
-        source_obs.push((base.name.clone(), rollout.clone(), pods.clone()));
-        source_lines.push(source_status(base, &rollout, pods));
-    }
-    let obs = Observation {
-        problems,
-        workers: worker_pods,
-        workers_rollout,
-        api: api_pods,
-        api_rollout,
-        capped,
-        sources: source_obs,
-    };
+    let workers = scale::worker_count(
+        ctx,
+        tp,
+        autoscaling,
+        lag,
+        partitions,
+        &old,
+        &mut status,
+        &now,
+        &mut problems,
+        &mut deferred,
+    )
+    .await;
+    let applied = children::apply_children(ctx, tp, &ns, &offers, &old, workers.count).await?;
+    scale::scaled_event(ctx, tp, &old, &workers, applied.worker.is_some()).await;
+    let (obs, source_lines) = children::observe_applied(&applied, &old, problems, workers.capped);
     status.conditions =
         conditions::merge(&old.conditions, &conditions::wanted(&obs), &now, generation);
     // the children now are this generation's
     status.observed_generation = generation;
     status.workers = obs.workers.clone();
     status.api = obs.api.clone();
-    status.partitions = known_partitions.or(old.partitions);
+    status.partitions = topic.partitions.or(old.partitions);
     status.sources = source_lines;
     status.selector = Some(desired::worker_selector_string(tp));
     write_status(ctx, tp, &ns, &status).await?;
@@ -899,6 +404,13 @@ pub async fn run(
     })
     .await;
 }
+
+mod children;
+mod paused;
+mod scale;
+mod topics;
+
+pub use topics::kafka_connection;
 
 #[cfg(test)]
 mod secret_tests;

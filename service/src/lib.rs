@@ -7,6 +7,7 @@
 //!   (readiness) and `/metrics` (Prometheus text format).
 //! * [`Readiness`]: readiness as a named set of checks (the store answers, ...) run every second.
 //! * [`parse_duration_ns`]: durations as people type them (`250ms`, `30s`, `5m`, `1h`, `1d`).
+//! * [`Symbol`]: the `BASE-QUOTE` symbol rule of the connector and the operator.
 //! * [`LogFold`]: a failure that repeats is logged once, then with backoff (`kafka_log`, feature
 //!   `kafka`: librdkafka's log lines and errors through it).
 //! * `kafka` (feature `kafka`): the librdkafka client configuration of the worker, `tickctl` and
@@ -19,10 +20,12 @@ pub mod kafka;
 pub mod kafka_log;
 mod log_fold;
 mod readiness;
+mod symbol;
 
 pub use duration::parse_duration_ns;
 pub use log_fold::LogFold;
 pub use readiness::{Failure, Readiness};
+pub use symbol::{MAX_SYMBOL_PART, Symbol};
 
 use std::net::SocketAddr;
 use std::sync::Arc;

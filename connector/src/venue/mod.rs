@@ -10,51 +10,11 @@ pub mod coinbase;
 pub mod kraken;
 
 use std::collections::HashMap;
-use std::fmt;
-use std::str::FromStr;
 
 use rust_decimal::Decimal;
 use serde_json::value::RawValue;
 
-/// A normalised symbol, `BASE-QUOTE` in upper case (e.g. `BTC-USDT`): the Kafka key and the asset id.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Symbol {
-    /// Base asset, e.g. `BTC`.
-    pub base: String,
-    /// Quote asset, e.g. `USDT`.
-    pub quote: String,
-}
-
-impl FromStr for Symbol {
-    type Err = String;
-
-    /// Parses `BASE-QUOTE`: two non-empty runs of ASCII letters and digits (at most 16 each) around one
-    /// `-`; lower case is accepted and upper-cased.
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let (base, quote) = s
-            .trim()
-            .split_once('-')
-            .ok_or_else(|| format!("symbol {s:?} is not BASE-QUOTE (e.g. BTC-USDT)"))?;
-        let ok = |part: &str| {
-            !part.is_empty() && part.len() <= 16 && part.bytes().all(|b| b.is_ascii_alphanumeric())
-        };
-        if !ok(base) || !ok(quote) {
-            return Err(format!(
-                "symbol {s:?} is not BASE-QUOTE: base and quote must be 1-16 ASCII letters or digits"
-            ));
-        }
-        Ok(Symbol {
-            base: base.to_ascii_uppercase(),
-            quote: quote.to_ascii_uppercase(),
-        })
-    }
-}
-
-impl fmt::Display for Symbol {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}-{}", self.base, self.quote)
-    }
-}
+pub use tickfleet_service::Symbol;
 
 /// One trade as the venue reported it, already mapped to tickfleet's symbol and exact decimals.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -251,23 +211,6 @@ pub(crate) fn not_json(e: serde_json::Error) -> FrameError {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn symbols_parse_normalise_and_reject_junk() {
-        let s: Symbol = "btc-usdt".parse().unwrap();
-        assert_eq!(s.to_string(), "BTC-USDT");
-        for bad in [
-            "BTCUSDT",
-            "-USDT",
-            "BTC-",
-            "BTC-US-DT",
-            "BT C-USD",
-            "BTC/USD",
-            "",
-        ] {
-            assert!(bad.parse::<Symbol>().is_err(), "{bad:?} accepted");
-        }
-    }
 
     #[test]
     fn decimals_are_exact_and_checked() {

@@ -9,8 +9,8 @@ use kube::runtime::controller::Action;
 use serde_json::json;
 
 use super::*;
-use crate::crd::{AutoscalingSpec, TickPipelineStatus};
-use crate::fixtures::{ApiServer, FakeKafka, Recorded, now, pipeline};
+use crate::crd::{AutoscalingSpec, ReplicaStatus, SourceStatus, TickPipelineStatus};
+use crate::fixtures::{ApiServer, FakeKafka, Recorded, now, pipeline, pods};
 
 const APPLY: &str = "?&force=true&fieldManager=tickfleet-operator";
 const CM: &str = "/api/v1/namespaces/markets/configmaps/btc-config";
@@ -73,16 +73,6 @@ fn cond<'a>(s: &'a TickPipelineStatus, ty: &str) -> &'a Condition {
         .iter()
         .find(|c| c.type_ == ty)
         .unwrap_or_else(|| panic!("no {ty} condition"))
-}
-
-fn pods(n: i32) -> ReplicaStatus {
-    ReplicaStatus {
-        desired: n,
-        current: n,
-        ready: n,
-        updated: n,
-        available: n,
-    }
 }
 
 fn ready_status(replicas: i32) -> DeploymentStatus {

@@ -162,10 +162,9 @@ pub fn config_map(tp: &TickPipeline) -> ConfigMap {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::testing::tls_pipeline;
+    use crate::desired::testing::{hash_of, tls_pipeline};
     use crate::desired::{CONFIG_HASH_ANNOTATION, desired};
     use crate::fixtures::pipeline;
-    use k8s_openapi::api::apps::v1::Deployment;
 
     #[test]
     fn a_cluster_store_reaches_workers_and_api() {
@@ -271,17 +270,7 @@ mod tests {
         let mut changed = tp.clone();
         changed.spec.store.key_prefix = "other".into();
         let after = desired(&changed, 1);
-        let h = |d: &Deployment| {
-            d.spec
-                .template
-                .metadata
-                .as_ref()
-                .unwrap()
-                .annotations
-                .as_ref()
-                .unwrap()[CONFIG_HASH_ANNOTATION]
-                .clone()
-        };
+        let h = hash_of;
         assert_ne!(h(&before.worker), h(&after.worker));
         assert_ne!(h(&before.api), h(&after.api));
         // and it is stable for an unchanged spec

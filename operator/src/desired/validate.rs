@@ -6,6 +6,7 @@ use super::MAX_NAME_LEN;
 use std::collections::{BTreeMap, BTreeSet};
 
 use crate::crd::{MAX_SOURCE_SYMBOLS, SecurityProtocol, SourceSpec, TickPipeline};
+use tickfleet_service::Symbol;
 
 /// Largest skew limit a worker can apply: the seconds a 64-bit nanosecond clock difference holds.
 const MAX_SKEW_SECONDS: i64 = i64::MAX / 1_000_000_000;
@@ -159,20 +160,6 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
     }
 }
 
-/// A `BASE-QUOTE` symbol in the canonical (upper-case) form the CRD asks for: 1-16 upper-case
-/// ASCII letters or digits on each side of one `-` (the connector's `Symbol` parser accepts the
-/// same, and lower case too).
-fn is_symbol(s: &str) -> bool {
-    let ok = |part: &str| {
-        (1..=16).contains(&part.len())
-            && part
-                .bytes()
-                .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit())
-    };
-    s.split_once('-')
-        .is_some_and(|(base, quote)| ok(base) && ok(quote))
-}
-
 /// A DNS label of at most 20 characters (a source's name, part of its Deployment's name).
 fn is_source_name(s: &str) -> bool {
     (1..=20).contains(&s.len())
@@ -204,7 +191,7 @@ fn validate_sources(sources: &[SourceSpec], problems: &mut Vec<String>) {
             problems.push(format!("sources.{name}: 1 to {MAX_SOURCE_SYMBOLS} symbols"));
         }
         for symbol in &source.symbols {
-            if !is_symbol(symbol) {
+            if !Symbol::is_canonical(symbol) {
                 problems.push(format!(
                     "sources.{name}: symbol {symbol:?} is not BASE-QUOTE in upper case (e.g. BTC-USDT)"
                 ));
