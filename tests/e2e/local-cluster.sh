@@ -433,7 +433,7 @@ pid=""
 for f in /proc/[0-9]*/cgroup; do
   p=${f#/proc/}; p=${p%/cgroup}
   grep -q -e "pod$uid" -e "pod${uid//-/_}" "$f" 2>/dev/null || continue
-  [ "$(basename "$(readlink "/proc/$p/exe" 2>/dev/null)")" = tickfleet-operator ] && pid=$p
+  if [ "$(basename "$(readlink "/proc/$p/exe" 2>/dev/null)")" = tickfleet-operator ]; then pid=$p; fi
 done
 [ -n "$pid" ] || die "no host process of the leader pod $leader (uid $uid)"
 kill -STOP "$pid"
