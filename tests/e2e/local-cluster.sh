@@ -103,7 +103,8 @@ finish() {
 trap finish EXIT
 trap 'exit 130' INT TERM
 
-# waits until "$@" succeeds, at most $1 seconds
+# waits until "$@" succeeds, at most $1 seconds (a command substitution in the arguments is
+# evaluated once, before the first try: pass a function that reads what changes)
 until_ok() {
   local limit=$1; shift
   local end=$((SECONDS + limit))
@@ -242,7 +243,8 @@ else
   "$venv/bin/python" tests/e2e/helm.py install "$RELEASE" charts/tickfleet "$OP_NS" "$work/values.json"
 fi
 kubectl -n "$OP_NS" rollout status deploy/"$RELEASE-operator" --timeout=2m
-until_ok 60 test -n "$(kubectl -n "$OP_NS" get lease "$RELEASE-operator" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null)" ||
+has_leader() { test -n "$(kubectl -n "$OP_NS" get lease "$RELEASE-operator" -o jsonpath='{.spec.holderIdentity}' 2>/dev/null)"; }
+until_ok 60 has_leader ||
   die "no operator replica took the leader Lease"
 echo "installed in $((SECONDS - t)) s; leader: $(kubectl -n "$OP_NS" get lease "$RELEASE-operator" -o jsonpath='{.spec.holderIdentity}')"
 
@@ -365,7 +367,8 @@ tail -3 "$work/verify.log"
 [ "$ok" = 1 ] || die "tickctl verify: ticks lost, doubled or out of order"
 echo "verified $((SECONDS - t)) s after the producer finished"
 # the LAG column without autoscaling (measured at most every 30 s)
-until_ok 45 test -n "$(kubectl -n "$NS" get tp "$TP" -o jsonpath='{.status.lag}')" || die "tp/$TP has no status.lag (the LAG column)"
+has_lag() { test -n "$(kubectl -n "$NS" get tp "$TP" -o jsonpath='{.status.lag}')"; }
+until_ok 45 has_lag || die "tp/$TP has no status.lag (the LAG column)"
 kubectl -n "$NS" get tp "$TP"
 
 log "8. a pipeline whose Kafka never answers: Events, folded logs, operator SIGTERM within 5 s"
@@ -399,7 +402,8 @@ until_ok 60 has_event silent KafkaUnreachable || die "no KafkaUnreachable Event 
 events silent
 # (kubectl wait --for=jsonpath takes no filter expressions in v1.28)
 degraded_reason() { kubectl -n "$NS" get tp silent -o jsonpath='{.status.conditions[?(@.type=="Degraded")].reason}'; }
-until_ok 60 test "$(degraded_reason)" = TopicUnavailable || die "tp/silent: Degraded reason '$(degraded_reason)', want TopicUnavailable"
+topic_unavailable() { test "$(degraded_reason)" = TopicUnavailable; }
+until_ok 60 topic_unavailable || die "tp/silent: Degraded reason '$(degraded_reason)', want TopicUnavailable"
 # the retry after the backoff is a Kafka call in flight again: SIGTERM the leader during it
 n=$(grep -c accepted "$work/blackhole.log" || true)
 more_accepted() { [ "$(grep -c accepted "$work/blackhole.log")" -gt "$n" ]; }
@@ -441,7 +445,8 @@ kill -STOP "$pid"
 sleep 1
 renewed=$(lease renewTime)
 [ "$(lease holderIdentity)" = "$leader" ] || die "the Lease changed hands before the lease expired"
-until_ok 40 test "$(lease holderIdentity)" != "$leader" || die "no standby took the Lease 40 s after the leader froze"
+lease_moved() { test "$(lease holderIdentity)" != "$leader"; }
+until_ok 40 lease_moved || die "no standby took the Lease 40 s after the leader froze"
 acquired=$(lease acquireTime)
 echo "the frozen leader $leader (pid $pid): $(lease holderIdentity) took the Lease at $acquired, after its last renewal at $renewed"
 kill -KILL "$pid"
