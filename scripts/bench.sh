@@ -132,7 +132,9 @@ log "6. api load (16 clients, 10 s each)"
 prefix=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["prefix"])' "$out/ingest.json")
 gport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 aport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
+hport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 RUST_LOG=warn "$bin/tickfleet-api" --grpc-addr "127.0.0.1:$gport" --admin-addr "127.0.0.1:$aport" \
+  --http-addr "127.0.0.1:$hport" \
   --redis-url "$redis" --redis-prefix "$prefix" &
 pids+=($!)
 until curl -sf "http://127.0.0.1:$aport/readyz" >/dev/null 2>&1; do sleep 0.1; done

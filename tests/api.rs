@@ -144,9 +144,11 @@ fn two_api_replicas_stream_every_tick_a_worker_stores_once() {
 fn tickctl_demo_serves_queries_and_stops_on_ctrl_c() {
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
+    let http = format!("127.0.0.1:{}", free_port());
     // Spawned directly, not through a shell with `&`, so SIGINT reaches it as Ctrl-C would.
     let mut demo = Command::new(bin("tickctl"))
         .args(["demo", "--api-addr", &format!("127.0.0.1:{port}")])
+        .args(["--http-addr", &http])
         .args(["--assets", "5", "--rate", "2000", "--workers", "2"])
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
@@ -164,6 +166,21 @@ fn tickctl_demo_serves_queries_and_stops_on_ctrl_c() {
         },
     );
     assert_eq!(latest["ticks"][0]["asset_id"], "A0000");
+
+    // `curl localhost:8080/v1/prices/latest?symbol=A0000`, on the demo's --http-addr.
+    let r = tickfleet_e2e::http::get(&http, "/v1/prices/latest?symbol=A0000");
+    assert_eq!(r.status, 200, "{}", r.body);
+    let p = r.json();
+    assert_eq!(p["symbol"], "A0000");
+    assert!(
+        p["price"]
+            .as_str()
+            .unwrap()
+            .parse::<rust_decimal::Decimal>()
+            .is_ok(),
+        "{p}"
+    );
+    assert!(p["timestamp"].as_str().unwrap().ends_with('Z'), "{p}");
 
     let ticks = tickctl_json(&url, &["ticks", "A0000", "--limit", "5"]).unwrap();
     assert_eq!(ticks["ticks"].as_array().unwrap().len(), 5);
@@ -219,6 +236,12 @@ fn tickctl_demo_serves_queries_and_stops_on_ctrl_c() {
         stdout.contains("tickctl watch A0000"),
         "prints what to try:\n{stdout}"
     );
+    assert!(
+        stdout.contains(&format!(
+            "curl 'http://{http}/v1/prices/latest?symbol=A0000'"
+        )),
+        "prints the REST api:\n{stdout}"
+    );
     assert!(stdout.contains("-> OK"), "the audit passed:\n{stdout}");
 }
 
@@ -231,6 +254,7 @@ fn tickctl_exits_quietly_when_head_closes_its_stdout() {
     let mut demo = KillOnDrop(
         Command::new(bin("tickctl"))
             .args(["demo", "--api-addr", &format!("127.0.0.1:{port}")])
+            .args(["--http-addr", &format!("127.0.0.1:{}", free_port())])
             .args(["--assets", "2", "--rate", "500", "--workers", "1"])
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())

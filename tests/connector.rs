@@ -211,7 +211,7 @@ fn kraken_trades_are_stored_exactly_once() {
 fn demo_replays_a_venue_fixture_offline() {
     let out = Command::new(bin("tickctl"))
         .args(["demo", "--source", "binance", "--duration", "0.1"])
-        .args(["--api-addr", "127.0.0.1:0"])
+        .args(["--api-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
         .output()
         .expect("run tickctl demo");
     let stdout = String::from_utf8_lossy(&out.stdout);

@@ -225,6 +225,8 @@ fn api_serves_grpc_over_tls_and_tickctl_verifies_it() {
             &format!("127.0.0.1:{grpc}"),
             "--admin-addr",
             &admin,
+            "--http-addr",
+            &format!("127.0.0.1:{}", free_port()),
         ])
         .args([
             "--redis-url",

@@ -6,6 +6,8 @@
 //!   range is computed page by page in constant memory.
 //! * [`limits`]: per-replica bounds on concurrent calls and open streams (RESOURCE_EXHAUSTED beyond).
 //! * [`service::Api`]: the handlers, over any [`TickStore`]; argument checks in [`validate`].
+//! * [`rest`]: the same queries as REST/JSON (and live ticks as Server-Sent Events), on a port of its
+//!   own, answered by the same [`Api`] methods.
 //! * [`start`]: binds and serves, with graceful shutdown; used by the `tickfleet-api` binary and by
 //!   `tickctl demo`.
 //!
@@ -17,6 +19,7 @@
 pub mod calc;
 pub mod limits;
 pub mod metrics;
+pub mod rest;
 mod rollups;
 pub mod service;
 mod stream;
@@ -52,6 +55,8 @@ pub struct Options {
     pub limits: limits::Limits,
     /// Deadline of each store call (see [`Api::with_store_timeout`]).
     pub store_timeout: Duration,
+    /// Also serve the REST api ([`rest`]) on this address.
+    pub http_addr: Option<SocketAddr>,
 }
 
 impl Default for Options {
@@ -62,6 +67,7 @@ impl Default for Options {
             tls: None,
             limits: limits::Limits::default(),
             store_timeout: service::STORE_TIMEOUT,
+            http_addr: None,
         }
     }
 }
@@ -70,6 +76,8 @@ impl Default for Options {
 pub struct Running {
     /// The address the gRPC server listens on.
     pub addr: SocketAddr,
+    /// The address the REST api listens on, when it was asked for.
+    pub http_addr: Option<SocketAddr>,
     /// Ends when the server has stopped: `Ok` after a clean drain.
     pub task: tokio::task::JoinHandle<anyhow::Result<()>>,
 }
@@ -78,9 +86,9 @@ pub struct Running {
 ///
 /// Readiness (`health`, and the gRPC health status of [`SERVICE_NAME`] and of the server as a whole)
 /// follows the store: serving while it answers a ping. On shutdown, in this order: health goes
-/// NOT_SERVING, the listener closes, live streams and health watches end cleanly (status OK), in-flight
-/// calls finish; if
-/// that takes longer than [`Options::drain_timeout`] the task ends with an error.
+/// NOT_SERVING, both listeners (gRPC and REST) close, live streams (gRPC and SSE) and health watches end
+/// cleanly (status OK), in-flight calls and requests finish; if that takes longer than
+/// [`Options::drain_timeout`] the task ends with an error.
 pub async fn start(
     store: Arc<dyn TickStore>,
     addr: SocketAddr,
@@ -94,6 +102,15 @@ pub async fn start(
         .await
         .with_context(|| format!("binding the gRPC address {addr}"))?;
     let addr = listener.local_addr()?;
+    let http = match options.http_addr {
+        Some(a) => Some(
+            tokio::net::TcpListener::bind(a)
+                .await
+                .with_context(|| format!("binding the REST address {a}"))?,
+        ),
+        None => None,
+    };
+    let http_addr = http.as_ref().map(|l| l.local_addr()).transpose()?;
     let (reporter, health_service) = tonic_health::server::health_reporter();
     set_status(&reporter, ServingStatus::NotServing).await;
     let reflection = tonic_reflection::server::Builder::configure()
@@ -117,8 +134,20 @@ pub async fn start(
         reporter.clone(),
         shutdown.clone(),
     ));
-    // The server stops accepting only after health has gone NOT_SERVING.
+    // The servers stop accepting only after health has gone NOT_SERVING.
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let stop_http = CancellationToken::new();
+    let http = http.map(|listener| {
+        let app = rest::router(api.clone())
+            .into_make_service_with_connect_info::<SocketAddr>();
+        let stop = stop_http.clone();
+        info!(addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "REST api listening");
+        tokio::spawn(async move {
+            axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await
+        })
+    });
     let mut builder = tonic::transport::Server::builder();
     if let Some(tls) = options.tls {
         builder = builder.tls_config(tls).context("the api's TLS settings")?;
@@ -149,14 +178,24 @@ pub async fn start(
             "draining: NOT_SERVING, no new connections, streams ending"
         );
         let _ = stop_tx.send(());
+        stop_http.cancel();
         // Health Watch streams never end by themselves; dropping the statuses ends them (after they
         // delivered NOT_SERVING), so a client watching health cannot hold the drain up.
         let mut reporter = reporter;
         reporter.clear_service_status("").await;
         reporter.clear_service_status(SERVICE_NAME).await;
-        match tokio::time::timeout(drain_timeout, server).await {
+        let both = async move {
+            let grpc = server.await;
+            if let Some(http) = http {
+                http.await
+                    .context("REST server task failed")?
+                    .context("REST server failed")?;
+            }
+            grpc.context("gRPC server failed")
+        };
+        match tokio::time::timeout(drain_timeout, both).await {
             Ok(r) => {
-                r.context("gRPC server failed")?;
+                r?;
                 info!("drained");
                 Ok(())
             }
@@ -166,7 +205,11 @@ pub async fn start(
             }
         }
     });
-    Ok(Running { addr, task })
+    Ok(Running {
+        addr,
+        http_addr,
+        task,
+    })
 }
 
 async fn set_status(reporter: &tonic_health::server::HealthReporter, status: ServingStatus) {

@@ -1,4 +1,4 @@
-//! `tickfleet-api`: the gRPC api over a tickfleet Redis store.
+//! `tickfleet-api`: the gRPC and REST apis over a tickfleet Redis store.
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -12,14 +12,17 @@ use tickfleet_service::Health;
 use tickfleet_store::Retention;
 use tracing::{error, info};
 
-/// tickfleet's gRPC api (tickfleet.v1.TickService, grpc.health.v1, server reflection) over the Redis the
-/// workers write to. Every option is also an environment variable; other TICKFLEET_* variables are ignored.
+/// tickfleet's gRPC api (tickfleet.v1.TickService, grpc.health.v1, server reflection) and the same
+/// queries as REST/JSON, over the Redis the workers write to. Every option is also an environment variable; other TICKFLEET_* variables are ignored.
 #[derive(Parser, Debug)]
 #[command(name = "tickfleet-api", version)]
 struct Config {
     /// gRPC listen address.
     #[arg(long, env = "TICKFLEET_GRPC_ADDR", default_value = "0.0.0.0:50051")]
     grpc_addr: SocketAddr,
+    /// REST/JSON api listen address (the same queries as gRPC, live ticks as Server-Sent Events).
+    #[arg(long, env = "TICKFLEET_HTTP_ADDR", default_value = tickfleet_api::rest::DEFAULT_HTTP_ADDR)]
+    http_addr: SocketAddr,
     /// Admin endpoint (/healthz, /readyz, /metrics) listen address.
     #[arg(long, env = "TICKFLEET_ADMIN_ADDR", default_value = "0.0.0.0:9091")]
     admin_addr: SocketAddr,
@@ -107,10 +110,12 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 config.max_streams,
             ),
             store_timeout: Duration::from_millis(config.store_timeout_ms),
+            http_addr: Some(config.http_addr),
         },
     )
     .await?;
-    info!(grpc = %running.addr, prefix = %config.redis.redis_prefix, "tickfleet-api started");
+    let http = running.http_addr.map(|a| a.to_string()).unwrap_or_default();
+    info!(grpc = %running.addr, %http, prefix = %config.redis.redis_prefix, "tickfleet-api started");
     running.task.await??;
     admin.await??;
     Ok(())

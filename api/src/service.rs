@@ -224,7 +224,8 @@ impl Api {
     }
 
     async fn candles(&self, r: GetCandlesRequest) -> Result<GetCandlesResponse, Status> {
-        let interval = calc::parse_interval(&r.interval).map_err(Status::invalid_argument)?;
+        let interval =
+            calc::parse_interval(&r.interval).map_err(|e| validate::invalid("interval", e))?;
         let (from, to) = validate::time_range(r.from_ns, r.to_ns)?;
         let latest = self.known(&r.asset_id).await?;
         // Whole buckets only: from rounds down, to rounds up (and stops after the newest tick).
@@ -235,16 +236,22 @@ impl Api {
             start => start.saturating_add(interval),
         };
         if r.from_ns.is_some() && (to.saturating_sub(from) / interval) as usize > MAX_CANDLES {
-            return Err(Status::invalid_argument(format!(
-                "[from_ns, to_ns) spans more than {MAX_CANDLES} intervals of {}; narrow it or use a longer interval",
-                r.interval
-            )));
+            return Err(validate::invalid(
+                "from_ns",
+                format!(
+                    "[from_ns, to_ns) spans more than {MAX_CANDLES} intervals of {}; narrow it or use a longer interval",
+                    r.interval
+                ),
+            ));
         }
         let too_many = || {
-            Status::invalid_argument(format!(
-                "the range holds more than {MAX_CANDLES} candles of {}; set from_ns/to_ns or use a longer interval",
-                r.interval
-            ))
+            validate::invalid(
+                "interval",
+                format!(
+                    "the range holds more than {MAX_CANDLES} candles of {}; set from_ns/to_ns or use a longer interval",
+                    r.interval
+                ),
+            )
         };
         let mut series = CandleSeries::new(interval, MAX_CANDLES);
         let fail = |e| match e {
@@ -282,15 +289,16 @@ impl Api {
         let mut acc = AverageAcc::default();
         match &r.over {
             None => {
-                return Err(Status::invalid_argument(
+                return Err(validate::invalid(
+                    "points",
                     "set points (the last N ticks) or window (e.g. \"1m\")",
                 ));
             }
             Some(Over::Points(p)) if *p == 0 || *p > validate::MAX_PAGE => {
-                return Err(Status::invalid_argument(format!(
-                    "points is {p}; it must be 1..={}",
-                    validate::MAX_PAGE
-                )));
+                return Err(validate::invalid(
+                    "points",
+                    format!("points is {p}; it must be 1..={}", validate::MAX_PAGE),
+                ));
             }
             Some(Over::Points(p)) => {
                 self.known(&r.asset_id).await?;
@@ -304,7 +312,7 @@ impl Api {
             }
             Some(Over::Window(w)) => {
                 let window = calc::parse_interval(w)
-                    .map_err(|e| Status::invalid_argument(format!("window: {e}")))?;
+                    .map_err(|e| validate::invalid("window", format!("window: {e}")))?;
                 let newest = self.known(&r.asset_id).await?.event_time_ns;
                 let to = newest.saturating_add(1);
                 self.window_average(&r.asset_id, (to - window).max(0), to, &mut acc)
@@ -329,7 +337,7 @@ impl Api {
 /// A computation that cannot be answered: a decimal overflow is OUT_OF_RANGE.
 pub(crate) fn calc_error(e: CalcError) -> Status {
     match e {
-        CalcError::TooManyCandles(_) => Status::invalid_argument(e.to_string()),
+        CalcError::TooManyCandles(_) => validate::invalid("interval", e.to_string()),
         CalcError::Overflow(_) => Status::out_of_range(e.to_string()),
     }
 }
@@ -505,7 +513,7 @@ impl TickService for Api {
             Err(e) => {
                 self.metrics
                     .finished("StreamCandles", tonic::Code::InvalidArgument);
-                return Err(Status::invalid_argument(e));
+                return Err(validate::invalid("interval", e));
             }
         };
         let api = self.clone();

@@ -17,21 +17,43 @@ pub const DEFAULT_PAGE: u32 = 1000;
 /// Largest page size (the store's hard cap).
 pub const MAX_PAGE: u32 = tickfleet_store::MAX_PAGE as u32;
 
+/// The gRPC metadata key (sent as a trailer) that names the request field an INVALID_ARGUMENT is
+/// about, so a client (and the REST side's problem documents) can point at it without parsing text.
+pub const FIELD_KEY: &str = "tickfleet-field";
+
+/// An INVALID_ARGUMENT about `field`, with the field named in [`FIELD_KEY`] too.
+pub fn invalid(field: &str, message: impl Into<String>) -> Status {
+    let mut status = Status::invalid_argument(message);
+    if let Ok(v) = field.parse() {
+        status.metadata_mut().insert(FIELD_KEY, v);
+    }
+    status
+}
+
+/// The field an [`invalid`] status is about.
+pub fn field_of(status: &Status) -> Option<&str> {
+    status.metadata().get(FIELD_KEY)?.to_str().ok()
+}
+
 /// Checks one asset id.
 pub fn asset_id(field: &str, id: &str) -> Result<(), Status> {
     if id.is_empty() {
-        return Err(Status::invalid_argument(format!("{field} is required")));
+        return Err(invalid(field, format!("{field} is required")));
     }
     if id.len() > MAX_ASSET_ID_LEN {
-        return Err(Status::invalid_argument(format!(
-            "{field} is {} bytes long; the limit is {MAX_ASSET_ID_LEN}",
-            id.len()
-        )));
+        return Err(invalid(
+            field,
+            format!(
+                "{field} is {} bytes long; the limit is {MAX_ASSET_ID_LEN}",
+                id.len()
+            ),
+        ));
     }
     if id.chars().any(char::is_control) {
-        return Err(Status::invalid_argument(format!(
-            "{field} {id:?} contains control characters"
-        )));
+        return Err(invalid(
+            field,
+            format!("{field} {id:?} contains control characters"),
+        ));
     }
     Ok(())
 }
@@ -39,15 +61,19 @@ pub fn asset_id(field: &str, id: &str) -> Result<(), Status> {
 /// Checks a list of asset ids (`empty_ok`: an empty list means "all").
 pub fn asset_ids(field: &str, ids: &[String], empty_ok: bool) -> Result<(), Status> {
     if ids.is_empty() && !empty_ok {
-        return Err(Status::invalid_argument(format!(
-            "{field} needs at least one asset id"
-        )));
+        return Err(invalid(
+            field,
+            format!("{field} needs at least one asset id"),
+        ));
     }
     if ids.len() > MAX_ASSETS_PER_REQUEST {
-        return Err(Status::invalid_argument(format!(
-            "{field} has {} ids; the limit is {MAX_ASSETS_PER_REQUEST}",
-            ids.len()
-        )));
+        return Err(invalid(
+            field,
+            format!(
+                "{field} has {} ids; the limit is {MAX_ASSETS_PER_REQUEST}",
+                ids.len()
+            ),
+        ));
     }
     for id in ids {
         asset_id(field, id)?;
@@ -60,14 +86,20 @@ pub fn time_range(from_ns: Option<i64>, to_ns: Option<i64>) -> Result<(i64, i64)
     let from = from_ns.unwrap_or(0);
     let to = to_ns.unwrap_or(i64::MAX);
     if from < 0 {
-        return Err(Status::invalid_argument(format!(
-            "from_ns is {from}; times are nanoseconds since the Unix epoch and cannot be negative"
-        )));
+        return Err(invalid(
+            "from_ns",
+            format!(
+                "from_ns is {from}; times are nanoseconds since the Unix epoch and cannot be negative"
+            ),
+        ));
     }
     if to <= from {
-        return Err(Status::invalid_argument(format!(
-            "to_ns ({to}) must be greater than from_ns ({from}): the range is [from_ns, to_ns)"
-        )));
+        return Err(invalid(
+            "to_ns",
+            format!(
+                "to_ns ({to}) must be greater than from_ns ({from}): the range is [from_ns, to_ns)"
+            ),
+        ));
     }
     Ok((from, to))
 }
@@ -76,9 +108,12 @@ pub fn time_range(from_ns: Option<i64>, to_ns: Option<i64>) -> Result<(i64, i64)
 pub fn page_size(limit: u32) -> Result<usize, Status> {
     match limit {
         0 => Ok(DEFAULT_PAGE as usize),
-        l if l > MAX_PAGE => Err(Status::invalid_argument(format!(
-            "limit is {l}; the most ticks one page holds is {MAX_PAGE} (0 = {DEFAULT_PAGE})"
-        ))),
+        l if l > MAX_PAGE => Err(invalid(
+            "limit",
+            format!(
+                "limit is {l}; the most ticks one page holds is {MAX_PAGE} (0 = {DEFAULT_PAGE})"
+            ),
+        )),
         l => Ok(l as usize),
     }
 }
@@ -108,7 +143,8 @@ impl PageToken {
     /// Parses a token and checks that it belongs to this query.
     pub fn decode(token: &str, asset_id: &str, from_ns: i64, to_ns: i64) -> Result<Self, Status> {
         let bad = || {
-            Status::invalid_argument(
+            invalid(
+                "page_token",
                 "page_token is not one this api issued (pass next_page_token back unchanged)",
             )
         };
@@ -126,7 +162,8 @@ impl PageToken {
             asset_id: next()?.to_owned(),
         };
         if t.asset_id != asset_id || t.from_ns != from_ns || t.to_ns != to_ns {
-            return Err(Status::invalid_argument(
+            return Err(invalid(
+                "page_token",
                 "page_token belongs to another query: keep asset_id, from_ns and to_ns as they were",
             ));
         }

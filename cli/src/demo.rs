@@ -60,6 +60,9 @@ pub struct DemoArgs {
     /// Where the gRPC api listens (`tickctl latest|ticks|candles|ma|watch` talk to it).
     #[arg(long, default_value = "127.0.0.1:50051")]
     api_addr: std::net::SocketAddr,
+    /// Where the REST/JSON api listens (`curl HOST:PORT/v1/prices/latest?symbol=A0000`).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http_addr: std::net::SocketAddr,
     /// Instead of the generator, replay this exchange's recorded-format trade stream (BTC-USDT, ETH-USDT,
     /// SOL-USDT; the connector's test fixture) from a local WebSocket server through the real connector.
     /// Offline: nothing talks to the exchange.
@@ -120,12 +123,15 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         api_stop.clone(),
         tickfleet_api::Options {
             drain_timeout: Duration::from_secs(10),
+            http_addr: Some(args.http_addr),
             ..Default::default()
         },
     )
     .await
     .map_err(|e| {
-        anyhow::anyhow!("{e:#} (is another demo running? pick a free port with --api-addr)")
+        anyhow::anyhow!(
+            "{e:#} (is another demo running? pick free ports with --api-addr and --http-addr)"
+        )
     })?;
     let kafka = KafkaOptions::new(&brokers);
     let config = WorkerConfig {
@@ -208,6 +214,8 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         None => generator_first_asset(args.assets),
     };
     sayln!("  api     {api_url} (gRPC tickfleet.v1.TickService, health, reflection)");
+    let http = api.http_addr.unwrap_or(args.http_addr);
+    sayln!("  rest    http://{http} (REST/JSON; live ticks as Server-Sent Events)");
     sayln!("  try, in another terminal:");
     for (cmd, what) in [
         (format!("tickctl watch {first}{flag}"), "live ticks"),
@@ -226,6 +234,14 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         (
             format!("grpcurl -plaintext {} list", api.addr),
             "the api, by reflection",
+        ),
+        (
+            format!("curl 'http://{http}/v1/prices/latest?symbol={first}'"),
+            "the newest price, as JSON",
+        ),
+        (
+            format!("curl -N 'http://{http}/v1/ticks/stream?asset_ids={first}'"),
+            "live ticks, as Server-Sent Events",
         ),
     ] {
         sayln!("    {cmd:<58} {what}");

@@ -621,7 +621,7 @@ fn default_poll() -> i64 {
     30
 }
 
-/// The gRPC query api.
+/// The query api (gRPC and REST).
 #[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
 #[serde(rename_all = "camelCase")]
 pub struct ApiSpec {
@@ -633,6 +633,11 @@ pub struct ApiSpec {
     #[serde(default = "default_grpc_port")]
     #[schemars(range(min = 1, max = 65535))]
     pub port: i32,
+    /// REST/JSON port (the same queries, live ticks as Server-Sent Events) of the pods and the
+    /// Service; plain HTTP.
+    #[serde(default = "default_http_port")]
+    #[schemars(range(min = 1, max = 65535))]
+    pub http_port: i32,
     /// Type of the api Service.
     #[serde(default)]
     pub service_type: ServiceType,
@@ -649,6 +654,7 @@ impl Default for ApiSpec {
         Self {
             replicas: 1,
             port: default_grpc_port(),
+            http_port: default_http_port(),
             service_type: ServiceType::default(),
             resources: None,
             tls: None,
@@ -670,6 +676,10 @@ pub struct ApiTlsSpec {
 
 fn default_grpc_port() -> i32 {
     50051
+}
+
+fn default_http_port() -> i32 {
+    8080
 }
 
 /// Kubernetes Service types the api can be exposed with.

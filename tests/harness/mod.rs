@@ -15,6 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod http;
 pub mod kafka;
 pub mod kube;
 pub mod prometheus;
@@ -545,6 +546,8 @@ pub struct Api {
     pub url: String,
     /// Its admin endpoint, `127.0.0.1:PORT`.
     pub admin: String,
+    /// Its REST api, `127.0.0.1:PORT`.
+    pub http: String,
     /// Its log file.
     pub log: PathBuf,
 }
@@ -565,10 +568,18 @@ impl Api {
     pub fn start_on(redis_url: &str, prefix: &str, dir: &Path, n: usize, extra: &[&str]) -> Self {
         let grpc = format!("127.0.0.1:{}", free_port());
         let admin = format!("127.0.0.1:{}", free_port());
+        let http = format!("127.0.0.1:{}", free_port());
         let log = dir.join(format!("api-{n}.log"));
         let file = std::fs::File::create(&log).expect("log file");
         let child = Command::new(bin("tickfleet-api"))
-            .args(["--grpc-addr", &grpc, "--admin-addr", &admin])
+            .args([
+                "--grpc-addr",
+                &grpc,
+                "--admin-addr",
+                &admin,
+                "--http-addr",
+                &http,
+            ])
             .args(["--redis-url", redis_url, "--redis-prefix", prefix])
             .args(extra)
             // Variables meant for the worker must not bother the api.
@@ -583,6 +594,7 @@ impl Api {
             child,
             url: format!("http://{grpc}"),
             admin,
+            http,
             log,
         };
         wait_for(

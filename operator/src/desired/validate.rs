@@ -144,6 +144,16 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
     if !(1..=65535).contains(&spec.api.port) {
         problems.push("api.port must be between 1 and 65535".to_string());
     }
+    if !(1..=65535).contains(&spec.api.http_port) {
+        problems.push("api.httpPort must be between 1 and 65535".to_string());
+    } else if spec.api.http_port == spec.api.port {
+        problems.push("api.httpPort must differ from api.port".to_string());
+    } else if spec.api.http_port == super::API_ADMIN_PORT {
+        problems.push(format!(
+            "api.httpPort must differ from the admin port {}",
+            super::API_ADMIN_PORT
+        ));
+    }
     if spec
         .api
         .tls
@@ -291,6 +301,28 @@ mod tests {
             validate(&tp).unwrap_err(),
             "store.rollupRetention.oneMinuteMaxAgeSeconds must not be negative (0 keeps for ever)"
         );
+    }
+
+    #[test]
+    fn the_http_port_must_be_free_and_in_range() {
+        let mut tp = pipeline();
+        tp.spec.api.http_port = tp.spec.api.port;
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "api.httpPort must differ from api.port"
+        );
+        tp.spec.api.http_port = 9091;
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "api.httpPort must differ from the admin port 9091"
+        );
+        tp.spec.api.http_port = 0;
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "api.httpPort must be between 1 and 65535"
+        );
+        tp.spec.api.http_port = 8081;
+        assert_eq!(validate(&tp), Ok(()));
     }
 
     #[test]

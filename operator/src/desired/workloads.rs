@@ -58,16 +58,24 @@ pub fn api_deployment(tp: &TickPipeline, hash: &str) -> Deployment {
             source: None,
             binary: "tickfleet-api",
             admin_port: API_ADMIN_PORT,
-            extra_ports: vec![ContainerPort {
-                name: Some("grpc".to_string()),
-                container_port: api.port,
-                protocol: Some("TCP".to_string()),
-                ..ContainerPort::default()
-            }],
-            extra_env: vec![plain_env(
-                "TICKFLEET_GRPC_ADDR",
-                format!("0.0.0.0:{}", api.port),
-            )],
+            extra_ports: vec![
+                ContainerPort {
+                    name: Some("grpc".to_string()),
+                    container_port: api.port,
+                    protocol: Some("TCP".to_string()),
+                    ..ContainerPort::default()
+                },
+                ContainerPort {
+                    name: Some("http".to_string()),
+                    container_port: api.http_port,
+                    protocol: Some("TCP".to_string()),
+                    ..ContainerPort::default()
+                },
+            ],
+            extra_env: vec![
+                plain_env("TICKFLEET_GRPC_ADDR", format!("0.0.0.0:{}", api.port)),
+                plain_env("TICKFLEET_HTTP_ADDR", format!("0.0.0.0:{}", api.http_port)),
+            ],
             resources: api.resources.clone(),
             grace_seconds: 30,
             replicas: api.replicas,
@@ -110,7 +118,7 @@ pub fn source_deployment(tp: &TickPipeline, source: &SourceSpec, hash: &str) -> 
     )
 }
 
-/// The api Service (gRPC).
+/// The api Service: gRPC (`grpc`) and REST (`http`).
 pub fn api_service(tp: &TickPipeline) -> Service {
     let api = &tp.spec.api;
     Service {
@@ -118,13 +126,22 @@ pub fn api_service(tp: &TickPipeline) -> Service {
         spec: Some(ServiceSpec {
             type_: Some(api.service_type.as_str().to_string()),
             selector: Some(selector_labels(tp, "api")),
-            ports: Some(vec![ServicePort {
-                name: Some("grpc".to_string()),
-                port: api.port,
-                target_port: Some(IntOrString::String("grpc".to_string())),
-                protocol: Some("TCP".to_string()),
-                ..ServicePort::default()
-            }]),
+            ports: Some(vec![
+                ServicePort {
+                    name: Some("grpc".to_string()),
+                    port: api.port,
+                    target_port: Some(IntOrString::String("grpc".to_string())),
+                    protocol: Some("TCP".to_string()),
+                    ..ServicePort::default()
+                },
+                ServicePort {
+                    name: Some("http".to_string()),
+                    port: api.http_port,
+                    target_port: Some(IntOrString::String("http".to_string())),
+                    protocol: Some("TCP".to_string()),
+                    ..ServicePort::default()
+                },
+            ]),
             ..ServiceSpec::default()
         }),
         ..Service::default()
@@ -167,9 +184,10 @@ mod tests {
     }
 
     #[test]
-    fn api_deployment_and_service_expose_grpc() {
+    fn api_deployment_and_service_expose_grpc_and_http() {
         let mut tp = pipeline();
         tp.spec.api.port = 6000;
+        tp.spec.api.http_port = 6080;
         tp.spec.api.replicas = 2;
         tp.spec.api.service_type = crate::crd::ServiceType::LoadBalancer;
         let d = api_deployment(&tp, "h");
@@ -188,14 +206,41 @@ mod tests {
             .iter()
             .map(|p| (p.name.clone().unwrap(), p.container_port))
             .collect();
-        assert_eq!(ports, vec![("admin".into(), 9091), ("grpc".into(), 6000)]);
+        assert_eq!(
+            ports,
+            vec![
+                ("admin".into(), 9091),
+                ("grpc".into(), 6000),
+                ("http".into(), 6080)
+            ]
+        );
         let env = env_of(&d);
         assert!(env.contains(&plain_env("TICKFLEET_GRPC_ADDR", "0.0.0.0:6000".into())));
+        assert!(env.contains(&plain_env("TICKFLEET_HTTP_ADDR", "0.0.0.0:6080".into())));
         assert!(env.contains(&plain_env("TICKFLEET_ADMIN_ADDR", "0.0.0.0:9091".into())));
         let svc = api_service(&tp);
         let s = svc.spec.unwrap();
         assert_eq!(s.type_.as_deref(), Some("LoadBalancer"));
-        assert_eq!(s.ports.as_ref().unwrap()[0].port, 6000);
+        let ports: Vec<_> = s
+            .ports
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|p| {
+                (
+                    p.name.clone().unwrap(),
+                    p.port,
+                    p.target_port.clone().unwrap(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            ports,
+            vec![
+                ("grpc".into(), 6000, IntOrString::String("grpc".into())),
+                ("http".into(), 6080, IntOrString::String("http".into()))
+            ]
+        );
         assert_eq!(s.selector.unwrap(), selector_labels(&tp, "api"));
     }
 

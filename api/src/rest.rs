@@ -1,0 +1,402 @@
+//! The REST/JSON api: the same queries as `tickfleet.v1.TickService`, answered by the same
+//! implementation. Each handler turns its query string into the gRPC request message and calls the
+//! [`Api`]'s gRPC method, so validation, paging, limits, store deadlines and metrics are the gRPC
+//! side's, not a copy; the answer is converted to JSON ([`model`]) and a failure to an RFC 9457
+//! problem ([`problem`]). Live ticks (and candles) are Server-Sent Events over the gRPC streams.
+
+pub mod model;
+pub mod problem;
+
+use std::convert::Infallible;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::{RawQuery, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::routing::get;
+use futures::{Stream, StreamExt};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use tickfleet_proto::v1::{
+    self, get_moving_average_request::Over, stream_candles_response, stream_ticks_response,
+    tick_service_server::TickService,
+};
+use tonic::{Code, Request};
+use utoipa::IntoParams;
+
+use crate::Api;
+use model::{Assets, Candles, Gap, LatestPrice, MovingAverage, Tick, TicksPage};
+use problem::Problem;
+
+/// Default REST listen address of the `tickfleet-api` binary.
+pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
+
+/// The REST routes over `api`.
+pub fn router(api: Api) -> Router {
+    Router::new()
+        .route("/v1/prices/latest", get(latest_price))
+        .route("/v1/ticks", get(list_ticks))
+        .route("/v1/ticks/stream", get(stream_ticks))
+        .route("/v1/candles", get(get_candles))
+        .route("/v1/candles/stream", get(stream_candles))
+        .route("/v1/moving-average", get(moving_average))
+        .route("/v1/assets", get(list_assets))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(api)
+}
+
+/// Parses a query string into `T`; a parameter that does not parse (or is unknown) is a 400 naming it.
+// A Problem is made once per refused request and handed straight to axum: its size costs nothing.
+#[allow(clippy::result_large_err)]
+fn query<T: DeserializeOwned>(raw: Option<String>) -> Result<T, Problem> {
+    let raw = raw.unwrap_or_default();
+    let de = serde_urlencoded::Deserializer::new(form_urlencoded::parse(raw.as_bytes()));
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let path = e.path().to_string();
+        let reason = e.inner().to_string();
+        // An unknown or missing parameter is reported at the top level; its name is in the message.
+        let field = if path.is_empty() || path == "." || path == "?" {
+            reason.split('`').nth(1).unwrap_or("query").to_owned()
+        } else {
+            path
+        };
+        Problem::invalid(&field, format!("{field}: {reason}"))
+    })
+}
+
+/// The gRPC status of a failed call as a problem, with this route's parameter names.
+fn failed(rename: &'static [(&'static str, &'static str)]) -> impl Fn(tonic::Status) -> Problem {
+    move |status| Problem::from_status(&status, rename)
+}
+
+/// Splits `A,B` (and drops empty parts): a list of asset ids in one parameter.
+fn ids(list: Option<String>) -> Vec<String> {
+    list.unwrap_or_default()
+        .split(',')
+        .filter(|s| !s.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+const SYMBOL: &[(&str, &str)] = &[("asset_id", "symbol")];
+const SAME: &[(&str, &str)] = &[];
+
+/// Query of `GET /v1/prices/latest`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct LatestQuery {
+    /// The symbol (asset id).
+    #[param(required = true, example = "A0000")]
+    pub symbol: Option<String>,
+    /// Only a price from this provider (the tick's `source`): 404 when the newest tick of the
+    /// symbol came from another.
+    pub provider: Option<String>,
+}
+
+/// The newest price of a symbol (`GetLatest`).
+#[utoipa::path(get, path = "/v1/prices/latest", params(LatestQuery), tag = "prices",
+    responses(
+        (status = 200, description = "The newest price", body = LatestPrice),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The symbol has no ticks (from that provider)", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn latest_price(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<LatestPrice>, Problem> {
+    let q: LatestQuery = query(raw)?;
+    let symbol = q.symbol.unwrap_or_default();
+    let tick = api
+        .get_latest(Request::new(v1::GetLatestRequest {
+            asset_id: symbol.clone(),
+        }))
+        .await
+        .map_err(failed(SYMBOL))?
+        .into_inner()
+        .tick
+        .unwrap_or_default();
+    if let Some(provider) = q.provider.filter(|p| *p != tick.source) {
+        return Err(Problem::new(
+            StatusCode::NOT_FOUND,
+            Code::NotFound,
+            format!(
+                "no price of {symbol:?} from provider {provider:?}: its newest tick came from {:?}",
+                tick.source
+            ),
+        ));
+    }
+    Ok(Json(LatestPrice {
+        timestamp: model::rfc3339(tick.event_time_ns),
+        symbol: tick.asset_id,
+        price: tick.price,
+        provider: tick.source,
+    }))
+}
+
+/// Query of `GET /v1/ticks`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct TicksQuery {
+    /// The asset id.
+    #[param(required = true, example = "A0000")]
+    pub asset_id: Option<String>,
+    /// Range start (inclusive), ns since the epoch; unset = the beginning.
+    pub from_ns: Option<i64>,
+    /// Range end (exclusive), ns since the epoch; unset = no end.
+    pub to_ns: Option<i64>,
+    /// Ticks per page, at most 10000 (unset or 0 = 1000).
+    pub limit: Option<u32>,
+    /// `next_page_token` of the previous page (same asset_id, from_ns, to_ns).
+    pub page_token: Option<String>,
+}
+
+/// An asset's ticks in `[from_ns, to_ns)`, one page (`ListTicks`).
+#[utoipa::path(get, path = "/v1/ticks", params(TicksQuery), tag = "ticks",
+    responses(
+        (status = 200, description = "One page of ticks", body = TicksPage),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The asset has no ticks", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn list_ticks(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<TicksPage>, Problem> {
+    let q: TicksQuery = query(raw)?;
+    let page = api
+        .list_ticks(Request::new(v1::ListTicksRequest {
+            asset_id: q.asset_id.unwrap_or_default(),
+            from_ns: q.from_ns,
+            to_ns: q.to_ns,
+            limit: q.limit.unwrap_or(0),
+            page_token: q.page_token.unwrap_or_default(),
+        }))
+        .await
+        .map_err(failed(SAME))?;
+    Ok(Json(page.into_inner().into()))
+}
+
+/// Query of `GET /v1/candles`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CandlesQuery {
+    /// The asset id.
+    #[param(required = true, example = "A0000")]
+    pub asset_id: Option<String>,
+    /// Candle length: whole ms, s, m or h up to 1d (`1s`, `5s`, `1m`, `1h`, `1d`).
+    #[param(required = true, example = "1m")]
+    pub interval: Option<String>,
+    /// Range start, ns since the epoch (rounded down to a candle start).
+    pub from_ns: Option<i64>,
+    /// Range end (exclusive), ns since the epoch.
+    pub to_ns: Option<i64>,
+}
+
+/// OHLCV candles of an asset (`GetCandles`).
+#[utoipa::path(get, path = "/v1/candles", params(CandlesQuery), tag = "candles",
+    responses(
+        (status = 200, description = "The candles", body = Candles),
+        (status = 400, description = "A bad parameter, or a range of more than 10000 candles", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The asset has no ticks", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn get_candles(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<Candles>, Problem> {
+    let q: CandlesQuery = query(raw)?;
+    let r = api
+        .get_candles(Request::new(v1::GetCandlesRequest {
+            asset_id: q.asset_id.unwrap_or_default(),
+            interval: q.interval.unwrap_or_default(),
+            from_ns: q.from_ns,
+            to_ns: q.to_ns,
+        }))
+        .await
+        .map_err(failed(SAME))?;
+    Ok(Json(Candles {
+        candles: r.into_inner().candles.into_iter().map(Into::into).collect(),
+    }))
+}
+
+/// Query of `GET /v1/moving-average`: `points` or `window`, one of them.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct MovingAverageQuery {
+    /// The asset id.
+    #[param(required = true, example = "A0000")]
+    pub asset_id: Option<String>,
+    /// Average the last N ticks (1..=10000).
+    pub points: Option<u32>,
+    /// Average the ticks of this long back from the newest (`30s`, `1m`).
+    pub window: Option<String>,
+}
+
+/// Simple moving average and VWAP of an asset (`GetMovingAverage`).
+#[utoipa::path(get, path = "/v1/moving-average", params(MovingAverageQuery), tag = "prices",
+    responses(
+        (status = 200, description = "The averages", body = MovingAverage),
+        (status = 400, description = "A bad parameter (or neither or both of points and window)", body = Problem, content_type = "application/problem+json"),
+        (status = 404, description = "The asset has no ticks", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn moving_average(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+) -> Result<Json<MovingAverage>, Problem> {
+    let q: MovingAverageQuery = query(raw)?;
+    let over = match (q.points, q.window) {
+        (Some(_), Some(_)) => {
+            return Err(Problem::invalid("window", "set points or window, not both"));
+        }
+        (Some(p), None) => Some(Over::Points(p)),
+        (None, Some(w)) => Some(Over::Window(w)),
+        (None, None) => None,
+    };
+    let r = api
+        .get_moving_average(Request::new(v1::GetMovingAverageRequest {
+            asset_id: q.asset_id.unwrap_or_default(),
+            over,
+        }))
+        .await
+        .map_err(failed(SAME))?;
+    Ok(Json(r.into_inner().into()))
+}
+
+/// Every asset id the store holds ticks of (`ListAssets`).
+#[utoipa::path(get, path = "/v1/assets", tag = "assets",
+    responses((status = 200, description = "The asset ids", body = Assets)))]
+pub async fn list_assets(State(api): State<Api>) -> Result<Json<Assets>, Problem> {
+    let r = api
+        .list_assets(Request::new(v1::ListAssetsRequest {}))
+        .await
+        .map_err(failed(SAME))?;
+    Ok(Json(Assets {
+        asset_ids: r.into_inner().asset_ids,
+    }))
+}
+
+/// Query of the live streams.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StreamQuery {
+    /// Comma-separated asset ids (at most 1000); unset = every asset.
+    #[param(example = "A0000,A0001")]
+    pub asset_ids: Option<String>,
+}
+
+type Events = Sse<
+    axum::response::sse::KeepAliveStream<
+        futures::stream::BoxStream<'static, Result<Event, Infallible>>,
+    >,
+>;
+
+/// Live ticks as Server-Sent Events (`StreamTicks`): `event: tick` with a [`Tick`] as its data,
+/// `event: gap` with a [`Gap`] when this client missed some, `event: error` with a [`Problem`] before
+/// the stream ends on a failure. The stream ends when the api shuts down.
+#[utoipa::path(get, path = "/v1/ticks/stream", params(StreamQuery), tag = "ticks",
+    responses(
+        (status = 200, description = "The live ticks (text/event-stream: tick, gap and error events)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The replica holds as many streams as it may", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn stream_ticks(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+) -> Result<Events, Problem> {
+    let q: StreamQuery = query(raw)?;
+    let stream = api
+        .stream_ticks(Request::new(v1::StreamTicksRequest {
+            asset_ids: ids(q.asset_ids),
+        }))
+        .await
+        .map_err(failed(SAME))?
+        .into_inner()
+        .map(|m| match m {
+            Ok(m) => match m.event {
+                Some(stream_ticks_response::Event::Tick(t)) => json_event("tick", &Tick::from(t)),
+                Some(stream_ticks_response::Event::Gap(g)) => json_event("gap", &Gap::from(g)),
+                None => Event::default().comment("empty message"),
+            },
+            Err(status) => json_event("error", &Problem::from_status(&status, SAME)),
+        });
+    Ok(sse(stream))
+}
+
+/// Query of `GET /v1/candles/stream`.
+#[derive(Debug, Deserialize, IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CandleStreamQuery {
+    /// Comma-separated asset ids (at most 1000); unset = every asset.
+    pub asset_ids: Option<String>,
+    /// Candle length (`1s`, `1m`, …).
+    #[param(required = true, example = "1s")]
+    pub interval: Option<String>,
+}
+
+/// Live candles as Server-Sent Events (`StreamCandles`): `event: candle` with a [`Candle`](model::Candle)
+/// on every change (`closed` once a later candle started), `event: gap`, `event: error`.
+#[utoipa::path(get, path = "/v1/candles/stream", params(CandleStreamQuery), tag = "candles",
+    responses(
+        (status = 200, description = "The live candles (text/event-stream: candle, gap and error events)", content_type = "text/event-stream", body = String),
+        (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "The replica holds as many streams as it may", body = Problem, content_type = "application/problem+json"),
+    ))]
+pub async fn stream_candles(
+    State(api): State<Api>,
+    RawQuery(raw): RawQuery,
+) -> Result<Events, Problem> {
+    let q: CandleStreamQuery = query(raw)?;
+    let stream = api
+        .stream_candles(Request::new(v1::StreamCandlesRequest {
+            asset_ids: ids(q.asset_ids),
+            interval: q.interval.unwrap_or_default(),
+        }))
+        .await
+        .map_err(failed(SAME))?
+        .into_inner()
+        .map(|m| match m {
+            Ok(m) => match m.event {
+                Some(stream_candles_response::Event::Candle(c)) => {
+                    json_event("candle", &model::Candle::from(c))
+                }
+                Some(stream_candles_response::Event::Gap(g)) => json_event("gap", &Gap::from(g)),
+                None => Event::default().comment("empty message"),
+            },
+            Err(status) => json_event("error", &Problem::from_status(&status, SAME)),
+        });
+    Ok(sse(stream))
+}
+
+fn json_event(name: &str, data: &impl serde::Serialize) -> Event {
+    // Serializing these plain structs cannot fail; a comment keeps the stream going if it ever did.
+    Event::default()
+        .event(name)
+        .json_data(data)
+        .unwrap_or_else(|e| Event::default().comment(format!("unserializable {name}: {e}")))
+}
+
+fn sse(events: impl Stream<Item = Event> + Send + 'static) -> Events {
+    Sse::new(events.map(Ok).boxed()).keep_alive(KeepAlive::default())
+}
+
+async fn not_found() -> Problem {
+    Problem::new(
+        StatusCode::NOT_FOUND,
+        Code::NotFound,
+        "no such route; the api's routes are listed at /openapi.json",
+    )
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        Code::Unimplemented,
+        "this route answers GET only",
+    )
+}

@@ -1,0 +1,358 @@
+//! The REST/JSON api end to end with the real binaries: JSON ticks and `tickctl produce` → Apache Kafka
+//! → `tickfleet-worker` → redis-server → `tickfleet-api`, queried over HTTP on its `--http-addr`. Every
+//! REST answer is checked against what the gRPC api (through `tickctl --json`) answers for the same
+//! query, since both are one implementation; errors are RFC 9457 problems naming the parameter.
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tickfleet_e2e::http::{EventStream, get, request};
+use tickfleet_e2e::{
+    Api, Worker, WorkerSetup, produce, redis_url, send_messages, shared_topic, signal,
+    tickctl_json, unique, wait_exit, wait_for, wait_verified,
+};
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as i64
+}
+
+/// The seed's five prices of one symbol, as JSON ticks (epoch ms), one ms apart ending `end_ms`.
+fn seed_ticks(symbol: &'static str, end_ms: i64) -> Vec<(Option<&'static str>, Vec<u8>)> {
+    ["100", "101", "99", "102", "98"]
+        .iter()
+        .enumerate()
+        .map(|(i, price)| {
+            let at = end_ms - 4 + i as i64;
+            let seq = i + 1;
+            let json = format!(
+                r#"{{"symbol":"{symbol}","price":"{price}","size":"2","timestamp":{at},"source":"e2e","seq":{seq}}}"#
+            );
+            (Some(symbol), json.into_bytes())
+        })
+        .collect()
+}
+
+/// A problem document: status, content type, the `field` it names and its `code`.
+fn assert_problem(addr: &str, path: &str, status: u16, field: Option<&str>) -> serde_json::Value {
+    let r = get(addr, path);
+    assert_eq!(r.status, status, "GET {path}: {}", r.body);
+    assert_eq!(
+        r.header("content-type"),
+        Some("application/problem+json"),
+        "GET {path}"
+    );
+    let p = r.json();
+    assert_eq!(p["status"], status, "{p}");
+    assert_eq!(p["type"], "about:blank");
+    assert!(p["title"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
+    assert!(p["detail"].as_str().is_some_and(|t| !t.is_empty()), "{p}");
+    assert_eq!(p["field"].as_str(), field, "GET {path}: {p}");
+    if field.is_some() {
+        assert_eq!(p["reason"], p["detail"], "{p}");
+    }
+    p
+}
+
+#[test]
+fn rest_answers_what_grpc_answers_over_real_data() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bootstrap, topic) = shared_topic("rest", 4);
+    let prefix = unique("e2e-rest");
+    let mut setup = WorkerSetup {
+        prefix: prefix.clone(),
+        ..WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url())
+    };
+    setup.args = ["--format", "json"].map(String::from).to_vec();
+    let _worker = Worker::start(&setup, 0);
+    let api = Api::start(&prefix, dir.path(), 0);
+    // 500 ticks of each of three assets (exact decimal prices), then the seed's five of AAPL.
+    let end_ms = now_ms();
+    let start_ms = end_ms - 10_000;
+    let mut messages = Vec::new();
+    for (a, asset) in ["A0000", "A0001", "A0002"].into_iter().enumerate() {
+        for i in 1..=500u64 {
+            let at = start_ms + (i * 3 + a as u64) as i64;
+            let json = format!(
+                r#"{{"symbol":"{asset}","price":"{}.{i:03}","timestamp":{at},"source":"e2e","seq":{i}}}"#,
+                100 + a
+            );
+            messages.push((Some(asset), json.into_bytes()));
+        }
+    }
+    messages.extend(seed_ticks("AAPL", end_ms));
+    send_messages(&bootstrap, &topic, &messages);
+    let report = dir.path().join("report.json");
+    let counts = |n: u64| serde_json::json!({"count": n, "first_seq": 1, "last_seq": n});
+    std::fs::write(
+        &report,
+        serde_json::json!({"topic": topic, "acknowledged": 1505, "failed": 0, "assets": {
+            "A0000": counts(500), "A0001": counts(500), "A0002": counts(500), "AAPL": counts(5)}})
+        .to_string(),
+    )
+    .unwrap();
+    wait_verified(&report, &redis_url(), &prefix, Duration::from_secs(60));
+    let http = &api.http;
+
+    // The seed's latest price: exactly its four fields, the price an exact decimal string.
+    let r = get(http, "/v1/prices/latest?symbol=AAPL");
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    let latest = r.json();
+    let end_ns = end_ms * 1_000_000;
+    let want_time = chrono_like(end_ns);
+    assert_eq!(
+        latest,
+        serde_json::json!({"symbol": "AAPL", "price": "98", "timestamp": want_time, "provider": "e2e"})
+    );
+    assert_eq!(
+        get(http, "/v1/prices/latest?symbol=AAPL&provider=e2e").json(),
+        latest
+    );
+    let p = assert_problem(
+        http,
+        "/v1/prices/latest?symbol=AAPL&provider=finnhub",
+        404,
+        None,
+    );
+    assert_eq!(p["code"], "NOT_FOUND");
+
+    // The seed's moving average: [100, 101, 99, 102, 98] -> exactly 100; the same as gRPC says.
+    let ma = get(http, "/v1/moving-average?asset_id=AAPL&points=5").json();
+    assert_eq!(ma["sma"], "100", "{ma}");
+    assert_eq!(ma["vwap"], "100", "{ma}");
+    let grpc_ma = tickctl_json(&api.url, &["ma", "AAPL", "--points", "5"]).unwrap();
+    assert_eq!(ma["sma"], grpc_ma["sma"]);
+    assert_eq!(ma["count"], grpc_ma["count"].to_string());
+    let w = get(http, "/v1/moving-average?asset_id=AAPL&window=1m").json();
+    assert_eq!(
+        (w["sma"].as_str(), w["count"].as_str()),
+        (Some("100"), Some("5"))
+    );
+
+    // One daily candle of the five, exact.
+    let c = get(http, "/v1/candles?asset_id=AAPL&interval=1d").json();
+    let c = &c["candles"];
+    assert_eq!(c.as_array().map(Vec::len), Some(1), "{c}");
+    let c = &c[0];
+    assert_eq!(
+        [
+            &c["open"],
+            &c["high"],
+            &c["low"],
+            &c["close"],
+            &c["volume"],
+            &c["tick_count"]
+        ],
+        ["100", "102", "98", "98", "10", "5"]
+    );
+    assert_eq!(c["closed"], false);
+
+    // Candles of a generated asset: the same as gRPC's.
+    let rest_c = get(http, "/v1/candles?asset_id=A0001&interval=100ms").json();
+    let grpc_c = tickctl_json(&api.url, &["candles", "A0001", "--interval", "100ms"]).unwrap();
+    let key = |c: &serde_json::Value| {
+        (
+            c["start_ns"].to_string().trim_matches('"').to_owned(),
+            c["open"].clone(),
+            c["close"].clone(),
+            c["tick_count"].to_string().trim_matches('"').to_owned(),
+        )
+    };
+    let rest_keys: Vec<_> = rest_c["candles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(key)
+        .collect();
+    let grpc_keys: Vec<_> = grpc_c["candles"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(key)
+        .collect();
+    assert!(!rest_keys.is_empty());
+    assert_eq!(rest_keys, grpc_keys);
+
+    // Every tick of A0000 by pages of 100, once each, in order: what gRPC lists.
+    let grpc_ticks = tickctl_json(&api.url, &["ticks", "A0000", "--all"]).unwrap();
+    let grpc_ticks: Vec<(String, String)> = grpc_ticks["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| {
+            (
+                t["seq"].to_string(),
+                t["price"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    let (mut rest_ticks, mut token, mut pages) = (Vec::new(), None::<String>, 0);
+    loop {
+        let path = match &token {
+            None => "/v1/ticks?asset_id=A0000&limit=100".to_owned(),
+            Some(t) => format!("/v1/ticks?asset_id=A0000&limit=100&page_token={t}"),
+        };
+        let page = get(http, &path).json();
+        pages += 1;
+        for t in page["ticks"].as_array().unwrap() {
+            assert!(t["price"].is_string() && t["seq"].is_string(), "{t}");
+            rest_ticks.push((
+                t["seq"].as_str().unwrap().to_owned(),
+                t["price"].as_str().unwrap().to_owned(),
+            ));
+        }
+        match page["next_page_token"].as_str() {
+            Some(t) => token = Some(t.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(rest_ticks, grpc_ticks);
+    assert_eq!(rest_ticks.len(), 500);
+    assert_eq!(rest_ticks[0], ("1".to_owned(), "100.001".to_owned()));
+    assert_eq!(pages, 5);
+
+    // Assets: every one, as gRPC lists them.
+    let assets = get(http, "/v1/assets").json();
+    let grpc_assets = tickctl_json(&api.url, &["assets"]).unwrap();
+    let mut a: Vec<_> = assets["asset_ids"].as_array().unwrap().clone();
+    a.sort_by_key(|v| v.to_string());
+    assert_eq!(a.len(), 4, "{assets}");
+    assert!(a.contains(&serde_json::json!("AAPL")));
+    let g = grpc_assets.to_string();
+    assert!(a.iter().all(|id| g.contains(&id.to_string())), "{g}");
+
+    // Bad requests: a problem naming the parameter, with the gRPC side's reason.
+    for (path, field) in [
+        ("/v1/prices/latest", "symbol"),
+        ("/v1/prices/latest?symbol=", "symbol"),
+        ("/v1/ticks?asset_id=A0000&limit=20000", "limit"),
+        ("/v1/ticks?asset_id=A0000&from_ns=abc", "from_ns"),
+        ("/v1/ticks?asset_id=A0000&from_ns=-1", "from_ns"),
+        ("/v1/ticks?asset_id=A0000&from_ns=5&to_ns=5", "to_ns"),
+        ("/v1/ticks?asset_id=A0000&page_token=junk", "page_token"),
+        ("/v1/ticks?asset_id=A0000&symbl=x", "symbl"),
+        ("/v1/candles?asset_id=A0000&interval=7x", "interval"),
+        ("/v1/candles?asset_id=A0000", "interval"),
+        ("/v1/moving-average?asset_id=A0000", "points"),
+        ("/v1/moving-average?asset_id=A0000&points=0", "points"),
+        (
+            "/v1/moving-average?asset_id=A0000&points=5&window=1m",
+            "window",
+        ),
+        ("/v1/moving-average?asset_id=A0000&window=soon", "window"),
+        ("/v1/ticks/stream?asset_ids=%01", "asset_ids"),
+        ("/v1/candles/stream?interval=0s", "interval"),
+    ] {
+        let p = assert_problem(http, path, 400, Some(field));
+        assert_eq!(p["code"], "INVALID_ARGUMENT", "{path}: {p}");
+    }
+    let p = assert_problem(
+        http,
+        "/v1/ticks?asset_id=A0000&limit=20000",
+        400,
+        Some("limit"),
+    );
+    assert_eq!(
+        p["detail"],
+        "limit is 20000; the most ticks one page holds is 10000 (0 = 1000)"
+    );
+    // A page token of another query is refused, not served.
+    let first = get(http, "/v1/ticks?asset_id=A0000&limit=10").json();
+    let t = first["next_page_token"].as_str().unwrap();
+    assert_problem(
+        http,
+        &format!("/v1/ticks?asset_id=A0001&limit=10&page_token={t}"),
+        400,
+        Some("page_token"),
+    );
+    let p = assert_problem(http, "/v1/prices/latest?symbol=NOPE", 404, None);
+    assert_eq!(p["code"], "NOT_FOUND");
+    assert_problem(http, "/v1/nothing", 404, None);
+    let r = request(http, "POST", "/v1/assets", &[], Some("{}")).unwrap();
+    assert_eq!(r.status, 405, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+
+    // The calls were served by the gRPC implementation: its metrics counted them.
+    assert!(api.metric("tickfleet_api_requests_total", "method=\"GetLatest\"") >= 3.0);
+    assert!(api.log_text().lines().all(|l| !l.contains("panicked")));
+}
+
+/// RFC 3339 UTC of `ns` with as many fraction digits as needed (milliseconds here).
+fn chrono_like(ns: i64) -> String {
+    let secs = ns.div_euclid(1_000_000_000);
+    let ms = ns.rem_euclid(1_000_000_000) / 1_000_000;
+    let out = std::process::Command::new("date")
+        .args(["-u", "-d", &format!("@{secs}"), "+%Y-%m-%dT%H:%M:%S"])
+        .output()
+        .unwrap();
+    let base = String::from_utf8(out.stdout).unwrap();
+    format!("{}.{ms:03}Z", base.trim())
+}
+
+#[test]
+fn sse_streams_every_live_tick_once_and_ends_on_shutdown() {
+    let dir = tempfile::tempdir().unwrap();
+    let (bootstrap, topic) = shared_topic("rest-sse", 2);
+    let prefix = unique("e2e-rest-sse");
+    let setup = WorkerSetup {
+        prefix: prefix.clone(),
+        ..WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url())
+    };
+    let mut api = Api::start_with(&prefix, dir.path(), 0, &["--max-streams", "1"]);
+    let mut stream = EventStream::open(&api.http, "/v1/ticks/stream?asset_ids=A0000,A0001");
+    assert_eq!(stream.status, 200);
+    assert!(
+        stream
+            .headers
+            .iter()
+            .any(|(k, v)| k == "content-type" && v.starts_with("text/event-stream"))
+    );
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(100),
+        "the SSE stream to open",
+        || (api.metric("tickfleet_api_active_streams", "StreamTicks") == 1.0).then_some(()),
+    );
+    // The replica's stream limit holds for SSE as for gRPC: a second stream is a 429 problem.
+    let p = assert_problem(&api.http, "/v1/ticks/stream", 429, None);
+    assert_eq!(p["code"], "RESOURCE_EXHAUSTED");
+
+    let _worker = Worker::start(&setup, 0);
+    let report = produce(
+        &bootstrap,
+        &topic,
+        dir.path(),
+        &["--count", "600", "--assets", "3", "--rate", "3000"],
+    );
+    wait_verified(&report, &redis_url(), &prefix, Duration::from_secs(60));
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
+    let want: u64 = ["A0000", "A0001"]
+        .iter()
+        .map(|a| r["assets"][a]["count"].as_u64().unwrap())
+        .sum();
+    let mut seqs: std::collections::BTreeMap<String, Vec<u64>> = Default::default();
+    for _ in 0..want {
+        let ev = stream.next_event().expect("a tick event");
+        assert_eq!(ev.event, "tick", "{ev:?}");
+        let t: serde_json::Value = serde_json::from_str(&ev.data).unwrap();
+        assert!(t["price"].is_string(), "{t}");
+        seqs.entry(t["asset_id"].as_str().unwrap().to_owned())
+            .or_default()
+            .push(t["seq"].as_str().unwrap().parse().unwrap());
+    }
+    assert_eq!(seqs.keys().collect::<Vec<_>>(), ["A0000", "A0001"]);
+    for (asset, s) in &seqs {
+        let want: Vec<u64> = (1..=r["assets"][asset]["count"].as_u64().unwrap()).collect();
+        assert_eq!(s, &want, "{asset}: every tick once, in order");
+    }
+
+    // SIGTERM: the event stream ends cleanly (the last chunk), the api exits 0.
+    signal(&api.child, "TERM");
+    assert!(stream.ends(), "the SSE stream did not end cleanly");
+    let status = wait_exit(&mut api.child, Duration::from_secs(30)).expect("api exits");
+    assert!(status.success(), "api: {status}\n{}", api.log_text());
+    assert!(api.log_text().contains("drained"), "{}", api.log_text());
+}
