@@ -13,10 +13,16 @@
 #   4. scripts/bench_peer.py: a plain Python consumer (confluent-kafka + redis-py) storing it too;
 #   5. memory: 1 worker on a backlog of several million ticks (64 partitions), peak RSS;
 #   6. the api: GetLatest flat out and at 5k rps, ListTicks(limit 1000), 16 clients, over what the last
-#      ingest stored.
+#      ingest stored;
+#   7. candle rollups (tickctl bench rollups, one client on the same Redis): the store's write of the
+#      same ROLLUP_WRITE_TICKS ticks of one asset in batches of 500 with the pre-rollup raw-ticks script
+#      and with rollups (ticks/s, Redis CPU per tick), then GetCandles 1m over a day of ROLLUP_TICKS ticks
+#      of one asset through the api on loopback (p50/p99 of 100 queries) and the same candles computed
+#      the way the api did before rollups (every raw tick read and folded; 3 runs).
 # Results go to bench-results/<timestamp>/ (summary.md has the table quoted in BENCHMARKS.md).
 # Settings: TICKS (default 1000000), ASSETS (100), PARTITIONS (16), BIG_TICKS (4000000), REPEAT (3),
-# PART (all, or brokers: only steps 2+3), PROFILE (release, or debug: the debug binaries of
+# ROLLUP_TICKS (5000000), ROLLUP_WRITE_TICKS (1000000),
+# PART (all; brokers: only steps 2+3; rollups: only step 7), PROFILE (release, or debug: the debug binaries of
 # `cargo build --workspace --bins`, where a release build is not possible; absolute figures then say
 # little, ratios between the brokers still do).
 set -euo pipefail
@@ -27,9 +33,11 @@ ASSETS=${ASSETS:-100}
 PARTITIONS=${PARTITIONS:-16}
 BIG_TICKS=${BIG_TICKS:-4000000}
 REPEAT=${REPEAT:-3}
+ROLLUP_TICKS=${ROLLUP_TICKS:-5000000}
+ROLLUP_WRITE_TICKS=${ROLLUP_WRITE_TICKS:-1000000}
 PART=${PART:-all}
 PROFILE=${PROFILE:-release}
-case $PART in all | brokers) ;; *) echo "PART is all or brokers" >&2; exit 2 ;; esac
+case $PART in all | brokers | rollups) ;; *) echo "PART is all, brokers or rollups" >&2; exit 2 ;; esac
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -44,7 +52,11 @@ if [ "$PART" = all ] && [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q confluent-kafka redis grpcio-tools
 fi
 
-if [ "$PROFILE" = release ]; then
+if [ "$PROFILE" = release ] && [ "$PART" = rollups ]; then
+  log "building the release tickctl (PART=rollups needs nothing else)"
+  cargo build --release --locked --bin tickctl -p tickfleet-cli
+  bin=target/release
+elif [ "$PROFILE" = release ]; then
   log "building release binaries"
   cargo build --release --locked --bins -p tickfleet-cli -p tickfleet-worker -p tickfleet-api
   bin=target/release
@@ -71,6 +83,7 @@ pids+=($!)
 until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
 redis="redis://127.0.0.1:$port"
 
+if [ "$PART" != rollups ]; then
 "$tickctl" dev-broker --topic "bench:$PARTITIONS" --topic big:64 --bootstrap-file "$out/bootstrap" >/dev/null &
 pids+=($!)
 until [ -s "$out/bootstrap" ]; do sleep 0.1; done
@@ -80,12 +93,15 @@ kafka=$(bash tests/kafka/kafka.sh start "$kafka_dir" --owner $$)
 bash tests/kafka/kafka.sh class org.apache.kafka.tools.TopicCommand --bootstrap-server "$kafka" --create \
   --topic bench --partitions "$PARTITIONS" >/dev/null
 kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml)
+else
+kafka_version="(not run: PART=rollups)"
+fi
 
 {
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
   echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
   echo "redis: $(redis-server --version | awk '{print $3}'), brokers: librdkafka mock cluster (tickctl dev-broker) and Apache Kafka $kafka_version (one KRaft node, $(java -version 2>&1 | head -1)), $PARTITIONS partitions"
-  echo "binaries: $PROFILE; $REPEAT rounds; $TICKS ticks over $ASSETS assets"
+  echo "binaries: $PROFILE; PART=$PART; $REPEAT rounds; $TICKS ticks over $ASSETS assets; rollups: $ROLLUP_TICKS ticks of one asset"
   echo "load during the run: $(cat /proc/loadavg)"
 } >"$out/machine.txt"
 
@@ -95,6 +111,7 @@ if [ "$PART" = all ]; then
     | tee "$out/redis-benchmark.txt"
 fi
 
+if [ "$PART" != rollups ]; then
 declare -A addr=([mock]="$brokers" [kafka]="$kafka")
 for round in $(seq 1 "$REPEAT"); do
   for b in mock kafka; do
@@ -118,6 +135,7 @@ for round in $(seq 1 "$REPEAT"); do
     | tee "$out/kafka-perf-$round.txt"
 done
 cp "$out/ingest-kafka-$REPEAT.json" "$out/ingest.json"
+fi
 
 if [ "$PART" = all ]; then
 log "4. Python peer (confluent-kafka + redis-py) on the same topic"
@@ -144,6 +162,13 @@ api="http://127.0.0.1:$gport"
 "$tickctl" bench api --api "$api" --method ticks --limit 1000 --clients 16 --seconds 10 --json "$out/api-ticks.json"
 fi
 
+if [ "$PART" = all ] || [ "$PART" = rollups ]; then
+  log "7. candle rollups: write cost, GetCandles 1m over a day of $ROLLUP_TICKS ticks"
+  redis-cli -p "$port" flushall >/dev/null
+  "$tickctl" bench rollups --redis "$redis" --ticks "$ROLLUP_TICKS" --write-ticks "$ROLLUP_WRITE_TICKS" \
+    --json "$out/rollups.json" | tee "$out/rollups.txt"
+fi
+
 python3 - "$out" "$REPEAT" <<'PY'
 import json, re, sys, pathlib, statistics
 out, repeat = pathlib.Path(sys.argv[1]), int(sys.argv[2])
@@ -166,7 +191,7 @@ def runs(xs):
     return ", ".join(f"{x:,.0f}" for x in xs)
 rows, ratios = [], []
 rate = {}
-for b, name in [("mock", "dev broker (librdkafka mock)"), ("kafka", "Apache Kafka")]:
+for b, name in [] if not (out / "ingest.json").exists() else [("mock", "dev broker (librdkafka mock)"), ("kafka", "Apache Kafka")]:
     c = consume(b)
     rate[b, "consume"] = med(c)
     rows.append((f"{name}: raw consume (librdkafka, no store: tickctl bench consume)", f"{med(c):,.0f} msg/s",
@@ -178,17 +203,18 @@ for b, name in [("mock", "dev broker (librdkafka mock)"), ("kafka", "Apache Kafk
         rows.append((f"{name}: tickfleet, {w} worker{'s' if w > 1 else ''}", f"{med(tps):,.0f} ticks/s",
                      f"runs: {runs(tps)}; median {med([r['cpu_seconds'] for r in rs]):.1f} CPU s, "
                      f"peak RSS {max(r['peak_rss_mib'] for r in rs):.0f} MiB"))
-p = perf()
-rows.append(("Apache Kafka: its own consumer (ConsumerPerformance, fetch rate)", f"{med(p):,.0f} msg/s",
-             f"runs: {runs(p)}"))
-ratios += [
-    ("Apache Kafka / dev broker, tickfleet 1 worker", rate["kafka", 1] / rate["mock", 1]),
-    ("Apache Kafka / dev broker, tickfleet 2 workers", rate["kafka", 2] / rate["mock", 2]),
-    ("Apache Kafka / dev broker, raw consume", rate["kafka", "consume"] / rate["mock", "consume"]),
-    ("Apache Kafka: raw consume (librdkafka) / ConsumerPerformance", rate["kafka", "consume"] / med(p)),
-    ("Apache Kafka: tickfleet 1 worker / raw consume", rate["kafka", 1] / rate["kafka", "consume"]),
-    ("Apache Kafka: tickfleet 2 workers / 1 worker", rate["kafka", 2] / rate["kafka", 1]),
-]
+p = perf() if (out / "ingest.json").exists() else None
+if p:
+    rows.append(("Apache Kafka: its own consumer (ConsumerPerformance, fetch rate)", f"{med(p):,.0f} msg/s",
+                 f"runs: {runs(p)}"))
+    ratios += [
+        ("Apache Kafka / dev broker, tickfleet 1 worker", rate["kafka", 1] / rate["mock", 1]),
+        ("Apache Kafka / dev broker, tickfleet 2 workers", rate["kafka", 2] / rate["mock", 2]),
+        ("Apache Kafka / dev broker, raw consume", rate["kafka", "consume"] / rate["mock", "consume"]),
+        ("Apache Kafka: raw consume (librdkafka) / ConsumerPerformance", rate["kafka", "consume"] / med(p)),
+        ("Apache Kafka: tickfleet 1 worker / raw consume", rate["kafka", 1] / rate["kafka", "consume"]),
+        ("Apache Kafka: tickfleet 2 workers / 1 worker", rate["kafka", 2] / rate["kafka", 1]),
+    ]
 if (out / "peer.json").exists():
     zadd = float(re.search(r"([\d.]+) requests per second", (out / "redis-benchmark.txt").read_text()).group(1))
     peer = json.loads((out / "peer.json").read_text().strip().splitlines()[-1])["ticks_per_second"]
@@ -207,6 +233,24 @@ if (out / "peer.json").exists():
         a = json.loads((out / f"{name}.json").read_text())
         rows.append((f"api {label}, {a['clients']} clients", f"{a['rps']:,.0f} req/s",
                      f"p50 {a['p50_ms']:.2f} ms, p99 {a['p99_ms']:.2f} ms, p999 {a['p999_ms']:.2f} ms, {a['errors']} errors"))
+if (out / "rollups.json").exists():
+    r = json.loads((out / "rollups.json").read_text())
+    raw, rolled = r["raw_only"], r["with_rollups"]
+    what = f"{r['write_ticks']:,} ticks of one asset, batches of {r['batch']}, one client"
+    rows.append((f"rollups: store write, raw ticks only (the pre-rollup script), {what}",
+                 f"{raw['ticks_per_s']:,.0f} ticks/s", f"Redis {raw['redis_us_per_tick']:.2f} µs CPU/tick"))
+    rows.append((f"rollups: store write with rollups (RedisStore::write_batch), {what}",
+                 f"{rolled['ticks_per_s']:,.0f} ticks/s", f"Redis {rolled['redis_us_per_tick']:.2f} µs CPU/tick"))
+    q, rq = r["rollup_query_ms"], r["raw_query_ms"]
+    rows.append((f"rollups: GetCandles 1m over a day of {r['day_ticks']:,} ticks ({r['candles']} candles), api on loopback",
+                 f"p50 {q['p50']:.2f} ms", f"p99 {q['p99']:.2f} ms ({q['n']} queries)"))
+    rows.append(("rollups: the same candles from the raw ticks (what the api did before rollups)",
+                 f"p50 {rq['p50']:,.0f} ms", f"max {rq['max']:,.0f} ms ({rq['n']} runs)"))
+    ratios += [
+        ("rollups: store write ticks/s, with / without rollups", rolled["ticks_per_s"] / raw["ticks_per_s"]),
+        ("rollups: Redis CPU per tick, with / without rollups", rolled["redis_us_per_tick"] / raw["redis_us_per_tick"]),
+        ("rollups: GetCandles 1m over a day, raw-tick p50 / rollup p50", rq["p50"] / q["p50"]),
+    ]
 lines = ["| what | median | notes |", "|---|---|---|"]
 lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
 lines += ["", "| ratio (of medians) | value |", "|---|---|"]
