@@ -88,6 +88,17 @@ else
   log "using the Kafka at TICKFLEET_TEST_KAFKA=$TICKFLEET_TEST_KAFKA"
 fi
 export TICKFLEET_TEST_KAFKA
+# schemathesis (PyPI) for tests/rest.rs, in a venv beside the packaging tools', reinstalled when the
+# pinned version changes; the run itself takes about 15 s.
+st_venv=${TICKFLEET_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tickfleet}/schemathesis-venv
+st_version=4.32.5
+if [ "$("$st_venv/bin/schemathesis" --version 2>/dev/null | grep -o '[0-9][0-9.]*' | head -1)" != "$st_version" ]; then
+  log "installing schemathesis $st_version into $st_venv"
+  rm -rf "$st_venv"
+  python3 -m venv "$st_venv"
+  "$st_venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$st_version"
+fi
+export TICKFLEET_SCHEMATHESIS="$st_venv/bin/schemathesis"
 log "running the tests"
 status=0
 cargo nextest run --workspace --locked --profile ci || status=$?

@@ -57,11 +57,18 @@ struct Config {
     /// with UNAVAILABLE instead of hanging.
     #[arg(long, env = "TICKFLEET_STORE_TIMEOUT_MS", default_value_t = tickfleet_api::service::STORE_TIMEOUT.as_millis() as u64)]
     store_timeout_ms: u64,
+    /// Print the REST api's OpenAPI 3.1 document (what /openapi.json serves) and exit.
+    #[arg(long)]
+    print_openapi: bool,
 }
 
 #[tokio::main]
 async fn main() -> ExitCode {
     let config = Config::parse();
+    if config.print_openapi {
+        print!("{}", tickfleet_api::rest::openapi::json());
+        return ExitCode::SUCCESS;
+    }
     tickfleet_service::init_tracing(config.log_format == "json");
     match run(config).await {
         Ok(()) => ExitCode::SUCCESS,

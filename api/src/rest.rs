@@ -5,6 +5,7 @@
 //! problem ([`problem`]). Live ticks (and candles) are Server-Sent Events over the gRPC streams.
 
 pub mod model;
+pub mod openapi;
 pub mod problem;
 
 use std::convert::Infallible;
@@ -42,6 +43,8 @@ pub fn router(api: Api) -> Router {
         .route("/v1/candles/stream", get(stream_candles))
         .route("/v1/moving-average", get(moving_average))
         .route("/v1/assets", get(list_assets))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .route("/docs", get(openapi::docs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(api)
@@ -389,7 +392,7 @@ async fn not_found() -> Problem {
     Problem::new(
         StatusCode::NOT_FOUND,
         Code::NotFound,
-        "no such route; the api's routes are listed at /openapi.json",
+        "no such route; the api's routes are listed at /openapi.json and /docs",
     )
 }
 
