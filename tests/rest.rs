@@ -110,6 +110,23 @@ fn rest_answers_what_grpc_answers_over_real_data() {
         get(http, "/v1/prices/latest?symbol=AAPL&provider=e2e").json(),
         latest
     );
+    // Caching: a short Cache-Control, and a conditional request with the ETag is a 304 without a body.
+    assert_eq!(r.header("cache-control"), Some("max-age=1"));
+    let etag = r.header("etag").expect("an ETag").to_owned();
+    let again = tickfleet_e2e::http::get_with(
+        http,
+        "/v1/prices/latest?symbol=AAPL",
+        &[("if-none-match", &etag)],
+    );
+    assert_eq!((again.status, again.body.as_str()), (304, ""));
+    assert_eq!(again.header("etag"), Some(etag.as_str()));
+    let other = tickfleet_e2e::http::get_with(
+        http,
+        "/v1/prices/latest?symbol=A0000",
+        &[("if-none-match", &etag)],
+    );
+    assert_eq!(other.status, 200, "another body, another ETag");
+    assert_ne!(other.header("etag"), Some(etag.as_str()));
     let p = assert_problem(
         http,
         "/v1/prices/latest?symbol=AAPL&provider=finnhub",

@@ -13,8 +13,9 @@ use std::convert::Infallible;
 use axum::Json;
 use axum::Router;
 use axum::extract::{RawQuery, State};
-use axum::http::StatusCode;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
@@ -102,14 +103,18 @@ pub struct LatestQuery {
 /// The newest price of a symbol (`GetLatest`).
 #[utoipa::path(get, path = "/v1/prices/latest", params(LatestQuery), tag = "prices",
     responses(
-        (status = 200, description = "The newest price", body = LatestPrice),
+        (status = 200, description = "The newest price", body = LatestPrice, headers(
+            ("ETag" = String, description = "Strong validator of this body"),
+            ("Cache-Control" = String, description = "`max-age=1`: a price may change at any time"))),
+        (status = 304, description = "Not modified: `If-None-Match` named the current ETag"),
         (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The symbol has no ticks (from that provider)", body = Problem, content_type = "application/problem+json"),
     ))]
 pub async fn latest_price(
     State(api): State<Api>,
+    headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Json<LatestPrice>, Problem> {
+) -> Result<Response, Problem> {
     let q: LatestQuery = query(raw)?;
     let symbol = q.symbol.unwrap_or_default();
     let tick = api
@@ -131,12 +136,53 @@ pub async fn latest_price(
             ),
         ));
     }
-    Ok(Json(LatestPrice {
+    let body = LatestPrice {
         timestamp: model::rfc3339(tick.event_time_ns),
         symbol: tick.asset_id,
         price: tick.price,
         provider: tick.source,
-    }))
+    };
+    Ok(conditional(&headers, &body, "max-age=1"))
+}
+
+/// A strong ETag of `body`: FNV-1a of its bytes (the same on every replica and every build).
+fn etag_of(body: &[u8]) -> String {
+    let hash = body.iter().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(*b)).wrapping_mul(0x0100_0000_01b3)
+    });
+    format!("\"{hash:016x}\"")
+}
+
+/// `body` as JSON with an `ETag` and `cache_control`, or `304 Not Modified` when the request's
+/// `If-None-Match` names that ETag (or is `*`).
+fn conditional(
+    headers: &HeaderMap,
+    body: &impl serde::Serialize,
+    cache_control: &'static str,
+) -> Response {
+    let bytes = serde_json::to_vec(body).unwrap_or_default();
+    let etag = etag_of(&bytes);
+    let matched = headers
+        .get(header::IF_NONE_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .map(|t| t.trim().trim_start_matches("W/"))
+                .any(|t| t == "*" || t == etag)
+        });
+    let mut res = if matched {
+        StatusCode::NOT_MODIFIED.into_response()
+    } else {
+        ([(header::CONTENT_TYPE, "application/json")], bytes).into_response()
+    };
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        res.headers_mut().insert(header::ETAG, v);
+    }
+    res.headers_mut().insert(
+        header::CACHE_CONTROL,
+        HeaderValue::from_static(cache_control),
+    );
+    res
 }
 
 /// Query of `GET /v1/ticks`.
