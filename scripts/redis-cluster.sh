@@ -2,16 +2,35 @@
 # A Redis Cluster on loopback for the tests: 3 primaries and 3 replicas of Debian's redis-server, no
 # persistence, cluster-node-timeout 1000 ms (a dead primary's replica is promoted within a few seconds).
 #
-#   scripts/redis-cluster.sh start DIR   starts it in DIR (created), waits for cluster_state:ok, and prints
-#                                        the nodes' URLs, comma-separated (seed URLs for --redis-url)
-#   scripts/redis-cluster.sh stop DIR    stops the nodes it started in DIR (by pid) and removes DIR
+#   scripts/redis-cluster.sh start DIR [N]  starts it in DIR (created), waits for cluster_state:ok, and
+#                                           prints the nodes' URLs, comma-separated (seed URLs for
+#                                           --redis-url). N primaries (default 3), one replica each.
+#   scripts/redis-cluster.sh stop DIR       stops the nodes it started in DIR (by pid) and removes DIR
 #
 # Each node's pid is in DIR/NODE_PORT/pid and its log in DIR/NODE_PORT/log; DIR/ports lists the ports in
-# start order (the first three were created as primaries).
+# start order (the first N were created as primaries). `redis-cli --cluster create` needs 3 primaries at
+# least; with fewer (scripts/bench.sh's 1-primary cluster) the slots are assigned with CLUSTER
+# ADDSLOTSRANGE and the replicas attached with CLUSTER REPLICATE.
+#
+# With REDIS_CLUSTER_TLS=DIR (holding ca.pem, server.pem, server.key) every node speaks only TLS, to
+# clients, replicas and the cluster bus alike (--tls-cluster, --tls-replication), and requires a client
+# certificate signed by that CA (the nodes present server.pem to each other); the URLs are rediss://.
 set -euo pipefail
 
 cmd=${1:?usage: redis-cluster.sh start|stop DIR}
 dir=${2:?usage: redis-cluster.sh start|stop DIR}
+primaries=${3:-3}
+tls=${REDIS_CLUSTER_TLS:-}
+tls_cli=()
+node_args=()
+scheme=redis
+if [ -n "$tls" ]; then
+  tls=$(cd "$tls" && pwd)
+  tls_cli=(--tls --cacert "$tls/ca.pem" --cert "$tls/server.pem" --key "$tls/server.key")
+  scheme=rediss
+fi
+# redis-cli with the nodes' TLS settings.
+cli() { redis-cli "${tls_cli[@]}" "$@"; }
 
 # A free port below 55536 whose cluster-bus port (port + 10000) is free too.
 free_port() {
@@ -31,13 +50,21 @@ while True:
 case "$cmd" in
 start)
   mkdir -p "$dir"
+  dir=$(cd "$dir" && pwd) # redis-server resolves its files after chdir to --dir
   : >"$dir/ports"
   nodes=()
   ports=()
-  for _ in 1 2 3 4 5 6; do
+  for _ in $(seq 1 $((primaries * 2))); do
     port=$(free_port)
     mkdir -p "$dir/$port"
-    redis-server --bind 127.0.0.1 --port "$port" --cluster-enabled yes \
+    if [ -n "$tls" ]; then
+      node_args=(--port 0 --tls-port "$port" --tls-cluster yes --tls-replication yes
+        --tls-cert-file "$tls/server.pem" --tls-key-file "$tls/server.key" --tls-ca-cert-file "$tls/ca.pem"
+        --tls-auth-clients yes)
+    else
+      node_args=(--port "$port")
+    fi
+    redis-server --bind 127.0.0.1 "${node_args[@]}" --cluster-enabled yes \
       --cluster-config-file "$dir/$port/nodes.conf" --cluster-node-timeout 1000 \
       --dir "$dir/$port" --save "" --appendonly no --logfile "$dir/$port/log" --daemonize no \
       </dev/null >/dev/null 2>&1 &
@@ -48,20 +75,38 @@ start)
   done
   for port in "${ports[@]}"; do
     for _ in $(seq 1 100); do
-      redis-cli -p "$port" ping >/dev/null 2>&1 && break
+      cli -p "$port" ping >/dev/null 2>&1 && break
       sleep 0.1
     done
   done
   for port in "${ports[@]}"; do
-    redis-cli -p "$port" ping >/dev/null 2>&1 || { echo "redis node $port did not start; see $dir/$port/log" >&2; exit 1; }
+    cli -p "$port" ping >/dev/null 2>&1 || { echo "redis node $port did not start; see $dir/$port/log" >&2; exit 1; }
   done
-  { yes yes || true; } | redis-cli --cluster create "${nodes[@]}" --cluster-replicas 1 >"$dir/create.log" 2>&1
+  if [ "$primaries" -ge 3 ]; then
+    { yes yes || true; } | cli --cluster create "${nodes[@]}" --cluster-replicas 1 >"$dir/create.log" 2>&1
+  else
+    # Primary i owns the i-th equal share of the 16384 slots; node primaries+i replicates primary i.
+    for i in $(seq 0 $((primaries - 1))); do
+      p=${ports[$i]}
+      cli -p "$p" cluster set-config-epoch $((i + 1)) >/dev/null
+      cli -p "$p" cluster addslotsrange $((16384 * i / primaries)) $((16384 * (i + 1) / primaries - 1)) >/dev/null
+    done
+    for port in "${ports[@]:1}"; do cli -p "$port" cluster meet 127.0.0.1 "${ports[0]}" >/dev/null; done
+    for i in $(seq 0 $((primaries - 1))); do
+      id=$(cli -p "${ports[$i]}" cluster myid)
+      r=${ports[$((primaries + i))]}
+      for _ in $(seq 1 100); do
+        [ "$(cli -p "$r" cluster replicate "$id" 2>&1)" = OK ] && break
+        sleep 0.1 # until the replica has heard of its primary through the cluster bus
+      done
+    done
+  fi
   for port in "${ports[@]}"; do
     for _ in $(seq 1 200); do
-      redis-cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && break
+      cli -p "$port" cluster info 2>/dev/null | grep -q '^cluster_state:ok' && break
       sleep 0.1
     done
-    redis-cli -p "$port" cluster info | grep -q '^cluster_state:ok' || {
+    cli -p "$port" cluster info | grep -q '^cluster_state:ok' || {
       echo "redis cluster did not come up (node $port); see $dir" >&2
       exit 1
     }
@@ -72,13 +117,13 @@ start)
   for _ in $(seq 1 300); do
     replicas=0
     for port in "${ports[@]}"; do
-      redis-cli -p "$port" info replication 2>/dev/null | grep -q '^master_link_status:up' && replicas=$((replicas + 1))
+      cli -p "$port" info replication 2>/dev/null | grep -q '^master_link_status:up' && replicas=$((replicas + 1))
     done
-    [ "$replicas" -eq 3 ] && break
+    [ "$replicas" -eq "$primaries" ] && break
     sleep 0.1
   done
-  [ "$replicas" -eq 3 ] || { echo "only $replicas of 3 replicas in sync; see $dir" >&2; exit 1; }
-  sed 's|^|redis://127.0.0.1:|' "$dir/ports" | paste -sd, -
+  [ "$replicas" -eq "$primaries" ] || { echo "only $replicas of $primaries replicas in sync; see $dir" >&2; exit 1; }
+  sed "s|^|$scheme://127.0.0.1:|" "$dir/ports" | paste -sd, -
   ;;
 stop)
   [ -d "$dir" ] || exit 0

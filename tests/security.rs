@@ -6,8 +6,8 @@ use std::process::Command;
 use std::time::Duration;
 
 use tickfleet_e2e::{
-    Kafka, RedisServer, Worker, WorkerSetup, assert_exact, bin, create_topic, free_port, http_get,
-    produce, redis_url, shared_topic, unique, wait_for,
+    Kafka, RedisCluster, RedisServer, Worker, WorkerSetup, assert_exact, bin, create_topic,
+    free_port, http_get, produce, redis_url, shared_topic, unique, wait_for,
 };
 use tickfleet_operator::kafka::{
     KafkaAdmin, KafkaConnection, RdKafkaAdmin, TopicOutcome, ensure_topic,
@@ -202,6 +202,59 @@ fn redis_over_tls_with_a_private_ca_stores_everything() {
         Duration::from_secs(30),
         Duration::from_millis(200),
         "the untrusting worker to log a TLS failure",
+        || {
+            refused
+                .log_text()
+                .contains("store unreachable")
+                .then_some(())
+        },
+    );
+    assert!(http_get(&refused.admin, "/readyz").is_none());
+}
+
+#[test]
+fn redis_cluster_over_tls_with_a_private_ca_and_client_certificates_stores_everything() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let file = |name: &str| dir.path().join(name).to_string_lossy().into_owned();
+    let (cert, key, ca) = (file("server.pem"), file("server.key"), file("ca.pem"));
+    // 3 primaries + 3 replicas speaking only TLS (clients, replication, cluster bus), each requiring a
+    // client certificate of the CA; the server's certificate serves as the client's too.
+    let cluster = RedisCluster::start_tls(&dir.path().join("cluster"), dir.path());
+    assert!(cluster.urls.starts_with("rediss://"), "{}", cluster.urls);
+    let tls = [
+        "--redis-mode",
+        "cluster",
+        "--redis-ca-file",
+        &ca,
+        "--redis-client-cert-file",
+        &cert,
+        "--redis-client-key-file",
+        &key,
+    ];
+    let (bootstrap, topic) = shared_topic("security", 4);
+    let mut setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &cluster.urls);
+    setup.args = tls.iter().map(|a| (*a).to_owned()).collect();
+    let worker = Worker::start(&setup, 0);
+    let report = produce(
+        &bootstrap,
+        &topic,
+        dir.path(),
+        &["--count", "3000", "--assets", "30"],
+    );
+    let summary = verify_with(&report, &cluster.urls, &setup.prefix, &tls);
+    assert_exact(&summary, 30, 3000);
+    assert!(http_get(&worker.admin, "/readyz").is_some());
+
+    // Without the client certificate the nodes refuse the connection: the worker never becomes ready.
+    let mut anonymous = WorkerSetup::on(&bootstrap, &topic, dir.path(), &cluster.urls);
+    anonymous.group = unique("anonymous");
+    anonymous.args = tls[..4].iter().map(|a| (*a).to_owned()).collect();
+    let refused = Worker::start(&anonymous, 1);
+    wait_for(
+        Duration::from_secs(30),
+        Duration::from_millis(200),
+        "the worker without a client certificate to log a refusal",
         || {
             refused
                 .log_text()

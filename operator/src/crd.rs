@@ -360,9 +360,6 @@ fn default_key_prefix() -> String {
 #[x_kube(validation = kube::core::Rule::new(
     "!has(self.url) || !self.url.contains(',') || (has(self.mode) && self.mode == 'cluster')"
 ).message("several comma-separated redis.url seeds need mode: cluster"))]
-#[x_kube(validation = kube::core::Rule::new(
-    "!has(self.tls) || !has(self.mode) || self.mode != 'cluster'"
-).message("redis.tls (a private CA or client certificate) is not supported with mode: cluster"))]
 pub struct RedisSpec {
     /// `redis://` or `rediss://` URL; with `mode: cluster`, one or more comma-separated seed URLs of
     /// the cluster's nodes.
@@ -385,6 +382,7 @@ pub struct RedisSpec {
     pub url_secret_ref: Option<SecretKeyRef>,
     /// TLS files for a `rediss://` URL, mounted from Secrets into the worker and api pods. Not
     /// needed when the server's certificate is signed by a public CA and it does not check clients.
+    /// With `mode: cluster` the same files serve every node of the cluster.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<RedisTlsSpec>,
 }

@@ -60,7 +60,22 @@ pub struct RedisCluster {
 impl RedisCluster {
     /// Starts one in `dir` (which it removes when stopped) and waits until it is healthy.
     pub fn start(dir: &Path) -> Self {
-        let out = Command::new("bash")
+        Self::start_with(dir, None)
+    }
+
+    /// [`start`](Self::start) with TLS only: `tls` holds `ca.pem`, `server.pem` and `server.key`
+    /// (every node requires a client certificate of that CA; its URLs are `rediss://`). The
+    /// slot-moving and node-killing helpers below speak plain TCP, so they do not work on it.
+    pub fn start_tls(dir: &Path, tls: &Path) -> Self {
+        Self::start_with(dir, Some(tls))
+    }
+
+    fn start_with(dir: &Path, tls: Option<&Path>) -> Self {
+        let mut cmd = Command::new("bash");
+        if let Some(tls) = tls {
+            cmd.env("REDIS_CLUSTER_TLS", tls);
+        }
+        let out = cmd
             .arg(script())
             .arg("start")
             .arg(dir)

@@ -64,12 +64,6 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
         problems
             .push("several comma-separated store.redis.url seeds need mode: cluster".to_string());
     }
-    if cluster && redis.tls.is_some() {
-        problems.push(
-            "store.redis.tls (a private CA or client certificate) is not supported with mode: cluster"
-                .to_string(),
-        );
-    }
     if let Some(tls) = &redis.tls {
         if redis
             .url
@@ -362,7 +356,7 @@ mod tests {
     }
 
     #[test]
-    fn cluster_mode_rules_span_the_url_and_tls() {
+    fn cluster_mode_rules_span_the_url_and_take_tls() {
         let mut tp = pipeline();
         tp.spec.store.redis.url = Some("redis://a:6379,redis://b:6379".into());
         assert_eq!(
@@ -373,10 +367,8 @@ mod tests {
         assert_eq!(validate(&tp), Ok(()));
         let mut tls = tls_pipeline();
         tls.spec.store.redis.mode = Some(crate::crd::RedisMode::Cluster);
-        assert_eq!(
-            validate(&tls).unwrap_err(),
-            "store.redis.tls (a private CA or client certificate) is not supported with mode: cluster"
-        );
+        // A private CA and client certificate work on a cluster too (every node, the same files).
+        assert_eq!(validate(&tls), Ok(()));
     }
 
     fn source(name: Option<&str>, exchange: crate::crd::Exchange, symbols: &[&str]) -> SourceSpec {

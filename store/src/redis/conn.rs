@@ -22,6 +22,7 @@ use redis::cluster_async::ClusterConnection;
 use redis::{Client, ErrorKind, Pipeline, RedisError, ServerErrorKind, Value};
 use tokio::sync::OnceCell;
 
+use super::RedisTls;
 use crate::StoreError;
 
 /// Which kind of Redis deployment the store talks to.
@@ -66,8 +67,13 @@ impl Conn {
     }
 
     /// A lazy connection to a cluster through `seeds`: the first command discovers the slot map.
-    pub(super) fn cluster(seeds: &[String]) -> Result<Self, StoreError> {
-        let client = redis::cluster::ClusterClientBuilder::new(seeds.to_vec())
+    pub(super) fn cluster(seeds: &[String], tls: Option<&RedisTls>) -> Result<Self, StoreError> {
+        let mut builder = redis::cluster::ClusterClientBuilder::new(seeds.to_vec());
+        if let Some(tls) = tls {
+            // Every node the client discovers is reached with the same CA and client certificate.
+            builder = builder.certs(tls.certificates());
+        }
+        let client = builder
             .connection_timeout(Duration::from_secs(2))
             .response_timeout(Duration::from_secs(10))
             // Redirections and TRYAGAIN/CLUSTERDOWN are retried this many times (exponential wait,

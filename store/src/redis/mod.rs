@@ -106,7 +106,7 @@ impl std::fmt::Debug for RedisTls {
 pub struct RedisSettings {
     /// One server or a cluster.
     pub mode: RedisMode,
-    /// TLS material for `rediss://` (one server only; see [`RedisStore::connect`]).
+    /// TLS material for `rediss://` (the server, or every node of the cluster).
     pub tls: Option<RedisTls>,
     /// Replicas that must acknowledge each write (`WAIT`) before it counts as stored; 0 = the primary's
     /// answer is enough.
@@ -148,22 +148,34 @@ impl std::fmt::Debug for RedisStore {
     }
 }
 
+impl RedisTls {
+    fn certificates(&self) -> redis::TlsCertificates {
+        redis::TlsCertificates {
+            client_tls: self.client_cert_and_key.clone().map(|(cert, key)| {
+                redis::ClientTlsConfig {
+                    client_cert: cert,
+                    client_key: key,
+                }
+            }),
+            root_cert: self.ca_pem.clone(),
+        }
+    }
+}
+
 fn client(url: &str, tls: Option<&RedisTls>) -> Result<Client, StoreError> {
     Ok(match tls {
-        Some(tls) => Client::build_with_tls(
-            url,
-            redis::TlsCertificates {
-                client_tls: tls.client_cert_and_key.clone().map(|(cert, key)| {
-                    redis::ClientTlsConfig {
-                        client_cert: cert,
-                        client_key: key,
-                    }
-                }),
-                root_cert: tls.ca_pem.clone(),
-            },
-        )?,
+        Some(tls) => Client::build_with_tls(url, tls.certificates())?,
         None => Client::open(url)?,
     })
+}
+
+/// Makes ring the process's rustls crypto provider unless one is set already: rustls picks one from
+/// its crate features only when exactly one is compiled in, which depends on what else a binary links.
+fn install_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // Losing a race to another installer is fine: a provider is then set.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    }
 }
 
 /// The index bucket of an asset: FNV-1a (64 bit) of its id, mod [`ASSET_BUCKETS`]. Stable across
@@ -203,28 +215,22 @@ impl RedisStore {
 
     /// Connects lazily to one server at `urls`, or (in [`RedisMode::Cluster`]) to the cluster that
     /// the comma-separated seed URLs `urls` belong to (any one answering is enough; every seed has the
-    /// same password). Cluster mode takes `rediss://` seeds whose certificates the system trusts, but
-    /// no private CA or client certificate: the Redis client supports those on a cluster only with
-    /// rustls, and this build uses the system's OpenSSL.
+    /// same password). `rediss://` URLs are TLS (rustls): certificates are checked against the
+    /// system's CAs, or only against `settings.tls`'s CA when it has one, and its client certificate is
+    /// presented when it has one — on one server and on every node of a cluster alike.
     pub fn connect(
         urls: &str,
         prefix: &str,
         retention: Retention,
         settings: RedisSettings,
     ) -> Result<Self, StoreError> {
+        install_crypto_provider();
         let (conn, pubsub_clients) = match settings.mode {
             RedisMode::Standalone => {
                 let c = client(urls, settings.tls.as_ref())?;
                 (Conn::standalone(c.clone())?, vec![c])
             }
             RedisMode::Cluster => {
-                if settings.tls.is_some() {
-                    return Err(StoreError::Config(
-                        "a private CA or client certificate is not supported in cluster mode \
-                         (rediss:// seeds with certificates the system trusts are)"
-                            .into(),
-                    ));
-                }
                 let seeds: Vec<String> = urls
                     .split(',')
                     .map(str::trim)
@@ -236,9 +242,9 @@ impl RedisStore {
                 }
                 let clients = seeds
                     .iter()
-                    .map(|u| client(u, None))
+                    .map(|u| client(u, settings.tls.as_ref()))
                     .collect::<Result<Vec<_>, _>>()?;
-                (Conn::cluster(&seeds)?, clients)
+                (Conn::cluster(&seeds, settings.tls.as_ref())?, clients)
             }
         };
         Ok(RedisStore {
