@@ -596,14 +596,17 @@ async fn standby_with_change(change: Lease) -> (Duration, Vec<crate::fixtures::R
     let take = log.last().unwrap();
     assert_eq!(take.method, "PUT");
     assert_eq!(take.body["spec"]["holderIdentity"], "op-a");
-    assert!(
-        log.iter().any(|r| r.method == "GET"
+    (started - t0, log)
+}
+
+/// Whether the standby watched the Lease (checked after the timing, which is what matters).
+fn watched(log: &[crate::fixtures::Recorded]) -> bool {
+    log.iter().any(|r| {
+        r.method == "GET"
             && r.uri.contains("watch=true")
             && r.uri
-                .contains("fieldSelector=metadata.name%3Dtickfleet-operator")),
-        "the standby watches the Lease: {log:?}"
-    );
-    (started - t0, log)
+                .contains("fieldSelector=metadata.name%3Dtickfleet-operator")
+    })
 }
 
 #[tokio::test(start_paused = true)]
@@ -615,6 +618,7 @@ async fn standby_sees_a_renewal_on_its_watch_and_tries_the_moment_the_lease_expi
     let renewed = held_lease("op-b", Timestamp::now(), "2");
     let (took, log) = standby_with_change(renewed).await;
     assert_eq!(took, Duration::from_millis(15_500));
+    assert!(watched(&log), "the standby watches the Lease: {log:?}");
     let puts = log.iter().filter(|r| r.method == "PUT").count();
     assert_eq!(puts, 1, "one attempt to take it, when it expired");
 }
@@ -623,10 +627,11 @@ async fn standby_sees_a_renewal_on_its_watch_and_tries_the_moment_the_lease_expi
 async fn standby_takes_a_lease_released_on_its_watch_at_once() {
     let mut released = held_lease("op-b", Timestamp::now(), "2");
     released.spec.as_mut().unwrap().holder_identity = None;
-    let (took, _) = standby_with_change(released).await;
+    let (took, log) = standby_with_change(released).await;
     assert_eq!(
         took,
         Duration::from_millis(500),
         "not at the next read (2 s)"
     );
+    assert!(watched(&log), "the standby watches the Lease: {log:?}");
 }
