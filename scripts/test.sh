@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what tickfleet's tests need on a fresh Debian machine, starts a real redis-server, a Redis
-# Cluster (3 primaries, 3 replicas: scripts/redis-cluster.sh) and Apache Kafka (one KRaft broker,
-# tests/kafka/kafka.sh, fetched from Maven Central with mvn) on free loopback ports, builds the
+# Cluster (3 primaries, 3 replicas: scripts/redis-cluster.sh), PostgreSQL (scripts/postgres.sh) and
+# Apache Kafka (one KRaft broker, tests/kafka/kafka.sh, fetched from Maven Central with mvn) on free
+# loopback ports, builds the
 # binaries, runs formatting and lint checks and every workspace test (unit, conformance and
 # end-to-end), stops them all, and exits with the tests' status.
 #
@@ -25,6 +26,9 @@ command -v openssl >/dev/null || need+=(openssl)
 command -v pkg-config >/dev/null || need+=(pkg-config)
 dpkg -s libssl-dev >/dev/null 2>&1 || need+=(libssl-dev)
 { command -v prometheus && command -v promtool; } >/dev/null || need+=(prometheus)
+# PostgreSQL for the PostgreSQL store's tests (scripts/postgres.sh runs its own server from the
+# package's binaries; the cluster the package may create and start is not used).
+[ -n "$(find /usr/lib/postgresql -mindepth 3 -maxdepth 3 -path "*/bin/initdb" 2>/dev/null)" ] && command -v psql >/dev/null || need+=(postgresql)
 # A JDK and Maven for Apache Kafka (the broker is Java; its jars come from Maven Central).
 command -v java >/dev/null || need+=(openjdk-17-jre-headless)
 command -v mvn >/dev/null || need+=(maven)
@@ -44,11 +48,13 @@ export TICKFLEET_KAFKA_LEDGER="$work/kafka-ledger"
 redis_pid=""
 cluster_dir=""
 kafka_dir=""
+pg_dir=""
 # shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
   if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
   if [ -n "$cluster_dir" ]; then bash scripts/redis-cluster.sh stop "$cluster_dir" || true; fi
   if [ -n "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir" || true; fi
+  if [ -n "$pg_dir" ]; then bash scripts/postgres.sh stop "$pg_dir/pg" || true; rm -rf "$pg_dir"; fi
   rm -rf "$work"
 }
 trap cleanup EXIT
@@ -71,6 +77,15 @@ cluster_dir="$work/redis-cluster"
 TICKFLEET_TEST_REDIS_CLUSTER_URLS=$(bash scripts/redis-cluster.sh start "$cluster_dir")
 export TICKFLEET_TEST_REDIS_CLUSTER_URLS
 echo "Redis Cluster at $TICKFLEET_TEST_REDIS_CLUSTER_URLS"
+# PostgreSQL (initdb in a temp dir the server's user can reach, a free loopback port; ~5 s), shared by
+# the conformance suite and tests/postgres.rs (each test in a schema of its own; the crash test starts
+# its own server).
+log "starting PostgreSQL on loopback (scripts/postgres.sh)"
+pg_dir=$(mktemp -d /tmp/tickfleet-pg.XXXXXX)
+chmod 711 "$pg_dir"
+TICKFLEET_TEST_POSTGRES_URL=$(bash scripts/postgres.sh start "$pg_dir/pg")
+export TICKFLEET_TEST_POSTGRES_URL
+echo "PostgreSQL at $TICKFLEET_TEST_POSTGRES_URL"
 
 bash scripts/check-packaging.sh  # manifests, Helm chart, docker-compose, Dockerfile (no Docker needed)
 log "cargo fmt --check"

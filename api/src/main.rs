@@ -2,7 +2,6 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -28,7 +27,7 @@ struct Config {
     admin_addr: SocketAddr,
     /// The store (the same URL and prefix as the pipeline's workers).
     #[command(flatten)]
-    redis: tickfleet_store::RedisOptions,
+    store: tickfleet_store::StoreOptions,
     /// Serve gRPC over TLS with this PEM certificate (chain), e.g. from a mounted Secret.
     #[arg(long, env = "TICKFLEET_GRPC_TLS_CERT_FILE", requires = "tls_key_file")]
     tls_cert_file: Option<std::path::PathBuf>,
@@ -91,7 +90,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
         }
         _ => None,
     };
-    let store = Arc::new(config.redis.open(Retention::default())?);
+    let store = config.store.open(Retention::default())?;
     let registry = prometheus::Registry::new();
     let metrics = ApiMetrics::new(&registry)?;
     let health = Health::new();
@@ -122,7 +121,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
     )
     .await?;
     let http = running.http_addr.map(|a| a.to_string()).unwrap_or_default();
-    info!(grpc = %running.addr, %http, prefix = %config.redis.redis_prefix, "tickfleet-api started");
+    info!(grpc = %running.addr, %http, prefix = %config.store.redis.redis_prefix, "tickfleet-api started");
     running.task.await??;
     admin.await??;
     Ok(())

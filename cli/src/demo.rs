@@ -15,7 +15,7 @@ use clap::Args;
 use prometheus::core::Collector;
 use tickfleet_proto::Format;
 use tickfleet_service::{CancellationToken, Health};
-use tickfleet_store::{MemoryStore, RedisMode, RedisSettings, RedisStore, Retention, TickStore};
+use tickfleet_store::{MemoryStore, RedisMode, Retention, StoreKind, StoreOptions, TickStore};
 use tickfleet_worker::{KafkaOptions, Metrics, WorkerConfig};
 
 use crate::dev_broker::DevBroker;
@@ -32,9 +32,13 @@ pub struct DemoArgs {
     /// Use this Redis instead of the in-memory store.
     #[arg(long)]
     redis: Option<String>,
-    /// Key prefix in Redis.
+    /// Key prefix in Redis (and, with --postgres, the PostgreSQL schema, '-' read as '_').
     #[arg(long, default_value = "tf-demo")]
     redis_prefix: String,
+    /// Use this PostgreSQL (`postgres://USER@HOST:PORT/DB`) instead of the in-memory store; with
+    /// --redis too, ticks go to both (Redis for the hot window and streams, PostgreSQL for history).
+    #[arg(long)]
+    postgres: Option<String>,
     /// With --redis: `standalone` (one server) or `cluster` (--redis takes comma-separated seed URLs).
     #[arg(long, value_enum, default_value_t = RedisMode::Standalone, requires = "redis")]
     redis_mode: RedisMode,
@@ -98,17 +102,25 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         (None, Some(dev)) => dev.bootstrap_servers(),
         (None, None) => unreachable!("a broker is started when none is given"),
     };
-    let store: Arc<dyn TickStore> = match &args.redis {
-        Some(url) => Arc::new(RedisStore::connect(
-            url,
-            &args.redis_prefix,
-            Retention::default(),
-            RedisSettings {
-                mode: args.redis_mode,
-                ..RedisSettings::default()
-            },
-        )?),
-        None => Arc::new(MemoryStore::new()),
+    let store_options = StoreOptions {
+        kind: match (&args.redis, &args.postgres) {
+            (Some(_), Some(_)) => StoreKind::Both,
+            (None, Some(_)) => StoreKind::Postgres,
+            _ => StoreKind::Redis,
+        },
+        redis: tickfleet_store::RedisOptions {
+            redis_url: args.redis.clone().unwrap_or_default(),
+            redis_prefix: args.redis_prefix.clone(),
+            redis_mode: args.redis_mode,
+            ..Default::default()
+        },
+        postgres_url: args.postgres.clone(),
+        ..Default::default()
+    };
+    let store: Arc<dyn TickStore> = if args.redis.is_none() && args.postgres.is_none() {
+        Arc::new(MemoryStore::new())
+    } else {
+        store_options.open(Retention::default())?
     };
     store.ping().await?;
 
@@ -150,12 +162,7 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
         max_in_flight_bytes: 64 * 1024 * 1024,
         max_skew_ahead_secs: 300,
         max_skew_behind_secs: 365 * 86_400,
-        redis: tickfleet_store::RedisOptions {
-            redis_url: args.redis.clone().unwrap_or_default(),
-            redis_prefix: args.redis_prefix.clone(),
-            redis_mode: args.redis_mode,
-            ..Default::default()
-        },
+        store: store_options.clone(),
         replica_acks: Default::default(),
         retention_max_age_secs: None,
         retention_max_count: None,
@@ -185,15 +192,17 @@ pub async fn run(args: DemoArgs) -> anyhow::Result<ExitCode> {
             ""
         }
     );
-    sayln!(
-        "  store   {}",
-        args.redis
-            .as_deref()
-            .map_or("in-memory".to_string(), |u| format!(
-                "redis {u} prefix {}",
-                args.redis_prefix
-            ))
-    );
+    let mut stores = Vec::new();
+    if let Some(u) = &args.redis {
+        stores.push(format!("redis {u} prefix {}", args.redis_prefix));
+    }
+    if args.postgres.is_some() {
+        stores.push(format!("postgres schema {}", store_options.schema()));
+    }
+    if stores.is_empty() {
+        stores.push("in-memory".into());
+    }
+    sayln!("  store   {}", stores.join(" + "));
     sayln!(
         "  workers {} in group tickfleet-demo; {}",
         args.workers,

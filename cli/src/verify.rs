@@ -23,7 +23,7 @@ pub struct VerifyArgs {
     report: PathBuf,
     /// The store.
     #[command(flatten)]
-    redis: tickfleet_store::RedisOptions,
+    store: tickfleet_store::StoreOptions,
     /// Print the summary as JSON.
     #[arg(long)]
     json: bool,
@@ -147,7 +147,7 @@ pub async fn run(args: VerifyArgs) -> anyhow::Result<ExitCode> {
             report.failed
         );
     }
-    let store = args.redis.open(Retention::default())?;
+    let store = args.store.open(Retention::default())?;
     let audit = audit(&report, &store).await?;
     if args.json {
         sayln!("{}", serde_json::to_string_pretty(&audit)?);

@@ -342,6 +342,33 @@ pub struct StoreSpec {
     /// 1-second candles 7 days, 1-minute candles 400 days, hourly and daily candles for ever.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollup_retention: Option<RollupRetentionSpec>,
+    /// PostgreSQL for history beside Redis: when set, workers write every batch to both before they
+    /// commit (`TICKFLEET_STORE=both`) and the api reads ranges from PostgreSQL. Redis stays the hot
+    /// window and carries the live streams.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub postgres: Option<PostgresSpec>,
+}
+
+/// PostgreSQL history store of a pipeline.
+#[derive(JsonSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PostgresSpec {
+    /// Secret key holding the URL, `postgres://USER:PASSWORD@HOST:PORT/DB` (the Secret must be
+    /// offered to the pipeline: annotation `tickfleet.io/allowed-pipelines`).
+    pub url_secret_ref: SecretKeyRef,
+    /// Schema of the pipeline's tables, created and migrated by the workers; the key prefix (with
+    /// every character other than letters, digits and `_` as `_`) when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(
+        length(min = 1, max = 50),
+        regex(pattern = r"^[A-Za-z_][A-Za-z0-9_]*$")
+    )]
+    pub schema: Option<String>,
+    /// Drop day partitions whose ticks are all older than this many days; all history is kept when
+    /// unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 36500))]
+    pub retention_days: Option<u32>,
 }
 
 fn default_key_prefix() -> String {

@@ -32,6 +32,7 @@ pub fn pipeline() -> TickPipeline {
                 key_prefix: "tf".into(),
                 retention: None,
                 rollup_retention: None,
+                postgres: None,
             },
             workers: WorkersSpec {
                 replicas: 2,

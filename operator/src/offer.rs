@@ -70,6 +70,9 @@ pub fn secret_uses(tp: &TickPipeline) -> Vec<SecretUse> {
             add(name, "spec.store.redis.tls.clientCertSecretName");
         }
     }
+    if let Some(pg) = &spec.store.postgres {
+        add(&pg.url_secret_ref.name, "spec.store.postgres.urlSecretRef");
+    }
     if let Some(tls) = &spec.api.tls {
         add(&tls.secret_name, "spec.api.tls.secretName");
     }

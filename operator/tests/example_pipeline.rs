@@ -71,6 +71,17 @@ fn cluster_example_pipeline_is_valid() {
     assert_eq!(redis.url.as_deref().unwrap().split(',').count(), 3);
 }
 
+/// `manifests/example-pipeline-postgres.yaml`: Redis plus PostgreSQL history, valid, its URL from a
+/// Secret.
+#[test]
+fn postgres_example_pipeline_is_valid() {
+    let tp = valid_example("example-pipeline-postgres.yaml");
+    let pg = tp.spec.store.postgres.as_ref().unwrap();
+    assert_eq!(pg.url_secret_ref.name, "tickfleet-postgres");
+    assert_eq!(pg.schema.as_deref(), Some("history"));
+    assert_eq!(pg.retention_days, Some(400));
+}
+
 #[test]
 fn typo_in_a_field_is_caught() {
     let raw: Value = serde_json::json!({

@@ -1,25 +1,35 @@
-//! Where ticks live once the worker has them: the [`TickStore`] trait and two implementations.
+//! Where ticks live once the worker has them: the [`TickStore`] trait and its implementations.
 //!
 //! * [`RedisStore`]: the production store. Every key of one asset shares the Redis Cluster hash tag
 //!   `{asset}`; ticks sit in a sorted set scored by event time (µs) whose members encode the tick's
 //!   identity, so writing a tick twice is a no-op; a latest-tick key only moves forward in event time; a
 //!   batch costs one pipelined round trip. See [`redis`] for the layout.
+//! * [`PostgresStore`]: history in PostgreSQL, one table partitioned by day; alone, or beside Redis as
+//!   [`TieredStore`] (Redis for the hot window and live streams, PostgreSQL for history).
 //! * [`MemoryStore`]: the same semantics in process memory, for unit tests and the embedded demo.
 //!
-//! Both keep write-time candle rollups ([`rollup`]) in the same atomic write, and both pass one
-//! conformance suite (`store/tests/conformance.rs`), run against a real `redis-server`.
+//! All keep write-time candle rollups ([`rollup`]) in the same atomic write (PostgreSQL computes them
+//! from its ticks in SQL), and all pass one conformance suite (`store/tests/conformance.rs`), run
+//! against a real `redis-server`, a real Redis Cluster and a real PostgreSQL.
 
 pub mod live;
 pub mod member;
 mod memory;
+#[cfg(feature = "clap")]
+mod options;
+pub mod postgres;
 pub mod redis;
 pub mod rollup;
+mod tiered;
 
 use async_trait::async_trait;
 use std::time::Duration;
 
 pub use live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 pub use memory::MemoryStore;
+#[cfg(feature = "clap")]
+pub use options::{StoreKind, StoreOptions};
+pub use postgres::PostgresStore;
 pub use redis::{RedisMode, RedisSettings, RedisStore, RedisTls};
 #[cfg(feature = "clap")]
 pub use redis::{RedisOptions, ReplicaAckOptions};
@@ -27,6 +37,7 @@ pub use rollup::{
     Base, Candle, Overflow, RebuildSummary, RollupPage, RollupQuery, RollupRetention,
 };
 pub use tickfleet_proto::{Tick, TickId};
+pub use tiered::TieredStore;
 
 /// The largest page [`TickStore::range`] returns, whatever the caller asks for.
 pub const MAX_PAGE: usize = 10_000;
@@ -182,6 +193,10 @@ pub enum StoreError {
         /// How long `WAIT` waited.
         timeout: Duration,
     },
+    /// PostgreSQL failed, could not be reached, or refused the statement; see
+    /// [`StoreError::is_retriable`].
+    #[error("postgres: {}", postgres::describe(.0))]
+    Postgres(#[from] tokio_postgres::Error),
     /// Stored data could not be read back as a tick.
     #[error("corrupt stored tick {key}: {detail}")]
     Corrupt {
@@ -220,6 +235,8 @@ impl StoreError {
         match self {
             StoreError::Redis(e) if !redis_error_is_retriable(e) => "rejected",
             StoreError::Redis(_) | StoreError::Connect(_) => "redis",
+            StoreError::Postgres(e) if !postgres::postgres_error_is_retriable(e) => "rejected",
+            StoreError::Postgres(_) => "postgres",
             StoreError::Replication { .. } => "replication",
             StoreError::Corrupt { .. } => "corrupt",
             StoreError::Config(_) => "config",
@@ -235,6 +252,7 @@ impl StoreError {
     pub fn is_retriable(&self) -> bool {
         match self {
             StoreError::Redis(e) => redis_error_is_retriable(e),
+            StoreError::Postgres(e) => postgres::postgres_error_is_retriable(e),
             StoreError::Injected(_)
             | StoreError::Connect(_)
             | StoreError::Replication { .. }

@@ -1,8 +1,9 @@
-//! One suite, three targets: every test here runs against [`MemoryStore`], against [`RedisStore`] on a
-//! real `redis-server` (its URL in `TICKFLEET_TEST_REDIS_URL`) and against [`RedisStore`] in cluster mode
+//! One suite, four targets: every test here runs against [`MemoryStore`], against [`RedisStore`] on a
+//! real `redis-server` (its URL in `TICKFLEET_TEST_REDIS_URL`), against [`RedisStore`] in cluster mode
 //! on a real Redis Cluster of 3 primaries and 3 replicas (its seed URLs, comma-separated, in
-//! `TICKFLEET_TEST_REDIS_CLUSTER_URLS`); `scripts/test.sh` starts both. Each Redis test uses a key prefix
-//! of its own, so tests can share one server and one cluster.
+//! `TICKFLEET_TEST_REDIS_CLUSTER_URLS`) and against [`PostgresStore`] on a real PostgreSQL (its URL in
+//! `TICKFLEET_TEST_POSTGRES_URL`); `scripts/test.sh` starts them all. Each Redis test uses a key prefix
+//! of its own and each PostgreSQL test a schema of its own, so tests can share one server.
 
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -10,8 +11,8 @@ use std::time::Duration;
 
 use rust_decimal::Decimal;
 use tickfleet_store::{
-    Base, Candle, LiveEvent, LiveFeed, MemoryStore, RangeQuery, RedisMode, RedisSettings,
-    RedisStore, Retention, RollupQuery, RollupRetention, Tick, TickId, TickStore,
+    Base, Candle, LiveEvent, LiveFeed, MemoryStore, PostgresStore, RangeQuery, RedisMode,
+    RedisSettings, RedisStore, Retention, RollupQuery, RollupRetention, Tick, TickId, TickStore,
 };
 
 fn unique_prefix() -> String {
@@ -47,6 +48,19 @@ fn cluster_store(retention: Retention) -> RedisStore {
         ..RedisSettings::default()
     };
     RedisStore::connect(&cluster_urls(), &unique_prefix(), retention, settings).unwrap()
+}
+
+fn postgres_url() -> String {
+    std::env::var("TICKFLEET_TEST_POSTGRES_URL").expect(
+        "TICKFLEET_TEST_POSTGRES_URL is not set: run scripts/test.sh, which starts PostgreSQL \
+         (scripts/postgres.sh) and sets it",
+    )
+}
+
+/// A store in a schema of its own (the prefix, as an identifier).
+fn postgres_store(retention: Retention) -> PostgresStore {
+    let schema = unique_prefix().replace('-', "_");
+    PostgresStore::connect(&postgres_url(), &schema, retention).unwrap()
 }
 
 fn memory_store(retention: Retention) -> MemoryStore {
@@ -668,9 +682,11 @@ async fn rebuild_is_idempotent_and_keeps_what_retention_removed(store: impl Tick
     );
 }
 
-macro_rules! conformance {
-    ($($name:ident $(: $retention:expr)?),* $(,)?) => {
-        mod memory {
+/// `target!(module, constructor, test: retention, ...)`: the listed tests, run on the store the
+/// constructor makes from the test's retention (default: keep everything).
+macro_rules! target {
+    ($module:ident, $store:ident, $($name:ident $(: $retention:expr)?),* $(,)?) => {
+        mod $module {
             use super::*;
             $(
                 #[tokio::test]
@@ -678,56 +694,47 @@ macro_rules! conformance {
                     #[allow(unused_mut, unused_assignments)]
                     let mut retention = Retention::default();
                     $(retention = $retention;)?
-                    super::$name(memory_store(retention)).await;
-                }
-            )*
-        }
-        mod redis {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    #[allow(unused_mut, unused_assignments)]
-                    let mut retention = Retention::default();
-                    $(retention = $retention;)?
-                    super::$name(redis_store(retention)).await;
-                }
-            )*
-        }
-        mod cluster {
-            use super::*;
-            $(
-                #[tokio::test]
-                async fn $name() {
-                    #[allow(unused_mut, unused_assignments)]
-                    let mut retention = Retention::default();
-                    $(retention = $retention;)?
-                    super::$name(cluster_store(retention)).await;
+                    super::$name($store(retention)).await;
                 }
             )*
         }
     };
 }
 
+/// The suite on every target, plus the per-tick retention tests on the stores that trim per asset
+/// (PostgreSQL drops whole day partitions instead: `postgres_retention_drops_whole_day_partitions`).
+macro_rules! conformance {
+    (every { $($name:ident $(: $retention:expr)?),* $(,)? } per_tick_retention { $($rname:ident : $rretention:expr),* $(,)? }) => {
+        target!(memory, memory_store, $($name $(: $retention)?,)* $($rname: $rretention,)*);
+        target!(redis, redis_store, $($name $(: $retention)?,)* $($rname: $rretention,)*);
+        target!(cluster, cluster_store, $($name $(: $retention)?,)* $($rname: $rretention,)*);
+        target!(postgres, postgres_store, $($name $(: $retention)?,)*);
+    };
+}
+
 conformance! {
-    stores_what_it_is_given_in_order,
-    a_redelivered_batch_changes_nothing,
-    latest_only_moves_forward,
-    pages_cover_the_range_exactly_once,
-    range_bounds_are_exact_to_the_nanosecond,
-    retention_by_count: Retention { max_count: Some(5), max_age: None },
-    retention_by_age: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
-    far_future_tick_cannot_erase_history: Retention { max_age: Some(Duration::from_secs(86_400)), max_count: None },
-    ping_answers,
-    big_batches_with_overlaps_and_repeats_count_exactly,
-    tail_is_the_newest_ticks_in_order,
-    the_live_feed_announces_each_new_tick_once,
-    rollups_match_raw_ticks,
-    rollups_match_raw_ticks_under_count_retention: Retention { max_count: Some(50), max_age: None },
-    a_redelivered_batch_changes_no_rollup,
-    a_late_tick_takes_its_place_by_event_time,
-    rollups_outlive_raw_retention: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
-    rebuild_is_idempotent_and_keeps_what_retention_removed: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
+    every {
+        stores_what_it_is_given_in_order,
+        a_redelivered_batch_changes_nothing,
+        latest_only_moves_forward,
+        pages_cover_the_range_exactly_once,
+        range_bounds_are_exact_to_the_nanosecond,
+        far_future_tick_cannot_erase_history: Retention { max_age: Some(Duration::from_secs(86_400)), max_count: None },
+        ping_answers,
+        big_batches_with_overlaps_and_repeats_count_exactly,
+        tail_is_the_newest_ticks_in_order,
+        the_live_feed_announces_each_new_tick_once,
+        rollups_match_raw_ticks,
+        a_redelivered_batch_changes_no_rollup,
+        a_late_tick_takes_its_place_by_event_time,
+    }
+    per_tick_retention {
+        retention_by_count: Retention { max_count: Some(5), max_age: None },
+        retention_by_age: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
+        rollups_match_raw_ticks_under_count_retention: Retention { max_count: Some(50), max_age: None },
+        rollups_outlive_raw_retention: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
+        rebuild_is_idempotent_and_keeps_what_retention_removed: Retention { max_age: Some(Duration::from_micros(3_500)), max_count: None },
+    }
 }
 
 /// A restarted Redis has forgotten the Lua scripts; the store must load them again, not fail.
@@ -1243,4 +1250,200 @@ async fn writers_racing_a_script_load_count_every_tick_once() {
             assert_eq!(all(w, "A17").await, series("A17", 50));
         }
     }
+}
+
+/// A plain client on the test PostgreSQL, for looking behind the store's back.
+async fn postgres_client() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&postgres_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+fn postgres_named(schema: &str, retention: Retention) -> PostgresStore {
+    PostgresStore::connect(&postgres_url(), schema, retention).unwrap()
+}
+
+async fn partitions(client: &tokio_postgres::Client, schema: &str) -> Vec<String> {
+    client
+        .query(
+            &format!(
+                "SELECT c.relname::text FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+                 WHERE i.inhparent = '{schema}.ticks'::regclass ORDER BY 1"
+            ),
+            &[],
+        )
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect()
+}
+
+/// Retention in PostgreSQL drops whole day partitions: with 2 days kept, ticks of the last 2 days
+/// stay, whole older days go (their partitions with them), and no row of a kept day is deleted.
+#[tokio::test]
+async fn postgres_retention_drops_whole_day_partitions() {
+    let schema = unique_prefix().replace('-', "_");
+    let day = 86_400 * 1_000_000_000_i64;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos() as i64;
+    let today = now.div_euclid(day) * day;
+    // One tick at the start of each of the last 6 UTC days, written oldest first without retention.
+    let ticks: Vec<Tick> = (0..6)
+        .map(|i| tick("A", today - (5 - i) * day + 1, i as u64 + 1, "1"))
+        .collect();
+    let keep_all = postgres_named(&schema, Retention::default());
+    keep_all.write_batch(&ticks).await.unwrap();
+    let client = postgres_client().await;
+    assert_eq!(partitions(&client, &schema).await.len(), 6);
+    // A writer keeping 2 days: its first write creates a partition (the next day) and sweeps.
+    let two_days = postgres_named(
+        &schema,
+        Retention {
+            max_age: Some(Duration::from_secs(2 * 86_400)),
+            max_count: None,
+        },
+    );
+    let next = tick("A", now + 1_000, 7, "2");
+    two_days
+        .write_batch(std::slice::from_ref(&next))
+        .await
+        .unwrap();
+    // The cutoff is now - 2 days: the days that ended before it go, the one it falls in stays whole.
+    let kept: Vec<Tick> = all(&two_days, "A").await;
+    let cutoff = now - 2 * day;
+    assert!(
+        kept.iter()
+            .all(|t| t.event_time_ns.div_euclid(day) * day + day > cutoff)
+    );
+    let expect: Vec<Tick> = ticks
+        .iter()
+        .filter(|t| t.event_time_ns.div_euclid(day) * day + day > cutoff)
+        .cloned()
+        .chain([next])
+        .collect();
+    assert_eq!(kept, expect);
+    assert_eq!(
+        partitions(&client, &schema).await.len(),
+        3,
+        "today and the two days before"
+    );
+}
+
+/// Writers starting at once on a new schema: the migration runs once, every day partition is created
+/// once, and every tick is stored once.
+#[tokio::test]
+async fn postgres_writers_starting_together_migrate_once() {
+    let schema = unique_prefix().replace('-', "_");
+    let ticks: Vec<Tick> = (0..8)
+        .flat_map(|d| series(&format!("D{d}"), 50))
+        .map(|mut t| {
+            t.event_time_ns += (t.asset_id[1..].parse::<i64>().unwrap()) * 86_400 * 1_000_000_000;
+            t
+        })
+        .collect();
+    let writers: Vec<_> = (0..4)
+        .map(|_| {
+            let store = postgres_named(&schema, Retention::default());
+            let ticks = ticks.clone();
+            tokio::spawn(async move { store.write_batch(&ticks).await.unwrap() })
+        })
+        .collect();
+    let mut inserted = 0;
+    for w in writers {
+        inserted += w.await.unwrap().inserted;
+    }
+    assert_eq!(inserted, ticks.len(), "each tick new to exactly one writer");
+    let client = postgres_client().await;
+    let versions = client
+        .query(
+            &format!("SELECT version FROM {schema}.schema_migrations"),
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(versions.len(), 1);
+    assert_eq!(partitions(&client, &schema).await.len(), 8);
+}
+
+/// A binary never writes to a schema a newer version migrated: it says so instead.
+#[tokio::test]
+async fn postgres_refuses_a_schema_newer_than_it_knows() {
+    let schema = unique_prefix().replace('-', "_");
+    postgres_named(&schema, Retention::default())
+        .ping()
+        .await
+        .unwrap();
+    let client = postgres_client().await;
+    client
+        .execute(
+            &format!(
+                "INSERT INTO {schema}.schema_migrations (version, name) VALUES (999, 'future')"
+            ),
+            &[],
+        )
+        .await
+        .unwrap();
+    let err = postgres_named(&schema, Retention::default())
+        .ping()
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("newer than this binary"), "{err}");
+    assert!(!err.is_retriable());
+}
+
+/// A tick too big for one NOTIFY is stored and reported to live feeds as a gap; a killed listening
+/// connection comes back with a gap notice, and the feed goes on.
+#[tokio::test]
+async fn postgres_live_feed_reports_oversized_ticks_and_reconnects() {
+    let store = postgres_store(Retention::default());
+    let mut feed = store.subscribe().await.unwrap();
+    let mut big = tick("A", T0, 1, "1");
+    big.source = "x".repeat(5_000);
+    let small = tick("A", T0 + 1, 2, "2");
+    store
+        .write_batch(&[big.clone(), small.clone()])
+        .await
+        .unwrap();
+    let mut got_small = false;
+    let mut got_gap = false;
+    while !(got_small && got_gap) {
+        match tokio::time::timeout(Duration::from_secs(10), feed.recv()).await {
+            Ok(Some(LiveEvent::Ticks(b))) => {
+                assert_eq!(b.ticks, vec![small.clone()]);
+                got_small = true;
+            }
+            Ok(Some(LiveEvent::Gap { missed, reason })) => {
+                assert_eq!((missed, reason), (1, "oversized"));
+                got_gap = true;
+            }
+            other => panic!("expected the small tick and a gap, got {other:?}"),
+        }
+    }
+    assert_eq!(all(&store, "A").await, vec![big, small]);
+
+    let client = postgres_client().await;
+    let killed = client
+        .query(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE query LIKE 'LISTEN %' \
+             AND query LIKE $1",
+            &[&format!("%{}_live%", store.schema())],
+        )
+        .await
+        .unwrap();
+    assert_eq!(killed.len(), 1, "the store's one listening connection");
+    match tokio::time::timeout(Duration::from_secs(10), feed.recv()).await {
+        Ok(Some(LiveEvent::Gap { reason, .. })) => assert_eq!(reason, "reconnected"),
+        other => panic!("expected a gap notice, got {other:?}"),
+    }
+    let more = tick("A", T0 + 2, 3, "3");
+    store
+        .write_batch(std::slice::from_ref(&more))
+        .await
+        .unwrap();
+    assert_eq!(next_batch(&mut feed).await.1, vec![more]);
 }

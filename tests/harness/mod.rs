@@ -18,6 +18,7 @@ use std::time::{Duration, Instant};
 pub mod http;
 pub mod kafka;
 pub mod kube;
+pub mod postgres;
 pub mod prometheus;
 pub mod redis_cluster;
 

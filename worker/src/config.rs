@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 use rdkafka::ClientConfig;
 use tickfleet_proto::{Format, Limits};
-use tickfleet_store::{RedisOptions, ReplicaAckOptions, Retention, RollupRetention};
+use tickfleet_store::{ReplicaAckOptions, Retention, RollupRetention, StoreOptions};
 
 use crate::lane::{Backoff, LaneConfig};
 
@@ -71,7 +71,7 @@ pub struct WorkerConfig {
     pub max_skew_behind_secs: u64,
     /// The store.
     #[command(flatten)]
-    pub redis: RedisOptions,
+    pub store: StoreOptions,
     /// How many replicas must hold a batch before its offsets may be committed.
     #[command(flatten)]
     pub replica_acks: ReplicaAckOptions,

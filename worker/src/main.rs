@@ -1,7 +1,5 @@
 //! `tickfleet-worker`: consumes ticks from Kafka and stores them in Redis. See `--help`.
 
-use std::sync::Arc;
-
 use clap::Parser;
 use tickfleet_service::{Health, init_tracing, serve_admin, shutdown_on_signals};
 use tickfleet_worker::{Drain, Metrics, WorkerConfig};
@@ -24,12 +22,11 @@ async fn main() -> anyhow::Result<()> {
     let shutdown = shutdown_on_signals();
     let metrics = Metrics::new();
     let health = Health::new();
-    let store = Arc::new(
-        config
-            .redis
-            .open_with_acks(config.retention(), &config.replica_acks)?
-            .with_rollup_retention(config.rollup_retention),
-    );
+    let store = config.store.open_with_acks(
+        config.retention(),
+        config.rollup_retention,
+        &config.replica_acks,
+    )?;
     let (admin, _) = serve_admin(
         config.admin_addr,
         metrics.registry.clone(),

@@ -54,6 +54,15 @@ pub fn config_data(tp: &TickPipeline) -> BTreeMap<String, String> {
             .as_str()
             .to_string(),
     );
+    if let Some(pg) = &spec.store.postgres {
+        put("TICKFLEET_STORE", "both".to_string());
+        if let Some(schema) = &pg.schema {
+            put("TICKFLEET_POSTGRES_SCHEMA", schema.clone());
+        }
+        if let Some(days) = pg.retention_days {
+            put("TICKFLEET_POSTGRES_RETENTION_DAYS", days.to_string());
+        }
+    }
     if let Some(acks) = spec.store.redis.min_replica_acks {
         put("TICKFLEET_REDIS_MIN_REPLICA_ACKS", acks.to_string());
     }

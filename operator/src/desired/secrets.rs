@@ -37,7 +37,8 @@ pub(super) fn secret_env_var(name: &str, secret: &str, key: &str) -> EnvVar {
 }
 
 /// Environment variables a component's pods (`worker`, `api` or `connector`) read from Secrets:
-/// the Redis URL when given by reference (workers and api: connectors do not talk to Redis), and
+/// the Redis and PostgreSQL URLs when given by reference (workers and api: connectors do not talk to
+/// the stores), and
 /// the Kafka SASL credentials (workers and connectors: the api does not talk to Kafka). Each
 /// component gets only what it uses.
 pub fn secret_env(tp: &TickPipeline, component: &str) -> Vec<EnvVar> {
@@ -46,6 +47,12 @@ pub fn secret_env(tp: &TickPipeline, component: &str) -> Vec<EnvVar> {
         && let Some(r) = &tp.spec.store.redis.url_secret_ref
     {
         env.push(secret_env_var("TICKFLEET_REDIS_URL", &r.name, &r.key));
+    }
+    if component != "connector"
+        && let Some(pg) = &tp.spec.store.postgres
+    {
+        let r = &pg.url_secret_ref;
+        env.push(secret_env_var("TICKFLEET_POSTGRES_URL", &r.name, &r.key));
     }
     if component == "api" {
         return env;
@@ -235,6 +242,40 @@ mod tests {
                 (e.name, e.value.unwrap())
             })
             .collect()
+    }
+
+    #[test]
+    fn a_postgres_history_store_is_wired_into_workers_and_api_from_its_secret() {
+        let mut tp = pipeline();
+        tp.spec.store.postgres = Some(crate::crd::PostgresSpec {
+            url_secret_ref: crate::crd::SecretKeyRef {
+                name: "pg-auth".into(),
+                key: "url".into(),
+            },
+            schema: Some("history".into()),
+            retention_days: Some(400),
+        });
+        assert_eq!(validate(&tp), Ok(()));
+        let data = config_data(&tp);
+        assert_eq!(data["TICKFLEET_STORE"], "both");
+        assert_eq!(data["TICKFLEET_POSTGRES_SCHEMA"], "history");
+        assert_eq!(data["TICKFLEET_POSTGRES_RETENTION_DAYS"], "400");
+        assert!(!data.contains_key("TICKFLEET_POSTGRES_URL"));
+        for d in [worker_deployment(&tp, 1, "h"), api_deployment(&tp, "h")] {
+            let env = env_of(&d);
+            assert!(
+                env.contains(&secret_env_var("TICKFLEET_POSTGRES_URL", "pg-auth", "url")),
+                "{env:?}"
+            );
+        }
+        assert!(
+            crate::offer::secret_uses(&tp)
+                .iter()
+                .any(|u| u.secret == "pg-auth" && u.field == "spec.store.postgres.urlSecretRef")
+        );
+        // without it, nothing of PostgreSQL
+        let data = config_data(&pipeline());
+        assert!(!data.contains_key("TICKFLEET_STORE"));
     }
 
     #[test]
