@@ -5,7 +5,8 @@ use std::sync::Arc;
 use clap::Args;
 
 use crate::{
-    PostgresStore, RedisOptions, ReplicaAckOptions, Retention, StoreError, TickStore, TieredStore,
+    PostgresStore, RedisOptions, ReplicaAckOptions, Retention, RollupRetention, StoreError,
+    TickStore, TieredStore,
 };
 
 /// Which store holds the ticks.
@@ -49,22 +50,31 @@ pub struct StoreOptions {
 impl StoreOptions {
     /// Opens the chosen store for reading (lazily: no connection is made until the first call).
     pub fn open(&self, retention: Retention) -> Result<Arc<dyn TickStore>, StoreError> {
-        self.open_with_acks(retention, &ReplicaAckOptions::default())
+        self.open_with_acks(
+            retention,
+            RollupRetention::default(),
+            &ReplicaAckOptions::default(),
+        )
     }
 
-    /// [`open`](Self::open) for a writer: `retention` and `acks` apply to Redis.
+    /// [`open`](Self::open) for a writer: `retention`, `rollups` and `acks` apply to Redis.
     pub fn open_with_acks(
         &self,
         retention: Retention,
+        rollups: RollupRetention,
         acks: &ReplicaAckOptions,
     ) -> Result<Arc<dyn TickStore>, StoreError> {
+        let redis = || {
+            Ok::<_, StoreError>(
+                self.redis
+                    .open_with_acks(retention, acks)?
+                    .with_rollup_retention(rollups),
+            )
+        };
         Ok(match self.kind {
-            StoreKind::Redis => Arc::new(self.redis.open_with_acks(retention, acks)?),
+            StoreKind::Redis => Arc::new(redis()?),
             StoreKind::Postgres => Arc::new(self.postgres()?),
-            StoreKind::Both => Arc::new(TieredStore::new(
-                self.redis.open_with_acks(retention, acks)?,
-                self.postgres()?,
-            )),
+            StoreKind::Both => Arc::new(TieredStore::new(redis()?, self.postgres()?)),
         })
     }
 

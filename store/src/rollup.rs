@@ -182,6 +182,30 @@ impl Candle {
         })
     }
 
+    /// A candle of `[start_ns, end_ns)` whose first and last ticks are `open` and `close` (id, price),
+    /// with high and low from those two and no sums yet: for a store that aggregates the rest itself
+    /// (PostgreSQL, in SQL) and then sets the public fields.
+    pub fn spanning(
+        start_ns: i64,
+        end_ns: i64,
+        open: (TickId, Decimal),
+        close: (TickId, Decimal),
+    ) -> Candle {
+        Candle {
+            start_ns,
+            end_ns,
+            open,
+            close,
+            high: greater(open.1, close.1),
+            low: lesser(open.1, close.1),
+            volume: Decimal::ZERO,
+            turnover: Decimal::ZERO,
+            price_sum: Decimal::ZERO,
+            price_scale: 0,
+            count: 0,
+        }
+    }
+
     /// Adds a tick of the same bucket. Order does not matter: open and close go by tick id.
     pub fn add(&mut self, tick: &Tick) -> Result<(), Overflow> {
         let one = Candle::new(tick, self.end_ns - self.start_ns)?;

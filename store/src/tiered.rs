@@ -4,7 +4,8 @@ use async_trait::async_trait;
 
 use crate::live::LiveFeed;
 use crate::{
-    PostgresStore, RangeQuery, RedisStore, StoreError, Tick, TickPage, TickStore, WriteSummary,
+    PostgresStore, RangeQuery, RebuildSummary, RedisStore, RollupPage, RollupQuery, StoreError,
+    Tick, TickPage, TickStore, WriteSummary,
 };
 
 /// Writes every batch to both stores and reads each query from the one that can answer it.
@@ -14,9 +15,10 @@ use crate::{
 ///   is written again: both stores are idempotent, so the store that had it already changes nothing.
 ///   The summary counts a tick as inserted when either store found it new (the larger count), so a
 ///   batch retried after a half-done write is still counted once.
-/// * **Reads:** `latest`, `tail` and live feeds from Redis (the hot window has them, fast, and its
-///   pub/sub carries the streams); `range` and `assets` from PostgreSQL, which keeps history after
-///   Redis's retention has trimmed it.
+/// * **Reads:** `latest`, `tail`, live feeds and candle rollups from Redis (the hot window has them,
+///   fast; its pub/sub carries the streams; its rollups are kept at write time and outlive its raw
+///   retention, and match the live feed's versions); `range` and `assets` from PostgreSQL, which keeps
+///   history after Redis's retention has trimmed it.
 #[derive(Debug, Clone)]
 pub struct TieredStore {
     hot: RedisStore,
@@ -65,5 +67,18 @@ impl TickStore for TieredStore {
     async fn ping(&self) -> Result<(), StoreError> {
         self.hot.ping().await?;
         self.history.ping().await
+    }
+
+    async fn rollups(&self, asset_id: &str, query: &RollupQuery) -> Result<RollupPage, StoreError> {
+        self.hot.rollups(asset_id, query).await
+    }
+
+    async fn rebuild_rollups(
+        &self,
+        asset_id: &str,
+        from_ns: i64,
+        to_ns: i64,
+    ) -> Result<RebuildSummary, StoreError> {
+        self.hot.rebuild_rollups(asset_id, from_ns, to_ns).await
     }
 }

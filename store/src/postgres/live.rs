@@ -2,8 +2,8 @@
 //!
 //! `write.sql` announces each batch's new ticks with `pg_notify` on the channel `SCHEMA_live`, in the
 //! same transaction that stores them, so PostgreSQL delivers the announcement once the write commits
-//! and never for a write that failed. A payload is `{"a": ASSET, "m": [members], "skipped": N}`, at most
-//! ~7 KB (NOTIFY's limit is 8000 bytes): a batch's members are split over several notifications, and a
+//! and never for a write that failed. A payload is `{"a": ASSET, "v": V, "m": [members], "skipped": N}`, at most
+//! ~7 KB (NOTIFY's limit is 8000 bytes; `v` is the asset's write version the batch made): a batch's members are split over several notifications, and a
 //! tick too big to announce is counted in `skipped` and reported as a [`LiveEvent::Gap`] (`oversized`).
 //! When the connection breaks, the feed reconnects with backoff and reports a gap (`reconnected`):
 //! notifications sent meanwhile are not kept for it.
@@ -127,6 +127,7 @@ pub(super) async fn run(
 #[derive(serde::Deserialize)]
 struct Note {
     a: String,
+    v: u64,
     m: Vec<String>,
     #[serde(default)]
     skipped: u64,
@@ -145,6 +146,7 @@ fn decode(payload: &str) -> Result<(LiveBatch, u64), String> {
         LiveBatch {
             asset_id: note.a,
             ticks,
+            version: note.v,
         },
         note.skipped,
     ))
@@ -156,15 +158,23 @@ mod tests {
 
     #[test]
     fn notifications_decode_to_batches_in_id_order() {
-        let payload = r#"{"a":"BTC","m":["00000000000000000020000000000000000000002|2|1|x","00000000000000000010000000000000000000001|1||"],"skipped":1}"#;
+        let tick = |seq: u64, price: &str, size: Option<&str>, source: &str| Tick {
+            asset_id: "BTC".into(),
+            price: price.parse().unwrap(),
+            size: size.map(|s| s.parse().unwrap()),
+            event_time_ns: seq as i64 * 10,
+            seq,
+            source: source.into(),
+        };
+        let (a, b) = (tick(1, "1", None, ""), tick(2, "2", Some("1"), "x"));
+        let payload = serde_json::json!({
+            "a": "BTC", "v": 7, "m": [member::encode(&b), member::encode(&a)], "skipped": 1
+        })
+        .to_string();
+        let payload = payload.as_str();
         let (batch, skipped) = decode(payload).unwrap();
-        assert_eq!(batch.asset_id, "BTC");
-        assert_eq!(
-            batch.ticks.iter().map(|t| t.seq).collect::<Vec<_>>(),
-            [1, 2]
-        );
-        assert_eq!(batch.ticks[0].size, None);
-        assert_eq!(batch.ticks[1].source, "x");
+        assert_eq!((batch.asset_id.as_str(), batch.version), ("BTC", 7));
+        assert_eq!(batch.ticks, vec![a, b]);
         assert_eq!(skipped, 1);
         assert!(decode("{\"a\":\"BTC\"}").is_err());
     }

@@ -18,6 +18,11 @@
 //! transaction (see [`live`]). A day's partition is created the first time this store writes into it
 //! (one more round trip, once per day).
 //!
+//! **Candles** ([`TickStore::rollups`]) are computed from the ticks in SQL (`rollups.sql`: `numeric`
+//! sums, open and close by tick id), so they cost a scan of the range's ticks rather than one read
+//! per candle as in Redis, and they go with the partitions retention drops; there is nothing to
+//! rebuild. Each asset's write version (for live candles) is kept in `latest`.
+//!
 //! **Retention drops whole partitions**, never rows: with a maximum age, a partition whose day ended
 //! before `min(newest tick, now) - max_age` is dropped (checked when a partition is created and at most
 //! once a minute). So ticks go at day granularity, up to a day later than in Redis; a count limit per
@@ -34,12 +39,17 @@ use tokio_postgres::{Client, Row, Statement};
 use tracing::warn;
 
 use crate::live::{LIVE_BUFFER, LiveFeed};
-use crate::{MAX_PAGE, RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
+use crate::rollup::Overflow;
+use crate::{
+    Candle, MAX_PAGE, RangeQuery, RebuildSummary, Retention, RollupPage, RollupQuery, StoreError,
+    Tick, TickId, TickPage, TickStore, WriteSummary,
+};
 
 mod live;
 pub mod schema;
 
 const WRITE_SQL: &str = include_str!("write.sql");
+const ROLLUPS_SQL: &str = include_str!("rollups.sql");
 const DAY_NS: i64 = 86_400 * 1_000_000_000;
 /// How often, at most, a writer checks retention besides when it creates a partition.
 const SWEEP_EVERY: Duration = Duration::from_secs(60);
@@ -83,6 +93,7 @@ struct Session {
     range: Statement,
     tail: Statement,
     latest: Statement,
+    rollups: Statement,
 }
 
 impl PostgresStore {
@@ -151,6 +162,7 @@ impl PostgresStore {
                      WHERE asset = $1",
                 )
                 .await?,
+            rollups: client.prepare(ROLLUPS_SQL).await?,
             client,
         });
         // A new connection may meet partitions dropped meanwhile: learn them again.
@@ -379,6 +391,86 @@ impl TickStore for PostgresStore {
         s.client.simple_query("SELECT 1").await?;
         Ok(())
     }
+
+    async fn rollups(&self, asset_id: &str, query: &RollupQuery) -> Result<RollupPage, StoreError> {
+        let s = self.session().await?;
+        let width = query.base.ns();
+        let limit = query.limit.clamp(1, MAX_PAGE);
+        // The version first: a page read after it holds at least what that version announced.
+        let version = s
+            .client
+            .query_opt("SELECT version FROM latest WHERE asset = $1", &[&asset_id])
+            .await?
+            .map_or(0, |r| r.get::<_, i64>(0));
+        let rows = s
+            .client
+            .query(
+                &s.rollups,
+                &[
+                    &asset_id,
+                    &width,
+                    &query.from_ns.max(0),
+                    &query.to_ns.min(i64::MAX - width),
+                    &(limit as i64 + 1),
+                ],
+            )
+            .await?;
+        let mut page = RollupPage {
+            version: u64::try_from(version).unwrap_or(0),
+            ..RollupPage::default()
+        };
+        for row in &rows {
+            if page.candles.len() == limit {
+                page.next = Some(row.try_get(0)?);
+                break;
+            }
+            page.candles.push(candle_of(asset_id, width, row)?);
+        }
+        Ok(page)
+    }
+
+    /// Nothing to rebuild: PostgreSQL's candles are computed from its ticks when they are read.
+    async fn rebuild_rollups(
+        &self,
+        _asset_id: &str,
+        _from_ns: i64,
+        _to_ns: i64,
+    ) -> Result<RebuildSummary, StoreError> {
+        Ok(RebuildSummary::default())
+    }
+}
+
+/// A candle from a row of `rollups.sql`. Sums beyond what a decimal holds (28 digits) are an
+/// overflow, as in the stores that keep rollups.
+fn candle_of(asset_id: &str, width: i64, row: &Row) -> Result<Candle, StoreError> {
+    let decimal = |i: usize, what: &'static str| -> Result<Decimal, StoreError> {
+        let text: String = row.try_get(i)?;
+        text.parse::<Decimal>().map_err(|_| StoreError::Overflow {
+            asset: asset_id.to_owned(),
+            overflow: Overflow(what),
+        })
+    };
+    let id = |t: usize, seq: usize| -> Result<TickId, StoreError> {
+        Ok(TickId {
+            event_time_ns: row.try_get(t)?,
+            seq: seq_from_sql(row.try_get(seq)?),
+        })
+    };
+    let start: i64 = row.try_get(0)?;
+    let mut c = Candle::spanning(
+        start,
+        start.saturating_add(width),
+        (id(1, 2)?, decimal(3, "open")?),
+        (id(4, 5)?, decimal(6, "close")?),
+    );
+    c.high = decimal(7, "high")?;
+    c.low = decimal(8, "low")?;
+    c.volume = decimal(9, "candle volume")?;
+    c.turnover = decimal(10, "sum of price × size")?;
+    c.price_sum = decimal(11, "sum of prices")?;
+    c.price_scale = u32::try_from(row.try_get::<_, i32>(12)?).unwrap_or(0);
+    c.count = u64::try_from(row.try_get::<_, i64>(13)?).unwrap_or(0);
+    Ok(c)
 }
 
 /// A PostgreSQL error with what the server said (tokio-postgres prints only "db error" for it).

@@ -19,14 +19,17 @@ CREATE TABLE ticks (
     UNIQUE (asset, event_time_ns, seq, identity)
 ) PARTITION BY RANGE (event_time_ns);
 
--- The tick with the greatest (event time, seq) per asset; only ever moves forward.
+-- The tick with the greatest (event time, seq) per asset, which only ever moves forward, and the
+-- asset's write version: one more for every write that stored a new tick of it (late ones too), so a
+-- candle page read at version V holds every live batch announced with a version <= V.
 CREATE TABLE latest (
     asset text PRIMARY KEY,
     event_time_ns bigint NOT NULL,
     seq bigint NOT NULL,
     price numeric NOT NULL,
     size numeric,
-    source text NOT NULL
+    source text NOT NULL,
+    version bigint NOT NULL
 );
 
 -- The day partitions of `ticks` ([lo, hi) in ns), kept by ensure_partitions and drop_partitions_before.
