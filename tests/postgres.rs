@@ -5,11 +5,12 @@
 
 use std::time::Duration;
 
-use tickfleet_e2e::postgres::{Postgres, postgres_url, psql, schema_of};
+use tickfleet_e2e::postgres::{Postgres, postgres_url, psql};
 use tickfleet_e2e::{
     Worker, WorkerSetup, assert_exact, dump_logs, produce_to_in_background, redis_url,
     shared_topic, total, verify_on, wait_for,
 };
+use tickfleet_store::postgres::schema::for_prefix as schema_of;
 
 const STORED: &str = "tickfleet_worker_ticks_stored_total";
 const STORE_ERRORS: &str = "tickfleet_worker_store_errors_total";

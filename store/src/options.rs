@@ -80,19 +80,9 @@ impl StoreOptions {
 
     /// The PostgreSQL schema these options name.
     pub fn schema(&self) -> String {
-        self.postgres_schema.clone().unwrap_or_else(|| {
-            self.redis
-                .redis_prefix
-                .chars()
-                .map(|c| {
-                    if c.is_ascii_alphanumeric() || c == '_' {
-                        c
-                    } else {
-                        '_'
-                    }
-                })
-                .collect()
-        })
+        self.postgres_schema
+            .clone()
+            .unwrap_or_else(|| crate::postgres::schema::for_prefix(&self.redis.redis_prefix))
     }
 
     fn postgres(&self) -> Result<PostgresStore, StoreError> {

@@ -17,20 +17,6 @@ fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/postgres.sh")
 }
 
-/// The schema the binaries use for key prefix `prefix` (StoreOptions::schema).
-pub fn schema_of(prefix: &str) -> String {
-    prefix
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 /// `psql URL -At -c SQL`: its output lines, or panics when it fails.
 pub fn psql(url: &str, sql: &str) -> Vec<String> {
     let out = Command::new("psql")

@@ -14,6 +14,21 @@ use crate::StoreError;
 pub const MIGRATIONS: &[(i32, &str, &str)] =
     &[(1, "ticks", include_str!("migrations/0001_ticks.sql"))];
 
+/// The schema of a pipeline whose key prefix is `prefix` (when none is named): the prefix with every
+/// character other than letters, digits and `_` as `_` (`e2e-1` → `e2e_1`).
+pub fn for_prefix(prefix: &str) -> String {
+    prefix
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}
+
 /// Schema names are identifiers the store puts into SQL: letters, digits and `_`, not starting with a
 /// digit, at most 50 bytes (so `NAME_live` is a valid channel name).
 pub fn check_name(schema: &str) -> Result<(), StoreError> {
