@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use tokio::sync::{broadcast, mpsc};
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::AsyncMessage;
 use tracing::{info, warn};
 
 use crate::live::{LiveBatch, LiveEvent};
@@ -34,7 +34,7 @@ pub(super) struct Listener {
 /// Connects and listens on `channel`. When this returns, every later notification reaches the
 /// listener.
 pub(super) async fn listen(url: &str, channel: &str) -> Result<Listener, StoreError> {
-    let (client, mut connection) = tokio_postgres::connect(url, NoTls).await?;
+    let (client, mut connection) = super::schema::open(url).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));

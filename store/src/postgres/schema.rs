@@ -47,9 +47,33 @@ pub fn check_name(schema: &str) -> Result<(), StoreError> {
     }
 }
 
+/// How long a connection attempt may take when the URL does not say (`connect_timeout`): without a
+/// bound, a server that drops packets holds a writer for the operating system's TCP timeout.
+const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Connects to `url` (no TLS), with [`CONNECT_TIMEOUT`] unless the URL sets one; the caller drives
+/// the returned connection.
+pub(crate) async fn open(
+    url: &str,
+) -> Result<
+    (
+        Client,
+        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+    ),
+    StoreError,
+> {
+    let mut config: tokio_postgres::Config = url
+        .parse()
+        .map_err(|e| StoreError::Config(format!("PostgreSQL URL: {e}")))?;
+    if config.get_connect_timeout().is_none() {
+        config.connect_timeout(CONNECT_TIMEOUT);
+    }
+    Ok(config.connect(NoTls).await?)
+}
+
 /// Connects, sets the search path to `schema` and applies the migrations it lacks.
 pub(crate) async fn connect(url: &str, schema: &str) -> Result<Client, StoreError> {
-    let (mut client, connection) = tokio_postgres::connect(url, NoTls).await?;
+    let (mut client, connection) = open(url).await?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             warn!(error = %e, "PostgreSQL connection closed");
