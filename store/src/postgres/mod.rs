@@ -297,7 +297,15 @@ impl TickStore for PostgresStore {
             }
             other => other?,
         };
-        self.sweep(&s, created).await?;
+        // The batch is stored: a failed retention pass must not fail it (a retry would then count its
+        // ticks as duplicates); the next write tries again.
+        if let Err(e) = self.sweep(&s, created).await {
+            warn!(error = %e, "dropping old tick partitions failed; the next write tries again");
+            self.last_sweep
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take();
+        }
         let inserted = usize::try_from(inserted).unwrap_or(0);
         Ok(WriteSummary {
             inserted,
