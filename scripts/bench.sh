@@ -19,10 +19,16 @@
 #      and with rollups (ticks/s, Redis CPU per tick), then GetCandles 1m over a day of ROLLUP_TICKS ticks
 #      of one asset through the api on loopback (p50/p99 of 100 queries) and the same candles computed
 #      the way the api did before rollups (every raw tick read and folded; 3 runs).
+#   8. Redis Cluster (scripts/redis-cluster.sh): one cluster of 1 primary and one of 3 primaries, each
+#      primary with one replica, beside the standalone Redis; CLUSTER_WORKERS workers store the same
+#      dev-broker backlog on each, at 0 and at 1 replica acks (--redis-min-replica-acks, WAIT 1 after
+#      every batch), REPEAT rounds. Per run: ticks/s, each node's CPU (INFO cpu before and after) and
+#      the ticks it holds (SCAN + ZCARD of the run's keys), so Redis CPU per tick per primary; and the
+#      workers' mean store-write latency per batch (the cost of WAIT 1 is the difference); cluster.md.
 # Results go to bench-results/<timestamp>/ (summary.md has the table quoted in BENCHMARKS.md).
 # Settings: TICKS (default 1000000), ASSETS (100), PARTITIONS (16), BIG_TICKS (4000000), REPEAT (3),
-# ROLLUP_TICKS (5000000), ROLLUP_WRITE_TICKS (1000000),
-# PART (all; brokers: only steps 2+3; rollups: only step 7), PROFILE (release, or debug: the debug binaries of
+# ROLLUP_TICKS (5000000), ROLLUP_WRITE_TICKS (1000000), CLUSTER_WORKERS (2),
+# PART (all; brokers: only steps 2+3; rollups: only step 7; cluster: only step 8), PROFILE (release, or debug: the debug binaries of
 # `cargo build --workspace --bins`, where a release build is not possible; absolute figures then say
 # little, ratios between the brokers still do).
 set -euo pipefail
@@ -37,7 +43,8 @@ ROLLUP_TICKS=${ROLLUP_TICKS:-5000000}
 ROLLUP_WRITE_TICKS=${ROLLUP_WRITE_TICKS:-1000000}
 PART=${PART:-all}
 PROFILE=${PROFILE:-release}
-case $PART in all | brokers | rollups) ;; *) echo "PART is all, brokers or rollups" >&2; exit 2 ;; esac
+CLUSTER_WORKERS=${CLUSTER_WORKERS:-2}
+case $PART in all | brokers | rollups | cluster) ;; *) echo "PART is all, brokers, rollups or cluster" >&2; exit 2 ;; esac
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -74,6 +81,9 @@ kafka_dir="$out/kafka"
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   if [ -d "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir" || true; rm -rf "$kafka_dir/data"; fi
+  for c in "$out/cluster1" "$out/cluster3"; do
+    if [ -d "$c" ]; then bash scripts/redis-cluster.sh stop "$c" || true; fi
+  done
 }
 trap cleanup EXIT
 
@@ -88,19 +98,25 @@ if [ "$PART" != rollups ]; then
 pids+=($!)
 until [ -s "$out/bootstrap" ]; do sleep 0.1; done
 brokers=$(cat "$out/bootstrap")
+fi
+if [ "$PART" = all ] || [ "$PART" = brokers ]; then
 log "starting Apache Kafka (tests/kafka/kafka.sh) with topic bench ($PARTITIONS partitions)"
 kafka=$(bash tests/kafka/kafka.sh start "$kafka_dir" --owner $$)
 bash tests/kafka/kafka.sh class org.apache.kafka.tools.TopicCommand --bootstrap-server "$kafka" --create \
   --topic bench --partitions "$PARTITIONS" >/dev/null
 kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/kafka/pom.xml)
 else
-kafka_version="(not run: PART=rollups)"
+kafka_version="(not run: PART=$PART)"
 fi
 
 {
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
   echo "cpu: $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo)"
-  echo "redis: $(redis-server --version | awk '{print $3}'), brokers: librdkafka mock cluster (tickctl dev-broker) and Apache Kafka $kafka_version (one KRaft node, $(java -version 2>&1 | head -1)), $PARTITIONS partitions"
+  if [ "$PART" = cluster ]; then
+    echo "redis: $(redis-server --version | awk '{print $3}'), broker: librdkafka mock cluster (tickctl dev-broker), $PARTITIONS partitions"
+  else
+    echo "redis: $(redis-server --version | awk '{print $3}'), brokers: librdkafka mock cluster (tickctl dev-broker) and Apache Kafka $kafka_version (one KRaft node, $(java -version 2>&1 | head -1)), $PARTITIONS partitions"
+  fi
   echo "binaries: $PROFILE; PART=$PART; $REPEAT rounds; $TICKS ticks over $ASSETS assets; rollups: $ROLLUP_TICKS ticks of one asset"
   echo "load during the run: $(cat /proc/loadavg)"
 } >"$out/machine.txt"
@@ -111,7 +127,7 @@ if [ "$PART" = all ]; then
     | tee "$out/redis-benchmark.txt"
 fi
 
-if [ "$PART" != rollups ]; then
+if [ "$PART" = all ] || [ "$PART" = brokers ]; then
 declare -A addr=([mock]="$brokers" [kafka]="$kafka")
 for round in $(seq 1 "$REPEAT"); do
   for b in mock kafka; do
@@ -169,7 +185,97 @@ if [ "$PART" = all ] || [ "$PART" = rollups ]; then
     --json "$out/rollups.json" | tee "$out/rollups.txt"
 fi
 
-python3 - "$out" "$REPEAT" <<'PY'
+if [ "$PART" = all ] || [ "$PART" = cluster ]; then
+  log "8. Redis Cluster: 1 and 3 primaries (one replica each), $CLUSTER_WORKERS workers, 0 and 1 replica acks"
+  declare -A seeds=([standalone]="$redis")
+  seeds[cluster1]=$(bash scripts/redis-cluster.sh start "$out/cluster1" 1)
+  seeds[cluster3]=$(bash scripts/redis-cluster.sh start "$out/cluster3" 3)
+  declare -A node_ports=([standalone]="$port")
+  node_ports[cluster1]=$(paste -sd' ' "$out/cluster1/ports")
+  node_ports[cluster3]=$(paste -sd' ' "$out/cluster3/ports")
+  # A node's CPU seconds so far (all its threads), and the ticks it holds of the keys under a prefix.
+  cpu() { redis-cli -p "$1" info cpu | tr -d '\r' | awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.3f", s}'; }
+  held() {
+    redis-cli -p "$1" --scan --pattern "$2:{*}:ticks" | sed 's/^/ZCARD /' | redis-cli -p "$1" \
+      | awk '{s += $1} END {print s + 0}'
+  }
+  role() { redis-cli -p "$1" info replication | tr -d '\r' | sed -n 's/^role://p'; }
+  produced=""
+  for round in $(seq 1 "$REPEAT"); do
+    for run in standalone:0 cluster1:0 cluster3:0 cluster1:1 cluster3:1; do
+      target=${run%:*} acks=${run#*:}
+      name="$target-acks$acks"
+      log "8. round $round/$REPEAT: $name"
+      for p in ${node_ports[$target]}; do
+        if [ "$(role "$p")" = master ]; then redis-cli -p "$p" flushall >/dev/null; fi
+      done
+      wargs=("--worker-arg=--redis-min-replica-acks=$acks")
+      [ "$target" = standalone ] || wargs+=("--worker-arg=--redis-mode=cluster")
+      skip=()
+      [ -n "$produced" ] && skip=(--skip-produce)
+      declare -A before=()
+      for p in ${node_ports[$target]}; do before[$p]=$(cpu "$p"); done
+      "$tickctl" bench ingest --brokers "$brokers" --topic bench --redis "${seeds[$target]}" --ticks "$TICKS" \
+        --assets "$ASSETS" --workers "$CLUSTER_WORKERS" "${skip[@]}" "${wargs[@]}" \
+        --json "$out/cluster-$name-$round.json" | tee -a "$out/cluster-$name.txt"
+      produced=yes
+      prefix=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["prefix"])' "$out/cluster-$name-$round.json")
+      for p in ${node_ports[$target]}; do
+        echo "$p $(role "$p") ${before[$p]} $(cpu "$p") $(held "$p" "$prefix")"
+      done >"$out/cluster-$name-$round.nodes"
+    done
+  done
+  for c in cluster1 cluster3; do bash scripts/redis-cluster.sh stop "$out/$c"; done
+  python3 - "$out" "$REPEAT" "$CLUSTER_WORKERS" <<'PY'
+import json, sys, pathlib, statistics
+out, repeat, workers = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+med = statistics.median
+names = ["standalone-acks0", "cluster1-acks0", "cluster3-acks0", "cluster1-acks1", "cluster3-acks1"]
+label = {"standalone": "standalone Redis", "cluster1": "cluster, 1 primary", "cluster3": "cluster, 3 primaries"}
+res = {}
+rows = ["| run | ticks/s (median) | runs | Redis CPU µs per tick, each primary | primaries' share of ticks | replicas' CPU µs per tick | mean batch | mean write per batch |",
+        "|---|---|---|---|---|---|---|---|"]
+for n in names:
+    tps, per_primary, share, repl, batch, write = [], [], [], [], [], []
+    for i in range(1, repeat + 1):
+        run = json.loads((out / f"cluster-{n}-{i}.json").read_text())[0]
+        tps.append(run["ticks_per_second"])
+        batch.append(run["mean_batch_ticks"])
+        write.append(run["mean_write_ms"])
+        nodes = [l.split() for l in (out / f"cluster-{n}-{i}.nodes").read_text().splitlines()]
+        prim = [(float(a) - float(b), int(t)) for _, r, b, a, t in nodes if r == "master"]
+        total = sum(t for _, t in prim)
+        per_primary.append([c / t * 1e6 if t else 0.0 for c, t in prim])
+        share.append([t / total if total else 0.0 for _, t in prim])
+        rcpu = sum(float(a) - float(b) for _, r, b, a, _ in nodes if r != "master")
+        repl.append(rcpu / total * 1e6 if total else 0.0)
+    cols = list(zip(*per_primary))
+    res[n] = {"tps": med(tps), "write": med(write)}
+    target, acks = n.split("-")
+    k = acks[4:]
+    rows.append(f"| {label[target]}, {k} replica ack{'' if k == '1' else 's'} | {med(tps):,.0f} | "
+                + ", ".join(f"{x:,.0f}" for x in tps) + " | "
+                + " / ".join(f"{med(c):.2f}" for c in cols) + " | "
+                + " / ".join(f"{med(c):.0%}" for c in zip(*share)) + " | "
+                + (f"{med(repl):.2f}" if target != "standalone" else "–") + " | "
+                + f"{med(batch):,.0f} ticks | {med(write):.2f} ms |")
+ratios = [
+    ("3 primaries / 1 primary, ticks/s, 0 acks", res["cluster3-acks0"]["tps"] / res["cluster1-acks0"]["tps"]),
+    ("3 primaries / 1 primary, ticks/s, 1 ack", res["cluster3-acks1"]["tps"] / res["cluster1-acks1"]["tps"]),
+    ("cluster of 1 primary / standalone, ticks/s", res["cluster1-acks0"]["tps"] / res["standalone-acks0"]["tps"]),
+    ("1 ack / 0 acks, ticks/s, 1 primary", res["cluster1-acks1"]["tps"] / res["cluster1-acks0"]["tps"]),
+    ("1 ack / 0 acks, ticks/s, 3 primaries", res["cluster3-acks1"]["tps"] / res["cluster3-acks0"]["tps"]),
+    ("WAIT 1: mean write per batch, 1 ack − 0 acks, 1 primary (ms)", res["cluster1-acks1"]["write"] - res["cluster1-acks0"]["write"]),
+    ("WAIT 1: mean write per batch, 1 ack − 0 acks, 3 primaries (ms)", res["cluster3-acks1"]["write"] - res["cluster3-acks0"]["write"]),
+]
+text = f"Redis Cluster, {workers} workers, medians of {repeat} rounds\n\n" + "\n".join(rows)
+text += "\n\n| ratio / difference (of medians) | value |\n|---|---|\n" + "".join(f"| {a} | {v:.2f} |\n" for a, v in ratios)
+(out / "cluster.md").write_text((out / "machine.txt").read_text() + "\n" + text)
+print(text)
+PY
+fi
+
+[ "$PART" = cluster ] || python3 - "$out" "$REPEAT" <<'PY'
 import json, re, sys, pathlib, statistics
 out, repeat = pathlib.Path(sys.argv[1]), int(sys.argv[2])
 med = statistics.median

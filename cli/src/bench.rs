@@ -3,7 +3,8 @@
 //! * `ingest` pre-produces N ticks (default 1M over 100 assets), then for each worker count starts that
 //!   many real `tickfleet-worker` processes in a fresh consumer group and times them from their first
 //!   stored tick until every offset is committed. It reports ticks/s, CPU seconds and peak RSS of the
-//!   workers (from `/proc`, so Linux only).
+//!   workers (from `/proc`, so Linux only), and the workers' batches: how many, their mean size and
+//!   mean store-write latency (from their metrics).
 //! * `consume` is the broker's raw consume rate with the same client library (librdkafka), no store:
 //!   the ceiling on the Kafka side.
 //!
@@ -127,6 +128,11 @@ struct IngestRun {
     ticks_per_second: f64,
     cpu_seconds: f64,
     peak_rss_mib: f64,
+    /// Successful store writes (batches) of all workers, their mean size and mean latency (from the
+    /// workers' `tickfleet_worker_batch_size_ticks` and `tickfleet_worker_store_write_seconds`).
+    batches: f64,
+    mean_batch_ticks: f64,
+    mean_write_ms: f64,
 }
 
 /// Offsets of every partition of `topic`: (partition, low, high).
@@ -356,6 +362,21 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             }
         }
         let timed = total as f64 - already;
+        let (mut batches, mut batch_ticks, mut write_seconds) = (0.0, 0.0, 0.0);
+        for p in &procs {
+            if let Some(text) = http_get(&p.admin, "/metrics") {
+                batches += metric_value(
+                    &text,
+                    "tickfleet_worker_store_write_seconds_count{outcome=\"ok\"}",
+                );
+                write_seconds += metric_value(
+                    &text,
+                    "tickfleet_worker_store_write_seconds_sum{outcome=\"ok\"}",
+                );
+                batch_ticks += metric_value(&text, "tickfleet_worker_batch_size_ticks_sum");
+            }
+        }
+        let per_batch = |x: f64| if batches > 0.0 { x / batches } else { 0.0 };
         let run = IngestRun {
             workers: n,
             prefix: group.clone(),
@@ -364,10 +385,15 @@ async fn ingest(args: IngestArgs) -> anyhow::Result<ExitCode> {
             ticks_per_second: timed / seconds,
             cpu_seconds: cpu,
             peak_rss_mib: rss,
+            batches,
+            mean_batch_ticks: per_batch(batch_ticks),
+            mean_write_ms: per_batch(write_seconds) * 1000.0,
         };
         sayln!(
-            "{n} worker(s): {total} ticks stored and committed; {:.0} ticks/s over {seconds:.2}s, {cpu:.1} CPU s, peak RSS {rss:.1} MiB",
-            run.ticks_per_second
+            "{n} worker(s): {total} ticks stored and committed; {:.0} ticks/s over {seconds:.2}s, {cpu:.1} CPU s, peak RSS {rss:.1} MiB; {batches:.0} batches, mean {:.0} ticks, {:.2} ms each",
+            run.ticks_per_second,
+            run.mean_batch_ticks,
+            run.mean_write_ms
         );
         runs.push(run);
         for p in &procs {
