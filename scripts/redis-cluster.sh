@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # A Redis Cluster on loopback for the tests: 3 primaries and 3 replicas of Debian's redis-server, no
-# persistence, cluster-node-timeout 1000 ms (a dead primary's replica is promoted within a few seconds).
+# persistence, cluster-node-timeout REDIS_CLUSTER_NODE_TIMEOUT ms (default 15000, Redis's own: a node
+# stalled by a loaded machine is not failed over; the failover tests set 1000, so a dead primary's
+# replica is promoted within a few seconds).
 #
 #   scripts/redis-cluster.sh start DIR [N]  starts it in DIR (created), waits for cluster_state:ok, and
 #                                           prints the nodes' URLs, comma-separated (seed URLs for
@@ -21,6 +23,7 @@ cmd=${1:?usage: redis-cluster.sh start|stop DIR}
 dir=${2:?usage: redis-cluster.sh start|stop DIR}
 primaries=${3:-3}
 tls=${REDIS_CLUSTER_TLS:-}
+node_timeout=${REDIS_CLUSTER_NODE_TIMEOUT:-15000}
 tls_cli=()
 node_args=()
 scheme=redis
@@ -65,7 +68,7 @@ start)
       node_args=(--port "$port")
     fi
     redis-server --bind 127.0.0.1 "${node_args[@]}" --cluster-enabled yes \
-      --cluster-config-file "$dir/$port/nodes.conf" --cluster-node-timeout 1000 \
+      --cluster-config-file "$dir/$port/nodes.conf" --cluster-node-timeout "$node_timeout" \
       --dir "$dir/$port" --save "" --appendonly no --logfile "$dir/$port/log" --daemonize no \
       </dev/null >/dev/null 2>&1 &
     echo $! >"$dir/$port/pid"

@@ -293,7 +293,7 @@ fn fail_over_a_primary(cluster: &RedisCluster, restart: bool) -> u16 {
 fn failover_run(acks: &str, name: &str) -> (serde_json::Value, u64) {
     const TICKS: u64 = 60_000;
     let dir = tempfile::tempdir().unwrap();
-    let cluster = RedisCluster::start(&dir.path().join("redis-cluster"));
+    let cluster = RedisCluster::start_failing_over_fast(&dir.path().join("redis-cluster"));
     let (bootstrap, topic) = shared_topic(name, 4);
     let setup = cluster_setup(
         &bootstrap,

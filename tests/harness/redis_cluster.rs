@@ -1,7 +1,8 @@
 //! Redis Clusters for the tests: the shared one `scripts/test.sh` starts (its seed URLs in
 //! `TICKFLEET_TEST_REDIS_CLUSTER_URLS`), and clusters of a test's own ([`RedisCluster`]) for the tests
 //! that move slots or kill nodes, started with the same script (`scripts/redis-cluster.sh`: 3 primaries,
-//! 3 replicas, `cluster-node-timeout` 1000 ms).
+//! 3 replicas, `cluster-node-timeout` 15 s unless a test asks for less: see
+//! [`RedisCluster::start_failing_over_fast`]).
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -54,24 +55,42 @@ pub struct RedisCluster {
     /// Its seed URLs, comma-separated (every node).
     pub urls: String,
     ports: Vec<u16>,
+    /// Its `cluster-node-timeout` in ms (for nodes restarted by [`RedisCluster::restart`]).
+    node_timeout_ms: u64,
     restarted: Mutex<Vec<Child>>,
 }
+
+/// `cluster-node-timeout` of a test's cluster unless it asks for a fast failover: Redis's default, so a
+/// node stalled for a second by a loaded machine is not failed over behind a test that moves slots.
+const NODE_TIMEOUT_MS: u64 = 15_000;
+
+/// `cluster-node-timeout` of the failover tests' clusters: a dead primary's replica is promoted within
+/// a few seconds.
+const FAST_FAILOVER_NODE_TIMEOUT_MS: u64 = 1000;
 
 impl RedisCluster {
     /// Starts one in `dir` (which it removes when stopped) and waits until it is healthy.
     pub fn start(dir: &Path) -> Self {
-        Self::start_with(dir, None)
+        Self::start_with(dir, None, NODE_TIMEOUT_MS)
+    }
+
+    /// [`start`](Self::start) with a `cluster-node-timeout` of 1 s, for the tests that kill a primary:
+    /// its replica is promoted within a few seconds. (A loaded machine may also fail over a live
+    /// primary that stalled for a second, which only these tests tolerate.)
+    pub fn start_failing_over_fast(dir: &Path) -> Self {
+        Self::start_with(dir, None, FAST_FAILOVER_NODE_TIMEOUT_MS)
     }
 
     /// [`start`](Self::start) with TLS only: `tls` holds `ca.pem`, `server.pem` and `server.key`
     /// (every node requires a client certificate of that CA; its URLs are `rediss://`). The
     /// slot-moving and node-killing helpers below speak plain TCP, so they do not work on it.
     pub fn start_tls(dir: &Path, tls: &Path) -> Self {
-        Self::start_with(dir, Some(tls))
+        Self::start_with(dir, Some(tls), NODE_TIMEOUT_MS)
     }
 
-    fn start_with(dir: &Path, tls: Option<&Path>) -> Self {
+    fn start_with(dir: &Path, tls: Option<&Path>, node_timeout_ms: u64) -> Self {
         let mut cmd = Command::new("bash");
+        cmd.env("REDIS_CLUSTER_NODE_TIMEOUT", node_timeout_ms.to_string());
         if let Some(tls) = tls {
             cmd.env("REDIS_CLUSTER_TLS", tls);
         }
@@ -93,6 +112,7 @@ impl RedisCluster {
             dir: dir.to_path_buf(),
             urls,
             ports,
+            node_timeout_ms,
             restarted: Mutex::default(),
         }
     }
@@ -240,7 +260,8 @@ impl RedisCluster {
         let dir = self.dir.join(port.to_string());
         let child = Command::new("redis-server")
             .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "1000"])
+            .args(["--cluster-enabled", "yes", "--cluster-node-timeout"])
+            .arg(self.node_timeout_ms.to_string())
             .arg("--cluster-config-file")
             .arg(dir.join("nodes.conf"))
             .arg("--dir")
