@@ -75,22 +75,27 @@ fn black_hole() -> (String, Arc<AtomicUsize>) {
     (addr, accepted)
 }
 
-#[test]
-fn operator_sigterm_ends_within_5s_while_kafka_calls_hang() {
-    let dir = tempfile::tempdir().unwrap();
-    let (kafka, accepted) = black_hole();
-    let kube = FakeKube::start(vec![json!({
+/// A TickPipeline `name` whose Kafka is `bootstrap`, as the fake API server serves it.
+fn pipeline(name: &str, bootstrap: &str) -> serde_json::Value {
+    json!({
         "apiVersion": "tickfleet.io/v1alpha1",
         "kind": "TickPipeline",
-        "metadata": {"name": "silent", "namespace": "markets", "uid": "uid-silent",
+        "metadata": {"name": name, "namespace": "markets", "uid": format!("uid-{name}"),
                      "generation": 1, "resourceVersion": "1",
                      "creationTimestamp": "2026-01-01T00:00:00Z"},
         "spec": {
             "image": "ghcr.io/tickfleet/tickfleet:test",
-            "kafka": {"bootstrapServers": kafka, "topic": "ticks", "partitions": 4},
+            "kafka": {"bootstrapServers": bootstrap, "topic": "ticks", "partitions": 4},
             "store": {"redis": {"url": redis_url()}},
         },
-    })]);
+    })
+}
+
+#[test]
+fn operator_sigterm_ends_within_5s_while_kafka_calls_hang() {
+    let dir = tempfile::tempdir().unwrap();
+    let (kafka, accepted) = black_hole();
+    let kube = FakeKube::start(vec![pipeline("silent", &kafka)]);
     let mut operator = Operator::start(&kube.kubeconfig(dir.path()), dir.path());
     // the reconcile is inside a Kafka call that will not answer
     wait_for(
@@ -109,4 +114,51 @@ fn operator_sigterm_ends_within_5s_while_kafka_calls_hang() {
     assert!(log.contains("reconcile cancelled"), "{log}");
     let lines = kafka_lines(&log);
     assert!(lines.len() <= 4, "{} librdkafka lines:\n{log}", lines.len());
+}
+
+/// What a pipeline whose Kafka cannot be reached makes the operator log, for `bootstrap`.
+fn operator_log_against(bootstrap: &str, watch: Duration) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let kube = FakeKube::start(vec![pipeline("lost", bootstrap)]);
+    let mut operator = Operator::start(&kube.kubeconfig(dir.path()), dir.path());
+    std::thread::sleep(watch);
+    signal(&operator.child, "TERM");
+    let status = wait_exit(&mut operator.child, Duration::from_secs(10));
+    let log = operator.log_text();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}:\n{log}");
+    log
+}
+
+/// Seen on a real cluster, where there is no cluster DNS: a pipeline naming a Kafka Service the
+/// operator cannot resolve, and one whose broker refuses connections. Each of librdkafka's
+/// connection attempts logs an error; one reconcile wrote ~196 lines there. Now the cause (the
+/// name that does not resolve, the refused connection) is logged, at once and then with backoff:
+/// the operator's probe clients are never polled, so before it served their queue on a failure
+/// (`RdKafkaAdmin::probing`) it logged only librdkafka's summary, `BrokerTransportFailure`.
+#[test]
+fn an_operator_whose_kafka_is_unresolvable_or_refusing_logs_the_failure_with_backoff() {
+    for (what, bootstrap) in [
+        ("unresolvable", "kafka.markets.svc.invalid:9092".to_string()),
+        ("refusing", format!("127.0.0.1:{}", free_port())),
+    ] {
+        let log = operator_log_against(&bootstrap, Duration::from_secs(12));
+        let lines = kafka_lines(&log);
+        let cause = match what {
+            "unresolvable" => "Failed to resolve",
+            _ => "Connection refused",
+        };
+        assert!(
+            lines.iter().any(|l| l.contains(cause)),
+            "{what}: the cause ({cause}) is logged:\n{log}"
+        );
+        // folded: at most at 0, 1, 3 and 7 s after the first (one kind: every librdkafka failure
+        // of the operator's clients shares it); unfolded, the unresolvable name alone was 9 lines
+        // from the one reconcile that ran in these 12 s
+        assert!(
+            lines.len() <= 4,
+            "{what}: {} librdkafka lines in 12 s:\n{}",
+            lines.len(),
+            lines.join("\n")
+        );
+    }
 }

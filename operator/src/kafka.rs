@@ -279,6 +279,29 @@ impl RdKafkaAdmin {
             .create_with_context(FoldedLogs::new(self.logs.clone(), "operator"))?)
     }
 
+    /// Runs `op` on a probe consumer; when it fails, hands librdkafka's queued log lines and errors
+    /// to the folded logger first. rdkafka delivers those through the client's main queue, which
+    /// only a poll serves, and these consumers are never polled: without this, a failure would
+    /// be reported only as librdkafka's summary (`BrokerTransportFailure`) and the cause (a name
+    /// that does not resolve, a refused connection, a TLS or SASL failure) would be dropped.
+    fn probing<T>(
+        consumer: &BaseConsumer<FoldedLogs>,
+        op: impl FnOnce(&BaseConsumer<FoldedLogs>) -> Result<T, KafkaError>,
+    ) -> Result<T, KafkaError> {
+        let result = op(consumer);
+        if result.is_err() {
+            // each poll serves the events queued within 5 ms and returns early only on an error
+            // event (already logged, folded, by the context); bounded however much is queued
+            for _ in 0..64 {
+                match consumer.poll(Duration::from_millis(5)) {
+                    Some(Err(_)) => continue,
+                    _ => break,
+                }
+            }
+        }
+        result
+    }
+
     async fn blocking<T: Send + 'static>(
         f: impl FnOnce() -> Result<T, KafkaError> + Send + 'static,
     ) -> Result<T, KafkaError> {
@@ -317,27 +340,29 @@ impl KafkaAdmin for RdKafkaAdmin {
         let timeout = self.timeout;
         let consumer = self.probe_consumer(conn, None)?;
         Self::blocking(move || {
-            let md = consumer.fetch_metadata(Some(&topic), timeout)?;
-            let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
-                return Ok(None);
-            };
-            match t.error() {
-                None => Ok(Some(
-                    i32::try_from(t.partitions().len()).unwrap_or(i32::MAX),
-                )),
-                Some(e) => {
-                    let code = RDKafkaErrorCode::from(e);
-                    if code == RDKafkaErrorCode::UnknownTopicOrPartition {
-                        Ok(None)
-                    } else {
-                        Err(KafkaError::Topic {
-                            op: "describe",
-                            topic,
-                            code,
-                        })
+            Self::probing(&consumer, |consumer| {
+                let md = consumer.fetch_metadata(Some(&topic), timeout)?;
+                let Some(t) = md.topics().iter().find(|t| t.name() == topic) else {
+                    return Ok(None);
+                };
+                match t.error() {
+                    None => Ok(Some(
+                        i32::try_from(t.partitions().len()).unwrap_or(i32::MAX),
+                    )),
+                    Some(e) => {
+                        let code = RDKafkaErrorCode::from(e);
+                        if code == RDKafkaErrorCode::UnknownTopicOrPartition {
+                            Ok(None)
+                        } else {
+                            Err(KafkaError::Topic {
+                                op: "describe",
+                                topic,
+                                code,
+                            })
+                        }
                     }
                 }
-            }
+            })
         })
         .await
     }
@@ -382,51 +407,57 @@ impl KafkaAdmin for RdKafkaAdmin {
         let timeout = self.timeout;
         let consumer = self.probe_consumer(conn, Some(group))?;
         Self::blocking(move || {
-            // the whole read (metadata, offsets, one watermark request per partition) within
-            // `timeout`
-            let start = Instant::now();
-            let md = consumer.fetch_metadata(Some(&topic), timeout)?;
-            let mut ids: Vec<i32> = md
-                .topics()
-                .iter()
-                .filter(|t| t.name() == topic && t.error().is_none())
-                .flat_map(|t| t.partitions().iter().map(|p| p.id()))
-                .collect();
-            ids.sort_unstable();
-            if ids.is_empty() {
-                return Err(KafkaError::Topic {
-                    op: "measure lag of",
-                    topic,
-                    code: RDKafkaErrorCode::UnknownTopicOrPartition,
-                });
-            }
-            let mut tpl = TopicPartitionList::new();
-            for id in &ids {
-                tpl.add_partition(&topic, *id);
-            }
-            let committed = consumer.committed_offsets(tpl, remaining(start, timeout, &topic)?)?;
-            let mut partitions = Vec::with_capacity(ids.len());
-            for id in ids {
-                let (low, high) =
-                    consumer.fetch_watermarks(&topic, id, remaining(start, timeout, &topic)?)?;
+            Self::probing(&consumer, |consumer| {
+                // the whole read (metadata, offsets, one watermark request per partition) within
+                // `timeout`
+                let start = Instant::now();
+                let md = consumer.fetch_metadata(Some(&topic), timeout)?;
+                let mut ids: Vec<i32> = md
+                    .topics()
+                    .iter()
+                    .filter(|t| t.name() == topic && t.error().is_none())
+                    .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+                    .collect();
+                ids.sort_unstable();
+                if ids.is_empty() {
+                    return Err(KafkaError::Topic {
+                        op: "measure lag of",
+                        topic,
+                        code: RDKafkaErrorCode::UnknownTopicOrPartition,
+                    });
+                }
+                let mut tpl = TopicPartitionList::new();
+                for id in &ids {
+                    tpl.add_partition(&topic, *id);
+                }
                 let committed =
-                    committed
-                        .find_partition(&topic, id)
-                        .and_then(|e| match e.offset() {
-                            Offset::Offset(o) => Some(o),
-                            _ => None,
-                        });
-                partitions.push(PartitionLag {
-                    partition: id,
-                    low,
-                    high,
-                    committed,
-                    lag: partition_lag(low, high, committed),
-                });
-            }
-            Ok(LagReport {
-                total: partitions.iter().map(|p| p.lag).sum(),
-                partitions,
+                    consumer.committed_offsets(tpl, remaining(start, timeout, &topic)?)?;
+                let mut partitions = Vec::with_capacity(ids.len());
+                for id in ids {
+                    let (low, high) = consumer.fetch_watermarks(
+                        &topic,
+                        id,
+                        remaining(start, timeout, &topic)?,
+                    )?;
+                    let committed =
+                        committed
+                            .find_partition(&topic, id)
+                            .and_then(|e| match e.offset() {
+                                Offset::Offset(o) => Some(o),
+                                _ => None,
+                            });
+                    partitions.push(PartitionLag {
+                        partition: id,
+                        low,
+                        high,
+                        committed,
+                        lag: partition_lag(low, high, committed),
+                    });
+                }
+                Ok(LagReport {
+                    total: partitions.iter().map(|p| p.lag).sum(),
+                    partitions,
+                })
             })
         })
         .await
