@@ -450,3 +450,160 @@ fn openapi_is_served_as_committed_and_schemathesis_finds_nothing() {
     eprintln!("schemathesis passed in {:?}", started.elapsed());
     assert!(api.log_text().lines().all(|l| !l.contains("panicked")));
 }
+
+/// One gRPC `GetLatest` of `symbol`, with `x-api-key: key` when given.
+async fn grpc_latest(url: &str, key: Option<&str>, symbol: &str) -> tonic::Status {
+    use tickfleet_proto::v1::{GetLatestRequest, tick_service_client::TickServiceClient};
+    let mut client = TickServiceClient::connect(url.to_owned()).await.unwrap();
+    let mut req = tonic::Request::new(GetLatestRequest {
+        asset_id: symbol.into(),
+    });
+    if let Some(key) = key {
+        req.metadata_mut().insert("x-api-key", key.parse().unwrap());
+    }
+    client.get_latest(req).await.unwrap_err()
+}
+
+/// Per-client rate limits over real Redis, on both apis at once: one limiter, so a client's REST and
+/// gRPC calls share its bucket; another API key (or no key: the peer address) has a bucket of its
+/// own; a class without a limit is not limited; a refusal is a 429 problem with `Retry-After` on
+/// REST and RESOURCE_EXHAUSTED with a message and `retry-after` on gRPC; the metric counts each
+/// refusal by class, without client ids.
+#[test]
+fn rate_limits_refuse_each_client_apart_on_rest_and_grpc_and_are_counted() {
+    let dir = tempfile::tempdir().unwrap();
+    let prefix = unique("e2e-rest-rate");
+    let api = Api::start_with(
+        &prefix,
+        dir.path(),
+        0,
+        &[
+            "--rate-limit-reads",
+            "2/h",
+            "--rate-limit-streams",
+            "1/h",
+            "--rate-limit-key-header",
+            "X-Api-Key",
+        ],
+    );
+    let http = &api.http;
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let latest = |key: &str| {
+        let headers: Vec<(&str, &str)> = if key.is_empty() {
+            vec![]
+        } else {
+            vec![("x-api-key", key)]
+        };
+        tickfleet_e2e::http::get_with(http, "/v1/prices/latest?symbol=NOPE", &headers)
+    };
+    // Key a: a burst of two (404: no such symbol, but served), then refused.
+    assert_eq!(latest("a").status, 404);
+    assert_eq!(latest("a").status, 404);
+    let r = latest("a");
+    assert_eq!(r.status, 429, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/problem+json"));
+    let wait: u64 = r
+        .header("retry-after")
+        .expect("Retry-After")
+        .parse()
+        .unwrap();
+    assert!(
+        (1700..=1800).contains(&wait),
+        "2/h: a token every 1800 s, {wait}"
+    );
+    let p = r.json();
+    assert_eq!(
+        (p["status"].as_u64(), p["code"].as_str()),
+        (Some(429), Some("RESOURCE_EXHAUSTED"))
+    );
+    assert_eq!(p["retry_after"].as_u64(), Some(wait), "{p}");
+    assert!(
+        p["detail"].as_str().unwrap().contains("--rate-limit-reads"),
+        "{p}"
+    );
+    // Key b has a bucket of its own; ranges have no limit here, so key a still lists ticks.
+    assert_eq!(latest("b").status, 404);
+    assert_eq!(
+        get_with_key(http, "/v1/ticks?asset_id=NOPE", "a").status,
+        404
+    );
+
+    // gRPC: key a's bucket is the one its REST calls emptied.
+    let s = rt.block_on(grpc_latest(&api.url, Some("a"), "NOPE"));
+    assert_eq!(s.code(), tonic::Code::ResourceExhausted, "{s:?}");
+    assert!(s.message().contains("rate limit of reads"), "{s:?}");
+    let secs: u64 = s
+        .metadata()
+        .get("retry-after")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=1800).contains(&secs), "{secs}");
+    // Key c over gRPC: two, then refused.
+    for _ in 0..2 {
+        assert_eq!(
+            rt.block_on(grpc_latest(&api.url, Some("c"), "NOPE")).code(),
+            tonic::Code::NotFound
+        );
+    }
+    assert_eq!(
+        rt.block_on(grpc_latest(&api.url, Some("c"), "NOPE")).code(),
+        tonic::Code::ResourceExhausted
+    );
+    // No key: the peer address (127.0.0.1) is the client, the same for gRPC and REST.
+    for _ in 0..2 {
+        assert_eq!(
+            rt.block_on(grpc_latest(&api.url, None, "NOPE")).code(),
+            tonic::Code::NotFound
+        );
+    }
+    assert_eq!(
+        rt.block_on(grpc_latest(&api.url, None, "NOPE")).code(),
+        tonic::Code::ResourceExhausted
+    );
+    assert_eq!(latest("").status, 429);
+
+    // Streams: one open per hour per client; the open SSE stream is the peer's one.
+    let stream = EventStream::open(http, "/v1/ticks/stream");
+    assert_eq!(stream.status, 200);
+    let p = assert_problem(http, "/v1/ticks/stream", 429, None);
+    assert!(
+        p["detail"]
+            .as_str()
+            .unwrap()
+            .contains("--rate-limit-streams"),
+        "{p}"
+    );
+
+    // Counted by class and outcome, and as rejections of the method; no client id in any label.
+    let count = |filter: &str| api.metric("tickfleet_api_rate_limit_total", filter);
+    assert_eq!(count("class=\"reads\",outcome=\"limited\""), 5.0);
+    assert_eq!(count("class=\"reads\",outcome=\"allowed\""), 7.0);
+    assert_eq!(count("class=\"streams\",outcome=\"limited\""), 1.0);
+    assert_eq!(count("class=\"streams\",outcome=\"allowed\""), 1.0);
+    assert_eq!(
+        count("class=\"ranges\""),
+        0.0,
+        "an unlimited class is not counted"
+    );
+    assert_eq!(
+        api.metric(
+            "tickfleet_api_rejected_total",
+            "limit=\"rate\",method=\"GetLatest\""
+        ),
+        5.0
+    );
+    let metrics = tickfleet_e2e::http_get(&api.admin, "/metrics").unwrap();
+    assert!(
+        !metrics.contains("\"a\"") && !metrics.contains("127.0.0.1"),
+        "client ids in labels"
+    );
+    drop(stream);
+    assert!(api.log_text().lines().all(|l| !l.contains("panicked")));
+}
+
+fn get_with_key(addr: &str, path: &str, key: &str) -> tickfleet_e2e::http::Reply {
+    tickfleet_e2e::http::get_with(addr, path, &[("x-api-key", key)])
+}

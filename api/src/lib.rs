@@ -5,6 +5,7 @@
 //! * [`calc`]: exact decimal arithmetic (candles, averages) — no `f64` — folded tick by tick, so a
 //!   range is computed page by page in constant memory.
 //! * [`limits`]: per-replica bounds on concurrent calls and open streams (RESOURCE_EXHAUSTED beyond).
+//! * [`ratelimit`]: per-client token buckets by route class, for gRPC and REST alike.
 //! * [`service::Api`]: the handlers, over any [`TickStore`]; argument checks in [`validate`].
 //! * [`rest`]: the same queries as REST/JSON (and live ticks as Server-Sent Events), on a port of its
 //!   own, answered by the same [`Api`] methods.
@@ -19,6 +20,7 @@
 pub mod calc;
 pub mod limits;
 pub mod metrics;
+pub mod ratelimit;
 pub mod rest;
 mod rollups;
 pub mod service;
@@ -57,6 +59,8 @@ pub struct Options {
     pub store_timeout: Duration,
     /// Also serve the REST api ([`rest`]) on this address.
     pub http_addr: Option<SocketAddr>,
+    /// Per-client rate limits (off by default).
+    pub rate_limits: ratelimit::RateLimits,
 }
 
 impl Default for Options {
@@ -68,6 +72,7 @@ impl Default for Options {
             limits: limits::Limits::default(),
             store_timeout: service::STORE_TIMEOUT,
             http_addr: None,
+            rate_limits: ratelimit::RateLimits::default(),
         }
     }
 }
@@ -123,7 +128,9 @@ pub async fn start(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1alpha()
         .context("building the reflection service")?;
+    let rate = ratelimit::RateLimiter::new(options.rate_limits, metrics.rate.clone());
     let api = Api::new(store.clone(), metrics, shutdown.clone())
+        .with_rate_limiter(rate)
         .with_stream_buffer(options.stream_buffer)
         .with_limits(options.limits)
         .with_store_timeout(options.store_timeout);

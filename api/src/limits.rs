@@ -1,6 +1,7 @@
 //! Per-replica bounds on concurrent work: unary calls in flight and open streams. A call beyond a bound
 //! is refused at once with `RESOURCE_EXHAUSTED` (it is not queued: a client backs off and retries, or
-//! goes to another replica) and counted in `tickfleet_api_rejected_total{method,limit}`.
+//! goes to another replica) and counted in `tickfleet_api_rejected_total{method,limit}` (where the
+//! per-client rate limits of [`crate::ratelimit`] count too, as `limit="rate"`).
 //!
 //! With the per-call memory bound (every range is computed page by page, see [`crate::calc`]), these
 //! two numbers bound what one replica can be asked to hold: about `max_calls` store pages plus
@@ -38,6 +39,8 @@ pub enum Bound {
     Calls,
     /// Open server streams.
     Streams,
+    /// The client's rate limit ([`crate::ratelimit`]).
+    Rate,
 }
 
 impl Bound {
@@ -46,6 +49,7 @@ impl Bound {
         match self {
             Bound::Calls => "calls",
             Bound::Streams => "streams",
+            Bound::Rate => "rate",
         }
     }
 }
@@ -73,11 +77,12 @@ impl Limits {
         self.max_streams
     }
 
-    /// A slot for one call of kind `bound`, held until the permit is dropped; `RESOURCE_EXHAUSTED` with
-    /// a message when every slot is taken.
+    /// A slot for one call of kind `bound` ([`Bound::Calls`] or [`Bound::Streams`]), held until the
+    /// permit is dropped; `RESOURCE_EXHAUSTED` with a message (and `retry-after: 1`) when every slot
+    /// is taken.
     pub fn try_acquire(&self, bound: Bound) -> Result<OwnedSemaphorePermit, Status> {
         let (sem, max, flag, what) = match bound {
-            Bound::Calls => (
+            Bound::Calls | Bound::Rate => (
                 &self.calls,
                 self.max_calls,
                 "--max-concurrent-calls",
@@ -91,9 +96,13 @@ impl Limits {
             ),
         };
         sem.clone().try_acquire_owned().map_err(|_| {
-            Status::resource_exhausted(format!(
+            let mut status = Status::resource_exhausted(format!(
                 "this api replica is at its limit of {max} {what} ({flag}); retry with backoff or use another replica"
-            ))
+            ));
+            status
+                .metadata_mut()
+                .insert(crate::ratelimit::RETRY_AFTER, tonic::metadata::MetadataValue::from_static("1"));
+            status
         })
     }
 }

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use clap::Parser;
 use tickfleet_api::ApiMetrics;
+use tickfleet_api::ratelimit::{Rate, RateLimits};
 use tickfleet_service::Health;
 use tickfleet_store::Retention;
 use tracing::{error, info};
@@ -56,9 +57,41 @@ struct Config {
     /// with UNAVAILABLE instead of hanging.
     #[arg(long, env = "TICKFLEET_STORE_TIMEOUT_MS", default_value_t = tickfleet_api::service::STORE_TIMEOUT.as_millis() as u64)]
     store_timeout_ms: u64,
+    /// Per-client rate limit of cheap reads (GetLatest, BatchGetLatest, ListAssets and their REST
+    /// routes): COUNT/UNIT[:BURST], UNIT s, m or h (e.g. 100/s:200), or off. Beyond it a call is
+    /// refused: RESOURCE_EXHAUSTED on gRPC, 429 with Retry-After on REST.
+    #[arg(long, env = "TICKFLEET_RATE_LIMIT_READS", default_value = "off", value_parser = rate)]
+    rate_limit_reads: RateFlag,
+    /// Per-client rate limit of range reads (ListTicks, GetCandles, GetMovingAverage), as
+    /// --rate-limit-reads.
+    #[arg(long, env = "TICKFLEET_RATE_LIMIT_RANGES", default_value = "off", value_parser = rate)]
+    rate_limit_ranges: RateFlag,
+    /// Per-client rate limit of opening live streams (gRPC and SSE), as --rate-limit-reads.
+    #[arg(long, env = "TICKFLEET_RATE_LIMIT_STREAMS", default_value = "off", value_parser = rate)]
+    rate_limit_streams: RateFlag,
+    /// Per-client rate limit of writes (polling jobs), as --rate-limit-reads.
+    #[arg(long, env = "TICKFLEET_RATE_LIMIT_WRITES", default_value = "off", value_parser = rate)]
+    rate_limit_writes: RateFlag,
+    /// Name the rate-limited client by this request header (gRPC metadata), e.g. x-api-key, when a
+    /// call carries it; else (and by default) by its peer IP address. Keys are not verified: use it
+    /// behind a gateway that authenticates them.
+    #[arg(long, env = "TICKFLEET_RATE_LIMIT_KEY_HEADER")]
+    rate_limit_key_header: Option<String>,
+    /// Most clients tracked per route class; while that many are active, new clients share one
+    /// bucket (so a flood of client ids is limited as one client and memory stays bounded).
+    #[arg(long, env = "TICKFLEET_RATE_LIMIT_MAX_CLIENTS", default_value_t = tickfleet_api::ratelimit::MAX_CLIENTS)]
+    rate_limit_max_clients: usize,
     /// Print the REST api's OpenAPI 3.1 document (what /openapi.json serves) and exit.
     #[arg(long)]
     print_openapi: bool,
+}
+
+/// A rate-limit flag's value: a rate, or none (`off`).
+#[derive(Debug, Clone, Copy)]
+struct RateFlag(Option<Rate>);
+
+fn rate(s: &str) -> Result<RateFlag, String> {
+    tickfleet_api::ratelimit::parse_rate(s).map(RateFlag)
 }
 
 #[tokio::main]
@@ -117,6 +150,16 @@ async fn run(config: Config) -> anyhow::Result<()> {
             ),
             store_timeout: Duration::from_millis(config.store_timeout_ms),
             http_addr: Some(config.http_addr),
+            rate_limits: RateLimits {
+                rates: [
+                    config.rate_limit_reads.0,
+                    config.rate_limit_ranges.0,
+                    config.rate_limit_streams.0,
+                    config.rate_limit_writes.0,
+                ],
+                key_header: config.rate_limit_key_header.clone(),
+                max_clients: config.rate_limit_max_clients,
+            },
         },
     )
     .await?;

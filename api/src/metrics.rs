@@ -29,6 +29,8 @@ pub struct ApiMetrics {
     /// `tickfleet_api_store_errors_total{kind}`: store calls that failed, by kind (`timeout` when the
     /// store did not answer within the api's store timeout, else the store's error kind).
     pub store_errors: IntCounterVec,
+    /// The per-client rate limiter's metrics (see [`crate::ratelimit`]).
+    pub rate: crate::ratelimit::RateMetrics,
 }
 
 impl ApiMetrics {
@@ -95,6 +97,7 @@ impl ApiMetrics {
                 ),
                 &["kind"],
             )?,
+            rate: crate::ratelimit::RateMetrics::new(registry)?,
         };
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.in_flight.clone()))?;

@@ -9,10 +9,12 @@ pub mod openapi;
 pub mod problem;
 
 use std::convert::Infallible;
+use std::net::SocketAddr;
 
 use axum::Json;
 use axum::Router;
-use axum::extract::{RawQuery, State};
+use axum::extract::{ConnectInfo, FromRequestParts, RawQuery, State};
+use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
@@ -28,6 +30,7 @@ use tonic::{Code, Request};
 use utoipa::IntoParams;
 
 use crate::Api;
+use crate::ratelimit::ClientId;
 use model::{Assets, Candles, Gap, LatestPrice, MovingAverage, Tick, TicksPage};
 use problem::Problem;
 
@@ -49,6 +52,40 @@ pub fn router(api: Api) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(api)
+}
+
+/// Who calls a REST route, as the rate limiter knows clients (the API key header when one is
+/// configured, else the peer address); carried into the gRPC request, so REST and gRPC calls of one
+/// client share its buckets.
+#[derive(Debug, Clone, Copy)]
+pub struct Caller(ClientId);
+
+impl FromRequestParts<Api> for Caller {
+    type Rejection = Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, api: &Api) -> Result<Self, Infallible> {
+        let key = api
+            .rate
+            .limits()
+            .key_header
+            .as_ref()
+            .and_then(|h| parts.headers.get(h.as_str()))
+            .map(|v| v.as_bytes());
+        let peer = parts
+            .extensions
+            .get::<ConnectInfo<SocketAddr>>()
+            .map(|c| c.0.ip());
+        Ok(Caller(api.rate.client(key, peer)))
+    }
+}
+
+impl Caller {
+    /// The gRPC request of this caller with message `msg`.
+    pub fn request<T>(self, msg: T) -> Request<T> {
+        let mut r = Request::new(msg);
+        r.extensions_mut().insert(self.0);
+        r
+    }
 }
 
 /// Parses a query string into `T`; a parameter that does not parse (or is unknown) is a 400 naming it.
@@ -109,16 +146,18 @@ pub struct LatestQuery {
         (status = 304, description = "Not modified: `If-None-Match` named the current ETag"),
         (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The symbol has no ticks (from that provider)", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This client's rate limit of the route's class, or the replica's limit of concurrent calls, is reached", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ))]
 pub async fn latest_price(
     State(api): State<Api>,
+    caller: Caller,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Problem> {
     let q: LatestQuery = query(raw)?;
     let symbol = q.symbol.unwrap_or_default();
     let tick = api
-        .get_latest(Request::new(v1::GetLatestRequest {
+        .get_latest(caller.request(v1::GetLatestRequest {
             asset_id: symbol.clone(),
         }))
         .await
@@ -209,14 +248,16 @@ pub struct TicksQuery {
         (status = 200, description = "One page of ticks", body = TicksPage),
         (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The asset has no ticks", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This client's rate limit of the route's class, or the replica's limit of concurrent calls, is reached", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ))]
 pub async fn list_ticks(
     State(api): State<Api>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<TicksPage>, Problem> {
     let q: TicksQuery = query(raw)?;
     let page = api
-        .list_ticks(Request::new(v1::ListTicksRequest {
+        .list_ticks(caller.request(v1::ListTicksRequest {
             asset_id: q.asset_id.unwrap_or_default(),
             from_ns: q.from_ns,
             to_ns: q.to_ns,
@@ -251,14 +292,16 @@ pub struct CandlesQuery {
         (status = 200, description = "The candles", body = Candles),
         (status = 400, description = "A bad parameter, or a range of more than 10000 candles", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The asset has no ticks", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This client's rate limit of the route's class, or the replica's limit of concurrent calls, is reached", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ))]
 pub async fn get_candles(
     State(api): State<Api>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<Candles>, Problem> {
     let q: CandlesQuery = query(raw)?;
     let r = api
-        .get_candles(Request::new(v1::GetCandlesRequest {
+        .get_candles(caller.request(v1::GetCandlesRequest {
             asset_id: q.asset_id.unwrap_or_default(),
             interval: q.interval.unwrap_or_default(),
             from_ns: q.from_ns,
@@ -291,9 +334,11 @@ pub struct MovingAverageQuery {
         (status = 200, description = "The averages", body = MovingAverage),
         (status = 400, description = "A bad parameter (or neither or both of points and window)", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The asset has no ticks", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This client's rate limit of the route's class, or the replica's limit of concurrent calls, is reached", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ))]
 pub async fn moving_average(
     State(api): State<Api>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Json<MovingAverage>, Problem> {
     let q: MovingAverageQuery = query(raw)?;
@@ -306,7 +351,7 @@ pub async fn moving_average(
         (None, None) => None,
     };
     let r = api
-        .get_moving_average(Request::new(v1::GetMovingAverageRequest {
+        .get_moving_average(caller.request(v1::GetMovingAverageRequest {
             asset_id: q.asset_id.unwrap_or_default(),
             over,
         }))
@@ -317,10 +362,13 @@ pub async fn moving_average(
 
 /// Every asset id the store holds ticks of (`ListAssets`).
 #[utoipa::path(get, path = "/v1/assets", tag = "assets",
-    responses((status = 200, description = "The asset ids", body = Assets)))]
-pub async fn list_assets(State(api): State<Api>) -> Result<Json<Assets>, Problem> {
+    responses(
+        (status = 200, description = "The asset ids", body = Assets),
+        (status = 429, description = "This client's rate limit of the route's class, or the replica's limit of concurrent calls, is reached", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
+    ))]
+pub async fn list_assets(State(api): State<Api>, caller: Caller) -> Result<Json<Assets>, Problem> {
     let r = api
-        .list_assets(Request::new(v1::ListAssetsRequest {}))
+        .list_assets(caller.request(v1::ListAssetsRequest {}))
         .await
         .map_err(failed(SAME))?;
     Ok(Json(Assets {
@@ -351,15 +399,16 @@ type Events = Sse<
     responses(
         (status = 200, description = "The live ticks (text/event-stream: tick, gap and error events)", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The replica holds as many streams as it may", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This client's rate limit of opening streams, or the replica's limit of open streams, is reached", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ))]
 pub async fn stream_ticks(
     State(api): State<Api>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Events, Problem> {
     let q: StreamQuery = query(raw)?;
     let stream = api
-        .stream_ticks(Request::new(v1::StreamTicksRequest {
+        .stream_ticks(caller.request(v1::StreamTicksRequest {
             asset_ids: ids(q.asset_ids),
         }))
         .await
@@ -394,15 +443,16 @@ pub struct CandleStreamQuery {
     responses(
         (status = 200, description = "The live candles (text/event-stream: candle, gap and error events)", content_type = "text/event-stream", body = String),
         (status = 400, description = "A bad parameter", body = Problem, content_type = "application/problem+json"),
-        (status = 429, description = "The replica holds as many streams as it may", body = Problem, content_type = "application/problem+json"),
+        (status = 429, description = "This client's rate limit of opening streams, or the replica's limit of open streams, is reached", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
     ))]
 pub async fn stream_candles(
     State(api): State<Api>,
+    caller: Caller,
     RawQuery(raw): RawQuery,
 ) -> Result<Events, Problem> {
     let q: CandleStreamQuery = query(raw)?;
     let stream = api
-        .stream_candles(Request::new(v1::StreamCandlesRequest {
+        .stream_candles(caller.request(v1::StreamCandlesRequest {
             asset_ids: ids(q.asset_ids),
             interval: q.interval.unwrap_or_default(),
         }))

@@ -33,6 +33,7 @@ use tracing::warn;
 use crate::calc::{self, AverageAcc, CalcError, CandleAcc, CandleSeries};
 use crate::limits::{Bound, Limits};
 use crate::metrics::ApiMetrics;
+use crate::ratelimit::{Class, ClientId, RateLimiter};
 use crate::stream::{self, Seeds};
 use crate::validate::{self, PageToken};
 
@@ -56,6 +57,14 @@ pub struct Api {
     pub(crate) limits: Limits,
     pub(crate) store_timeout: Duration,
     pub(crate) seeds: Seeds,
+    pub(crate) rate: RateLimiter,
+}
+
+/// What a handler needs of a call besides its message: the client's deadline and who the client is
+/// (for the rate limiter).
+pub(crate) struct Call {
+    deadline: Option<Duration>,
+    pub(crate) client: ClientId,
 }
 
 impl Api {
@@ -73,6 +82,7 @@ impl Api {
             limits: Limits::default(),
             store_timeout: STORE_TIMEOUT,
             seeds: Seeds::default(),
+            rate: RateLimiter::default(),
         }
         .with_limits(Limits::default())
     }
@@ -107,15 +117,38 @@ impl Api {
         self
     }
 
-    /// Runs a unary handler: takes a slot of the call limit, honours the client's deadline and records
+    /// Sets the per-client rate limits (see [`RateLimiter`]).
+    pub fn with_rate_limiter(mut self, rate: RateLimiter) -> Self {
+        self.rate = rate;
+        self
+    }
+
+    /// The limiter's view of a request: its deadline and its client.
+    pub(crate) fn call<T>(&self, req: &Request<T>) -> Call {
+        Call {
+            deadline: validate::grpc_timeout(req.metadata()),
+            client: self.rate.client_of(req),
+        }
+    }
+
+    /// Takes a token of the call's rate limit (RESOURCE_EXHAUSTED, counted, when there is none).
+    pub(crate) fn admit(&self, method: &'static str, client: ClientId) -> Result<(), Status> {
+        self.rate
+            .check(Class::of(method), client)
+            .map_err(|status| self.rejected(method, Bound::Rate, status))
+    }
+
+    /// Runs a unary handler: takes a token of the client's rate limit and a slot of the call limit, honours the client's deadline and records
     /// the metrics.
     async fn unary<T>(
         &self,
         method: &'static str,
-        deadline: Option<Duration>,
+        call: Call,
         work: impl Future<Output = Result<T, Status>>,
     ) -> Result<Response<T>, Status> {
         let started = Instant::now();
+        self.admit(method, call.client)?;
+        let deadline = call.deadline;
         let _slot = match self.limits.try_acquire(Bound::Calls) {
             Ok(slot) => slot,
             Err(status) => return Err(self.rejected(method, Bound::Calls, status)),
@@ -372,9 +405,9 @@ impl TickService for Api {
         &self,
         req: Request<GetLatestRequest>,
     ) -> Result<Response<GetLatestResponse>, Status> {
-        let deadline = validate::grpc_timeout(req.metadata());
+        let call = self.call(&req);
         let r = req.into_inner();
-        self.unary("GetLatest", deadline, async {
+        self.unary("GetLatest", call, async {
             let tick = self.known(&r.asset_id).await?;
             Ok(GetLatestResponse {
                 tick: Some((&tick).into()),
@@ -387,9 +420,9 @@ impl TickService for Api {
         &self,
         req: Request<BatchGetLatestRequest>,
     ) -> Result<Response<BatchGetLatestResponse>, Status> {
-        let deadline = validate::grpc_timeout(req.metadata());
+        let call = self.call(&req);
         let r = req.into_inner();
-        self.unary("BatchGetLatest", deadline, async {
+        self.unary("BatchGetLatest", call, async {
             validate::asset_ids("asset_ids", &r.asset_ids, false)?;
             // Concurrent lookups share the store's connection (the Redis client pipelines them), so a
             // thousand assets cost about one round trip, not a thousand.
@@ -417,9 +450,9 @@ impl TickService for Api {
         &self,
         req: Request<ListTicksRequest>,
     ) -> Result<Response<ListTicksResponse>, Status> {
-        let deadline = validate::grpc_timeout(req.metadata());
+        let call = self.call(&req);
         let r = req.into_inner();
-        self.unary("ListTicks", deadline, async {
+        self.unary("ListTicks", call, async {
             validate::asset_id("asset_id", &r.asset_id)?;
             let (from, to) = validate::time_range(r.from_ns, r.to_ns)?;
             let limit = validate::page_size(r.limit)?;
@@ -460,18 +493,18 @@ impl TickService for Api {
         &self,
         req: Request<GetCandlesRequest>,
     ) -> Result<Response<GetCandlesResponse>, Status> {
-        let deadline = validate::grpc_timeout(req.metadata());
+        let call = self.call(&req);
         let r = req.into_inner();
-        self.unary("GetCandles", deadline, self.candles(r)).await
+        self.unary("GetCandles", call, self.candles(r)).await
     }
 
     async fn get_moving_average(
         &self,
         req: Request<GetMovingAverageRequest>,
     ) -> Result<Response<GetMovingAverageResponse>, Status> {
-        let deadline = validate::grpc_timeout(req.metadata());
+        let call = self.call(&req);
         let r = req.into_inner();
-        self.unary("GetMovingAverage", deadline, self.moving_average(r))
+        self.unary("GetMovingAverage", call, self.moving_average(r))
             .await
     }
 
@@ -479,8 +512,8 @@ impl TickService for Api {
         &self,
         req: Request<ListAssetsRequest>,
     ) -> Result<Response<ListAssetsResponse>, Status> {
-        let deadline = validate::grpc_timeout(req.metadata());
-        self.unary("ListAssets", deadline, async {
+        let call = self.call(&req);
+        self.unary("ListAssets", call, async {
             Ok(ListAssetsResponse {
                 asset_ids: self.store_call("assets", self.store.assets()).await?,
             })
@@ -494,8 +527,9 @@ impl TickService for Api {
         &self,
         req: Request<StreamTicksRequest>,
     ) -> Result<Response<Self::StreamTicksStream>, Status> {
+        let client = self.call(&req).client;
         let r = req.into_inner();
-        self.open_stream("StreamTicks", &r.asset_ids, |ctx| {
+        self.open_stream("StreamTicks", Some(client), &r.asset_ids, |ctx| {
             Box::pin(stream::stream_ticks(ctx))
         })
         .await
@@ -507,6 +541,8 @@ impl TickService for Api {
         &self,
         req: Request<StreamCandlesRequest>,
     ) -> Result<Response<Self::StreamCandlesStream>, Status> {
+        let client = self.call(&req).client;
+        self.admit("StreamCandles", client)?;
         let r = req.into_inner();
         let interval = match calc::parse_interval(&r.interval) {
             Ok(i) => i,
@@ -517,7 +553,7 @@ impl TickService for Api {
             }
         };
         let api = self.clone();
-        self.open_stream("StreamCandles", &r.asset_ids, move |ctx| {
+        self.open_stream("StreamCandles", None, &r.asset_ids, move |ctx| {
             Box::pin(stream::stream_candles(api, interval, ctx))
         })
         .await

@@ -33,6 +33,7 @@ use tracing::warn;
 use crate::calc::{self, CandleAcc, CandleSeries};
 use crate::limits::Bound;
 use crate::metrics::ApiMetrics;
+use crate::ratelimit::ClientId;
 use crate::service::{Api, calc_error, candle};
 use crate::validate;
 
@@ -48,10 +49,14 @@ impl Api {
     pub(crate) async fn open_stream<M: Send + 'static>(
         &self,
         method: &'static str,
+        client: Option<ClientId>,
         asset_ids: &[String],
         run: impl FnOnce(StreamCtx<M>) -> std::pin::Pin<Box<dyn Future<Output = ()> + Send>>,
     ) -> Result<Response<ReceiverStream<Result<M, Status>>>, Status> {
         let started = Instant::now();
+        if let Some(client) = client {
+            self.admit(method, client)?;
+        }
         if let Err(status) = validate::asset_ids("asset_ids", asset_ids, true) {
             self.metrics.finished(method, status.code());
             return Err(status);

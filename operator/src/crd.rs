@@ -672,6 +672,45 @@ pub struct ApiSpec {
     /// Serve gRPC over TLS; plaintext gRPC when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tls: Option<ApiTlsSpec>,
+    /// Per-client rate limits of the api pods (gRPC and REST alike); none when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimitSpec>,
+}
+
+/// Per-client token buckets by route class, each `COUNT/UNIT[:BURST]` (UNIT `s`, `m` or `h`, e.g.
+/// `100/s:200`) or `off`; passed to the api pods as `TICKFLEET_RATE_LIMIT_*`. A refused call is
+/// RESOURCE_EXHAUSTED on gRPC and 429 with `Retry-After` on REST. Each replica limits on its own:
+/// with N replicas behind the Service a client may get up to N times the rate.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq, Default)]
+#[serde(rename_all = "camelCase")]
+pub struct RateLimitSpec {
+    /// Cheap reads: latest prices, assets.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(off|[1-9][0-9]*/[smh](:[1-9][0-9]*)?)$"))]
+    pub reads: Option<String>,
+    /// Range reads: ticks, candles, moving averages.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(off|[1-9][0-9]*/[smh](:[1-9][0-9]*)?)$"))]
+    pub ranges: Option<String>,
+    /// Opening live streams (gRPC and Server-Sent Events).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(off|[1-9][0-9]*/[smh](:[1-9][0-9]*)?)$"))]
+    pub streams: Option<String>,
+    /// Writes (polling jobs).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(pattern(r"^(off|[1-9][0-9]*/[smh](:[1-9][0-9]*)?)$"))]
+    pub writes: Option<String>,
+    /// Request header (gRPC metadata) naming the client, e.g. `x-api-key`; the peer address when
+    /// unset or absent from a request. Keys are not verified: use it behind a gateway that
+    /// authenticates them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 100), pattern(r"^[A-Za-z0-9-]+$"))]
+    pub key_header: Option<String>,
+    /// Most clients tracked per route class and replica (default 100000); beyond it new clients
+    /// share one bucket.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_clients: Option<i64>,
 }
 
 impl Default for ApiSpec {
@@ -683,6 +722,7 @@ impl Default for ApiSpec {
             service_type: ServiceType::default(),
             resources: None,
             tls: None,
+            rate_limit: None,
         }
     }
 }

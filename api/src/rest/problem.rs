@@ -75,6 +75,10 @@ impl Problem {
     pub fn from_status(status: &tonic::Status, rename: &[(&str, &str)]) -> Self {
         let http = http_status(status.code());
         let mut p = Problem::new(http, status.code(), status.message());
+        p.retry_after = status
+            .metadata()
+            .get(crate::ratelimit::RETRY_AFTER)
+            .and_then(|v| v.to_str().ok()?.parse().ok());
         if let Some(field) = validate::field_of(status) {
             let field = rename
                 .iter()

@@ -2,7 +2,7 @@
 //! PodDisruptionBudget, the api Deployment and its Service, one connector Deployment per source.
 
 use k8s_openapi::api::apps::v1::Deployment;
-use k8s_openapi::api::core::v1::{ContainerPort, Service, ServicePort, ServiceSpec};
+use k8s_openapi::api::core::v1::{ContainerPort, EnvVar, Service, ServicePort, ServiceSpec};
 use k8s_openapi::api::policy::v1::{PodDisruptionBudget, PodDisruptionBudgetSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
@@ -72,15 +72,36 @@ pub fn api_deployment(tp: &TickPipeline, hash: &str) -> Deployment {
                     ..ContainerPort::default()
                 },
             ],
-            extra_env: vec![
-                plain_env("TICKFLEET_GRPC_ADDR", format!("0.0.0.0:{}", api.port)),
-                plain_env("TICKFLEET_HTTP_ADDR", format!("0.0.0.0:{}", api.http_port)),
-            ],
+            extra_env: api_env(api),
             resources: api.resources.clone(),
             grace_seconds: 30,
             replicas: api.replicas,
         },
     )
+}
+
+/// The api container's own settings: its addresses and, when set, its rate limits.
+fn api_env(api: &crate::crd::ApiSpec) -> Vec<EnvVar> {
+    let mut env = vec![
+        plain_env("TICKFLEET_GRPC_ADDR", format!("0.0.0.0:{}", api.port)),
+        plain_env("TICKFLEET_HTTP_ADDR", format!("0.0.0.0:{}", api.http_port)),
+    ];
+    if let Some(r) = &api.rate_limit {
+        let max_clients = r.max_clients.map(|n| n.to_string());
+        for (name, value) in [
+            ("TICKFLEET_RATE_LIMIT_READS", &r.reads),
+            ("TICKFLEET_RATE_LIMIT_RANGES", &r.ranges),
+            ("TICKFLEET_RATE_LIMIT_STREAMS", &r.streams),
+            ("TICKFLEET_RATE_LIMIT_WRITES", &r.writes),
+            ("TICKFLEET_RATE_LIMIT_KEY_HEADER", &r.key_header),
+            ("TICKFLEET_RATE_LIMIT_MAX_CLIENTS", &max_clients),
+        ] {
+            if let Some(v) = value {
+                env.push(plain_env(name, v.clone()));
+            }
+        }
+    }
+    env
 }
 
 /// The connector Deployment of one source: one pod reading the venue's trade stream and producing
@@ -184,6 +205,28 @@ mod tests {
     }
 
     #[test]
+    fn rate_limits_pass_through_to_the_api_pods() {
+        let mut tp = pipeline();
+        tp.spec.api.rate_limit = Some(crate::crd::RateLimitSpec {
+            reads: Some("100/s:200".into()),
+            streams: Some("off".into()),
+            key_header: Some("x-api-key".into()),
+            max_clients: Some(5000),
+            ..Default::default()
+        });
+        let env = env_of(&api_deployment(&tp, "h"));
+        for (name, value) in [
+            ("TICKFLEET_RATE_LIMIT_READS", "100/s:200"),
+            ("TICKFLEET_RATE_LIMIT_STREAMS", "off"),
+            ("TICKFLEET_RATE_LIMIT_KEY_HEADER", "x-api-key"),
+            ("TICKFLEET_RATE_LIMIT_MAX_CLIENTS", "5000"),
+        ] {
+            assert!(env.contains(&plain_env(name, value.into())), "{name}");
+        }
+        assert!(!env.iter().any(|e| e.name == "TICKFLEET_RATE_LIMIT_RANGES"));
+    }
+
+    #[test]
     fn api_deployment_and_service_expose_grpc_and_http() {
         let mut tp = pipeline();
         tp.spec.api.port = 6000;
@@ -218,6 +261,11 @@ mod tests {
         assert!(env.contains(&plain_env("TICKFLEET_GRPC_ADDR", "0.0.0.0:6000".into())));
         assert!(env.contains(&plain_env("TICKFLEET_HTTP_ADDR", "0.0.0.0:6080".into())));
         assert!(env.contains(&plain_env("TICKFLEET_ADMIN_ADDR", "0.0.0.0:9091".into())));
+        assert!(
+            env.iter()
+                .all(|e| !e.name.starts_with("TICKFLEET_RATE_LIMIT")),
+            "no rate limits unless asked for"
+        );
         let svc = api_service(&tp);
         let s = svc.spec.unwrap();
         assert_eq!(s.type_.as_deref(), Some("LoadBalancer"));
