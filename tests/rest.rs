@@ -66,7 +66,13 @@ fn rest_answers_what_grpc_answers_over_real_data() {
     };
     setup.args = ["--format", "json"].map(String::from).to_vec();
     let _worker = Worker::start(&setup, 0);
-    let api = Api::start(&prefix, dir.path(), 0);
+    // Candles of ranges that ended 5 s ago are served as immutable (the default horizon is a year).
+    let api = Api::start_with(
+        &prefix,
+        dir.path(),
+        0,
+        &["--candles-immutable-after-secs", "5"],
+    );
     // 500 ticks of each of three assets (exact decimal prices), then the seed's five of AAPL.
     let end_ms = now_ms();
     let start_ms = end_ms - 10_000;
@@ -191,6 +197,42 @@ fn rest_answers_what_grpc_answers_over_real_data() {
         .collect();
     assert!(!rest_keys.is_empty());
     assert_eq!(rest_keys, grpc_keys);
+
+    // Candles of a range that ended past the late-tick horizon (5 s here): immutable, with an ETag
+    // that a conditional request matches (304). A range without an end, or ending within the
+    // horizon, may still change: max-age=1.
+    let closed = format!(
+        "/v1/candles?asset_id=A0000&interval=1s&to_ns={}",
+        (start_ms + 2_000) * 1_000_000
+    );
+    let r = get(http, &closed);
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert!(!r.json()["candles"].as_array().unwrap().is_empty());
+    assert_eq!(
+        r.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+    let etag = r.header("etag").expect("an ETag").to_owned();
+    let again = tickfleet_e2e::http::get_with(http, &closed, &[("if-none-match", &etag)]);
+    assert_eq!((again.status, again.body.as_str()), (304, ""));
+    assert_eq!(again.header("etag"), Some(etag.as_str()));
+    assert_eq!(
+        again.header("cache-control"),
+        Some("public, max-age=31536000, immutable")
+    );
+    for open in [
+        "/v1/candles?asset_id=A0000&interval=1s".to_owned(),
+        format!(
+            "/v1/candles?asset_id=A0000&interval=1s&to_ns={}",
+            now_ms() * 1_000_000
+        ),
+    ] {
+        let r = get(http, &open);
+        assert_eq!(r.status, 200, "{}", r.body);
+        assert_eq!(r.header("cache-control"), Some("max-age=1"), "{open}");
+        assert!(r.header("etag").is_some());
+    }
 
     // Every tick of A0000 by pages of 100, once each, in order: what gRPC lists.
     let grpc_ticks = tickctl_json(&api.url, &["ticks", "A0000", "--all"]).unwrap();

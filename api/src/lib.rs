@@ -61,6 +61,8 @@ pub struct Options {
     pub http_addr: Option<SocketAddr>,
     /// Per-client rate limits (off by default).
     pub rate_limits: ratelimit::RateLimits,
+    /// See [`Api::with_candles_immutable_after`].
+    pub candles_immutable_after: Duration,
 }
 
 impl Default for Options {
@@ -73,6 +75,7 @@ impl Default for Options {
             store_timeout: service::STORE_TIMEOUT,
             http_addr: None,
             rate_limits: ratelimit::RateLimits::default(),
+            candles_immutable_after: service::CANDLES_IMMUTABLE_AFTER,
         }
     }
 }
@@ -131,6 +134,7 @@ pub async fn start(
     let rate = ratelimit::RateLimiter::new(options.rate_limits, metrics.rate.clone());
     let api = Api::new(store.clone(), metrics, shutdown.clone())
         .with_rate_limiter(rate)
+        .with_candles_immutable_after(options.candles_immutable_after)
         .with_stream_buffer(options.stream_buffer)
         .with_limits(options.limits)
         .with_store_timeout(options.store_timeout);

@@ -81,6 +81,12 @@ struct Config {
     /// bucket (so a flood of client ids is limited as one client and memory stays bounded).
     #[arg(long, env = "TICKFLEET_RATE_LIMIT_MAX_CLIENTS", default_value_t = tickfleet_api::ratelimit::MAX_CLIENTS)]
     rate_limit_max_clients: usize,
+    /// REST candles of a range (to_ns set) that ended at least this many seconds ago are served with
+    /// `Cache-Control: immutable`. It must cover the workers' --max-skew-behind-secs (late ticks up
+    /// to that old still change their candle) plus a margin; the default is their default (365
+    /// days) plus a day.
+    #[arg(long, env = "TICKFLEET_CANDLES_IMMUTABLE_AFTER_SECS", default_value_t = tickfleet_api::service::CANDLES_IMMUTABLE_AFTER.as_secs())]
+    candles_immutable_after_secs: u64,
     /// Print the REST api's OpenAPI 3.1 document (what /openapi.json serves) and exit.
     #[arg(long)]
     print_openapi: bool,
@@ -160,6 +166,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 key_header: config.rate_limit_key_header.clone(),
                 max_clients: config.rate_limit_max_clients,
             },
+            candles_immutable_after: Duration::from_secs(config.candles_immutable_after_secs),
         },
     )
     .await?;

@@ -286,10 +286,15 @@ pub struct CandlesQuery {
     pub to_ns: Option<i64>,
 }
 
-/// OHLCV candles of an asset (`GetCandles`).
+/// OHLCV candles of an asset (`GetCandles`), with an `ETag` (`If-None-Match` → 304) and, when the
+/// answer can no longer change ([`closed_range`]), `Cache-Control: public, max-age=31536000,
+/// immutable`; else `max-age=1`.
 #[utoipa::path(get, path = "/v1/candles", params(CandlesQuery), tag = "candles",
     responses(
-        (status = 200, description = "The candles", body = Candles),
+        (status = 200, description = "The candles", body = Candles, headers(
+            ("ETag" = String, description = "Strong validator of this body"),
+            ("Cache-Control" = String, description = "`public, max-age=31536000, immutable` when `to_ns` is set and the whole range (rounded up to a candle end) is older than the late-tick horizon (`--candles-immutable-after-secs`): no tick can be added to it any more; else `max-age=1`"))),
+        (status = 304, description = "Not modified: `If-None-Match` named the current ETag"),
         (status = 400, description = "A bad parameter, or a range of more than 10000 candles", body = Problem, content_type = "application/problem+json"),
         (status = 404, description = "The asset has no ticks", body = Problem, content_type = "application/problem+json"),
         (status = 429, description = "This client's rate limit of the route's class, or the replica's limit of concurrent calls, is reached", body = Problem, content_type = "application/problem+json", headers(("Retry-After" = u64, description = "Seconds to wait before retrying"))),
@@ -297,21 +302,58 @@ pub struct CandlesQuery {
 pub async fn get_candles(
     State(api): State<Api>,
     caller: Caller,
+    headers: HeaderMap,
     RawQuery(raw): RawQuery,
-) -> Result<Json<Candles>, Problem> {
+) -> Result<Response, Problem> {
     let q: CandlesQuery = query(raw)?;
+    let interval = q.interval.unwrap_or_default();
     let r = api
         .get_candles(caller.request(v1::GetCandlesRequest {
             asset_id: q.asset_id.unwrap_or_default(),
-            interval: q.interval.unwrap_or_default(),
+            interval: interval.clone(),
             from_ns: q.from_ns,
             to_ns: q.to_ns,
         }))
         .await
-        .map_err(failed(SAME))?;
-    Ok(Json(Candles {
-        candles: r.into_inner().candles.into_iter().map(Into::into).collect(),
-    }))
+        .map_err(failed(SAME))?
+        .into_inner();
+    let now_ns = chrono::Utc::now().timestamp_nanos_opt().unwrap_or(i64::MAX);
+    let closed = crate::calc::parse_interval(&interval)
+        .is_ok_and(|i| closed_range(q.to_ns, i, now_ns, api.candles_immutable_after))
+        && !r.candles.is_empty();
+    let body = Candles {
+        candles: r.candles.into_iter().map(Into::into).collect(),
+    };
+    let cache = if closed {
+        "public, max-age=31536000, immutable"
+    } else {
+        "max-age=1"
+    };
+    Ok(conditional(&headers, &body, cache))
+}
+
+/// Whether the candles of a query ending at `to_ns` can no longer change at `now_ns`: the query
+/// has an end, and its last candle (the end rounded up to a whole `interval`) ends at least
+/// `horizon` before now. The workers take a late tick up to their skew-behind limit
+/// (`--max-skew-behind-secs`) before their clock and fold it into its candle; `horizon` is that
+/// limit plus a margin for clock differences and for a batch that waited for the store. Without an
+/// end, a later tick would add candles to the same query. (Retention may still delete old ticks and
+/// rollups later; what a cache keeps is then what was true, not what the store still holds.)
+pub fn closed_range(
+    to_ns: Option<i64>,
+    interval: i64,
+    now_ns: i64,
+    horizon: std::time::Duration,
+) -> bool {
+    let Some(to) = to_ns else { return false };
+    let start = crate::calc::bucket_start(to, interval);
+    let end = if start == to {
+        to
+    } else {
+        start.saturating_add(interval)
+    };
+    let horizon = i64::try_from(horizon.as_nanos()).unwrap_or(i64::MAX);
+    end <= now_ns.saturating_sub(horizon)
 }
 
 /// Query of `GET /v1/moving-average`: `points` or `window`, one of them.
@@ -498,4 +540,27 @@ async fn method_not_allowed() -> Problem {
         Code::Unimplemented,
         "this route answers GET only",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_candle_range_is_closed_once_its_rounded_end_is_past_the_horizon() {
+        const S: i64 = 1_000_000_000;
+        let horizon = Duration::from_secs(100);
+        let now = 1_000 * S;
+        // No end: a new tick adds candles to the same query.
+        assert!(!closed_range(None, S, now, horizon));
+        // An end 100 s before now, on a candle boundary: closed.
+        assert!(closed_range(Some(900 * S), S, now, horizon));
+        assert!(!closed_range(Some(900 * S + 1), S, now, horizon));
+        // The end inside a minute candle counts as that candle's end: 840 s + 60 s = 900 s.
+        assert!(closed_range(Some(841 * S), 60 * S, now, horizon));
+        assert!(!closed_range(Some(901 * S), 60 * S, now, horizon));
+        // A late tick up to the horizon old can still arrive.
+        assert!(!closed_range(Some(950 * S), S, now, horizon));
+    }
 }

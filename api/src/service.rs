@@ -44,6 +44,9 @@ pub const MAX_CANDLES: usize = 10_000;
 pub const SCAN_PAGE: usize = 4096;
 /// Default of [`Api::with_stream_buffer`].
 pub const STREAM_BUFFER: usize = 8192;
+/// Default of [`Api::with_candles_immutable_after`]: the workers' default skew-behind limit (365
+/// days) plus a day.
+pub const CANDLES_IMMUTABLE_AFTER: Duration = Duration::from_secs(366 * 86_400);
 /// Default of [`Api::with_store_timeout`].
 pub const STORE_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -58,6 +61,7 @@ pub struct Api {
     pub(crate) store_timeout: Duration,
     pub(crate) seeds: Seeds,
     pub(crate) rate: RateLimiter,
+    pub(crate) candles_immutable_after: Duration,
 }
 
 /// What a handler needs of a call besides its message: the client's deadline and who the client is
@@ -83,6 +87,7 @@ impl Api {
             store_timeout: STORE_TIMEOUT,
             seeds: Seeds::default(),
             rate: RateLimiter::default(),
+            candles_immutable_after: CANDLES_IMMUTABLE_AFTER,
         }
         .with_limits(Limits::default())
     }
@@ -120,6 +125,14 @@ impl Api {
     /// Sets the per-client rate limits (see [`RateLimiter`]).
     pub fn with_rate_limiter(mut self, rate: RateLimiter) -> Self {
         self.rate = rate;
+        self
+    }
+
+    /// Sets the late-tick horizon: REST candles of a range that ended at least this long ago are
+    /// served as immutable (see [`crate::rest::closed_range`]). It must cover the workers'
+    /// `--max-skew-behind-secs` (plus a margin), or a cache may keep a candle a late tick changed.
+    pub fn with_candles_immutable_after(mut self, horizon: Duration) -> Self {
+        self.candles_immutable_after = horizon;
         self
     }
 

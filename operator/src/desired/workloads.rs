@@ -72,7 +72,7 @@ pub fn api_deployment(tp: &TickPipeline, hash: &str) -> Deployment {
                     ..ContainerPort::default()
                 },
             ],
-            extra_env: api_env(api),
+            extra_env: api_env(tp),
             resources: api.resources.clone(),
             grace_seconds: 30,
             replicas: api.replicas,
@@ -80,12 +80,20 @@ pub fn api_deployment(tp: &TickPipeline, hash: &str) -> Deployment {
     )
 }
 
-/// The api container's own settings: its addresses and, when set, its rate limits.
-fn api_env(api: &crate::crd::ApiSpec) -> Vec<EnvVar> {
+/// The api container's own settings: its addresses, when set its rate limits, and the late-tick
+/// horizon of its immutable candles from the workers' skew-behind limit (plus a day of margin).
+fn api_env(tp: &TickPipeline) -> Vec<EnvVar> {
+    let api = &tp.spec.api;
     let mut env = vec![
         plain_env("TICKFLEET_GRPC_ADDR", format!("0.0.0.0:{}", api.port)),
         plain_env("TICKFLEET_HTTP_ADDR", format!("0.0.0.0:{}", api.http_port)),
     ];
+    if let Some(behind) = tp.spec.workers.max_skew_behind_seconds {
+        env.push(plain_env(
+            "TICKFLEET_CANDLES_IMMUTABLE_AFTER_SECS",
+            behind.saturating_add(86_400).to_string(),
+        ));
+    }
     if let Some(r) = &api.rate_limit {
         let max_clients = r.max_clients.map(|n| n.to_string());
         for (name, value) in [
@@ -224,6 +232,18 @@ mod tests {
             assert!(env.contains(&plain_env(name, value.into())), "{name}");
         }
         assert!(!env.iter().any(|e| e.name == "TICKFLEET_RATE_LIMIT_RANGES"));
+        // Immutable candles wait for the workers' skew-behind limit (and a day), unset = the api's
+        // default for the workers' default.
+        assert!(
+            !env.iter()
+                .any(|e| e.name == "TICKFLEET_CANDLES_IMMUTABLE_AFTER_SECS")
+        );
+        tp.spec.workers.max_skew_behind_seconds = Some(3600);
+        let env = env_of(&api_deployment(&tp, "h"));
+        assert!(env.contains(&plain_env(
+            "TICKFLEET_CANDLES_IMMUTABLE_AFTER_SECS",
+            "90000".into()
+        )));
     }
 
     #[test]
