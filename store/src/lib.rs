@@ -7,11 +7,14 @@
 //! * [`PostgresStore`]: history in PostgreSQL, one table partitioned by day; alone, or beside Redis as
 //!   [`TieredStore`] (Redis for the hot window and live streams, PostgreSQL for history).
 //! * [`MemoryStore`]: the same semantics in process memory, for unit tests and the embedded demo.
+//! * [`jobs`]: provider polling jobs, their leases (a lock with a TTL and a fencing token), cached quotes
+//!   and raw responses ([`JobStore`]: [`RedisJobs`], [`MemoryJobs`]).
 //!
 //! All keep write-time candle rollups ([`rollup`]) in the same atomic write (PostgreSQL computes them
 //! from its ticks in SQL), and all pass one conformance suite (`store/tests/conformance.rs`), run
 //! against a real `redis-server`, a real Redis Cluster and a real PostgreSQL.
 
+pub mod jobs;
 pub mod live;
 pub mod member;
 mod memory;
@@ -25,6 +28,7 @@ mod tiered;
 use async_trait::async_trait;
 use std::time::Duration;
 
+pub use jobs::{JobStore, MemoryJobs, RedisJobs};
 pub use live::{LIVE_BUFFER, LiveBatch, LiveEvent, LiveFeed};
 pub use memory::MemoryStore;
 #[cfg(feature = "clap")]

@@ -78,6 +78,17 @@ impl StoreOptions {
         })
     }
 
+    /// The polling jobs' store ([`crate::jobs`]): the Redis these options name, under their prefix;
+    /// `None` with `--store postgres` (jobs, leases and quotes live in Redis only).
+    pub fn open_jobs(&self) -> Result<Option<Arc<dyn crate::JobStore>>, StoreError> {
+        Ok(match self.kind {
+            StoreKind::Postgres => None,
+            StoreKind::Redis | StoreKind::Both => {
+                Some(Arc::new(self.redis.open(Retention::default())?.jobs()))
+            }
+        })
+    }
+
     /// The PostgreSQL schema these options name.
     pub fn schema(&self) -> String {
         self.postgres_schema

@@ -60,12 +60,14 @@ use crate::rollup::{Base, RebuildSummary, RollupPage, RollupQuery, RollupRetenti
 use crate::{MAX_PAGE, RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
 
 mod conn;
+mod jobs;
 mod live;
 #[cfg(feature = "clap")]
 mod options;
 mod rollups;
 pub use conn::RedisMode;
 use conn::{Acks, Conn};
+pub use jobs::RedisJobs;
 #[cfg(feature = "clap")]
 pub use options::{RedisOptions, ReplicaAckOptions};
 
@@ -271,6 +273,11 @@ impl RedisStore {
     pub fn with_rollup_retention(mut self, retention: RollupRetention) -> Self {
         self.rollup_retention = retention;
         self
+    }
+
+    /// The polling jobs, leases and quotes under this store's prefix, on its connection.
+    pub fn jobs(&self) -> RedisJobs {
+        RedisJobs::new(self.conn.clone(), &self.prefix)
     }
 
     /// The key prefix.
