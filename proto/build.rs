@@ -1,7 +1,11 @@
 //! Compiles `proto/**/*.proto` with protox (pure Rust), so no system `protoc` is needed.
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["tickfleet/v1/tick.proto", "tickfleet/v1/api.proto"];
+    let files = [
+        "tickfleet/v1/tick.proto",
+        "tickfleet/v1/api.proto",
+        "tickfleet/v1/polls.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let descriptors = protox::compile(files, ["proto"])?;
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);

@@ -7,6 +7,8 @@
 //! * [`limits`]: per-replica bounds on concurrent calls and open streams (RESOURCE_EXHAUSTED beyond).
 //! * [`ratelimit`]: per-client token buckets by route class, for gRPC and REST alike.
 //! * [`service::Api`]: the handlers, over any [`TickStore`]; argument checks in [`validate`].
+//! * [`polls`]: `tickfleet.v1.PollService`, provider polling jobs (run by `tickfleet-connector poll`)
+//!   and their cached quotes, over the store's Redis.
 //! * [`rest`]: the same queries as REST/JSON (and live ticks as Server-Sent Events), on a port of its
 //!   own, answered by the same [`Api`] methods.
 //! * [`start`]: binds and serves, with graceful shutdown; used by the `tickfleet-api` binary and by
@@ -20,6 +22,7 @@
 pub mod calc;
 pub mod limits;
 pub mod metrics;
+pub mod polls;
 pub mod ratelimit;
 pub mod rest;
 mod rollups;
@@ -32,6 +35,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use tickfleet_proto::v1::poll_service_server::PollServiceServer;
 use tickfleet_proto::v1::tick_service_server::TickServiceServer;
 use tickfleet_service::{CancellationToken, Health, Readiness};
 use tickfleet_store::TickStore;
@@ -63,6 +67,8 @@ pub struct Options {
     pub rate_limits: ratelimit::RateLimits,
     /// See [`Api::with_candles_immutable_after`].
     pub candles_immutable_after: Duration,
+    /// The polling jobs' store ([`polls`]); `None` answers their methods with FAILED_PRECONDITION.
+    pub jobs: Option<Arc<dyn tickfleet_store::JobStore>>,
 }
 
 impl Default for Options {
@@ -76,6 +82,7 @@ impl Default for Options {
             http_addr: None,
             rate_limits: ratelimit::RateLimits::default(),
             candles_immutable_after: service::CANDLES_IMMUTABLE_AFTER,
+            jobs: None,
         }
     }
 }
@@ -132,6 +139,7 @@ pub async fn start(
         .build_v1alpha()
         .context("building the reflection service")?;
     let rate = ratelimit::RateLimiter::new(options.rate_limits, metrics.rate.clone());
+    let polls = polls::Polls::new(options.jobs.clone(), rate.clone());
     let api = Api::new(store.clone(), metrics, shutdown.clone())
         .with_rate_limiter(rate)
         .with_candles_immutable_after(options.candles_immutable_after)
@@ -149,7 +157,7 @@ pub async fn start(
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let stop_http = CancellationToken::new();
     let http = http.map(|listener| {
-        let app = rest::router(api.clone())
+        let app = rest::router(api.clone(), polls.clone())
             .into_make_service_with_connect_info::<SocketAddr>();
         let stop = stop_http.clone();
         info!(addr = %listener.local_addr().map_or_else(|e| e.to_string(), |a| a.to_string()), "REST api listening");
@@ -168,6 +176,7 @@ pub async fn start(
         .add_service(reflection)
         .add_service(reflection_alpha)
         .add_service(TickServiceServer::new(api))
+        .add_service(PollServiceServer::new(polls))
         .serve_with_incoming_shutdown(
             tonic::transport::server::TcpIncoming::from(listener),
             async move {

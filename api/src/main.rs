@@ -167,6 +167,7 @@ async fn run(config: Config) -> anyhow::Result<()> {
                 max_clients: config.rate_limit_max_clients,
             },
             candles_immutable_after: Duration::from_secs(config.candles_immutable_after_secs),
+            jobs: config.store.open_jobs()?,
         },
     )
     .await?;

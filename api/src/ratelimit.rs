@@ -43,7 +43,7 @@ pub const RETRY_AFTER: &str = "retry-after";
 /// A route class: the calls that share one rate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Class {
-    /// Cheap reads: `GetLatest`, `BatchGetLatest`, `ListAssets`.
+    /// Cheap reads: `GetLatest`, `BatchGetLatest`, `ListAssets`, `GetPollJob`, `GetQuote`.
     Reads,
     /// Reads over a range of ticks: `ListTicks`, `GetCandles`, `GetMovingAverage`.
     Ranges,
@@ -60,7 +60,9 @@ impl Class {
     /// The class of a gRPC method.
     pub fn of(method: &str) -> Class {
         match method {
-            "GetLatest" | "BatchGetLatest" | "ListAssets" => Class::Reads,
+            "GetLatest" | "BatchGetLatest" | "ListAssets" | "GetPollJob" | "GetQuote" => {
+                Class::Reads
+            }
             "ListTicks" | "GetCandles" | "GetMovingAverage" => Class::Ranges,
             "StreamTicks" | "StreamCandles" => Class::Streams,
             _ => Class::Writes,

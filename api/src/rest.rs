@@ -6,6 +6,7 @@
 
 pub mod model;
 pub mod openapi;
+pub mod polls;
 pub mod problem;
 
 use std::convert::Infallible;
@@ -18,7 +19,7 @@ use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use futures::{Stream, StreamExt};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
@@ -37,10 +38,15 @@ use problem::Problem;
 /// Default REST listen address of the `tickfleet-api` binary.
 pub const DEFAULT_HTTP_ADDR: &str = "0.0.0.0:8080";
 
-/// The REST routes over `api`.
-pub fn router(api: Api) -> Router {
+/// The REST routes over `api` and the polling jobs' `polls`.
+pub fn router(api: Api, polls: crate::polls::Polls) -> Router {
     Router::new()
         .route("/v1/prices/latest", get(latest_price))
+        .route("/v1/prices/poll", post(polls::create_poll))
+        .route(
+            "/v1/polls/{id}",
+            get(polls::get_poll).delete(polls::delete_poll),
+        )
         .route("/v1/ticks", get(list_ticks))
         .route("/v1/ticks/stream", get(stream_ticks))
         .route("/v1/candles", get(get_candles))
@@ -51,6 +57,7 @@ pub fn router(api: Api) -> Router {
         .route("/docs", get(openapi::docs))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::Extension(polls))
         .with_state(api)
 }
 
@@ -132,8 +139,9 @@ pub struct LatestQuery {
     /// The symbol (asset id).
     #[param(required = true, example = "A0000")]
     pub symbol: Option<String>,
-    /// Only a price from this provider (the tick's `source`): 404 when the newest tick of the
-    /// symbol came from another.
+    /// Only a price from this provider: for a polled provider (`finnhub`, `alphavantage`, `yahoo`)
+    /// its cached quote while it lasts, else the newest tick if its `source` is this provider (404 when
+    /// it came from another).
     pub provider: Option<String>,
 }
 
@@ -151,11 +159,18 @@ pub struct LatestQuery {
 pub async fn latest_price(
     State(api): State<Api>,
     caller: Caller,
+    axum::Extension(polls): axum::Extension<crate::polls::Polls>,
     headers: HeaderMap,
     RawQuery(raw): RawQuery,
 ) -> Result<Response, Problem> {
     let q: LatestQuery = query(raw)?;
     let symbol = q.symbol.unwrap_or_default();
+    if let Some(provider) = &q.provider
+        && !symbol.is_empty()
+        && let Some(body) = polls::cached_latest(caller, &polls, provider, &symbol).await?
+    {
+        return Ok(conditional(&headers, &body, "max-age=1"));
+    }
     let tick = api
         .get_latest(caller.request(v1::GetLatestRequest {
             asset_id: symbol.clone(),
@@ -538,7 +553,7 @@ async fn method_not_allowed() -> Problem {
     Problem::new(
         StatusCode::METHOD_NOT_ALLOWED,
         Code::Unimplemented,
-        "this route answers GET only",
+        "this route does not answer this method (see /openapi.json)",
     )
 }
 

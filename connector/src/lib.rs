@@ -14,10 +14,13 @@
 //!   so two venues' trade ids never meet in one asset's series.
 //! * [`sink::KafkaSink`]: idempotent producer, murmur2 partitioner, deliveries retried until
 //!   acknowledged; shutdown stops reading, waits for every delivery, flushes.
+//! * [`poll`]: provider polling jobs (`tickfleet-connector poll`): Finnhub, Alpha Vantage, Yahoo Finance
+//!   quotes onto the same topic, each (provider, symbol) polled by one replica at a time.
 //! * [`replay`]: a local WebSocket server that plays a venue's documented messages from a script, for the
 //!   tests and `tickctl demo --source`.
 
 pub mod metrics;
+pub mod poll;
 pub mod replay;
 pub mod sink;
 pub mod venue;
@@ -129,14 +132,14 @@ impl ConnectorConfig {
 
 /// Exponential backoff with "equal jitter": attempt n waits between d/2 and d, d = min(max, min·2ⁿ).
 #[derive(Debug, Clone)]
-struct Backoff {
-    min: Duration,
-    max: Duration,
-    attempt: u32,
+pub(crate) struct Backoff {
+    pub(crate) min: Duration,
+    pub(crate) max: Duration,
+    pub(crate) attempt: u32,
 }
 
 impl Backoff {
-    fn next(&mut self) -> Duration {
+    pub(crate) fn next(&mut self) -> Duration {
         let d = self
             .min
             .saturating_mul(1 << self.attempt.min(20))

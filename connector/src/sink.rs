@@ -6,6 +6,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use async_trait::async_trait;
+use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use rdkafka::util::Timeout;
 use tickfleet_proto::{Format, Tick};
@@ -94,6 +95,53 @@ impl KafkaSink {
             metrics,
             readiness,
         })
+    }
+
+    /// Produces `tick` with `headers` and waits for Kafka's acknowledgement, retrying a failed
+    /// delivery (with backoff) until it is acknowledged or `stop` is cancelled ([`Error::Closed`]).
+    /// The polling jobs use it: their next step (marking the tick produced) must follow the ack.
+    pub async fn deliver(
+        &self,
+        tick: &Tick,
+        headers: &[(&str, &str)],
+        stop: &tickfleet_service::CancellationToken,
+    ) -> Result<(), Error> {
+        let payload = tick.encode(self.format);
+        let mut backoff = Duration::from_millis(100);
+        loop {
+            let mut h = OwnedHeaders::new_with_capacity(headers.len());
+            for (key, value) in headers {
+                h = h.insert(Header {
+                    key,
+                    value: Some(value.as_bytes()),
+                });
+            }
+            let record = FutureRecord::to(&self.topic)
+                .key(tick.asset_id.as_bytes())
+                .payload(&payload)
+                .headers(h);
+            let sent = tokio::select! {
+                () = stop.cancelled() => return Err(Error::Closed),
+                r = self.producer.send(record, Timeout::Never) => r,
+            };
+            match sent {
+                Ok(_) => {
+                    self.metrics.trades_produced.inc();
+                    self.readiness.set_producing(true);
+                    return Ok(());
+                }
+                Err((e, _)) => {
+                    self.metrics.delivery_retries.inc();
+                    self.readiness.set_producing(false);
+                    warn!(asset = %tick.asset_id, seq = tick.seq, error = %e, "Kafka delivery failed; retrying");
+                    tokio::select! {
+                        () = stop.cancelled() => return Err(Error::Closed),
+                        () = tokio::time::sleep(backoff) => {}
+                    }
+                    backoff = (backoff * 2).min(Duration::from_secs(5));
+                }
+            }
+        }
     }
 
     /// The defaults the producer is created with (users' `--kafka-option`s override them).

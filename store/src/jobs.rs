@@ -29,6 +29,9 @@ use crate::{StoreError, Tick};
 
 pub use crate::redis::RedisJobs;
 
+/// The providers a job may name (`tickfleet-connector poll` implements each).
+pub const PROVIDERS: &[&str] = &["finnhub", "alphavantage", "yahoo"];
+
 /// Raw responses kept per (provider, symbol) pair (older ones are trimmed).
 pub const RAW_KEPT: usize = 1000;
 
@@ -138,7 +141,7 @@ pub enum Commit {
 
 /// Where jobs, leases, cached quotes and raw responses live. Every method is one atomic step.
 #[async_trait]
-pub trait JobStore: Send + Sync + 'static {
+pub trait JobStore: Send + Sync + std::fmt::Debug + 'static {
     /// Stores a new job (its id must be new).
     async fn create_job(&self, job: &PollJob) -> Result<(), StoreError>;
     /// The job with this id.

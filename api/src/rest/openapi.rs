@@ -14,6 +14,7 @@ use serde_json::Value;
 use utoipa::OpenApi;
 
 use super::model::{Assets, Candle, Candles, Gap, LatestPrice, MovingAverage, Tick, TicksPage};
+use super::polls::{PollJob, PollRequest, Quote, SymbolStatus};
 use super::problem::Problem;
 
 #[derive(OpenApi)]
@@ -33,13 +34,18 @@ use super::problem::Problem;
         super::stream_candles,
         super::moving_average,
         super::list_assets,
+        super::polls::create_poll,
+        super::polls::get_poll,
+        super::polls::delete_poll,
     ),
-    components(schemas(LatestPrice, Tick, TicksPage, Candle, Candles, MovingAverage, Assets, Gap, Problem)),
+    components(schemas(LatestPrice, Tick, TicksPage, Candle, Candles, MovingAverage, Assets, Gap, Problem,
+        PollRequest, PollJob, SymbolStatus, Quote)),
     tags(
         (name = "prices", description = "Latest prices and averages"),
         (name = "ticks", description = "Stored and live ticks"),
         (name = "candles", description = "OHLCV candles, stored and live"),
         (name = "assets", description = "The assets the store holds"),
+        (name = "polls", description = "Provider polling jobs (run by tickfleet-connector poll)"),
     )
 )]
 struct Doc;
@@ -246,7 +252,9 @@ mod tests {
                 "/v1/candles",
                 "/v1/candles/stream",
                 "/v1/moving-average",
+                "/v1/polls/{id}",
                 "/v1/prices/latest",
+                "/v1/prices/poll",
                 "/v1/ticks",
                 "/v1/ticks/stream"
             ]
