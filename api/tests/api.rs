@@ -992,6 +992,7 @@ async fn health_and_reflection_list_the_services() {
     let names: Vec<String> = list.service.into_iter().map(|s| s.name).collect();
     for want in [
         "tickfleet.v1.TickService",
+        "tickfleet.v1.PollService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
     ] {
