@@ -25,10 +25,15 @@
 #      every batch), REPEAT rounds. Per run: ticks/s, each node's CPU (INFO cpu before and after) and
 #      the ticks it holds (SCAN + ZCARD of the run's keys), so Redis CPU per tick per primary; and the
 #      workers' mean store-write latency per batch (the cost of WAIT 1 is the difference); cluster.md.
+#   9. PostgreSQL (a server of the run's own, scripts/postgres.sh): on the dev broker, one backlog of TICKS
+#      ticks stored by 1 and 2 workers with --store redis, --store postgres and --store both, REPEAT rounds,
+#      the stores alternating within a round; and PostgreSQL's own ceiling for the same insert shape:
+#      pgbench (1 and 2 clients, PG_SECONDS each) running one multi-row INSERT ... ON CONFLICT DO NOTHING
+#      of BATCH ticks (the worker's --batch-size default) into a table made by the store's own migration.
 # Results go to bench-results/<timestamp>/ (summary.md has the table quoted in BENCHMARKS.md).
 # Settings: TICKS (default 1000000), ASSETS (100), PARTITIONS (16), BIG_TICKS (4000000), REPEAT (3),
-# ROLLUP_TICKS (5000000), ROLLUP_WRITE_TICKS (1000000), CLUSTER_WORKERS (2),
-# PART (all; brokers: only steps 2+3; rollups: only step 7; cluster: only step 8), PROFILE (release, or debug: the debug binaries of
+# ROLLUP_TICKS (5000000), ROLLUP_WRITE_TICKS (1000000), CLUSTER_WORKERS (2), BATCH (1000), PG_SECONDS (15),
+# PART (all; brokers: only steps 2+3; rollups: only step 7; cluster: only step 8; postgres: only step 9), PROFILE (release, or debug: the debug binaries of
 # `cargo build --workspace --bins`, where a release build is not possible; absolute figures then say
 # little, ratios between the brokers still do).
 set -euo pipefail
@@ -44,7 +49,9 @@ ROLLUP_WRITE_TICKS=${ROLLUP_WRITE_TICKS:-1000000}
 PART=${PART:-all}
 PROFILE=${PROFILE:-release}
 CLUSTER_WORKERS=${CLUSTER_WORKERS:-2}
-case $PART in all | brokers | rollups | cluster) ;; *) echo "PART is all, brokers, rollups or cluster" >&2; exit 2 ;; esac
+BATCH=${BATCH:-1000}
+PG_SECONDS=${PG_SECONDS:-15}
+case $PART in all | brokers | rollups | cluster | postgres) ;; *) echo "PART is all, brokers, rollups, cluster or postgres" >&2; exit 2 ;; esac
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -63,6 +70,10 @@ if [ "$PROFILE" = release ] && [ "$PART" = rollups ]; then
   log "building the release tickctl (PART=rollups needs nothing else)"
   cargo build --release --locked --bin tickctl -p tickfleet-cli
   bin=target/release
+elif [ "$PROFILE" = release ] && [ "$PART" = postgres ]; then
+  log "building the release tickctl and tickfleet-worker (PART=postgres needs nothing else)"
+  cargo build --release --locked --bin tickctl --bin tickfleet-worker -p tickfleet-cli -p tickfleet-worker
+  bin=target/release
 elif [ "$PROFILE" = release ]; then
   log "building release binaries"
   cargo build --release --locked --bins -p tickfleet-cli -p tickfleet-worker -p tickfleet-api
@@ -78,12 +89,14 @@ out="bench-results/$(date -u +%Y%m%dT%H%M%SZ)"
 mkdir -p "$out"
 pids=()
 kafka_dir="$out/kafka"
+pg_dir=""
 cleanup() {
   for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done
   if [ -d "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir" || true; rm -rf "$kafka_dir/data"; fi
   for c in "$out/cluster1" "$out/cluster3"; do
     if [ -d "$c" ]; then bash scripts/redis-cluster.sh stop "$c" || true; fi
   done
+  if [ -n "$pg_dir" ]; then bash scripts/postgres.sh stop "$pg_dir/pg" || true; rm -rf "$pg_dir"; fi
 }
 trap cleanup EXIT
 
@@ -94,7 +107,8 @@ until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
 redis="redis://127.0.0.1:$port"
 
 if [ "$PART" != rollups ]; then
-"$tickctl" dev-broker --topic "bench:$PARTITIONS" --topic big:64 --bootstrap-file "$out/bootstrap" >/dev/null &
+"$tickctl" dev-broker --topic "bench:$PARTITIONS" --topic big:64 --topic "pgbench:$PARTITIONS" \
+  --bootstrap-file "$out/bootstrap" >/dev/null &
 pids+=($!)
 until [ -s "$out/bootstrap" ]; do sleep 0.1; done
 brokers=$(cat "$out/bootstrap")
@@ -108,6 +122,15 @@ kafka_version=$(sed -n 's:.*<kafka.version>\(.*\)</kafka.version>.*:\1:p' tests/
 else
 kafka_version="(not run: PART=$PART)"
 fi
+pg_version="(not run: PART=$PART)"
+if [ "$PART" = all ] || [ "$PART" = postgres ]; then
+  log "starting PostgreSQL (scripts/postgres.sh: fsync off, synchronous_commit on, as in the tests)"
+  # A directory the server's user can reach when this runs as root.
+  pg_dir=$(mktemp -d /tmp/tickfleet-bench-pg.XXXXXX)
+  chmod 711 "$pg_dir"
+  pg=$(bash scripts/postgres.sh start "$pg_dir/pg")
+  pg_version=$(psql "$pg" -XAtc 'SHOW server_version')
+fi
 
 {
   echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo), $(uname -sr)"
@@ -117,6 +140,7 @@ fi
   else
     echo "redis: $(redis-server --version | awk '{print $3}'), brokers: librdkafka mock cluster (tickctl dev-broker) and Apache Kafka $kafka_version (one KRaft node, $(java -version 2>&1 | head -1)), $PARTITIONS partitions"
   fi
+  echo "postgresql: $pg_version (scripts/postgres.sh: fsync=off, full_page_writes=off, synchronous_commit on); batch $BATCH"
   echo "binaries: $PROFILE; PART=$PART; $REPEAT rounds; $TICKS ticks over $ASSETS assets; rollups: $ROLLUP_TICKS ticks of one asset"
   echo "load during the run: $(cat /proc/loadavg)"
 } >"$out/machine.txt"
@@ -275,9 +299,47 @@ print(text)
 PY
 fi
 
-[ "$PART" = cluster ] || python3 - "$out" "$REPEAT" <<'PY'
+if [ "$PART" = all ] || [ "$PART" = postgres ]; then
+  log "9. PostgreSQL: ceiling (pgbench, the same multi-row INSERT ... ON CONFLICT DO NOTHING of $BATCH ticks)"
+  # The table is the store's own (its migration, in a schema of its own), with today's day partition.
+  day_ns=86400000000000
+  lo=$(( $(date +%s) / 86400 * day_ns ))
+  psql "$pg" -XqAt -v ON_ERROR_STOP=1 -c 'CREATE SCHEMA ceiling' >/dev/null
+  { echo 'SET search_path = ceiling;'; cat store/src/postgres/migrations/0001_ticks.sql; } |
+    psql "$pg" -XqAt -v ON_ERROR_STOP=1 >/dev/null
+  psql "$pg" -XqAt -v ON_ERROR_STOP=1 -c "SELECT ceiling.ensure_partitions(ARRAY[$lo]::bigint[], ARRAY[$((lo + day_ns))]::bigint[])" >/dev/null
+  # One statement per transaction: BATCH new ticks of 100 assets (a random base keeps them new), the
+  # values built server-side (cheaper than the worker's arrays of text sent from the client: a ceiling).
+  cat >"$out/pgbench-insert.sql" <<SQL
+\set base random(1, 1000000000000)
+INSERT INTO ceiling.ticks (asset, event_time_ns, seq, price, size, source)
+SELECT 'B' || (i % 100), $lo + (:base::bigint * $BATCH + i) % $day_ns, :base::bigint * $BATCH + i,
+    (100 + (i % 997) / 100.0)::numeric, (1 + i % 7)::numeric, 'bench'
+FROM generate_series(1, $BATCH) AS i
+ON CONFLICT DO NOTHING;
+SQL
+  for c in 1 2; do
+    pgbench -n -c "$c" -j "$c" -T "$PG_SECONDS" -f "$out/pgbench-insert.sql" "$pg" | tee "$out/pgbench-$c.txt"
+  done
+  log "9. PostgreSQL: $TICKS ticks over $ASSETS assets on the dev broker, stored with --store redis|postgres|both"
+  for round in $(seq 1 "$REPEAT"); do
+    for store in redis postgres both; do
+      log "9. round $round/$REPEAT, --store $store: 1 and 2 workers"
+      skip=(--skip-produce)
+      [ "$round" = 1 ] && [ "$store" = redis ] && skip=()
+      redis-cli -p "$port" flushall >/dev/null
+      "$tickctl" bench ingest --brokers "$brokers" --topic pgbench --redis "$redis" --ticks "$TICKS" \
+        --assets "$ASSETS" --workers 1,2 "${skip[@]}" --worker-arg="--store=$store" \
+        --worker-arg="--postgres-url=$pg" --worker-arg="--batch-size=$BATCH" \
+        --json "$out/pg-ingest-$store-$round.json" | tee -a "$out/pg-ingest-$store.txt"
+    done
+  done
+fi
+echo "load at the end: $(cat /proc/loadavg)" >>"$out/machine.txt"
+
+[ "$PART" = cluster ] || python3 - "$out" "$REPEAT" "$BATCH" <<'PY'
 import json, re, sys, pathlib, statistics
-out, repeat = pathlib.Path(sys.argv[1]), int(sys.argv[2])
+out, repeat, batch = pathlib.Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 med = statistics.median
 def ingest(b, w):
     return [next(r for r in json.loads((out / f"ingest-{b}-{i}.json").read_text()) if r["workers"] == w)
@@ -356,6 +418,37 @@ if (out / "rollups.json").exists():
         ("rollups: store write ticks/s, with / without rollups", rolled["ticks_per_s"] / raw["ticks_per_s"]),
         ("rollups: Redis CPU per tick, with / without rollups", rolled["redis_us_per_tick"] / raw["redis_us_per_tick"]),
         ("rollups: GetCandles 1m over a day, raw-tick p50 / rollup p50", rq["p50"] / q["p50"]),
+    ]
+if (out / "pgbench-1.txt").exists():
+    def pgbench(c):
+        tps = float(re.search(r"tps = ([\d.]+)", (out / f"pgbench-{c}.txt").read_text()).group(1))
+        return tps * batch
+    ceiling = {c: pgbench(c) for c in (1, 2)}
+    for c in (1, 2):
+        rows.append((f"PostgreSQL ceiling: pgbench, {c} client{'s' if c > 1 else ''}, INSERT ... ON CONFLICT DO NOTHING "
+                     f"of {batch} ticks per statement", f"{ceiling[c]:,.0f} ticks/s", f"{ceiling[c] / batch:,.0f} statements/s"))
+    pg = {}
+    for store in ("redis", "postgres", "both"):
+        for w in (1, 2):
+            rs = [next(r for r in json.loads((out / f"pg-ingest-{store}-{i}.json").read_text()) if r["workers"] == w)
+                  for i in range(1, repeat + 1)]
+            tps = [r["ticks_per_second"] for r in rs]
+            pg[store, w] = med(tps)
+            extra = ""
+            if all("mean_write_ms" in r for r in rs):
+                extra = f", mean write per batch {med([r['mean_write_ms'] for r in rs]):.1f} ms"
+            rows.append((f"--store {store}: tickfleet, {w} worker{'s' if w > 1 else ''} (dev broker)",
+                         f"{med(tps):,.0f} ticks/s",
+                         f"runs: {runs(tps)}; median {med([r['cpu_seconds'] for r in rs]):.1f} worker CPU s, "
+                         f"peak RSS {max(r['peak_rss_mib'] for r in rs):.0f} MiB{extra}"))
+    best = max(ceiling.values())
+    ratios += [
+        ("--store postgres, 1 worker / PostgreSQL ceiling (best of 1 and 2 pgbench clients)", pg["postgres", 1] / best),
+        ("--store postgres, 2 workers / PostgreSQL ceiling (best of 1 and 2 pgbench clients)", pg["postgres", 2] / best),
+        ("--store postgres / --store redis, 1 worker", pg["postgres", 1] / pg["redis", 1]),
+        ("--store postgres / --store redis, 2 workers", pg["postgres", 2] / pg["redis", 2]),
+        ("--store both / --store postgres, 2 workers", pg["both", 2] / pg["postgres", 2]),
+        ("--store postgres: 2 workers / 1 worker", pg["postgres", 2] / pg["postgres", 1]),
     ]
 lines = ["| what | median | notes |", "|---|---|---|"]
 lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
