@@ -6,13 +6,16 @@
 #
 #   scripts/postgres.sh start DIR   initdb + start in DIR (created), wait until it answers, print the URL
 #   scripts/postgres.sh stop DIR    stop the server started in DIR (its postmaster pid) and remove DIR
-#   scripts/postgres.sh restart DIR stop and start again on the same data and port (the chaos tests)
+#   scripts/postgres.sh restart DIR stop at once (-m immediate, a crash) and start again on the same data
+#                                   and port (the crash test)
+#   scripts/postgres.sh down DIR [fast|immediate]  stop the server only: fast (default) is a clean
+#                                   shutdown, immediate a crash; `up DIR` starts it again (the chaos tests)
 #
 # initdb refuses to run as root: as root, the server runs as the `postgres` user the package creates.
 set -euo pipefail
 
-cmd=${1:?usage: postgres.sh start|stop|restart DIR}
-dir=${2:?usage: postgres.sh start|stop|restart DIR}
+cmd=${1:?usage: postgres.sh start|stop|restart|down|up DIR}
+dir=${2:?usage: postgres.sh start|stop|restart|down|up DIR}
 bin=$(find /usr/lib/postgresql -mindepth 2 -maxdepth 2 -name bin -type d 2>/dev/null | sort -V | tail -1)
 [ -n "$bin" ] || { echo "no PostgreSQL server under /usr/lib/postgresql (apt-get install postgresql)" >&2; exit 1; }
 as_owner() {
@@ -51,8 +54,16 @@ restart)
   as_owner "$bin/pg_ctl" -D "$dir/data" -m immediate -w -t 60 stop >/dev/null
   start_server
   ;;
+down)
+  mode=${3:-fast}
+  case $mode in fast | immediate) ;; *) echo "down: mode is fast or immediate" >&2; exit 2 ;; esac
+  as_owner "$bin/pg_ctl" -D "$dir/data" -m "$mode" -w -t 60 stop >/dev/null
+  ;;
+up)
+  start_server
+  ;;
 *)
-  echo "usage: postgres.sh start|stop|restart DIR" >&2
+  echo "usage: postgres.sh start|stop|restart|down|up DIR" >&2
   exit 2
   ;;
 esac

@@ -8,6 +8,11 @@
 //! owner, with no group-wide barrier. (On KIP-848 a broker restart fences members whose heartbeats were
 //! late; their final commit is refused with UNKNOWN_MEMBER_ID, a hand-over the worker exits 0 on.)
 //!
+//! It runs on each store too (classic protocol): `--store postgres`, where PostgreSQL (a server of the
+//! test's own) is restarted cleanly (`pg_ctl -m fast`: sessions ended, then down for a few seconds) in
+//! place of Redis, and `--store both`, where Redis is SIGKILLed and PostgreSQL restarted, each once;
+//! `tickctl verify` audits every store written. (A PostgreSQL crash is `tests/postgres.rs`.)
+//!
 //! The seed is printed; `TICKFLEET_CHAOS_SEED=N` replays the same schedule (which workers, when, how
 //! long; process timing on a shared machine still varies).
 
@@ -16,9 +21,10 @@ use std::time::{Duration, Instant};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
+use tickfleet_e2e::postgres::{Postgres, Store};
 use tickfleet_e2e::{
     Kafka, RedisServer, Worker, WorkerSetup, assert_exact, create_topic, dump_logs,
-    produce_in_background, signal, wait_exit, wait_verified,
+    produce_in_background, signal, wait_exit, wait_verified_on,
 };
 
 const TICKS: u64 = 300_000;
@@ -77,21 +83,32 @@ enum Event {
     KillOne,
     TerminateOne,
     RestartRedis,
+    RestartPostgres,
     BrokerRestart,
 }
 
 #[test]
 fn chaos_loses_nothing_and_doubles_nothing() {
-    chaos(&[]);
+    chaos(&[], Store::Redis);
 }
 
 #[test]
 fn chaos_on_the_kip848_consumer_group_protocol_loses_nothing_and_doubles_nothing() {
-    chaos(&["--group-protocol", "consumer"]);
+    chaos(&["--group-protocol", "consumer"], Store::Redis);
 }
 
-/// One chaos run; `worker_args` are given to every worker.
-fn chaos(worker_args: &[&str]) {
+#[test]
+fn chaos_on_postgres_loses_nothing_and_doubles_nothing() {
+    chaos(&[], Store::Postgres);
+}
+
+#[test]
+fn chaos_on_both_stores_loses_nothing_and_doubles_nothing() {
+    chaos(&[], Store::Both);
+}
+
+/// One chaos run; `worker_args` are given to every worker, which write `store`.
+fn chaos(worker_args: &[&str], store: Store) {
     let seed: u64 = std::env::var("TICKFLEET_CHAOS_SEED")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -104,10 +121,13 @@ fn chaos(worker_args: &[&str]) {
 
     let dir = tempfile::tempdir().unwrap();
     let mut redis = RedisServer::start(&dir.path().join("redis"));
+    let pg = store.has_postgres().then(Postgres::start);
+    let pg_url = pg.as_ref().map(|p| p.url.clone()).unwrap_or_default();
     let kafka = Kafka::start(&[]);
     create_topic(&kafka.bootstrap, &[], "ticks", 8, None);
     let mut setup = WorkerSetup::on(&kafka.bootstrap, "ticks", dir.path(), &redis.url());
     setup.args = worker_args.iter().map(|a| a.to_string()).collect();
+    setup.args.extend(store.args(&pg_url));
     let mut fleet = Fleet {
         setup: setup.clone(),
         live: Vec::new(),
@@ -141,13 +161,14 @@ fn chaos(worker_args: &[&str]) {
     }
     fleet.log("scaled to 4");
 
-    let mut events = [
-        Event::KillOne,
-        Event::TerminateOne,
-        Event::RestartRedis,
-        Event::BrokerRestart,
-        Event::KillOne,
-    ];
+    // The store restarts are those of the stores written.
+    let mut events = vec![Event::KillOne, Event::TerminateOne, Event::BrokerRestart, Event::KillOne];
+    if store != Store::Postgres {
+        events.push(Event::RestartRedis);
+    }
+    if store.has_postgres() {
+        events.push(Event::RestartPostgres);
+    }
     events.shuffle(&mut rng);
     for event in events {
         pause(&mut rng, 3_000, 7_000);
@@ -169,6 +190,14 @@ fn chaos(worker_args: &[&str]) {
                 redis.start_again();
                 fleet.log("Redis back");
             }
+            Event::RestartPostgres => {
+                let pg = pg.as_ref().expect("a PostgreSQL for this store");
+                pg.down("fast");
+                fleet.log("PostgreSQL shut down (pg_ctl -m fast)");
+                pause(&mut rng, 2_000, 6_000);
+                pg.up();
+                fleet.log("PostgreSQL back");
+            }
             Event::BrokerRestart => {
                 kafka.kill();
                 fleet.log("broker SIGKILLed");
@@ -185,19 +214,36 @@ fn chaos(worker_args: &[&str]) {
 
     let report = producer.join().unwrap();
     fleet.log("producer done");
-    let summary = wait_verified(
-        &report,
-        &setup.redis_url,
-        &setup.prefix,
-        Duration::from_secs(240),
-    );
-    fleet.log(&format!("verify: {summary}"));
-    assert!(
-        summary["lost"] == 0 && summary["duplicated"] == 0,
-        "seed {seed}: {summary}\n{}",
-        dump_logs(&fleet.live)
-    );
-    assert_exact(&summary, ASSETS, TICKS);
+    for audit in store.audits(&pg_url) {
+        let audit: Vec<&str> = audit.iter().map(String::as_str).collect();
+        let summary = wait_verified_on(
+            &report,
+            &setup.redis_url,
+            &setup.prefix,
+            &audit,
+            Duration::from_secs(240),
+        );
+        fleet.log(&format!("verify {audit:?}: {summary}"));
+        assert!(
+            summary["lost"] == 0 && summary["duplicated"] == 0,
+            "seed {seed}: {summary}\n{}",
+            dump_logs(&fleet.live)
+        );
+        assert_exact(&summary, ASSETS, TICKS);
+    }
+    if store.has_postgres() {
+        // The restart was felt: some worker's PostgreSQL write failed and was retried.
+        let felt = fleet.live.iter().chain(&fleet.gone).any(|w| {
+            w.log_text()
+                .lines()
+                .any(|l| l.contains("store write failed") && l.contains("postgres:"))
+        });
+        assert!(
+            felt,
+            "seed {seed}: no PostgreSQL write failed during its restart\n{}",
+            dump_logs(&fleet.live)
+        );
+    }
     // The schedule really ran: 2 SIGKILLs and 3 SIGTERMs, and 2 workers are left.
     assert_eq!((fleet.gone.len(), fleet.live.len()), (5, 2));
 }

@@ -1,13 +1,17 @@
 //! The core data path end to end, with the real binaries: `tickctl produce` → Apache Kafka (the run's
 //! shared broker, a topic of each test's own) → `tickfleet-worker` processes in one consumer group → a
 //! real redis-server, audited by `tickctl verify` (per asset: nothing lost, nothing doubled, order kept).
+//! The scale-out test runs once per store (`--store redis|postgres|both`, PostgreSQL being the run's
+//! shared server, each test in a schema of its own), with `tickctl verify` reading every store written.
 
 use std::time::Duration;
 
+use tickfleet_e2e::postgres::{Store, assert_psql_shows, postgres_url};
 use tickfleet_e2e::{
     Worker, WorkerSetup, assert_exact, dump_logs, produce_to_in_background, redis_url,
-    shared_topic, signal, total, verify, wait_exit, wait_for, wait_verified,
+    shared_topic, signal, total, verify_on, wait_exit, wait_for, wait_verified,
 };
+use tickfleet_store::postgres::schema::for_prefix as schema_of;
 
 const TICKS: u64 = 100_000;
 const STORED: &str = "tickfleet_worker_ticks_stored_total";
@@ -19,9 +23,29 @@ const LOAD: &[&str] = &[
 
 #[test]
 fn one_then_three_workers_store_every_tick_exactly_once() {
+    one_then_three_workers(Store::Redis);
+}
+
+#[test]
+fn one_then_three_workers_store_every_tick_exactly_once_in_postgres() {
+    one_then_three_workers(Store::Postgres);
+}
+
+#[test]
+fn one_then_three_workers_store_every_tick_exactly_once_in_both_stores() {
+    one_then_three_workers(Store::Both);
+}
+
+fn one_then_three_workers(store: Store) {
+    let pg_url = if store.has_postgres() {
+        postgres_url()
+    } else {
+        String::new()
+    };
     let dir = tempfile::tempdir().unwrap();
-    let (bootstrap, topic) = shared_topic("pipeline", 8);
-    let setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
+    let (bootstrap, topic) = shared_topic(&format!("pipeline-{}", store.name()), 8);
+    let mut setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
+    setup.args = store.args(&pg_url);
     let producer = produce_to_in_background(&bootstrap, &topic, dir.path(), LOAD);
 
     let mut workers = vec![Worker::start(&setup, 0)];
@@ -53,9 +77,15 @@ fn one_then_three_workers_store_every_tick_exactly_once() {
         "all ticks stored",
         || (total(&workers, STORED) >= TICKS as f64).then_some(()),
     );
-    let (clean, summary) = verify(&report, &setup.redis_url, &setup.prefix);
-    assert!(clean, "{summary}\n{}", dump_logs(&workers));
-    assert_exact(&summary, 50, TICKS);
+    for audit in store.audits(&pg_url) {
+        let audit: Vec<&str> = audit.iter().map(String::as_str).collect();
+        let (clean, summary) = verify_on(&report, &setup.redis_url, &setup.prefix, &audit);
+        assert!(clean, "{audit:?}: {summary}\n{}", dump_logs(&workers));
+        assert_exact(&summary, 50, TICKS);
+    }
+    if store.has_postgres() {
+        assert_psql_shows(&pg_url, &schema_of(&setup.prefix), TICKS);
+    }
 
     let assigned: Vec<f64> = workers.iter().map(|w| w.metric(ASSIGNED)).collect();
     assert_eq!(

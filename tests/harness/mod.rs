@@ -492,12 +492,23 @@ pub fn wait_verified(
     prefix: &str,
     timeout: Duration,
 ) -> serde_json::Value {
+    wait_verified_on(report, redis_url, prefix, &[], timeout)
+}
+
+/// [`wait_verified`] with extra `tickctl verify` arguments (e.g. `--store postgres ...`).
+pub fn wait_verified_on(
+    report: &Path,
+    redis_url: &str,
+    prefix: &str,
+    extra: &[&str],
+    timeout: Duration,
+) -> serde_json::Value {
     wait_for(
         timeout,
         Duration::from_secs(1),
         "tickctl verify to find every tick stored once",
         || {
-            let (clean, summary) = verify(report, redis_url, prefix);
+            let (clean, summary) = verify_on(report, redis_url, prefix, extra);
             clean.then_some(summary)
         },
     )

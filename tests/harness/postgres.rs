@@ -1,9 +1,82 @@
 //! PostgreSQL for the end-to-end tests: the run's shared server (`TICKFLEET_TEST_POSTGRES_URL`, started
 //! by `scripts/test.sh`) and dedicated servers, through `scripts/postgres.sh`, for tests that restart
-//! one.
+//! one; [`Store`], for the tests that run the same pipeline on each `--store`.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
+
+/// Which store a pipeline test's workers write (`--store`): the tests that prove a guarantee for
+/// every store run once per kind, with the same assertions.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Store {
+    /// Redis alone (the default: no `--store` argument).
+    Redis,
+    /// PostgreSQL alone.
+    Postgres,
+    /// Redis and PostgreSQL.
+    Both,
+}
+
+impl Store {
+    /// Its `--store` value.
+    pub fn name(self) -> &'static str {
+        match self {
+            Store::Redis => "redis",
+            Store::Postgres => "postgres",
+            Store::Both => "both",
+        }
+    }
+
+    /// Whether it writes PostgreSQL.
+    pub fn has_postgres(self) -> bool {
+        self != Store::Redis
+    }
+
+    /// The worker's (and api's) arguments choosing it, with PostgreSQL at `pg_url`.
+    pub fn args(self, pg_url: &str) -> Vec<String> {
+        match self {
+            Store::Redis => Vec::new(),
+            kind => ["--store", kind.name(), "--postgres-url", pg_url]
+                .map(String::from)
+                .to_vec(),
+        }
+    }
+
+    /// `tickctl verify` arguments, one set per store it wrote: every one must hold each tick once
+    /// (`--store both` is audited in Redis and in PostgreSQL, each on its own).
+    pub fn audits(self, pg_url: &str) -> Vec<Vec<String>> {
+        let redis = Vec::new();
+        let postgres = Store::Postgres.args(pg_url);
+        match self {
+            Store::Redis => vec![redis],
+            Store::Postgres => vec![postgres],
+            Store::Both => vec![redis, postgres],
+        }
+    }
+}
+
+/// Asserts what `psql` shows of a pipeline's schema: `ticks` rows, its day partitions, the migrations
+/// table.
+pub fn assert_psql_shows(url: &str, schema: &str, ticks: u64) {
+    let count = psql(url, &format!("SELECT count(*) FROM {schema}.ticks"));
+    assert_eq!(count, [ticks.to_string()]);
+    let partitions = psql(
+        url,
+        &format!(
+            "SELECT c.relname FROM pg_inherits i JOIN pg_class c ON c.oid = i.inhrelid \
+             WHERE i.inhparent = '{schema}.ticks'::regclass ORDER BY 1"
+        ),
+    );
+    assert!(
+        !partitions.is_empty() && partitions.iter().all(|p| p.starts_with("ticks_20")),
+        "day partitions: {partitions:?}"
+    );
+    let migrations = psql(
+        url,
+        &format!("SELECT version, name FROM {schema}.schema_migrations ORDER BY version"),
+    );
+    assert_eq!(migrations, ["1|ticks"]);
+}
 
 /// The run's shared PostgreSQL URL.
 pub fn postgres_url() -> String {
@@ -64,13 +137,29 @@ impl Postgres {
     /// Stops the server at once (`pg_ctl -m immediate`, like a crash) and starts it again on the same
     /// data and port.
     pub fn restart(&self) {
+        self.run("restart", &[]);
+    }
+
+    /// Stops the server: `fast` is a clean shutdown (sessions are ended, a checkpoint is written),
+    /// `immediate` a crash (recovery from the WAL on the next start).
+    pub fn down(&self, mode: &str) {
+        self.run("down", &[mode]);
+    }
+
+    /// Starts the server stopped by [`down`](Self::down) on the same data and port.
+    pub fn up(&self) {
+        self.run("up", &[]);
+    }
+
+    fn run(&self, cmd: &str, extra: &[&str]) {
         let status = Command::new("bash")
             .arg(script())
-            .arg("restart")
+            .arg(cmd)
             .arg(self.dir.join("pg"))
+            .args(extra)
             .status()
             .expect("run postgres.sh");
-        assert!(status.success(), "postgres.sh restart failed");
+        assert!(status.success(), "postgres.sh {cmd} failed");
     }
 }
 
