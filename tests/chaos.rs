@@ -162,7 +162,12 @@ fn chaos(worker_args: &[&str], store: Store) {
     fleet.log("scaled to 4");
 
     // The store restarts are those of the stores written.
-    let mut events = vec![Event::KillOne, Event::TerminateOne, Event::BrokerRestart, Event::KillOne];
+    let mut events = vec![
+        Event::KillOne,
+        Event::TerminateOne,
+        Event::BrokerRestart,
+        Event::KillOne,
+    ];
     if store != Store::Postgres {
         events.push(Event::RestartRedis);
     }

@@ -1,10 +1,13 @@
-//! Security end to end: Redis AUTH and TLS (`rediss://` with a private CA), Apache Kafka with SASL_SSL and
-//! SCRAM-SHA-512 (certificates made with openssl, users with Kafka's own tool), and no secret in logs.
+//! Security end to end: Redis AUTH and TLS (`rediss://` with a private CA), PostgreSQL over TLS
+//! (`sslmode`, `sslrootcert` with a private CA, a server that refuses plaintext), Apache Kafka with
+//! SASL_SSL and SCRAM-SHA-512 (certificates made with openssl, users with Kafka's own tool), and no
+//! secret in logs.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
+use tickfleet_e2e::postgres::{Postgres, Store, psql};
 use tickfleet_e2e::{
     Kafka, RedisCluster, RedisServer, Worker, WorkerSetup, assert_exact, bin, create_topic,
     free_port, http_get, produce, redis_url, shared_topic, unique, wait_for,
@@ -154,6 +157,78 @@ fn make_certs(dir: &Path) {
         "-extfile",
         "san.ext",
     ]);
+}
+
+#[test]
+fn postgres_over_tls_with_a_private_ca_stores_everything_and_sslmode_is_honoured() {
+    let dir = tempfile::tempdir().unwrap();
+    make_certs(dir.path());
+    let ca = dir.path().join("ca.pem").to_string_lossy().into_owned();
+    let pg = Postgres::start();
+    pg.enable_tls(
+        &dir.path().join("server.pem"),
+        &dir.path().join("server.key"),
+    );
+    let with = |query: &str| format!("{}?{query}", pg.url);
+    let verify_full = with(&format!("sslmode=verify-full&sslrootcert={ca}"));
+
+    // The worker writes and tickctl verify reads over TLS, the server's name and CA checked.
+    let (bootstrap, topic) = shared_topic("security-pg", 4);
+    let mut setup = WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url());
+    setup.args = Store::Postgres.args(&verify_full);
+    let _worker = Worker::start(&setup, 0);
+    let report = produce(
+        &bootstrap,
+        &topic,
+        dir.path(),
+        &["--count", "3000", "--assets", "10"],
+    );
+    let audit = |url: &str| {
+        let args = Store::Postgres.args(url);
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        verify_with(&report, &setup.redis_url, &setup.prefix, &args)
+    };
+    assert_exact(&audit(&verify_full), 10, 3000);
+    // The server only takes TLS, and saw the worker's connections as TLS.
+    let tls_sessions = psql(
+        &pg.url,
+        "SELECT count(*) FROM pg_stat_ssl s JOIN pg_stat_activity a USING (pid) \
+         WHERE s.ssl AND a.backend_type = 'client backend' AND a.pid <> pg_backend_pid()",
+    );
+    assert_ne!(tls_sessions, ["0"], "no TLS session besides psql's own");
+    // verify-ca (the chain only) and require (encrypted, the certificate not checked) read it too.
+    assert_exact(
+        &audit(&with(&format!("sslmode=verify-ca&sslrootcert={ca}"))),
+        10,
+        3000,
+    );
+    assert_exact(&audit(&with("sslmode=require")), 10, 3000);
+
+    // Refused: plaintext (the server says no), and verify-full without the private CA (the OS's
+    // roots do not know it).
+    let verify_args = |url: &str| -> (bool, String) {
+        let out = Command::new(bin("tickctl"))
+            .args(["verify", "--json", "--redis-prefix", &setup.prefix])
+            .args(Store::Postgres.args(url))
+            .arg("--report")
+            .arg(&report)
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, err) = verify_args(&with("sslmode=disable"));
+    assert!(
+        !ok && err.contains("no encryption"),
+        "sslmode=disable: {err}"
+    );
+    let (ok, err) = verify_args(&with("sslmode=verify-full"));
+    assert!(
+        !ok && err.to_lowercase().contains("certificate"),
+        "verify-full without the CA: {err}"
+    );
 }
 
 #[test]

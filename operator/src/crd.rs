@@ -354,8 +354,14 @@ pub struct StoreSpec {
 #[serde(rename_all = "camelCase")]
 pub struct PostgresSpec {
     /// Secret key holding the URL, `postgres://USER:PASSWORD@HOST:PORT/DB` (the Secret must be
-    /// offered to the pipeline: annotation `tickfleet.io/allowed-pipelines`).
+    /// offered to the pipeline: annotation `tickfleet.io/allowed-pipelines`). TLS follows its
+    /// `sslmode` (`?sslmode=verify-full` to check the server's certificate and name).
     pub url_secret_ref: SecretKeyRef,
+    /// Secret key holding the CA certificate (PEM) of the server's certificate, for a private CA:
+    /// mounted into the workers and api and used as the URL's `sslrootcert`
+    /// (`TICKFLEET_POSTGRES_CA_FILE`); the system CAs are used when unset.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ca_secret_ref: Option<SecretKeyRef>,
     /// Schema of the pipeline's tables, created and migrated by the workers; the key prefix (with
     /// every character other than letters, digits and `_` as `_`) when unset.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -72,6 +72,9 @@ pub fn secret_uses(tp: &TickPipeline) -> Vec<SecretUse> {
     }
     if let Some(pg) = &spec.store.postgres {
         add(&pg.url_secret_ref.name, "spec.store.postgres.urlSecretRef");
+        if let Some(ca) = &pg.ca_secret_ref {
+            add(&ca.name, "spec.store.postgres.caSecretRef");
+        }
     }
     if let Some(tls) = &spec.api.tls {
         add(&tls.secret_name, "spec.api.tls.secretName");

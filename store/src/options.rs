@@ -33,9 +33,15 @@ pub struct StoreOptions {
     /// Redis (with --store redis or both).
     #[command(flatten)]
     pub redis: RedisOptions,
-    /// PostgreSQL URL (with --store postgres or both): `postgres://USER[:PASSWORD]@HOST:PORT/DB`.
+    /// PostgreSQL URL (with --store postgres or both): `postgres://USER[:PASSWORD]@HOST:PORT/DB`, TLS
+    /// as libpq's `sslmode` (disable, prefer: the default, require, verify-ca, verify-full) and
+    /// `sslrootcert` parameters say.
     #[arg(long, env = "TICKFLEET_POSTGRES_URL", hide_env_values = true)]
     pub postgres_url: Option<String>,
+    /// CA certificate (PEM) for PostgreSQL's TLS: the URL's `sslrootcert` when the URL names none.
+    /// TLS itself follows the URL's `sslmode` (`verify-full` to check the server's name too).
+    #[arg(long, env = "TICKFLEET_POSTGRES_CA_FILE")]
+    pub postgres_ca_file: Option<std::path::PathBuf>,
     /// PostgreSQL schema of the pipeline's tables (created and migrated by the binaries)
     /// [default: the Redis key prefix, with every character other than letters, digits and '_' as '_'].
     #[arg(long, env = "TICKFLEET_POSTGRES_SCHEMA")]
@@ -112,7 +118,13 @@ impl StoreOptions {
                 .map(|d| std::time::Duration::from_secs(d.saturating_mul(86_400))),
             max_count: None,
         };
-        PostgresStore::connect(url, &self.schema(), retention)
+        match &self.postgres_ca_file {
+            Some(ca) => {
+                let url = crate::postgres::tls::with_root_cert(url, &ca.to_string_lossy())?;
+                PostgresStore::connect(&url, &self.schema(), retention)
+            }
+            None => PostgresStore::connect(url, &self.schema(), retention),
+        }
     }
 }
 

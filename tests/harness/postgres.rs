@@ -151,6 +151,36 @@ impl Postgres {
         self.run("up", &[]);
     }
 
+    /// Turns TLS on with `cert` and `key` (PEM) and makes the server refuse connections without it
+    /// (`hostssl` only in pg_hba.conf), then reloads it.
+    pub fn enable_tls(&self, cert: &Path, key: &Path) {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let data = self.dir.join("pg/data");
+        let owner = std::fs::metadata(&data).expect("the data directory");
+        for (from, to) in [(cert, "server.crt"), (key, "server.key")] {
+            let to = data.join(to);
+            std::fs::copy(from, &to).expect("copy a TLS file into the data directory");
+            // PostgreSQL refuses a key others can read; it runs as the data directory's owner.
+            std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600)).unwrap();
+            std::os::unix::fs::chown(&to, Some(owner.uid()), Some(owner.gid())).unwrap();
+        }
+        std::fs::write(
+            data.join("pg_hba.conf"),
+            "local all all trust\n\
+             hostssl all all 127.0.0.1/32 trust\n\
+             hostnossl all all 127.0.0.1/32 reject\n",
+        )
+        .unwrap();
+        psql(&self.url, "ALTER SYSTEM SET ssl = on");
+        psql(&self.url, "SELECT pg_reload_conf()");
+        crate::wait_for(
+            std::time::Duration::from_secs(10),
+            std::time::Duration::from_millis(100),
+            "PostgreSQL to serve TLS",
+            || (psql(&self.url, "SHOW ssl") == ["on"]).then_some(()),
+        );
+    }
+
     fn run(&self, cmd: &str, extra: &[&str]) {
         let status = Command::new("bash")
             .arg(script())

@@ -17,6 +17,8 @@ pub const REDIS_CA_DIR: &str = "/etc/tickfleet/redis-ca";
 /// Directory of the Redis client certificate (`tls.crt`) and key (`tls.key`), from
 /// `spec.store.redis.tls.clientCertSecretName`.
 pub const REDIS_CLIENT_TLS_DIR: &str = "/etc/tickfleet/redis-client-tls";
+/// Directory of the PostgreSQL CA (`ca.crt`), from `spec.store.postgres.caSecretRef`.
+pub const POSTGRES_CA_DIR: &str = "/etc/tickfleet/postgres-ca";
 /// Mode of files mounted from Secrets: readable by their owner (root) and the pod's `fsGroup` (the
 /// image's group, which the containers run as), by no one else.
 pub const SECRET_FILE_MODE: i32 = 0o440;
@@ -126,7 +128,7 @@ fn secret_mount(
 }
 
 /// Secrets mounted as files into a component's pods (`worker`, `api` or `connector`): the Redis CA
-/// and client certificate (workers and api), the gRPC certificate (api only); connectors get none.
+/// and client certificate and the PostgreSQL CA (workers and api), the gRPC certificate (api only); connectors get none.
 /// The operator only references them; it never reads them.
 pub fn secret_mounts(tp: &TickPipeline, component: &str) -> Vec<SecretMount> {
     let mut mounts = Vec::new();
@@ -152,6 +154,21 @@ pub fn secret_mounts(tp: &TickPipeline, component: &str) -> Vec<SecretMount> {
                 ],
             ));
         }
+    }
+    if component != "connector"
+        && let Some(ca) = tp
+            .spec
+            .store
+            .postgres
+            .as_ref()
+            .and_then(|pg| pg.ca_secret_ref.as_ref())
+    {
+        mounts.push(secret_mount(
+            "postgres-ca",
+            &ca.name,
+            POSTGRES_CA_DIR,
+            &[(&ca.key, "ca.crt", "TICKFLEET_POSTGRES_CA_FILE")],
+        ));
     }
     if component == "api"
         && let Some(tls) = &tp.spec.api.tls
@@ -252,6 +269,10 @@ mod tests {
                 name: "pg-auth".into(),
                 key: "url".into(),
             },
+            ca_secret_ref: Some(crate::crd::SecretKeyRef {
+                name: "pg-ca".into(),
+                key: "ca.pem".into(),
+            }),
             schema: Some("history".into()),
             retention_days: Some(400),
         });
@@ -267,11 +288,32 @@ mod tests {
                 env.contains(&secret_env_var("TICKFLEET_POSTGRES_URL", "pg-auth", "url")),
                 "{env:?}"
             );
+            // The CA is a file from its Secret (the key projected as ca.crt), named by path.
+            assert!(
+                env.contains(&plain_env(
+                    "TICKFLEET_POSTGRES_CA_FILE",
+                    format!("{POSTGRES_CA_DIR}/ca.crt")
+                )),
+                "{env:?}"
+            );
+            let pod = pod_of(&d);
+            let source = volume(pod, "postgres-ca").unwrap().secret.as_ref().unwrap();
+            assert_eq!(source.secret_name.as_deref(), Some("pg-ca"));
+            assert_eq!(source.items.as_ref().unwrap()[0].key, "ca.pem");
+            assert_eq!(
+                mount(pod, "postgres-ca").unwrap().mount_path,
+                POSTGRES_CA_DIR
+            );
         }
         assert!(
             crate::offer::secret_uses(&tp)
                 .iter()
                 .any(|u| u.secret == "pg-auth" && u.field == "spec.store.postgres.urlSecretRef")
+        );
+        assert!(
+            crate::offer::secret_uses(&tp)
+                .iter()
+                .any(|u| u.secret == "pg-ca" && u.field == "spec.store.postgres.caSecretRef")
         );
         // without it, nothing of PostgreSQL
         let data = config_data(&pipeline());

@@ -5,7 +5,7 @@
 //! that connect at once serialize on an advisory lock, so each migration runs once. A database whose
 //! schema is newer than this binary knows is refused (an older binary must not write to it).
 
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 use tracing::{info, warn};
 
 use crate::StoreError;
@@ -51,24 +51,25 @@ pub fn check_name(schema: &str) -> Result<(), StoreError> {
 /// bound, a server that drops packets holds a writer for the operating system's TCP timeout.
 const CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 
-/// Connects to `url` (no TLS), with [`CONNECT_TIMEOUT`] unless the URL sets one; the caller drives
-/// the returned connection.
+/// Connects to `url` (TLS as its `sslmode` and `sslrootcert` say: [`super::tls`]), with
+/// [`CONNECT_TIMEOUT`] unless the URL sets one; the caller drives the returned connection.
 pub(crate) async fn open(
     url: &str,
 ) -> Result<
     (
         Client,
-        tokio_postgres::Connection<tokio_postgres::Socket, tokio_postgres::tls::NoTlsStream>,
+        tokio_postgres::Connection<
+            tokio_postgres::Socket,
+            super::tls::RustlsStream<tokio_postgres::Socket>,
+        >,
     ),
     StoreError,
 > {
-    let mut config: tokio_postgres::Config = url
-        .parse()
-        .map_err(|e| StoreError::Config(format!("PostgreSQL URL: {e}")))?;
+    let super::tls::Target { mut config, tls } = super::tls::parse(url)?;
     if config.get_connect_timeout().is_none() {
         config.connect_timeout(CONNECT_TIMEOUT);
     }
-    Ok(config.connect(NoTls).await?)
+    Ok(config.connect(tls).await?)
 }
 
 /// Connects, sets the search path to `schema` and applies the migrations it lacks.
