@@ -5,43 +5,31 @@
 //! and never for a write that failed. A payload is `{"a": ASSET, "v": V, "m": [members], "skipped": N}`, at most
 //! ~7 KB (NOTIFY's limit is 8000 bytes; `v` is the asset's write version the batch made): a batch's members are split over several notifications, and a
 //! tick too big to announce is counted in `skipped` and reported as a [`LiveEvent::Gap`] (`oversized`).
-//! When the connection breaks, the feed reconnects with backoff and reports a gap (`reconnected`):
-//! notifications sent meanwhile are not kept for it.
+//! When the connection breaks, the feed reconnects with backoff and reports a gap (`reconnected`:
+//! [`crate::live`]): notifications sent meanwhile are not kept for it.
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
-use tokio::sync::{broadcast, mpsc};
+use tokio::sync::mpsc;
 use tokio_postgres::AsyncMessage;
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::live::{LiveBatch, LiveEvent};
+use crate::live::{Events, LiveBatch, LiveEvent};
 use crate::{StoreError, Tick, member};
 
-/// The shared listening connection of a store's live feeds.
-pub(super) struct LiveHub {
-    pub(super) tx: broadcast::Sender<LiveEvent>,
-    pub(super) task: tokio::task::JoinHandle<()>,
-}
-
-/// A `LISTEN`ing connection: its notifications arrive on `rx`; `None` there means it closed.
-pub(super) struct Listener {
-    _client: tokio_postgres::Client,
-    rx: mpsc::UnboundedReceiver<Option<String>>,
-}
-
-/// Connects and listens on `channel`. When this returns, every later notification reaches the
-/// listener.
-pub(super) async fn listen(url: &str, channel: &str) -> Result<Listener, StoreError> {
-    let (client, mut connection) = super::schema::open(url).await?;
+/// Connects and listens on `channel`: the events of its notifications, until the connection closes
+/// (the relay in [`crate::live`] reconnects then). When this returns, every later notification
+/// reaches the stream.
+pub(super) async fn listen(url: String, channel: String) -> Result<Events, StoreError> {
+    let (client, mut connection) = super::schema::open(&url).await?;
     let (tx, rx) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         let mut messages = futures::stream::poll_fn(move |cx| connection.poll_message(cx));
         while let Some(message) = messages.next().await {
             match message {
                 Ok(AsyncMessage::Notification(n)) => {
-                    if tx.send(Some(n.payload().to_owned())).is_err() {
+                    if tx.send(n.payload().to_owned()).is_err() {
                         return;
                     }
                 }
@@ -52,76 +40,39 @@ pub(super) async fn listen(url: &str, channel: &str) -> Result<Listener, StoreEr
                 }
             }
         }
-        let _ = tx.send(None);
     });
     // The channel name is the store's schema (checked to be a plain identifier) + "_live".
     client
         .batch_execute(&format!("LISTEN \"{channel}\""))
         .await?;
-    Ok(Listener {
-        _client: client,
-        rx,
-    })
+    // The stream owns the client, so the connection lives as long as the stream.
+    let payloads = futures::stream::unfold((client, rx), |(client, mut rx)| async move {
+        let payload = rx.recv().await?;
+        Some((payload, (client, rx)))
+    });
+    Ok(payloads
+        .flat_map(|payload| futures::stream::iter(events(&payload)))
+        .boxed())
 }
 
-/// Forwards notifications to the feeds until none is left; reconnects (reporting a gap) when the
-/// connection breaks.
-pub(super) async fn run(
-    url: String,
-    channel: String,
-    mut listener: Listener,
-    tx: broadcast::Sender<LiveEvent>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        loop {
-            let payload =
-                match tokio::time::timeout(Duration::from_secs(5), listener.rx.recv()).await {
-                    Ok(Some(Some(p))) => p,
-                    Ok(_) => break,
-                    Err(_) if tx.receiver_count() == 0 => return,
-                    Err(_) => continue,
-                };
-            if tx.receiver_count() == 0 {
-                return;
+/// The events of one notification: its new ticks, and a gap for the ticks it had to leave out.
+fn events(payload: &str) -> Vec<LiveEvent> {
+    let mut out = Vec::new();
+    match decode(payload) {
+        Ok((batch, skipped)) => {
+            if !batch.ticks.is_empty() {
+                out.push(LiveEvent::Ticks(Arc::new(batch)));
             }
-            backoff = Duration::from_millis(100);
-            match decode(&payload) {
-                Ok((batch, skipped)) => {
-                    if !batch.ticks.is_empty() {
-                        let _ = tx.send(LiveEvent::Ticks(Arc::new(batch)));
-                    }
-                    if skipped > 0 {
-                        let _ = tx.send(LiveEvent::Gap {
-                            missed: skipped,
-                            reason: "oversized",
-                        });
-                    }
-                }
-                Err(e) => warn!(error = %e, "undecodable live notification skipped"),
+            if skipped > 0 {
+                out.push(LiveEvent::Gap {
+                    missed: skipped,
+                    reason: "oversized",
+                });
             }
         }
-        warn!("PostgreSQL live feed connection lost; reconnecting");
-        loop {
-            if tx.receiver_count() == 0 {
-                return;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            match listen(&url, &channel).await {
-                Ok(l) => {
-                    listener = l;
-                    info!("PostgreSQL live feed reconnected");
-                    let _ = tx.send(LiveEvent::Gap {
-                        missed: 0,
-                        reason: "reconnected",
-                    });
-                    break;
-                }
-                Err(e) => warn!(error = %e, "PostgreSQL live feed reconnect failed"),
-            }
-        }
+        Err(e) => warn!(error = %e, "undecodable live notification skipped"),
     }
+    out
 }
 
 #[derive(serde::Deserialize)]

@@ -34,11 +34,10 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use rust_decimal::Decimal;
-use tokio::sync::broadcast;
 use tokio_postgres::{Client, Row, Statement};
 use tracing::warn;
 
-use crate::live::{LIVE_BUFFER, LiveFeed};
+use crate::live::LiveFeed;
 use crate::rollup::Overflow;
 use crate::{
     Candle, MAX_PAGE, RangeQuery, RebuildSummary, Retention, RollupPage, RollupQuery, StoreError,
@@ -47,6 +46,7 @@ use crate::{
 
 mod live;
 pub mod schema;
+pub(crate) mod tls;
 
 const WRITE_SQL: &str = include_str!("write.sql");
 const ROLLUPS_SQL: &str = include_str!("rollups.sql");
@@ -73,7 +73,7 @@ pub struct PostgresStore {
     /// Day partitions (their `lo`) this store knows exist.
     partitions: Arc<Mutex<HashSet<i64>>>,
     last_sweep: Arc<Mutex<Option<Instant>>>,
-    live: Arc<tokio::sync::Mutex<Option<live::LiveHub>>>,
+    live: Arc<tokio::sync::Mutex<Option<crate::live::LiveHub>>>,
 }
 
 impl std::fmt::Debug for PostgresStore {
@@ -98,7 +98,7 @@ struct Session {
 
 impl PostgresStore {
     /// A store on the PostgreSQL at `url` (`postgres://USER[:PASSWORD]@HOST:PORT/DB`, or key=value
-    /// form), in schema `schema` (created and migrated on first use). Lazy: no connection is made until
+    /// form; TLS as its `sslmode` and `sslrootcert` say, see [`tls`]), in schema `schema` (created and migrated on first use). Lazy: no connection is made until
     /// the first call. Retention by count is refused (see the [module docs](self)).
     pub fn connect(url: &str, schema: &str, retention: Retention) -> Result<Self, StoreError> {
         if retention.max_count.is_some() {
@@ -109,8 +109,8 @@ impl PostgresStore {
             ));
         }
         schema::check_name(schema)?;
-        url.parse::<tokio_postgres::Config>()
-            .map_err(|e| StoreError::Config(format!("PostgreSQL URL: {e}")))?;
+        // The URL and its TLS settings (a CA file is read here too), checked before any connection.
+        tls::parse(url)?;
         Ok(PostgresStore {
             url: url.to_owned(),
             schema: schema.to_owned(),
@@ -378,20 +378,11 @@ impl TickStore for PostgresStore {
     }
 
     async fn subscribe(&self) -> Result<LiveFeed, StoreError> {
-        let mut hub = self.live.lock().await;
-        if let Some(h) = hub.as_ref().filter(|h| !h.task.is_finished()) {
-            return Ok(LiveFeed::new(h.tx.subscribe()));
-        }
-        let (tx, rx) = broadcast::channel(LIVE_BUFFER);
-        let listener = live::listen(&self.url, &self.channel()).await?;
-        let task = tokio::spawn(live::run(
-            self.url.clone(),
-            self.channel(),
-            listener,
-            tx.clone(),
-        ));
-        *hub = Some(live::LiveHub { tx, task });
-        Ok(LiveFeed::new(rx))
+        let (url, channel) = (self.url.clone(), self.channel());
+        crate::live::subscribe(&self.live, "postgres", move || {
+            live::listen(url.clone(), channel.clone())
+        })
+        .await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
@@ -404,12 +395,7 @@ impl TickStore for PostgresStore {
         let s = self.session().await?;
         let width = query.base.ns();
         let limit = query.limit.clamp(1, MAX_PAGE);
-        // The version first: a page read after it holds at least what that version announced.
-        let version = s
-            .client
-            .query_opt("SELECT version FROM latest WHERE asset = $1", &[&asset_id])
-            .await?
-            .map_or(0, |r| r.get::<_, i64>(0));
+        // One statement: the page and the asset's version, read in one snapshot.
         let rows = s
             .client
             .query(
@@ -423,13 +409,21 @@ impl TickStore for PostgresStore {
                 ],
             )
             .await?;
+        let version = match rows.first() {
+            Some(row) => row.try_get::<_, i64>(0)?,
+            None => 0,
+        };
         let mut page = RollupPage {
             version: u64::try_from(version).unwrap_or(0),
             ..RollupPage::default()
         };
         for row in &rows {
+            // An empty page is one row with NULL candle columns.
+            let Some(start) = row.try_get::<_, Option<i64>>(1)? else {
+                continue;
+            };
             if page.candles.len() == limit {
-                page.next = Some(row.try_get(0)?);
+                page.next = Some(start);
                 break;
             }
             page.candles.push(candle_of(asset_id, width, row)?);
@@ -448,7 +442,7 @@ impl TickStore for PostgresStore {
     }
 }
 
-/// A candle from a row of `rollups.sql`. Sums beyond what a decimal holds (28 digits) are an
+/// A candle from a row of `rollups.sql` (column 0 is the version). Sums beyond what a decimal holds (28 digits) are an
 /// overflow, as in the stores that keep rollups.
 fn candle_of(asset_id: &str, width: i64, row: &Row) -> Result<Candle, StoreError> {
     let decimal = |i: usize, what: &'static str| -> Result<Decimal, StoreError> {
@@ -464,20 +458,20 @@ fn candle_of(asset_id: &str, width: i64, row: &Row) -> Result<Candle, StoreError
             seq: seq_from_sql(row.try_get(seq)?),
         })
     };
-    let start: i64 = row.try_get(0)?;
+    let start: i64 = row.try_get(1)?;
     let mut c = Candle::spanning(
         start,
         start.saturating_add(width),
-        (id(1, 2)?, decimal(3, "open")?),
-        (id(4, 5)?, decimal(6, "close")?),
+        (id(2, 3)?, decimal(4, "open")?),
+        (id(5, 6)?, decimal(7, "close")?),
     );
-    c.high = decimal(7, "high")?;
-    c.low = decimal(8, "low")?;
-    c.volume = decimal(9, "candle volume")?;
-    c.turnover = decimal(10, "sum of price × size")?;
-    c.price_sum = decimal(11, "sum of prices")?;
-    c.price_scale = u32::try_from(row.try_get::<_, i32>(12)?).unwrap_or(0);
-    c.count = u64::try_from(row.try_get::<_, i64>(13)?).unwrap_or(0);
+    c.high = decimal(8, "high")?;
+    c.low = decimal(9, "low")?;
+    c.volume = decimal(10, "candle volume")?;
+    c.turnover = decimal(11, "sum of price × size")?;
+    c.price_sum = decimal(12, "sum of prices")?;
+    c.price_scale = u32::try_from(row.try_get::<_, i32>(13)?).unwrap_or(0);
+    c.count = u64::try_from(row.try_get::<_, i64>(14)?).unwrap_or(0);
     Ok(c)
 }
 

@@ -1,6 +1,9 @@
 -- One page of an asset's candles of one base, computed from its ticks in SQL with exact numeric
--- arithmetic: buckets of $2 ns starting in [$3, $4), at most $5.
+-- arithmetic: buckets of $2 ns starting in [$3, $4), at most $5; with the asset's write version, in
+-- the same statement (one snapshot: the page holds exactly what that version announced). Always one
+-- row at least: an empty page is one row with the version and NULL candle columns.
 -- (Ticks are never before 1970, so event_time_ns - mod(event_time_ns, width) is the bucket start.)
+WITH page AS (
 SELECT start,
     (array_agg(event_time_ns ORDER BY event_time_ns, seq))[1] AS open_t,
     (array_agg(seq ORDER BY event_time_ns, seq))[1] AS open_seq,
@@ -25,3 +28,7 @@ WHERE start >= $3 AND start < $4
 GROUP BY start
 ORDER BY start
 LIMIT $5
+)
+SELECT coalesce((SELECT version FROM latest WHERE asset = $1), 0) AS version, page.*
+FROM (VALUES (1)) AS one (x) LEFT JOIN page ON true
+ORDER BY page.start

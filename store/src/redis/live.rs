@@ -10,25 +10,17 @@
 //! and a tick is still announced atomically with its write, once. The cost is that every node carries
 //! every announcement (see ARCHITECTURE.md). The connection goes to the first seed that answers; when it
 //! breaks, the feed reconnects (to the next seed that answers) with backoff and reports a
-//! [`LiveEvent::Gap`] (`reconnected`), since announcements made meanwhile are lost (Redis pub/sub is
-//! fire-and-forget).
+//! [`LiveEvent::Gap`] (`reconnected`: [`crate::live`]), since announcements made meanwhile are lost
+//! (Redis pub/sub is fire-and-forget).
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use futures::StreamExt;
 use redis::Client;
-use tokio::sync::broadcast;
-use tracing::{info, warn};
+use tracing::warn;
 
-use crate::live::{LiveBatch, LiveEvent};
+use crate::live::{Events, LiveBatch, LiveEvent};
 use crate::{StoreError, Tick, member};
-
-/// The shared pub/sub connection of a store's live feeds.
-pub(super) struct LiveHub {
-    pub(super) tx: broadcast::Sender<LiveEvent>,
-    pub(super) task: tokio::task::JoinHandle<()>,
-}
 
 /// Escapes Redis glob characters, so a prefix matches only itself in a pattern.
 fn glob_escape(s: &str) -> String {
@@ -50,22 +42,35 @@ fn asset_of_channel<'a>(prefix: &str, channel: &'a str) -> Option<&'a str> {
         .strip_suffix("}:live")
 }
 
-/// Subscribes through the first of `clients` that answers.
-pub(super) async fn connect(
-    clients: &[Client],
-    prefix: &str,
-) -> Result<redis::aio::PubSub, StoreError> {
+/// Subscribes through the first of `clients` that answers: the live events of this store's assets
+/// (the relay in [`crate::live`] reconnects when the stream ends).
+pub(super) async fn connect(clients: Vec<Client>, prefix: String) -> Result<Events, StoreError> {
     let mut last = None;
-    for client in clients {
+    for client in &clients {
         let attempt = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub
-                .psubscribe(format!("{}:{{*}}:live", glob_escape(prefix)))
+                .psubscribe(format!("{}:{{*}}:live", glob_escape(&prefix)))
                 .await?;
             Ok::<_, redis::RedisError>(pubsub)
         };
         match attempt.await {
-            Ok(p) => return Ok(p),
+            Ok(pubsub) => {
+                let events = pubsub.into_on_message().filter_map(move |msg| {
+                    let event =
+                        asset_of_channel(&prefix, msg.get_channel_name()).and_then(|asset| {
+                            match decode(asset, msg.get_payload_bytes()) {
+                                Ok(batch) => Some(LiveEvent::Ticks(Arc::new(batch))),
+                                Err(e) => {
+                                    warn!(asset, error = %e, "undecodable live message skipped");
+                                    None
+                                }
+                            }
+                        });
+                    futures::future::ready(event)
+                });
+                return Ok(events.boxed());
+            }
             Err(e) => last = Some(e),
         }
     }
@@ -73,65 +78,6 @@ pub(super) async fn connect(
         Some(e) => StoreError::Redis(e),
         None => StoreError::Config("no Redis URL".into()),
     })
-}
-
-/// Forwards live messages to the feeds until none is left; reconnects (reporting a gap) when the
-/// connection breaks.
-pub(super) async fn run(
-    clients: Vec<Client>,
-    prefix: String,
-    mut pubsub: redis::aio::PubSub,
-    tx: broadcast::Sender<LiveEvent>,
-) {
-    let mut backoff = Duration::from_millis(100);
-    loop {
-        {
-            let mut messages = pubsub.on_message();
-            // Checked every few seconds too, so an idle feed with no listener left goes away.
-            loop {
-                let msg = match tokio::time::timeout(Duration::from_secs(5), messages.next()).await
-                {
-                    Ok(Some(msg)) => msg,
-                    Ok(None) => break,
-                    Err(_) if tx.receiver_count() == 0 => return,
-                    Err(_) => continue,
-                };
-                if tx.receiver_count() == 0 {
-                    return;
-                }
-                backoff = Duration::from_millis(100);
-                let Some(asset) = asset_of_channel(&prefix, msg.get_channel_name()) else {
-                    continue;
-                };
-                match decode(asset, msg.get_payload_bytes()) {
-                    Ok(batch) => {
-                        let _ = tx.send(LiveEvent::Ticks(Arc::new(batch)));
-                    }
-                    Err(e) => warn!(asset, error = %e, "undecodable live message skipped"),
-                }
-            }
-        }
-        warn!("live feed connection lost; reconnecting");
-        loop {
-            if tx.receiver_count() == 0 {
-                return;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(Duration::from_secs(5));
-            match connect(&clients, &prefix).await {
-                Ok(p) => {
-                    pubsub = p;
-                    info!("live feed reconnected");
-                    let _ = tx.send(LiveEvent::Gap {
-                        missed: 0,
-                        reason: "reconnected",
-                    });
-                    break;
-                }
-                Err(e) => warn!(error = %e, "live feed reconnect failed"),
-            }
-        }
-    }
 }
 
 /// A live message: the version the write made and the members it added.

@@ -52,9 +52,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use redis::{Client, Value};
-use tokio::sync::broadcast;
 
-use crate::live::{LIVE_BUFFER, LiveFeed};
+use crate::live::LiveFeed;
 use crate::member;
 use crate::rollup::{Base, RebuildSummary, RollupPage, RollupQuery, RollupRetention};
 use crate::{MAX_PAGE, RangeQuery, Retention, StoreError, Tick, TickPage, TickStore, WriteSummary};
@@ -124,7 +123,7 @@ pub struct RedisStore {
     conn: Conn,
     /// Clients of the server or of each seed node, for the live feed's pub/sub connection.
     pubsub_clients: Vec<Client>,
-    live: Arc<tokio::sync::Mutex<Option<live::LiveHub>>>,
+    live: Arc<tokio::sync::Mutex<Option<crate::live::LiveHub>>>,
     /// Assets this store has added to the index (so it adds each once).
     indexed: Arc<Mutex<HashSet<String>>>,
     prefix: String,
@@ -443,21 +442,11 @@ impl TickStore for RedisStore {
     }
 
     async fn subscribe(&self) -> Result<LiveFeed, StoreError> {
-        let mut hub = self.live.lock().await;
-        if let Some(h) = hub.as_ref().filter(|h| !h.task.is_finished()) {
-            return Ok(LiveFeed::new(h.tx.subscribe()));
-        }
-        let (tx, rx) = broadcast::channel(LIVE_BUFFER);
-        // The first connection is made here, so a caller learns at once when Redis is unreachable.
-        let pubsub = live::connect(&self.pubsub_clients, &self.prefix).await?;
-        let task = tokio::spawn(live::run(
-            self.pubsub_clients.clone(),
-            self.prefix.clone(),
-            pubsub,
-            tx.clone(),
-        ));
-        *hub = Some(live::LiveHub { tx, task });
-        Ok(LiveFeed::new(rx))
+        let (clients, prefix) = (self.pubsub_clients.clone(), self.prefix.clone());
+        crate::live::subscribe(&self.live, "redis", move || {
+            live::connect(clients.clone(), prefix.clone())
+        })
+        .await
     }
 
     async fn assets(&self) -> Result<Vec<String>, StoreError> {
