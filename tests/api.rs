@@ -1,15 +1,17 @@
 //! The api and the query commands end to end, with the real binaries: `tickctl produce` → Apache Kafka →
 //! `tickfleet-worker` → redis-server → two `tickfleet-api` replicas → `tickctl watch`/queries; and
-//! `tickctl demo` as a user runs it, stopped with Ctrl-C (SIGINT).
+//! `tickctl demo` as a user runs it, stopped with Ctrl-C (SIGINT). The streaming test runs on
+//! PostgreSQL alone too (`--store postgres`: the streams come from LISTEN/NOTIFY).
 
 use std::collections::BTreeMap;
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use tickfleet_e2e::postgres::{Store, postgres_url};
 use tickfleet_e2e::{
     Api, Watch, Worker, WorkerSetup, bin, free_port, produce, redis_url, shared_topic, signal,
-    tickctl_json, unique, wait_exit, wait_for, wait_verified,
+    tickctl_json, unique, wait_exit, wait_for, wait_verified_on,
 };
 
 const TICKS: u64 = 3_000;
@@ -31,16 +33,33 @@ fn expected(report: &std::path::Path) -> BTreeMap<String, u64> {
 
 #[test]
 fn two_api_replicas_stream_every_tick_a_worker_stores_once() {
+    two_api_replicas_stream(Store::Redis);
+}
+
+#[test]
+fn two_api_replicas_stream_every_tick_a_worker_stores_once_in_postgres() {
+    two_api_replicas_stream(Store::Postgres);
+}
+
+fn two_api_replicas_stream(store: Store) {
+    let pg_url = if store.has_postgres() {
+        postgres_url()
+    } else {
+        String::new()
+    };
+    let store_args = store.args(&pg_url);
+    let store_args: Vec<&str> = store_args.iter().map(String::as_str).collect();
     let dir = tempfile::tempdir().unwrap();
-    let (bootstrap, topic) = shared_topic("api", 4);
+    let (bootstrap, topic) = shared_topic(&format!("api-{}", store.name()), 4);
     let prefix = unique("e2e-api");
-    let setup = WorkerSetup {
+    let mut setup = WorkerSetup {
         prefix: prefix.clone(),
         ..WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url())
     };
+    setup.args = store.args(&pg_url);
     let apis = [
-        Api::start(&prefix, dir.path(), 0),
-        Api::start(&prefix, dir.path(), 1),
+        Api::start_with(&prefix, dir.path(), 0, &store_args),
+        Api::start_with(&prefix, dir.path(), 1, &store_args),
     ];
     let mut watches: Vec<Watch> = apis
         .iter()
@@ -76,7 +95,13 @@ fn two_api_replicas_stream_every_tick_a_worker_stores_once() {
             "3000",
         ],
     );
-    wait_verified(&report, &redis_url(), &prefix, Duration::from_secs(60));
+    wait_verified_on(
+        &report,
+        &redis_url(),
+        &prefix,
+        &store_args,
+        Duration::from_secs(60),
+    );
 
     let want = expected(&report);
     assert_eq!(want.values().sum::<u64>(), TICKS);
