@@ -29,6 +29,9 @@ pub struct ApiMetrics {
     /// `tickfleet_api_store_errors_total{kind}`: store calls that failed, by kind (`timeout` when the
     /// store did not answer within the api's store timeout, else the store's error kind).
     pub store_errors: IntCounterVec,
+    /// `tickfleet_api_http_responses_total{method,route,status}`: REST answers by route template and
+    /// HTTP status.
+    pub http_responses: IntCounterVec,
     /// The per-client rate limiter's metrics (see [`crate::ratelimit`]).
     pub rate: crate::ratelimit::RateMetrics,
 }
@@ -97,8 +100,16 @@ impl ApiMetrics {
                 ),
                 &["kind"],
             )?,
+            http_responses: IntCounterVec::new(
+                Opts::new(
+                    "tickfleet_api_http_responses_total",
+                    "REST answers, by method, route template and HTTP status",
+                ),
+                &["method", "route", "status"],
+            )?,
             rate: crate::ratelimit::RateMetrics::new(registry)?,
         };
+        registry.register(Box::new(m.http_responses.clone()))?;
         registry.register(Box::new(m.requests.clone()))?;
         registry.register(Box::new(m.in_flight.clone()))?;
         registry.register(Box::new(m.rejected.clone()))?;

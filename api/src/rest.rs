@@ -58,7 +58,35 @@ pub fn router(api: Api, polls: crate::polls::Polls) -> Router {
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::Extension(polls))
+        .layer(axum::middleware::from_fn_with_state(
+            api.clone(),
+            count_response,
+        ))
         .with_state(api)
+}
+
+/// Counts every REST answer in `tickfleet_api_http_responses_total{method,route,status}`: `route` is
+/// the route's template (`/v1/candles`), or `unmatched`; a method outside the standard ones is
+/// `other`, so no client can mint label values.
+async fn count_response(
+    State(api): State<Api>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |p| p.as_str().to_owned());
+    let method = match req.method().as_str() {
+        m @ ("GET" | "POST" | "PUT" | "DELETE" | "PATCH" | "HEAD" | "OPTIONS") => m.to_owned(),
+        _ => "other".to_owned(),
+    };
+    let res = next.run(req).await;
+    api.metrics
+        .http_responses
+        .with_label_values(&[method.as_str(), &route, res.status().as_str()])
+        .inc();
+    res
 }
 
 /// Who calls a REST route, as the rate limiter knows clients (the API key header when one is

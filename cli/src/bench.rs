@@ -52,9 +52,14 @@ struct ApiBenchArgs {
     /// The api's gRPC URL.
     #[arg(long, default_value = "http://127.0.0.1:50051")]
     api: String,
-    /// Which call: latest (GetLatest) or ticks (ListTicks, --limit ticks per call).
-    #[arg(long, default_value = "latest", value_parser = ["latest", "ticks"])]
+    /// Which call: latest (GetLatest), ticks (ListTicks, --limit ticks per call), or rest-latest
+    /// (`GET /v1/prices/latest` on the REST api at --http, one keep-alive HTTP/1.1 connection per
+    /// client).
+    #[arg(long, default_value = "latest", value_parser = ["latest", "ticks", "rest-latest"])]
     method: String,
+    /// The api's REST address (host:port), for --method rest-latest.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    http: String,
     /// Page size for ListTicks.
     #[arg(long, default_value_t = 1000)]
     limit: u32,
@@ -472,6 +477,71 @@ fn percentile_ms(sorted_us: &[u64], q: f64) -> f64 {
     sorted_us[i] as f64 / 1000.0
 }
 
+/// A minimal HTTP/1.1 client on one keep-alive connection: what a REST client with a connection pool
+/// of one does, and nothing a general client library would add to the measured latency.
+struct Http1 {
+    conn: tokio::io::BufReader<tokio::net::TcpStream>,
+    host: String,
+}
+
+impl Http1 {
+    async fn connect(addr: &str) -> anyhow::Result<Self> {
+        let stream = tokio::net::TcpStream::connect(addr)
+            .await
+            .with_context(|| format!("connecting to the REST api at {addr}"))?;
+        stream.set_nodelay(true)?;
+        Ok(Http1 {
+            conn: tokio::io::BufReader::new(stream),
+            host: addr.to_owned(),
+        })
+    }
+
+    /// GETs `path` and reads the whole answer; its status.
+    async fn get(&mut self, path: &str) -> anyhow::Result<u16> {
+        use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+        let request = format!("GET {path} HTTP/1.1\r\nhost: {}\r\n\r\n", self.host);
+        self.conn.get_mut().write_all(request.as_bytes()).await?;
+        let mut line = String::new();
+        self.conn.read_line(&mut line).await?;
+        let status: u16 = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .with_context(|| format!("not an HTTP status line: {line:?}"))?;
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            if self.conn.read_line(&mut line).await? == 0 {
+                bail!("the REST api closed the connection");
+            }
+            let header = line.trim_end();
+            if header.is_empty() {
+                break;
+            }
+            if let Some((name, value)) = header.split_once(':')
+                && name.eq_ignore_ascii_case("content-length")
+            {
+                length = value.trim().parse()?;
+            }
+        }
+        let mut body = vec![0; length];
+        self.conn.read_exact(&mut body).await?;
+        Ok(status)
+    }
+}
+
+/// `s` percent-encoded for a query string.
+fn percent(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 async fn api_load(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
     use tickfleet_proto::v1::tick_service_client::TickServiceClient;
     use tickfleet_proto::v1::{GetLatestRequest, ListAssetsRequest, ListTicksRequest};
@@ -500,6 +570,11 @@ async fn api_load(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
     let mut tasks = Vec::new();
     for c in 0..clients {
         let mut client = connect().await?;
+        let mut rest = if args.method == "rest-latest" {
+            Some(Http1::connect(&args.http).await?)
+        } else {
+            None
+        };
         let (assets, method, limit) = (assets.clone(), args.method.clone(), args.limit);
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -517,7 +592,10 @@ async fn api_load(args: ApiBenchArgs) -> anyhow::Result<ExitCode> {
                 let asset_id = assets[n % assets.len()].clone();
                 n += 1;
                 let sent = Instant::now();
-                let ok = if method == "latest" {
+                let ok = if let Some(rest) = rest.as_mut() {
+                    let path = format!("/v1/prices/latest?symbol={}", percent(&asset_id));
+                    matches!(rest.get(&path).await, Ok(200))
+                } else if method == "latest" {
                     client
                         .get_latest(GetLatestRequest { asset_id })
                         .await
