@@ -12,7 +12,8 @@
 #      medians over the rounds are reported, and ratios of medians;
 #   4. scripts/bench_peer.py: a plain Python consumer (confluent-kafka + redis-py) storing it too;
 #   5. memory: 1 worker on a backlog of several million ticks (64 partitions), peak RSS;
-#   6. the api: GetLatest flat out and at 5k rps, ListTicks(limit 1000), 16 clients, over what the last
+#   6. the api: GetLatest flat out and at 5k rps, REST GET /v1/prices/latest at 5k rps, ListTicks(limit
+#      1000), 16 clients, over what the last
 #      ingest stored;
 #   7. candle rollups (tickctl bench rollups, one client on the same Redis): the store's write of the
 #      same ROLLUP_WRITE_TICKS ticks of one asset in batches of 500 with the pre-rollup raw-ticks script
@@ -199,6 +200,7 @@ until curl -sf "http://127.0.0.1:$aport/readyz" >/dev/null 2>&1; do sleep 0.1; d
 api="http://127.0.0.1:$gport"
 "$tickctl" bench api --api "$api" --method latest --clients 16 --seconds 10 --json "$out/api-latest-max.json"
 "$tickctl" bench api --api "$api" --method latest --clients 16 --rps 5000 --seconds 10 --json "$out/api-latest-5k.json"
+"$tickctl" bench api --api "$api" --http "127.0.0.1:$hport" --method rest-latest --clients 16 --rps 5000 --seconds 10 --json "$out/api-rest-latest-5k.json"
 "$tickctl" bench api --api "$api" --method ticks --limit 1000 --clients 16 --seconds 10 --json "$out/api-ticks.json"
 fi
 
@@ -397,6 +399,7 @@ if (out / "peer.json").exists():
         ("tickfleet 1 worker / Python peer (dev broker)", rate["mock", 1] / peer),
     ]
     for name, label in [("api-latest-max", "GetLatest, flat out"), ("api-latest-5k", "GetLatest at 5k rps"),
+                        ("api-rest-latest-5k", "REST GET /v1/prices/latest at 5k rps"),
                         ("api-ticks", "ListTicks(limit 1000), flat out")]:
         a = json.loads((out / f"{name}.json").read_text())
         rows.append((f"api {label}, {a['clients']} clients", f"{a['rps']:,.0f} req/s",

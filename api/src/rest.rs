@@ -498,16 +498,12 @@ pub async fn stream_ticks(
         }))
         .await
         .map_err(failed(SAME))?
-        .into_inner()
-        .map(|m| match m {
-            Ok(m) => match m.event {
-                Some(stream_ticks_response::Event::Tick(t)) => json_event("tick", &Tick::from(t)),
-                Some(stream_ticks_response::Event::Gap(g)) => json_event("gap", &Gap::from(g)),
-                None => Event::default().comment("empty message"),
-            },
-            Err(status) => json_event("error", &Problem::from_status(&status, SAME)),
-        });
-    Ok(sse(stream))
+        .into_inner();
+    Ok(sse(stream, |m| match m.event {
+        Some(stream_ticks_response::Event::Tick(t)) => json_event("tick", &Tick::from(t)),
+        Some(stream_ticks_response::Event::Gap(g)) => json_event("gap", &Gap::from(g)),
+        None => Event::default().comment("empty message"),
+    }))
 }
 
 /// Query of `GET /v1/candles/stream`.
@@ -543,18 +539,14 @@ pub async fn stream_candles(
         }))
         .await
         .map_err(failed(SAME))?
-        .into_inner()
-        .map(|m| match m {
-            Ok(m) => match m.event {
-                Some(stream_candles_response::Event::Candle(c)) => {
-                    json_event("candle", &model::Candle::from(c))
-                }
-                Some(stream_candles_response::Event::Gap(g)) => json_event("gap", &Gap::from(g)),
-                None => Event::default().comment("empty message"),
-            },
-            Err(status) => json_event("error", &Problem::from_status(&status, SAME)),
-        });
-    Ok(sse(stream))
+        .into_inner();
+    Ok(sse(stream, |m| match m.event {
+        Some(stream_candles_response::Event::Candle(c)) => {
+            json_event("candle", &model::Candle::from(c))
+        }
+        Some(stream_candles_response::Event::Gap(g)) => json_event("gap", &Gap::from(g)),
+        None => Event::default().comment("empty message"),
+    }))
 }
 
 fn json_event(name: &str, data: &impl serde::Serialize) -> Event {
@@ -565,8 +557,19 @@ fn json_event(name: &str, data: &impl serde::Serialize) -> Event {
         .unwrap_or_else(|e| Event::default().comment(format!("unserializable {name}: {e}")))
 }
 
-fn sse(events: impl Stream<Item = Event> + Send + 'static) -> Events {
-    Sse::new(events.map(Ok).boxed()).keep_alive(KeepAlive::default())
+/// A gRPC stream as Server-Sent Events: each message as `event(message)`, a failure as an `error`
+/// event with its problem (the stream ends after it), keep-alive comments in between.
+fn sse<M: Send + 'static>(
+    stream: impl Stream<Item = Result<M, tonic::Status>> + Send + 'static,
+    event: fn(M) -> Event,
+) -> Events {
+    let events = stream.map(move |m| {
+        Ok(match m {
+            Ok(m) => event(m),
+            Err(status) => json_event("error", &Problem::from_status(&status, SAME)),
+        })
+    });
+    Sse::new(events.boxed()).keep_alive(KeepAlive::default())
 }
 
 async fn not_found() -> Problem {

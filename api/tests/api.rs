@@ -653,6 +653,14 @@ async fn bad_requests_get_the_right_code_and_say_what_is_wrong() {
     for (what, result, code, message) in cases {
         let status = result.expect_err(what);
         assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert_eq!(
+            status
+                .metadata()
+                .get(tickfleet_api::validate::FIELD_KEY)
+                .is_some(),
+            code == Code::InvalidArgument,
+            "{what}: the tickfleet-field trailer names the field of every INVALID_ARGUMENT: {status:?}"
+        );
         assert!(
             status.message().contains(message),
             "{what}: message {:?} should contain {message:?}",
@@ -685,6 +693,28 @@ async fn bad_requests_get_the_right_code_and_say_what_is_wrong() {
         status.message().contains("belongs to another query"),
         "{status:?}"
     );
+    // The field an INVALID_ARGUMENT is about travels in the tickfleet-field trailer.
+    let field = |s: &tonic::Status| {
+        s.metadata()
+            .get(tickfleet_api::validate::FIELD_KEY)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(field(&status).as_deref(), Some("page_token"));
+    let status = client
+        .get_latest(GetLatestRequest {
+            asset_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field(&status).as_deref(), Some("asset_id"));
+    let status = client
+        .get_latest(GetLatestRequest {
+            asset_id: "nope".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(field(&status), None, "NOT_FOUND names no field");
 }
 
 /// A client's deadline ends a call the store cannot answer: a redis-server of this test's own is
