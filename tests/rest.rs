@@ -525,8 +525,30 @@ fn openapi_is_served_as_committed_and_schemathesis_finds_nothing() {
     for path in ["/v1/ticks/stream", "/v1/candles/stream?interval=1s"] {
         assert_eq!(EventStream::open(&api.http, path).status, 200, "GET {path}");
     }
-    let r = request(&api.http, "DELETE", "/v1/polls/not-an-id", &[], None).unwrap();
-    assert_eq!(r.status, 400, "DELETE /v1/polls/not-an-id: {}", r.body);
+    // Polling jobs: create, read, delete, and each refusal.
+    let poll = |method: &str, path: &str, body: Option<&str>| {
+        request(&api.http, method, path, &[], body).unwrap()
+    };
+    let r = poll(
+        "POST",
+        "/v1/prices/poll",
+        Some(r#"{"symbols": ["AAPL"], "interval": "5s", "provider": "yahoo"}"#),
+    );
+    assert_eq!(r.status, 202, "{}", r.body);
+    let job = format!("/v1/polls/{}", r.json()["id"].as_str().unwrap());
+    let r = poll("POST", "/v1/prices/poll", Some(r#"{"symbols": "AAPL"}"#));
+    assert_eq!(r.status, 400, "{}", r.body);
+    for (method, path, want) in [
+        ("GET", job.as_str(), 200),
+        ("DELETE", job.as_str(), 204),
+        ("GET", job.as_str(), 404),
+        ("DELETE", job.as_str(), 404),
+        ("GET", "/v1/polls/not-an-id", 400),
+        ("DELETE", "/v1/polls/not-an-id", 400),
+    ] {
+        let r = poll(method, path, None);
+        assert_eq!(r.status, want, "{method} {path}: {}", r.body);
+    }
     // Rate limits: an api over the same store whose every class allows one call an hour; each
     // route's second call is refused.
     let limited = Api::start_with(
