@@ -20,6 +20,11 @@
 #      and with rollups (ticks/s, Redis CPU per tick), then GetCandles 1m over a day of ROLLUP_TICKS ticks
 #      of one asset through the api on loopback (p50/p99 of 100 queries) and the same candles computed
 #      the way the api did before rollups (every raw tick read and folded; 3 runs).
+#      7b. ingest with and without rollups on the same dev-broker backlog (TICKS ticks over ASSETS
+#      assets): tickctl bench ingest, 1 and 2 workers, with this tree's worker and with the worker of
+#      ROLLUP_BASELINE (default 30abb5a, the commit before rollups landed; built from a git worktree
+#      into the same target dir, so only tickfleet's own crates compile twice), REPEAT rounds, the two
+#      alternating within a round (ROLLUP_BASELINE_WORKER: that worker, already built, instead);
 #   8. Redis Cluster (scripts/redis-cluster.sh): one cluster of 1 primary and one of 3 primaries, each
 #      primary with one replica, beside the standalone Redis; CLUSTER_WORKERS workers store the same
 #      dev-broker backlog on each, at 0 and at 1 replica acks (--redis-min-replica-acks, WAIT 1 after
@@ -33,7 +38,7 @@
 #      of BATCH ticks (the worker's --batch-size default) into a table made by the store's own migration.
 # Results go to bench-results/<timestamp>/ (summary.md has the table quoted in BENCHMARKS.md).
 # Settings: TICKS (default 1000000), ASSETS (100), PARTITIONS (16), BIG_TICKS (4000000), REPEAT (3),
-# ROLLUP_TICKS (5000000), ROLLUP_WRITE_TICKS (1000000), CLUSTER_WORKERS (2), BATCH (1000), PG_SECONDS (15),
+# ROLLUP_TICKS (5000000), ROLLUP_WRITE_TICKS (1000000), ROLLUP_BASELINE (30abb5a), CLUSTER_WORKERS (2), BATCH (1000), PG_SECONDS (15),
 # PART (all; brokers: only steps 2+3; rollups: only step 7; cluster: only step 8; postgres: only step 9), PROFILE (release, or debug: the debug binaries of
 # `cargo build --workspace --bins`, where a release build is not possible; absolute figures then say
 # little, ratios between the brokers still do).
@@ -47,6 +52,7 @@ BIG_TICKS=${BIG_TICKS:-4000000}
 REPEAT=${REPEAT:-3}
 ROLLUP_TICKS=${ROLLUP_TICKS:-5000000}
 ROLLUP_WRITE_TICKS=${ROLLUP_WRITE_TICKS:-1000000}
+ROLLUP_BASELINE=${ROLLUP_BASELINE:-30abb5a}
 PART=${PART:-all}
 PROFILE=${PROFILE:-release}
 CLUSTER_WORKERS=${CLUSTER_WORKERS:-2}
@@ -67,9 +73,24 @@ if [ "$PART" = all ] && [ ! -x "$venv/bin/python" ]; then
   "$venv/bin/pip" install -q confluent-kafka redis grpcio-tools
 fi
 
+if { [ "$PART" = all ] || [ "$PART" = rollups ]; } && [ -n "${ROLLUP_BASELINE_WORKER:-}" ]; then
+  baseline_worker="$(mktemp -d)/tickfleet-worker-before-rollups"
+  cp "$ROLLUP_BASELINE_WORKER" "$baseline_worker"
+elif [ "$PART" = all ] || [ "$PART" = rollups ]; then
+  # 7b's "without rollups" worker, built first: the build of this tree below then has the last word
+  # on target/$PROFILE/tickfleet-worker.
+  log "building the worker of $ROLLUP_BASELINE (before rollups) for 7b"
+  base_tree=$(mktemp -d)
+  git worktree add --detach "$base_tree" "$ROLLUP_BASELINE" >/dev/null
+  profile_flag=(); [ "$PROFILE" = release ] && profile_flag=(--release)
+  (cd "$base_tree" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --locked "${profile_flag[@]}" --bin tickfleet-worker -p tickfleet-worker)
+  baseline_worker="$(mktemp -d)/tickfleet-worker-before-rollups"
+  cp "target/$PROFILE/tickfleet-worker" "$baseline_worker"
+  git worktree remove --force "$base_tree"
+fi
 if [ "$PROFILE" = release ] && [ "$PART" = rollups ]; then
-  log "building the release tickctl (PART=rollups needs nothing else)"
-  cargo build --release --locked --bin tickctl -p tickfleet-cli
+  log "building the release tickctl and worker (PART=rollups needs nothing else)"
+  cargo build --release --locked --bin tickctl -p tickfleet-cli --bin tickfleet-worker -p tickfleet-worker
   bin=target/release
 elif [ "$PROFILE" = release ] && [ "$PART" = postgres ]; then
   log "building the release tickctl and tickfleet-worker (PART=postgres needs nothing else)"
@@ -107,13 +128,12 @@ pids+=($!)
 until redis-cli -p "$port" ping >/dev/null 2>&1; do sleep 0.1; done
 redis="redis://127.0.0.1:$port"
 
-if [ "$PART" != rollups ]; then
+# every part uses the dev broker (rollups: step 7b)
 "$tickctl" dev-broker --topic "bench:$PARTITIONS" --topic big:64 --topic "pgbench:$PARTITIONS" \
-  --bootstrap-file "$out/bootstrap" >/dev/null &
+  --topic "rollup-ingest:$PARTITIONS" --bootstrap-file "$out/bootstrap" >/dev/null &
 pids+=($!)
 until [ -s "$out/bootstrap" ]; do sleep 0.1; done
 brokers=$(cat "$out/bootstrap")
-fi
 if [ "$PART" = all ] || [ "$PART" = brokers ]; then
 log "starting Apache Kafka (tests/kafka/kafka.sh) with topic bench ($PARTITIONS partitions)"
 kafka=$(bash tests/kafka/kafka.sh start "$kafka_dir" --owner $$)
@@ -209,6 +229,22 @@ if [ "$PART" = all ] || [ "$PART" = rollups ]; then
   redis-cli -p "$port" flushall >/dev/null
   "$tickctl" bench rollups --redis "$redis" --ticks "$ROLLUP_TICKS" --write-ticks "$ROLLUP_WRITE_TICKS" \
     --json "$out/rollups.json" | tee "$out/rollups.txt"
+fi
+
+if [ "$PART" = all ] || [ "$PART" = rollups ]; then
+  for round in $(seq 1 "$REPEAT"); do
+    for side in without with; do
+      log "7b. round $round/$REPEAT: 1 and 2 workers $side rollups on the same backlog"
+      skip=(--skip-produce)
+      [ "$round$side" = 1without ] && skip=()
+      worker=$bin/tickfleet-worker; [ $side = without ] && worker=$baseline_worker
+      redis-cli -p "$port" flushall >/dev/null
+      "$tickctl" bench ingest --brokers "$brokers" --topic rollup-ingest --redis "$redis" --ticks "$TICKS" \
+        --assets "$ASSETS" --workers 1,2 --worker-bin "$worker" "${skip[@]}" \
+        --json "$out/ingest-rollups-$side-$round.json" | tee -a "$out/ingest-rollups-$side.txt"
+    done
+  done
+  rm -f "$baseline_worker"
 fi
 
 if [ "$PART" = all ] || [ "$PART" = cluster ]; then
@@ -453,6 +489,16 @@ if (out / "pgbench-1.txt").exists():
         ("--store both / --store postgres, 2 workers", pg["both", 2] / pg["postgres", 2]),
         ("--store postgres: 2 workers / 1 worker", pg["postgres", 2] / pg["postgres", 1]),
     ]
+if (out / f"ingest-rollups-with-{repeat}.json").exists():
+    for w in (1, 2):
+        tps = {side: [next(r for r in json.loads((out / f"ingest-rollups-{side}-{i}.json").read_text())
+                           if r["workers"] == w)["ticks_per_second"] for i in range(1, repeat + 1)]
+               for side in ("without", "with")}
+        for side in ("without", "with"):
+            rows.append((f"rollups: ingest, {w} worker{'s' if w > 1 else ''}, {side} rollups (dev broker)",
+                         f"{med(tps[side]):,.0f} ticks/s", f"runs: {runs(tps[side])}"))
+        ratios.append((f"rollups: ingest ticks/s with / without rollups, {w} worker{'s' if w > 1 else ''}",
+                       med(tps["with"]) / med(tps["without"])))
 lines = ["| what | median | notes |", "|---|---|---|"]
 lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
 lines += ["", "| ratio (of medians) | value |", "|---|---|"]
