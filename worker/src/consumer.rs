@@ -73,7 +73,11 @@ impl<P: Partitions + Send + Sync + 'static> Partitions for BoundedCommits<P> {
         std::thread::Builder::new()
             .name("kafka-commit".into())
             .spawn(move || {
-                let _ = tx.send(consumer.commit_sync(&tpl));
+                let result = consumer.commit_sync(&tpl);
+                // Let go of the consumer before answering: whoever got the answer may close it next
+                // (`Arc::try_unwrap` at shutdown), and a clone still held here would make that fail.
+                drop(consumer);
+                let _ = tx.send(result);
             })
             .map_err(|_| timed_out())?;
         rx.recv_timeout(self.until.saturating_duration_since(Instant::now()))
