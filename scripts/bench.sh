@@ -341,7 +341,8 @@ if [ "$PART" = all ] || [ "$PART" = postgres ]; then
   log "9. PostgreSQL: ceiling (pgbench, the same multi-row INSERT ... ON CONFLICT DO NOTHING of $BATCH ticks)"
   # The table is the store's own (its migration, in a schema of its own), with today's day partition.
   day_ns=86400000000000
-  lo=$(( $(date +%s) / 86400 * day_ns ))
+  today=$(( $(date +%s) / 86400 ))  # whole UTC days since the epoch
+  lo=$(( today * day_ns ))
   psql "$pg" -XqAt -v ON_ERROR_STOP=1 -c 'CREATE SCHEMA ceiling' >/dev/null
   { echo 'SET search_path = ceiling;'; cat store/src/postgres/migrations/0001_ticks.sql; } |
     psql "$pg" -XqAt -v ON_ERROR_STOP=1 >/dev/null
