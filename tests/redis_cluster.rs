@@ -37,15 +37,20 @@ fn wait_verified_on(
     prefix: &str,
     timeout: Duration,
 ) -> serde_json::Value {
-    wait_for(
-        timeout,
-        Duration::from_secs(1),
-        "tickctl verify to find every tick stored once",
-        || {
-            let (clean, summary) = verify_on(report, &cluster.urls, prefix, CLUSTER);
-            clean.then_some(summary)
-        },
-    )
+    // By hand rather than with `wait_for`, so that a timeout says what verify last found (lost or
+    // doubled ticks, or only some not stored yet).
+    let deadline = Instant::now() + timeout;
+    loop {
+        let (clean, summary) = verify_on(report, &cluster.urls, prefix, CLUSTER);
+        if clean {
+            return summary;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for tickctl verify to find every tick stored once; its last summary: {summary}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 /// Every asset's tick count in a `produce --report`.
