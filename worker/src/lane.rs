@@ -3,6 +3,9 @@
 //! partition's *stored watermark* (the offset to commit). Nothing here knows about Kafka clients, so the
 //! rules are unit-tested with the in-memory store and injected failures.
 //!
+//! (Over 600 lines with its tests, about 400 of code: the tests are one a rule of the list below, each
+//! against the lane as a whole; the byte budget shared by every lane is [`crate::in_flight`].)
+//!
 //! Ordering: a lane handles one partition sequentially, and all ticks of an asset are on one partition,
 //! so each asset's ticks are applied in order. Parallelism is one lane per assigned partition.
 //!
@@ -21,7 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
@@ -32,6 +35,7 @@ use tokio::sync::mpsc;
 use tracing::{debug, error, warn};
 
 use crate::Error;
+use crate::in_flight::Charge;
 use crate::metrics::Metrics;
 
 /// A Kafka message, owned, as handed from the consumer thread to a lane.
@@ -55,73 +59,6 @@ impl Record {
     /// The bytes this message holds in memory (key and payload).
     pub fn size(&self) -> usize {
         self.payload.len() + self.key.as_ref().map_or(0, Vec::len)
-    }
-}
-
-/// Messages and bytes taken from Kafka and not yet handled, over every lane of the process, and the
-/// byte budget the consumer keeps them under (`--max-in-flight-bytes`).
-#[derive(Debug)]
-pub struct InFlight {
-    bytes: AtomicUsize,
-    budget: usize,
-    metrics: Metrics,
-}
-
-impl InFlight {
-    /// Nothing in flight yet; at most about `budget` bytes from now on.
-    pub fn new(budget: usize, metrics: Metrics) -> Arc<Self> {
-        Arc::new(InFlight {
-            bytes: AtomicUsize::new(0),
-            budget: budget.max(1),
-            metrics,
-        })
-    }
-
-    /// Counts `bytes` more in flight until the returned charge is dropped.
-    pub fn charge(self: &Arc<Self>, bytes: usize) -> Charge {
-        self.bytes.fetch_add(bytes, Ordering::AcqRel);
-        self.metrics.in_flight.inc();
-        self.metrics.in_flight_bytes.add(bytes as i64);
-        Charge(Some((self.clone(), bytes)))
-    }
-
-    /// Bytes in flight now.
-    pub fn bytes(&self) -> usize {
-        self.bytes.load(Ordering::Acquire)
-    }
-
-    /// The budget.
-    pub fn budget(&self) -> usize {
-        self.budget
-    }
-}
-
-/// A message's share of the [`InFlight`] budget; dropping it gives the share back. Clones and the
-/// default carry no share.
-#[derive(Debug, Default)]
-pub struct Charge(Option<(Arc<InFlight>, usize)>);
-
-impl Clone for Charge {
-    fn clone(&self) -> Self {
-        Charge(None)
-    }
-}
-
-impl PartialEq for Charge {
-    fn eq(&self, _: &Self) -> bool {
-        true
-    }
-}
-
-impl Eq for Charge {}
-
-impl Drop for Charge {
-    fn drop(&mut self) {
-        if let Some((budget, bytes)) = self.0.take() {
-            budget.bytes.fetch_sub(bytes, Ordering::AcqRel);
-            budget.metrics.in_flight.dec();
-            budget.metrics.in_flight_bytes.sub(bytes as i64);
-        }
     }
 }
 
@@ -452,6 +389,7 @@ mod tests {
     use super::*;
     use std::str::FromStr;
     use std::sync::Mutex;
+    use std::sync::atomic::AtomicUsize;
     use tickfleet_store::{MemoryStore, RangeQuery, TickId, TickPage, WriteSummary};
 
     /// The in-memory store behind a switch that makes writes fail, counting calls; it also refuses, for

@@ -18,6 +18,7 @@ pub mod config;
 mod consumer;
 pub mod dlq;
 mod error;
+pub mod in_flight;
 pub mod lane;
 pub mod metrics;
 

@@ -2,6 +2,12 @@
 //! partition's lane; rebalance callbacks (which librdkafka runs on this same thread, inside `poll`) open
 //! lanes for assigned partitions and, for revoked ones, drain the lane and commit before letting go.
 //!
+//! (Over 600 lines with its tests, about 560 of code: the lanes map, the poll loop and the lanes' side of
+//! the rebalance callbacks keep one invariant — a partition's messages reach only its lane, and only its
+//! watermark is committed — under one lock on one thread; split over files it would be harder to check,
+//! not easier. What is apart from that invariant is apart: librdkafka's callbacks in [`context`], the
+//! consumer as the lanes see it and the bounded final commit in [`partitions`].)
+//!
 //! Backpressure: when a lane's channel is full the message is held here and the partition is paused, so
 //! librdkafka stops fetching it; it resumes once the lane catches up. Memory: every message polled is
 //! charged to one process-wide byte budget ([`InFlight`], `--max-in-flight-bytes`) until its lane has
@@ -12,10 +18,6 @@
 //! Commits: only a lane's [`Watermark`] (every earlier offset stored or dead-lettered) is ever committed —
 //! every commit interval, on revoke and on shutdown, always synchronously (one round trip per interval,
 //! not per message), so the committed-offset metric reports what Kafka accepted.
-//!
-//! (Over 600 lines: the lanes map, the poll loop and the rebalance callbacks keep one invariant — a
-//! partition's messages reach only its lane, and only its watermark is committed — under one lock on
-//! one thread; split over files it would be harder to check, not easier.)
 //!
 //! Faults: a rebalance error closes every lane (draining and committing what they stored), since the
 //! assignment is then unknown; the next assignment opens them again. A lane that panics (a bug) cancels
@@ -29,79 +31,23 @@ use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 use futures::FutureExt;
-use rdkafka::consumer::{BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance};
-use rdkafka::error::KafkaResult;
+use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::Message;
-use rdkafka::{ClientContext, Offset, Statistics, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 use tokio::runtime::Handle;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, error, info, warn};
 
-use crate::lane::{InFlight, LaneConfig, LaneShared, Record, Watermark, run_lane};
+use crate::in_flight::InFlight;
+use crate::lane::{LaneConfig, LaneShared, Record, Watermark, run_lane};
 
-/// What the lanes need from the Kafka consumer; a trait so the rules here are unit-tested without one.
-pub(crate) trait Partitions {
-    /// Commits `tpl` synchronously.
-    fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
-    /// Stops fetching `tpl`.
-    fn pause(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
-    /// Fetches `tpl` again.
-    fn resume(&self, tpl: &TopicPartitionList) -> KafkaResult<()>;
-}
+mod context;
+mod partitions;
 
-/// A consumer whose commits give up at `until`: the final commit of a drain must fit in the drain
-/// bound, and librdkafka's synchronous commit waits as long as the broker is away (with the broker
-/// gone, a worker reported "drain timed out" rather than that its commit failed). The commit runs on a
-/// thread of its own that is left to finish, holding the consumer, when the bound passes.
-pub(crate) struct BoundedCommits<P> {
-    /// The consumer.
-    pub(crate) consumer: Arc<P>,
-    /// When a commit not yet answered counts as failed.
-    pub(crate) until: Instant,
-}
-
-impl<P: Partitions + Send + Sync + 'static> Partitions for BoundedCommits<P> {
-    fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
-        use rdkafka::error::KafkaError;
-        use rdkafka::types::RDKafkaErrorCode;
-        let timed_out = || KafkaError::ConsumerCommit(RDKafkaErrorCode::OperationTimedOut);
-        let (tx, rx) = std::sync::mpsc::channel();
-        let consumer = self.consumer.clone();
-        let tpl = tpl.clone();
-        std::thread::Builder::new()
-            .name("kafka-commit".into())
-            .spawn(move || {
-                let result = consumer.commit_sync(&tpl);
-                // Let go of the consumer before answering: whoever got the answer may close it next
-                // (`Arc::try_unwrap` at shutdown), and a clone still held here would make that fail.
-                drop(consumer);
-                let _ = tx.send(result);
-            })
-            .map_err(|_| timed_out())?;
-        rx.recv_timeout(self.until.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| Err(timed_out()))
-    }
-    fn pause(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
-        self.consumer.pause(tpl)
-    }
-    fn resume(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
-        self.consumer.resume(tpl)
-    }
-}
-
-impl<C: ConsumerContext> Partitions for BaseConsumer<C> {
-    fn commit_sync(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
-        self.commit(tpl, CommitMode::Sync)
-    }
-    fn pause(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
-        Consumer::pause(self, tpl)
-    }
-    fn resume(&self, tpl: &TopicPartitionList) -> KafkaResult<()> {
-        Consumer::resume(self, tpl)
-    }
-}
+pub(crate) use context::WorkerContext;
+pub(crate) use partitions::{BoundedCommits, Partitions};
 
 /// How releasing partitions went.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -530,80 +476,6 @@ impl Lanes {
     }
 }
 
-/// librdkafka callbacks, run on the poll thread.
-pub(crate) struct WorkerContext {
-    pub(crate) lanes: Arc<Lanes>,
-    /// Why the brokers refuse this worker (a failed SASL login or TLS handshake), until a partition
-    /// assignment shows it is in again; the `kafka` readiness check reads it.
-    pub(crate) refused: Arc<std::sync::Mutex<Option<String>>>,
-    /// Folds librdkafka's log lines, its errors and poll errors: one backoff for all of them.
-    pub(crate) logs: Arc<tickfleet_service::LogFold>,
-}
-
-/// Whether a client error means the brokers will not have this client (credentials or TLS), as
-/// opposed to a broker being away for a while.
-fn is_refusal(error: &rdkafka::error::KafkaError) -> bool {
-    use rdkafka::types::RDKafkaErrorCode as C;
-    matches!(
-        error.rdkafka_error_code(),
-        Some(C::Authentication | C::SaslAuthenticationFailed | C::SSL)
-    )
-}
-
-impl ClientContext for WorkerContext {
-    fn log(&self, level: rdkafka::config::RDKafkaLogLevel, fac: &str, log_message: &str) {
-        tickfleet_service::kafka_log::log_line(&self.logs, "consumer", level, fac, log_message);
-    }
-
-    /// librdkafka's client errors, folded; a refused login or TLS handshake also makes the worker
-    /// not ready until the group takes it in.
-    fn error(&self, error: rdkafka::error::KafkaError, reason: &str) {
-        if is_refusal(&error) {
-            let mut refused = self.refused.lock().unwrap_or_else(|e| e.into_inner());
-            *refused = Some(reason.to_owned());
-        }
-        tickfleet_service::kafka_log::failure(&self.logs, "consumer", &error, reason);
-    }
-
-    /// librdkafka's statistics (every `statistics.interval.ms`, on the poll thread): the consumer lag of
-    /// each assigned partition becomes `tickfleet_worker_consumer_lag_messages`.
-    fn stats(&self, statistics: Statistics) {
-        let assigned = self.lanes.assigned();
-        let Some(topic) = statistics.topics.get(&self.lanes.topic) else {
-            return;
-        };
-        for (p, lag) in partition_lags(topic, &assigned) {
-            self.lanes
-                .shared
-                .metrics
-                .consumer_lag
-                .with_label_values(&[&self.lanes.topic, &p.to_string()])
-                .set(lag);
-        }
-    }
-}
-
-/// The lag of each of `assigned` partitions that librdkafka knows the end of: messages after the committed
-/// offset, or — before this group ever committed one — every message still in the partition (the worker
-/// starts from the earliest offset, `auto.offset.reset=earliest`). Partitions whose high watermark is not
-/// known yet are left out rather than reported as 0.
-fn partition_lags(topic: &rdkafka::statistics::Topic, assigned: &[i32]) -> Vec<(i32, i64)> {
-    assigned
-        .iter()
-        .filter_map(|p| {
-            let s = topic.partitions.get(p)?;
-            let lag = if s.consumer_lag >= 0 {
-                s.consumer_lag
-            } else if s.committed_offset < 0 && s.hi_offset >= 0 && s.lo_offset >= 0 {
-                s.hi_offset - s.lo_offset
-            } else {
-                return None;
-            };
-            Some((*p, lag))
-        })
-        .collect()
-}
-
 /// Whether a commit was refused only because its partitions are changing hands. Classic protocol: the
 /// group is rebalancing (`REBALANCE_IN_PROGRESS`), or this member's generation (`ILLEGAL_GENERATION`) or
 /// membership (`UNKNOWN_MEMBER_ID`, a session that expired) is gone. KIP-848 (`group.protocol=consumer`):
@@ -623,47 +495,6 @@ fn is_hand_over(e: &rdkafka::error::KafkaError) -> bool {
                 | C::AssignmentLost
         )
     )
-}
-
-fn partitions_of(tpl: &TopicPartitionList) -> Vec<i32> {
-    tpl.elements().iter().map(|e| e.partition()).collect()
-}
-
-impl ConsumerContext for WorkerContext {
-    fn pre_rebalance(&self, consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        if let Rebalance::Revoke(tpl) = rebalance {
-            self.lanes
-                .shared
-                .metrics
-                .rebalances
-                .with_label_values(&["revoke"])
-                .inc();
-            let lost = consumer.assignment_lost();
-            info!(partitions = ?partitions_of(tpl), lost, "partitions revoked: draining them before letting go");
-            self.lanes.retire(consumer, &partitions_of(tpl), "revoke");
-        }
-        if let Rebalance::Error(e) = rebalance {
-            // rdkafka unassigns after this callback; the lanes must not outlive the assignment.
-            warn!(error = %e, "rebalance error");
-            self.lanes.on_rebalance_error(consumer);
-        }
-    }
-
-    fn post_rebalance(&self, _consumer: &BaseConsumer<Self>, rebalance: &Rebalance<'_>) {
-        match rebalance {
-            Rebalance::Assign(tpl) => {
-                *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = None;
-                self.lanes
-                    .shared
-                    .metrics
-                    .rebalances
-                    .with_label_values(&["assign"])
-                    .inc();
-                self.lanes.open(&partitions_of(tpl));
-            }
-            Rebalance::Revoke(_) | Rebalance::Error(_) => {}
-        }
-    }
 }
 
 /// When and how a worker drains, shared by the runtime that decides to stop and the poll thread.
@@ -777,7 +608,7 @@ pub(crate) fn poll_loop(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rdkafka::statistics::{Partition, Topic};
+    use rdkafka::error::KafkaResult;
     use std::collections::BTreeSet;
     use std::str::FromStr;
     use std::sync::atomic::{AtomicBool, Ordering};
@@ -1171,43 +1002,5 @@ mod tests {
         wait_until("nothing in flight", || s.lanes.in_flight.bytes() == 0);
         assert_eq!(s.store.inner.len() as i64, next.iter().sum::<i64>());
         drop(s.runtime);
-    }
-
-    fn partition(p: i32, lo: i64, hi: i64, committed: i64, lag: i64) -> (i32, Partition) {
-        (
-            p,
-            Partition {
-                partition: p,
-                lo_offset: lo,
-                hi_offset: hi,
-                committed_offset: committed,
-                consumer_lag: lag,
-                ..Partition::default()
-            },
-        )
-    }
-
-    #[test]
-    fn lag_is_reported_for_assigned_partitions_whose_end_is_known() {
-        let topic = Topic {
-            partitions: [
-                // committed: librdkafka's own lag
-                partition(0, 0, 500, 200, 300),
-                // never committed by this group: everything still in the partition
-                partition(1, 100, 400, -1001, -1),
-                // high watermark not fetched yet: unknown, not 0
-                partition(2, -1001, -1001, -1001, -1),
-                // not assigned here: another worker reports it
-                partition(3, 0, 900, 10, 890),
-                // librdkafka's internal "unassigned" partition
-                partition(-1, -1001, -1001, -1001, -1),
-            ]
-            .into_iter()
-            .collect(),
-            ..Topic::default()
-        };
-        let mut lags = partition_lags(&topic, &[0, 1, 2]);
-        lags.sort_unstable();
-        assert_eq!(lags, vec![(0, 300), (1, 300)]);
     }
 }
