@@ -139,13 +139,13 @@ pub async fn start(
         .build_v1alpha()
         .context("building the reflection service")?;
     let rate = ratelimit::RateLimiter::new(options.rate_limits, metrics.rate.clone());
-    let polls = polls::Polls::new(options.jobs.clone(), rate.clone());
     let api = Api::new(store.clone(), metrics, shutdown.clone())
         .with_rate_limiter(rate)
         .with_candles_immutable_after(options.candles_immutable_after)
         .with_stream_buffer(options.stream_buffer)
         .with_limits(options.limits)
         .with_store_timeout(options.store_timeout);
+    let polls = polls::Polls::new(options.jobs.clone(), api.clone());
 
     let readiness = tokio::spawn(watch_store(
         store,

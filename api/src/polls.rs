@@ -12,7 +12,7 @@ use tickfleet_store::JobStore;
 use tickfleet_store::jobs::{PROVIDERS, Pair, PollJob};
 use tonic::{Request, Response, Status};
 
-use crate::ratelimit::{Class, RateLimiter};
+use crate::service::Api;
 use crate::validate::invalid;
 
 /// Most symbols in one job.
@@ -24,25 +24,21 @@ pub const MIN_INTERVAL_NS: i64 = 100_000_000;
 /// Longest polling interval.
 pub const MAX_INTERVAL_NS: i64 = 86_400_000_000_000;
 
-/// The service, over the jobs' store (`None`: an api without Redis answers FAILED_PRECONDITION),
-/// rate limited per client like the api's other methods (`GetPollJob` and `GetQuote` are reads, the
-/// others writes).
+/// The service, over the jobs' store (`None`: an api without Redis answers FAILED_PRECONDITION).
+/// Each call runs as a [`TickService`](tickfleet_proto::v1::tick_service_server::TickService) call
+/// does, through the same [`Api`]: the client's rate limit (`GetPollJob` and `GetQuote` are reads,
+/// the others writes), the replica's call limit, the client's deadline, the store timeout, and the
+/// `tickfleet_api_*` metrics (a refusal counts in `rejected_total` like any other).
 #[derive(Clone)]
 pub struct Polls {
     jobs: Option<Arc<dyn JobStore>>,
-    rate: RateLimiter,
+    api: Api,
 }
 
 impl Polls {
-    /// Over `jobs`, limited by `rate`.
-    pub fn new(jobs: Option<Arc<dyn JobStore>>, rate: RateLimiter) -> Self {
-        Polls { jobs, rate }
-    }
-
-    #[allow(clippy::result_large_err)]
-    fn admit<T>(&self, method: &str, request: &Request<T>) -> Result<(), Status> {
-        self.rate
-            .check(Class::of(method), self.rate.client_of(request))
+    /// Over `jobs`, with the limits, deadlines and metrics of `api`.
+    pub fn new(jobs: Option<Arc<dyn JobStore>>, api: Api) -> Self {
+        Polls { jobs, api }
     }
 
     fn store(&self) -> Result<&dyn JobStore, Status> {
@@ -54,28 +50,26 @@ impl Polls {
     }
 }
 
-fn unavailable(e: tickfleet_store::StoreError) -> Status {
-    Status::unavailable(format!("store: {e}"))
-}
-
-/// Checks a create request: `(provider, symbols, interval_ms)`.
-pub fn validate_create(r: &v1::CreatePollJobRequest) -> Result<(String, Vec<String>, u64), Status> {
-    if r.provider.is_empty() {
+/// Checks a request's `provider`: one of [`PROVIDERS`].
+fn provider(p: &str) -> Result<(), Status> {
+    if p.is_empty() {
         return Err(invalid(
             "provider",
             format!("provider is required: one of {}", PROVIDERS.join(", ")),
         ));
     }
-    if !PROVIDERS.contains(&r.provider.as_str()) {
+    if !PROVIDERS.contains(&p) {
         return Err(invalid(
             "provider",
-            format!(
-                "provider {:?} is not one of {}",
-                r.provider,
-                PROVIDERS.join(", ")
-            ),
+            format!("provider {p:?} is not one of {}", PROVIDERS.join(", ")),
         ));
     }
+    Ok(())
+}
+
+/// Checks a create request: `(provider, symbols, interval_ms)`.
+pub fn validate_create(r: &v1::CreatePollJobRequest) -> Result<(String, Vec<String>, u64), Status> {
+    provider(&r.provider)?;
     if r.symbols.is_empty() {
         return Err(invalid(
             "symbols",
@@ -179,100 +173,116 @@ impl PollService for Polls {
         &self,
         request: Request<v1::CreatePollJobRequest>,
     ) -> Result<Response<v1::PollJob>, Status> {
-        self.admit("CreatePollJob", &request)?;
-        let (provider, symbols, interval_ms) = validate_create(request.get_ref())?;
-        let store = self.store()?;
-        let id = format!("{:016x}", rand::rng().random::<u64>());
-        let job = PollJob {
-            id,
-            provider,
-            symbols,
-            interval_ms,
-            created_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
-        };
-        store.create_job(&job).await.map_err(unavailable)?;
-        tracing::info!(job = %job.id, provider = %job.provider, symbols = job.symbols.len(), interval_ms, "poll job created");
-        Ok(Response::new(to_proto(&job)))
+        let call = self.api.call(&request);
+        let r = request.into_inner();
+        self.api
+            .unary("CreatePollJob", call, async {
+                let (provider, symbols, interval_ms) = validate_create(&r)?;
+                let store = self.store()?;
+                let id = format!("{:016x}", rand::rng().random::<u64>());
+                let job = PollJob {
+                    id,
+                    provider,
+                    symbols,
+                    interval_ms,
+                    created_ns: chrono::Utc::now().timestamp_nanos_opt().unwrap_or(0),
+                };
+                self.api
+                    .store_call("create_job", store.create_job(&job))
+                    .await?;
+                tracing::info!(job = %job.id, provider = %job.provider, symbols = job.symbols.len(), interval_ms, "poll job created");
+                Ok(to_proto(&job))
+            })
+            .await
     }
 
     async fn get_poll_job(
         &self,
         request: Request<v1::GetPollJobRequest>,
     ) -> Result<Response<v1::PollJob>, Status> {
-        self.admit("GetPollJob", &request)?;
-        let id = &request.get_ref().id;
-        job_id("id", id)?;
-        let store = self.store()?;
-        let job = store
-            .job(id)
+        let call = self.api.call(&request);
+        let id = request.into_inner().id;
+        self.api
+            .unary("GetPollJob", call, async {
+                job_id("id", &id)?;
+                let store = self.store()?;
+                let job = self
+                    .api
+                    .store_call("job", store.job(&id))
+                    .await?
+                    .ok_or_else(|| Status::not_found(format!("no poll job {id:?}")))?;
+                let mut out = to_proto(&job);
+                for s in &job.symbols {
+                    let pair = Pair::new(&job.provider, s);
+                    let lease = self.api.store_call("holder", store.holder(&pair)).await?;
+                    let quote = self.api.store_call("quote", store.quote(&pair)).await?;
+                    out.status.push(v1::SymbolStatus {
+                        symbol: s.clone(),
+                        holder: lease.as_ref().map(|l| l.holder.clone()).unwrap_or_default(),
+                        fence: lease.map_or(0, |l| l.token),
+                        quote: quote.map(quote_proto),
+                    });
+                }
+                Ok(out)
+            })
             .await
-            .map_err(unavailable)?
-            .ok_or_else(|| Status::not_found(format!("no poll job {id:?}")))?;
-        let mut out = to_proto(&job);
-        for s in &job.symbols {
-            let pair = Pair::new(&job.provider, s);
-            let lease = store.holder(&pair).await.map_err(unavailable)?;
-            let quote = store.quote(&pair).await.map_err(unavailable)?;
-            out.status.push(v1::SymbolStatus {
-                symbol: s.clone(),
-                holder: lease.as_ref().map(|l| l.holder.clone()).unwrap_or_default(),
-                fence: lease.map_or(0, |l| l.token),
-                quote: quote.map(quote_proto),
-            });
-        }
-        Ok(Response::new(out))
     }
 
     async fn delete_poll_job(
         &self,
         request: Request<v1::DeletePollJobRequest>,
     ) -> Result<Response<v1::DeletePollJobResponse>, Status> {
-        self.admit("DeletePollJob", &request)?;
-        let id = &request.get_ref().id;
-        job_id("id", id)?;
-        if !self.store()?.delete_job(id).await.map_err(unavailable)? {
-            return Err(Status::not_found(format!("no poll job {id:?}")));
-        }
-        tracing::info!(job = %id, "poll job deleted");
-        Ok(Response::new(v1::DeletePollJobResponse {}))
+        let call = self.api.call(&request);
+        let id = request.into_inner().id;
+        self.api
+            .unary("DeletePollJob", call, async {
+                job_id("id", &id)?;
+                let store = self.store()?;
+                if !self
+                    .api
+                    .store_call("delete_job", store.delete_job(&id))
+                    .await?
+                {
+                    return Err(Status::not_found(format!("no poll job {id:?}")));
+                }
+                tracing::info!(job = %id, "poll job deleted");
+                Ok(v1::DeletePollJobResponse {})
+            })
+            .await
     }
 
     async fn get_quote(
         &self,
         request: Request<v1::GetQuoteRequest>,
     ) -> Result<Response<v1::Quote>, Status> {
-        self.admit("GetQuote", &request)?;
-        let r = request.get_ref();
-        if !PROVIDERS.contains(&r.provider.as_str()) {
-            return Err(invalid(
-                "provider",
-                format!(
-                    "provider {:?} is not one of {}",
-                    r.provider,
-                    PROVIDERS.join(", ")
-                ),
-            ));
-        }
-        crate::validate::asset_id("symbol", &r.symbol)?;
-        let q = self
-            .store()?
-            .quote(&Pair::new(&r.provider, &r.symbol))
+        let call = self.api.call(&request);
+        let r = request.into_inner();
+        self.api
+            .unary("GetQuote", call, async {
+                provider(&r.provider)?;
+                crate::validate::asset_id("symbol", &r.symbol)?;
+                let store = self.store()?;
+                let q = self
+                    .api
+                    .store_call("quote", store.quote(&Pair::new(&r.provider, &r.symbol)))
+                    .await?
+                    .ok_or_else(|| {
+                        Status::not_found(format!(
+                            "no cached quote of {:?} from {:?}",
+                            r.symbol, r.provider
+                        ))
+                    })?;
+                Ok(quote_proto(q))
+            })
             .await
-            .map_err(unavailable)?
-            .ok_or_else(|| {
-                Status::not_found(format!(
-                    "no cached quote of {:?} from {:?}",
-                    r.symbol, r.provider
-                ))
-            })?;
-        Ok(Response::new(quote_proto(q)))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tickfleet_store::MemoryJobs;
+    use crate::metrics::ApiMetrics;
+    use tickfleet_store::{MemoryJobs, MemoryStore};
 
     fn req(symbols: &[&str], interval: &str, provider: &str) -> v1::CreatePollJobRequest {
         v1::CreatePollJobRequest {
@@ -334,9 +344,19 @@ mod tests {
         assert_eq!(interval_text(120_000), "2m");
     }
 
+    /// An api over an empty store.
+    fn api() -> Api {
+        let metrics = ApiMetrics::new(&prometheus::Registry::new()).unwrap();
+        Api::new(
+            Arc::new(MemoryStore::new()),
+            metrics,
+            tickfleet_service::CancellationToken::new(),
+        )
+    }
+
     #[tokio::test]
     async fn jobs_are_created_read_and_deleted() {
-        let polls = Polls::new(Some(Arc::new(MemoryJobs::new())), RateLimiter::default());
+        let polls = Polls::new(Some(Arc::new(MemoryJobs::new())), api());
         let job = polls
             .create_poll_job(Request::new(req(&["AAPL", "MSFT"], "1m", "finnhub")))
             .await
@@ -370,7 +390,7 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::NotFound);
-        let none = Polls::new(None, RateLimiter::default());
+        let none = Polls::new(None, api());
         let e = none
             .create_poll_job(Request::new(req(&["AAPL"], "1m", "finnhub")))
             .await

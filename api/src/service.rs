@@ -153,7 +153,7 @@ impl Api {
 
     /// Runs a unary handler: takes a token of the client's rate limit and a slot of the call limit, honours the client's deadline and records
     /// the metrics.
-    async fn unary<T>(
+    pub(crate) async fn unary<T>(
         &self,
         method: &'static str,
         call: Call,

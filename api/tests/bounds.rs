@@ -1,6 +1,6 @@
 //! The api's bounds, through a real tonic client over TCP: per-replica limits on concurrent calls and
-//! open streams (RESOURCE_EXHAUSTED beyond them, counted in the metrics) and a deadline on every store
-//! call. The store is a test double of the one layer below the api (the [`TickStore`] trait): the
+//! open streams (RESOURCE_EXHAUSTED beyond them, counted in the metrics), a deadline on every store
+//! call, and the per-client rate limits on the polling jobs' service as on every other. The store is a test double of the one layer below the api (the [`TickStore`] trait): the
 //! in-memory store behind a gate that holds chosen calls until the test opens it, so "in flight" and
 //! "hanging" are states the test controls, not timings.
 
@@ -13,14 +13,18 @@ use std::time::Duration;
 use async_trait::async_trait;
 use tickfleet_api::ApiMetrics;
 use tickfleet_api::limits::Limits;
+use tickfleet_api::ratelimit::{Class, Rate};
+use tickfleet_proto::v1::poll_service_client::PollServiceClient;
 use tickfleet_proto::v1::tick_service_client::TickServiceClient;
 use tickfleet_proto::v1::{
-    GetCandlesRequest, GetLatestRequest, GetMovingAverageRequest, ListAssetsRequest,
-    StreamCandlesRequest, StreamTicksRequest, get_moving_average_request::Over,
+    CreatePollJobRequest, DeletePollJobRequest, GetCandlesRequest, GetLatestRequest,
+    GetMovingAverageRequest, GetPollJobRequest, ListAssetsRequest, StreamCandlesRequest,
+    StreamTicksRequest, get_moving_average_request::Over,
 };
 use tickfleet_service::{CancellationToken, Health};
 use tickfleet_store::{
-    LiveFeed, MemoryStore, RangeQuery, StoreError, Tick, TickPage, TickStore, WriteSummary,
+    LiveFeed, MemoryJobs, MemoryStore, RangeQuery, StoreError, Tick, TickPage, TickStore,
+    WriteSummary,
 };
 use tokio::sync::Semaphore;
 use tonic::Code;
@@ -103,6 +107,7 @@ impl TickStore for GatedStore {
 
 struct Server {
     client: TickServiceClient<Channel>,
+    channel: Channel,
     store: Arc<GatedStore>,
     registry: prometheus::Registry,
     stop: CancellationToken,
@@ -149,7 +154,8 @@ impl Server {
             .await
             .unwrap();
         Server {
-            client: TickServiceClient::new(channel),
+            client: TickServiceClient::new(channel.clone()),
+            channel,
             store,
             registry,
             stop,
@@ -401,5 +407,73 @@ async fn a_range_read_that_hangs_mid_query_is_unavailable() {
     .unwrap()
     .into_inner();
     assert_eq!((avg.sma.as_str(), avg.count), ("100.5", 1));
+    api.stop().await;
+}
+
+#[tokio::test]
+async fn poll_job_calls_are_rate_limited_and_counted_like_every_other_method() {
+    let mut rate_limits = tickfleet_api::ratelimit::RateLimits::default();
+    let writes = Class::ALL.iter().position(|c| *c == Class::Writes).unwrap();
+    rate_limits.rates[writes] = Some(Rate {
+        count: 1,
+        per: Duration::from_secs(3600),
+        burst: 1,
+    });
+    let api = Server::start(
+        &[],
+        tickfleet_api::Options {
+            rate_limits,
+            jobs: Some(Arc::new(MemoryJobs::new())),
+            ..Default::default()
+        },
+    )
+    .await;
+    let mut polls = PollServiceClient::new(api.channel.clone());
+    let create = || CreatePollJobRequest {
+        symbols: vec!["AAPL".into()],
+        interval: "1m".into(),
+        provider: "finnhub".into(),
+    };
+    let job = answered(polls.create_poll_job(create())).await.unwrap();
+    let refused = answered(polls.create_poll_job(create())).await.unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        refused.metadata().get("retry-after").is_some(),
+        "{refused:?}"
+    );
+    let method = ("method", "CreatePollJob");
+    let requests = "tickfleet_api_requests_total";
+    assert_eq!(
+        api.metric("tickfleet_api_rejected_total", &[method, ("limit", "rate")]),
+        1.0
+    );
+    assert_eq!(api.metric(requests, &[method, ("code", "OK")]), 1.0);
+    assert_eq!(
+        api.metric(requests, &[method, ("code", "RESOURCE_EXHAUSTED")]),
+        1.0
+    );
+    // Reads are another class (not limited here); writes share one bucket, so a delete is refused
+    // too, and counted under its own method.
+    let id = job.into_inner().id;
+    answered(polls.get_poll_job(GetPollJobRequest { id: id.clone() }))
+        .await
+        .unwrap();
+    let refused = answered(polls.delete_poll_job(DeletePollJobRequest { id }))
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    let unknown = GetPollJobRequest {
+        id: "0000000000000000".into(),
+    };
+    let gone = answered(polls.get_poll_job(unknown)).await.unwrap_err();
+    assert_eq!(gone.code(), Code::NotFound, "{gone:?}");
+    let get = ("method", "GetPollJob");
+    assert_eq!(api.metric(requests, &[get, ("code", "OK")]), 1.0);
+    assert_eq!(api.metric(requests, &[get, ("code", "NOT_FOUND")]), 1.0);
+    let delete = ("method", "DeletePollJob");
+    assert_eq!(
+        api.metric("tickfleet_api_rejected_total", &[delete, ("limit", "rate")]),
+        1.0
+    );
     api.stop().await;
 }
