@@ -11,9 +11,12 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use serde_json::json;
 use tickfleet_connector::poll::fixture::{FIXTURE_KEY, ProviderFixture};
 use tickfleet_e2e::http::{get, request};
-use tickfleet_e2e::{Api, DevBroker, Worker, WorkerSetup, bin, redis_url, signal, wait_for};
+use tickfleet_e2e::{
+    Api, DevBroker, Worker, WorkerSetup, bin, redis_url, signal, tickctl_json, wait_for,
+};
 use tickfleet_store::jobs::Pair;
 use tickfleet_store::{JobStore, RedisStore, Retention};
 
@@ -394,6 +397,30 @@ fn alphavantage_and_yahoo_back_off_on_rate_limits_and_jobs_are_validated_read_an
     assert_eq!(job["status"][0]["holder"], "solo", "{job}");
     assert_eq!(job["status"][0]["quote"]["price"], "293.87", "{job}");
     assert_eq!(job["interval"], "100ms");
+    // tickctl's view of the same job and quote, over gRPC
+    let cli = tickctl_json(&rig.api.url, &["poll", "get", &a]).unwrap();
+    assert_eq!(
+        (&cli["id"], &cli["provider"], &cli["interval"]),
+        (&json!(a), &json!("alphavantage"), &json!("100ms")),
+        "{cli}"
+    );
+    assert_eq!(cli["status"][0]["holder"], "solo", "{cli}");
+    assert_eq!(cli["status"][0]["quote"]["price"], "293.87", "{cli}");
+    let quote = tickctl_json(
+        &rig.api.url,
+        &["poll", "quote", "--provider", "alphavantage", "IBM"],
+    )
+    .unwrap();
+    assert_eq!(quote["price"], "293.87", "{quote}");
+    let refused = tickctl_json(
+        &rig.api.url,
+        &["poll", "create", "--provider", "bloomberg", "AAPL"],
+    )
+    .unwrap_err();
+    assert!(
+        refused.contains("InvalidArgument") && refused.contains("bloomberg"),
+        "{refused}"
+    );
 
     // deleting a job releases its symbols' leases
     let r = request(
@@ -422,6 +449,26 @@ fn alphavantage_and_yahoo_back_off_on_rate_limits_and_jobs_are_validated_read_an
         rig.holder(&gspc).is_none().then_some(())
     });
     assert!(rig.holder(&Pair::new("alphavantage", "IBM")).is_some());
+    // tickctl creates and deletes jobs as REST does
+    let c = tickctl_json(
+        &rig.api.url,
+        &[
+            "poll",
+            "create",
+            "--provider",
+            "yahoo",
+            "--interval",
+            "1m",
+            "MSFT",
+        ],
+    )
+    .unwrap();
+    let id = c["id"].as_str().unwrap().to_owned();
+    assert_eq!(get(&rig.api.http, &format!("/v1/polls/{id}")).status, 200);
+    tickctl_json(&rig.api.url, &["poll", "delete", &id]).unwrap();
+    assert_eq!(get(&rig.api.http, &format!("/v1/polls/{id}")).status, 404);
+    let gone = tickctl_json(&rig.api.url, &["poll", "delete", &id]).unwrap_err();
+    assert!(gone.contains("NotFound"), "{gone}");
     // one tick per new price, whatever the retries
     let ticks = get(&rig.api.http, "/v1/ticks?asset_id=IBM").json();
     assert_eq!(ticks["ticks"].as_array().unwrap().len(), 1, "{ticks}");

@@ -7,6 +7,7 @@ mod demo_source;
 mod dev_broker;
 mod dlq;
 mod out;
+mod polls;
 mod produce;
 mod query;
 mod rollups;
@@ -44,6 +45,9 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Candle rollups in the store: `rebuild` recomputes them from the stored ticks.
     Rollups(rollups::RollupsArgs),
+    /// Provider polling jobs (run by `tickfleet-connector poll`): create, get, delete, and cached
+    /// quotes.
+    Poll(polls::PollArgs),
 }
 
 fn main() -> std::process::ExitCode {
@@ -67,6 +71,7 @@ fn main() -> std::process::ExitCode {
             Command::Dlq(args) => dlq::run(args).await,
             Command::Bench(args) => bench::run(args).await,
             Command::Rollups(args) => rollups::run(args).await,
+            Command::Poll(args) => polls::run(args).await,
         }
     });
     match result {

@@ -30,7 +30,7 @@ pub struct ApiArgs {
     ca_file: Option<std::path::PathBuf>,
     /// Print JSON (for scripts) instead of a table.
     #[arg(long)]
-    json: bool,
+    pub(crate) json: bool,
 }
 
 /// The query commands.
@@ -155,11 +155,16 @@ fn parse_duration(s: &str) -> anyhow::Result<i64> {
 }
 
 /// RFC 3339 with nanoseconds, UTC.
-fn fmt_time(ns: i64) -> String {
+pub(crate) fn fmt_time(ns: i64) -> String {
     chrono::DateTime::from_timestamp_nanos(ns).to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true)
 }
 
 async fn connect(args: &ApiArgs) -> anyhow::Result<TickServiceClient<Channel>> {
+    Ok(TickServiceClient::new(channel(args).await?))
+}
+
+/// A channel to the api at `args` (TLS for `https://`).
+pub(crate) async fn channel(args: &ApiArgs) -> anyhow::Result<Channel> {
     let api = args.api.as_str();
     // `host:port` is taken as plaintext `http://host:port`, as grpcurl -plaintext does.
     let api = if api.contains("://") {
@@ -185,14 +190,13 @@ async fn connect(args: &ApiArgs) -> anyhow::Result<TickServiceClient<Channel>> {
             .tls_config(tls)
             .context("TLS settings for the api")?;
     }
-    let channel = endpoint.connect().await.with_context(|| {
+    endpoint.connect().await.with_context(|| {
         format!("cannot reach the api at {api} (is `tickctl demo` or tickfleet-api running?)")
-    })?;
-    Ok(TickServiceClient::new(channel))
+    })
 }
 
 /// Turns a gRPC error into a one-line message with its code.
-fn grpc(status: tonic::Status) -> anyhow::Error {
+pub(crate) fn grpc(status: tonic::Status) -> anyhow::Error {
     anyhow::anyhow!("{:?}: {}", status.code(), status.message())
 }
 
@@ -251,7 +255,7 @@ const CANDLE_HEADER: [&str; 8] = [
 ];
 
 /// Prints rows as aligned columns.
-fn table(header: &[&str], rows: &[Vec<String>]) -> Result<(), StdoutClosed> {
+pub(crate) fn table(header: &[&str], rows: &[Vec<String>]) -> Result<(), StdoutClosed> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, cell) in widths.iter_mut().zip(r) {
@@ -273,7 +277,7 @@ fn table(header: &[&str], rows: &[Vec<String>]) -> Result<(), StdoutClosed> {
     Ok(())
 }
 
-fn print_json(v: &Value) -> Result<(), StdoutClosed> {
+pub(crate) fn print_json(v: &Value) -> Result<(), StdoutClosed> {
     outln!("{v}")
 }
 
