@@ -39,7 +39,8 @@
 # Results go to bench-results/<timestamp>/ (summary.md has the table quoted in BENCHMARKS.md).
 # Settings: TICKS (default 1000000), ASSETS (100), PARTITIONS (16), BIG_TICKS (4000000), REPEAT (3),
 # ROLLUP_TICKS (5000000), ROLLUP_WRITE_TICKS (1000000), ROLLUP_BASELINE (30abb5a), CLUSTER_WORKERS (2), BATCH (1000), PG_SECONDS (15),
-# PART (all; brokers: only steps 2+3; rollups: only step 7; cluster: only step 8; postgres: only step 9), PROFILE (release, or debug: the debug binaries of
+# PART (all; brokers: only steps 2+3; api: only step 6, after an ingest of API_TICKS (200000) ticks by 1 worker;
+# rollups: only step 7; cluster: only step 8; postgres: only step 9), PROFILE (release, or debug: the debug binaries of
 # `cargo build --workspace --bins`, where a release build is not possible; absolute figures then say
 # little, ratios between the brokers still do).
 set -euo pipefail
@@ -54,11 +55,12 @@ ROLLUP_TICKS=${ROLLUP_TICKS:-5000000}
 ROLLUP_WRITE_TICKS=${ROLLUP_WRITE_TICKS:-1000000}
 ROLLUP_BASELINE=${ROLLUP_BASELINE:-30abb5a}
 PART=${PART:-all}
+API_TICKS=${API_TICKS:-200000}
 PROFILE=${PROFILE:-release}
 CLUSTER_WORKERS=${CLUSTER_WORKERS:-2}
 BATCH=${BATCH:-1000}
 PG_SECONDS=${PG_SECONDS:-15}
-case $PART in all | brokers | rollups | cluster | postgres) ;; *) echo "PART is all, brokers, rollups, cluster or postgres" >&2; exit 2 ;; esac
+case $PART in all | brokers | api | rollups | cluster | postgres) ;; *) echo "PART is all, brokers, api, rollups, cluster or postgres" >&2; exit 2 ;; esac
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
 
@@ -206,9 +208,19 @@ log "4. Python peer (confluent-kafka + redis-py) on the same topic"
 log "5. memory: 1 worker, backlog of $BIG_TICKS ticks in 64 partitions"
 "$tickctl" bench ingest --brokers "$brokers" --topic big --redis "$redis" --ticks "$BIG_TICKS" \
   --assets "$ASSETS" --workers 1 --json "$out/memory.json" | tee "$out/memory.txt"
+fi
 
+if [ "$PART" = all ] || [ "$PART" = api ]; then
+if [ "$PART" = api ]; then
+  log "6. (PART=api) the data the api serves: $API_TICKS ticks over $ASSETS assets stored by 1 worker"
+  "$tickctl" bench ingest --brokers "$brokers" --topic bench --redis "$redis" --ticks "$API_TICKS" \
+    --assets "$ASSETS" --workers 1 --json "$out/api-ingest.json" | tee "$out/api-ingest.txt"
+  served="$out/api-ingest.json"
+else
+  served="$out/ingest.json"
+fi
 log "6. api load (16 clients, 10 s each)"
-prefix=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["prefix"])' "$out/ingest.json")
+prefix=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))[0]["prefix"])' "$served")
 gport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 aport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 hport=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
@@ -435,6 +447,7 @@ if (out / "peer.json").exists():
         ("tickfleet (best of 1 and 2 workers, dev broker) / Redis ZADD ceiling", best / zadd),
         ("tickfleet 1 worker / Python peer (dev broker)", rate["mock", 1] / peer),
     ]
+if (out / "api-latest-5k.json").exists():
     for name, label in [("api-latest-max", "GetLatest, flat out"), ("api-latest-5k", "GetLatest at 5k rps"),
                         ("api-rest-latest-5k", "REST GET /v1/prices/latest at 5k rps"),
                         ("api-ticks", "ListTicks(limit 1000), flat out")]:
