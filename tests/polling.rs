@@ -326,6 +326,76 @@ fn three_replicas_poll_each_symbol_once_survive_a_killed_holder_and_store_every_
     assert!(!logs.contains(FIXTURE_KEY), "an API key in the logs");
 }
 
+/// The window between a poll's commit (the new price recorded as the pair's pending tick) and
+/// Kafka's acknowledgement: the broker hangs (SIGSTOP) so the holder is caught in it, and is
+/// SIGKILLed there. The replica that takes the lease over produces the pending tick: the price is
+/// stored once, with its own sequence number, and nothing after it is lost.
+#[test]
+fn a_holder_killed_between_its_commit_and_kafkas_ack_loses_nothing_and_stores_the_price_once() {
+    let rig = Rig::start();
+    let mut connectors: Vec<Connector> = (0..2)
+        .map(|i| Connector::start(&rig.setup, &rig.fixture, &format!("r{i}"), &[]))
+        .collect();
+    rig.fixture.set_quote("finnhub", "AAPL", "100");
+    rig.create(r#"{"symbols": ["AAPL"], "interval": "200ms", "provider": "finnhub"}"#);
+    rig.wait_stored("AAPL", "100");
+    let aapl = Pair::new("finnhub", "AAPL");
+    let pending = || rig.runtime.block_on(rig.jobs.pending(&aapl)).unwrap();
+    wait_for(LONG, STEP, "the first price acknowledged", || {
+        pending().is_none().then_some(())
+    });
+
+    rig.broker.signal("STOP");
+    rig.fixture.set_quote("finnhub", "AAPL", "101");
+    // the holder has committed the new price and waits for an acknowledgement that cannot come
+    let caught = wait_for(LONG, STEP, "101 committed as AAPL's pending tick", || {
+        pending().filter(|p| p.tick.price.to_string() == "101")
+    });
+    assert_eq!(caught.tick.seq, 2, "{caught:?}");
+    let holder = rig.holder(&aapl).expect("AAPL has a holder");
+    let n: usize = holder.holder[1..].parse().unwrap();
+    signal(&connectors[n].child, "KILL");
+    let _ = connectors[n].child.wait();
+    assert!(pending().is_some(), "the killed holder never got its ack");
+    rig.broker.signal("CONT");
+    connectors.remove(n);
+
+    let after = wait_for(LONG, STEP, "the other replica to take AAPL over", || {
+        rig.holder(&aapl).filter(|l| l.holder != holder.holder)
+    });
+    assert!(after.token > holder.token, "{after:?} after {holder:?}");
+    rig.wait_stored("AAPL", "101");
+    wait_for(LONG, STEP, "the pending tick marked produced", || {
+        pending().is_none().then_some(())
+    });
+    // and polling goes on from there
+    rig.fixture.set_quote("finnhub", "AAPL", "102");
+    rig.wait_stored("AAPL", "102");
+
+    let ticks = get(&rig.api.http, "/v1/ticks?asset_id=AAPL").json();
+    let got: Vec<(&str, &str)> = ticks["ticks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| (t["price"].as_str().unwrap(), t["seq"].as_str().unwrap()))
+        .collect();
+    assert_eq!(got, [("100", "1"), ("101", "2"), ("102", "3")], "{ticks}");
+    // On Kafka, 101 once from the new holder, and perhaps once more from the killed one (if its
+    // request had reached the stopped broker's socket): the same message, which the store keeps once.
+    let mut copies: BTreeMap<Vec<u8>, usize> = BTreeMap::new();
+    for (key, payload, _, _) in rig.kafka_messages() {
+        if key == "AAPL" {
+            *copies.entry(payload).or_default() += 1;
+        }
+    }
+    assert_eq!(copies.len(), 3, "three distinct AAPL ticks: {copies:?}");
+    assert!(copies.values().all(|n| *n <= 2), "{copies:?}");
+    eprintln!(
+        "copies of each AAPL tick on Kafka: {:?}",
+        copies.values().collect::<Vec<_>>()
+    );
+}
+
 #[test]
 fn alphavantage_and_yahoo_back_off_on_rate_limits_and_jobs_are_validated_read_and_deleted() {
     let rig = Rig::start();

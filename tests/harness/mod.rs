@@ -125,6 +125,12 @@ pub struct DevBroker {
 }
 
 impl DevBroker {
+    /// Sends `sig` (`STOP`, `CONT`, …) to the broker's process: a stopped broker keeps its
+    /// connections open and answers nothing, as a broker that hangs does.
+    pub fn signal(&self, sig: &str) {
+        signal(&self.child, sig);
+    }
+
     /// Starts a broker with `topics` (`NAME:PARTITIONS`) and waits for its bootstrap list.
     pub fn start(topics: &[&str]) -> Self {
         let mut cmd = Command::new(bin("tickctl"));
