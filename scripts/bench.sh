@@ -60,6 +60,8 @@ PROFILE=${PROFILE:-release}
 CLUSTER_WORKERS=${CLUSTER_WORKERS:-2}
 BATCH=${BATCH:-1000}
 PG_SECONDS=${PG_SECONDS:-15}
+# Where cargo builds (honours CARGO_TARGET_DIR, as cargo does), made absolute for the baseline build.
+target_dir=$(realpath -m "${CARGO_TARGET_DIR:-target}")
 case $PART in all | brokers | api | rollups | cluster | postgres) ;; *) echo "PART is all, brokers, api, rollups, cluster or postgres" >&2; exit 2 ;; esac
 log() { printf '\n==> %s\n' "$*"; }
 as_root() { if [ "$(id -u)" -eq 0 ]; then "$@"; else sudo "$@"; fi; }
@@ -85,27 +87,27 @@ elif [ "$PART" = all ] || [ "$PART" = rollups ]; then
   base_tree=$(mktemp -d)
   git worktree add --detach "$base_tree" "$ROLLUP_BASELINE" >/dev/null
   profile_flag=(); [ "$PROFILE" = release ] && profile_flag=(--release)
-  (cd "$base_tree" && CARGO_TARGET_DIR="$OLDPWD/target" cargo build --locked "${profile_flag[@]}" --bin tickfleet-worker -p tickfleet-worker)
+  (cd "$base_tree" && CARGO_TARGET_DIR="$target_dir" cargo build --locked "${profile_flag[@]}" --bin tickfleet-worker -p tickfleet-worker)
   baseline_worker="$(mktemp -d)/tickfleet-worker-before-rollups"
-  cp "target/$PROFILE/tickfleet-worker" "$baseline_worker"
+  cp "$target_dir/$PROFILE/tickfleet-worker" "$baseline_worker"
   git worktree remove --force "$base_tree"
 fi
 if [ "$PROFILE" = release ] && [ "$PART" = rollups ]; then
   log "building the release tickctl and worker (PART=rollups needs nothing else)"
   cargo build --release --locked --bin tickctl -p tickfleet-cli --bin tickfleet-worker -p tickfleet-worker
-  bin=target/release
+  bin=$target_dir/release
 elif [ "$PROFILE" = release ] && [ "$PART" = postgres ]; then
   log "building the release tickctl and tickfleet-worker (PART=postgres needs nothing else)"
   cargo build --release --locked --bin tickctl --bin tickfleet-worker -p tickfleet-cli -p tickfleet-worker
-  bin=target/release
+  bin=$target_dir/release
 elif [ "$PROFILE" = release ]; then
   log "building release binaries"
   cargo build --release --locked --bins -p tickfleet-cli -p tickfleet-worker -p tickfleet-api
-  bin=target/release
+  bin=$target_dir/release
 else
   log "building debug binaries (PROFILE=$PROFILE)"
   cargo build --locked --workspace --bins
-  bin=target/debug
+  bin=$target_dir/debug
 fi
 tickctl=$bin/tickctl
 
