@@ -318,6 +318,9 @@ def full_values() -> dict:
                 "store": {"redis": {"url": "redis://redis.markets.svc:6379"}},
                 "workers": {"replicas": 2},
                 "sources": [{"exchange": "binance", "symbols": ["BTC-USDT", "ETH-USDT", "SOL-USDT"]}],
+                "polling": {"replicas": 2, "providers": {
+                    "finnhub": {"apiKeySecretRef": {"name": "finnhub-api-key", "key": "token"}},
+                    "yahoo": {}}},
             },
         }],
     }

@@ -132,10 +132,12 @@ pub struct Observation {
     pub capped: Option<(i32, i32)>,
     /// Each source's connector: `(source name, rollout, pods)`.
     pub sources: Vec<(String, Rollout, ReplicaStatus)>,
+    /// The poll connector, with `spec.polling`: its rollout and pods.
+    pub polling: Option<(Rollout, ReplicaStatus)>,
 }
 
-/// Conditions for a pipeline that is not paused: `Ready` when nothing blocks it and every worker
-/// and api pod runs the current spec and is available; `Progressing` while either Deployment
+/// Conditions for a pipeline that is not paused: `Ready` when nothing blocks it and every worker,
+/// api and connector pod (source and poll connectors) runs the current spec and is available; `Progressing` while either Deployment
 /// rolls out (from the Deployments' own status); `Degraded` with every problem found.
 pub fn wanted(obs: &Observation) -> Vec<Wanted> {
     let blocking = obs.problems.iter().find(|p| p.blocks_ready);
@@ -180,27 +182,38 @@ pub fn wanted(obs: &Observation) -> Vec<Wanted> {
                 pods.available, pods.desired
             ),
         )
-    } else if obs.sources.is_empty() {
+    } else if let Some((_, pods)) = obs
+        .polling
+        .as_ref()
+        .filter(|(rollout, pods)| not_up(pods, rollout))
+    {
         Wanted::new(
             READY,
-            true,
-            "AllReplicasReady",
+            false,
+            "PollingNotReady",
             format!(
-                "{} workers and {} api pods available",
-                obs.workers.available, obs.api.available
+                "{} of {} poll connector pods available (a poll connector is ready while it reads \
+                 the jobs from Redis and its Kafka deliveries succeed)",
+                pods.available, pods.desired
             ),
         )
     } else {
+        let mut parts = vec![
+            format!("{} workers", obs.workers.available),
+            format!("{} api pods", obs.api.available),
+        ];
+        if !obs.sources.is_empty() {
+            parts.push(format!("{} source connectors", obs.sources.len()));
+        }
+        if let Some((_, pods)) = &obs.polling {
+            parts.push(format!("{} poll connector pods", pods.available));
+        }
+        let last = parts.pop().unwrap_or_default();
         Wanted::new(
             READY,
             true,
             "AllReplicasReady",
-            format!(
-                "{} workers, {} api pods and {} source connectors available",
-                obs.workers.available,
-                obs.api.available,
-                obs.sources.len()
-            ),
+            format!("{} and {last} available", parts.join(", ")),
         )
     };
     let rollouts: Vec<(String, &Rollout)> = [
@@ -212,6 +225,11 @@ pub fn wanted(obs: &Observation) -> Vec<Wanted> {
         obs.sources
             .iter()
             .map(|(name, rollout, _)| (format!("source {name}"), rollout)),
+    )
+    .chain(
+        obs.polling
+            .iter()
+            .map(|(rollout, _)| ("polling".to_string(), rollout)),
     )
     .collect();
     let stalled = rollouts.iter().find_map(|(which, r)| match r {

@@ -12,8 +12,9 @@
 //! 5. measure the group's lag (every pipeline, at most once per [`LAG_INTERVAL`]; with autoscaling
 //!    at its poll interval) and, with autoscaling, decide the worker count;
 //! 6. server-side apply every child (ConfigMap, worker Deployment, PDB, api Deployment, Service,
-//!    one connector Deployment per source) with the field manager `tickfleet-operator` and an
-//!    owner reference to the pipeline; delete the connector of a source removed from the spec;
+//!    one connector Deployment per source, the poll connector with `spec.polling`) with the field
+//!    manager `tickfleet-operator` and an owner reference to the pipeline; delete the connector of
+//!    a source removed from the spec, and the poll connector when `spec.polling` is removed;
 //! 7. server-side apply the status: conditions computed from the Deployments' own status
 //!    (see [`conditions::rollout`]), `observedGeneration` (the generation just applied), replicas,
 //!    lag, partitions.
@@ -348,7 +349,8 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     .await;
     let applied = children::apply_children(ctx, tp, &ns, &offers, &old, workers.count).await?;
     scale::scaled_event(ctx, tp, &old, &workers, applied.worker.is_some()).await;
-    let (obs, source_lines) = children::observe_applied(&applied, &old, problems, workers.capped);
+    let (obs, source_lines, polling_line) =
+        children::observe_applied(&applied, &old, problems, workers.capped);
     status.conditions =
         conditions::merge(&old.conditions, &conditions::wanted(&obs), &now, generation);
     // the children now are this generation's
@@ -357,6 +359,7 @@ async fn reconcile_inner(tp: &TickPipeline, ctx: &Context) -> Result<Action> {
     status.api = obs.api.clone();
     status.partitions = topic.partitions.or(old.partitions);
     status.sources = source_lines;
+    status.polling = polling_line;
     status.selector = Some(desired::worker_selector_string(tp));
     write_status(ctx, tp, &ns, &status).await?;
     ctx.metrics.pipeline(
@@ -412,6 +415,8 @@ mod topics;
 
 pub use topics::kafka_connection;
 
+#[cfg(test)]
+mod polling_tests;
 #[cfg(test)]
 mod secret_tests;
 #[cfg(test)]

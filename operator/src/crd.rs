@@ -104,6 +104,105 @@ pub struct TickPipelineSpec {
         "self.all(s, s.symbols.all(x, self.filter(t, x in t.symbols).size() == 1))"
     ).message("a symbol is in two sources: one pipeline takes each asset from one venue"))]
     pub sources: Vec<SourceSpec>,
+    /// Provider polling jobs: when set, the operator runs `tickfleet-connector poll` (one
+    /// Deployment, `<pipeline>-poll`) over the pipeline's Redis and Kafka, which runs the jobs
+    /// created with `POST /v1/prices/poll` (or `CreatePollJob`) on the api. Removing the field
+    /// removes the Deployment; the jobs stay in Redis.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polling: Option<PollingSpec>,
+}
+
+/// The poll connector: `tickfleet-connector poll` replicas polling the market-data providers'
+/// quote endpoints for the jobs stored in the pipeline's Redis, each new price produced to the
+/// pipeline's topic as a tick. Several replicas are safe: each (provider, symbol) is polled by one
+/// replica at a time, under a Redis lease with a TTL and a fencing token, and a dead replica's pairs
+/// are taken over when its lease expires.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+#[x_kube(validation = kube::core::Rule::new(
+    "(has(self.backoffMinMs) ? self.backoffMinMs : 1000) <= (has(self.backoffMaxMs) ? self.backoffMaxMs : 300000)"
+).message("backoffMaxMs must be at least backoffMinMs (defaults 300000 and 1000)"))]
+pub struct PollingSpec {
+    /// Poll connector pods.
+    #[serde(default = "default_one")]
+    #[schemars(range(min = 0, max = 64))]
+    pub replicas: i32,
+    /// API keys and base URLs of the providers. A job for a provider that needs a key (Finnhub)
+    /// and has none here is refused by the provider and backed off; Alpha Vantage without a key
+    /// uses its `demo` key, which answers for a few symbols only.
+    #[serde(default)]
+    pub providers: PollProvidersSpec,
+    /// Lease TTL in milliseconds (`--lease-ttl-ms`, 10000 when unset): how long a dead replica's
+    /// pairs wait before another replica takes them over.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 300, max = 3_600_000))]
+    pub lease_ttl_ms: Option<i64>,
+    /// How often each replica lists the jobs and tries the free leases, in milliseconds
+    /// (`--scan-interval-ms`, 1000 when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 50, max = 3_600_000))]
+    pub scan_interval_ms: Option<i64>,
+    /// How long a polled quote is served by `GET /v1/prices/latest?provider=`, in milliseconds
+    /// (`--cache-ttl-ms`, 60000 when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86_400_000))]
+    pub cache_ttl_ms: Option<i64>,
+    /// Deadline of one provider request, in milliseconds (`--http-timeout-ms`, 10000 when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 600_000))]
+    pub http_timeout_ms: Option<i64>,
+    /// First pause of a provider after an error or a rate limit without `Retry-After`, in
+    /// milliseconds (`--backoff-min-ms`, 1000 when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86_400_000))]
+    pub backoff_min_ms: Option<i64>,
+    /// Longest pause of a provider, in milliseconds (`--backoff-max-ms`, 300000 when unset).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 86_400_000))]
+    pub backoff_max_ms: Option<i64>,
+    /// Compute resources of a poll connector container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resources: Option<ResourceRequirements>,
+}
+
+/// The providers the poll connector knows, each optional.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct PollProvidersSpec {
+    /// Finnhub (`/api/v1/quote`; the key is sent in the `X-Finnhub-Token` header).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finnhub: Option<KeyedProviderSpec>,
+    /// Alpha Vantage (`GLOBAL_QUOTE`; the key is a query parameter).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub alpha_vantage: Option<KeyedProviderSpec>,
+    /// Yahoo Finance (the chart endpoint; no key).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub yahoo: Option<OpenProviderSpec>,
+}
+
+/// A provider that takes an API key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct KeyedProviderSpec {
+    /// Secret key holding the API key, given to the poll connector pods as an environment
+    /// variable from the Secret (never in the pod spec's literals, never logged). The Secret must be
+    /// offered to the pipeline: annotation `tickfleet.io/allowed-pipelines` naming it, or `*`;
+    /// until it is, the poll connector is not deployed.
+    pub api_key_secret_ref: SecretKeyRef,
+    /// Base URL instead of the provider's (a proxy, a fixture server), `http://` or `https://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), pattern(r"^https?://"))]
+    pub base_url: Option<String>,
+}
+
+/// A provider without an API key.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct OpenProviderSpec {
+    /// Base URL instead of the provider's (a proxy, a fixture server), `http://` or `https://`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(max = 2048), pattern(r"^https?://"))]
+    pub base_url: Option<String>,
 }
 
 /// Longest number of symbols one source reads (one WebSocket connection; bounded so the CRD's
@@ -850,6 +949,24 @@ pub struct TickPipelineStatus {
     /// The connector of each source, as its Deployment reports it.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub sources: Vec<SourceStatus>,
+    /// The poll connector (`spec.polling`), as its Deployment reports it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub polling: Option<PollingStatus>,
+}
+
+/// How the poll connector runs.
+#[derive(KubeSchema, Serialize, Deserialize, Clone, Debug, Default, PartialEq, Eq)]
+#[serde(rename_all = "camelCase")]
+pub struct PollingStatus {
+    /// Its Deployment.
+    pub deployment: String,
+    /// Poll connector pods (ready means it reads the jobs from Redis and its Kafka deliveries
+    /// succeed).
+    #[serde(default)]
+    pub pods: ReplicaStatus,
+    /// Where its rollout stands (`Complete`, or what it waits for).
+    #[serde(default)]
+    pub message: String,
 }
 
 /// How one source's connector runs.

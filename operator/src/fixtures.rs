@@ -43,6 +43,7 @@ pub fn pipeline() -> TickPipeline {
             image_pull_policy: None,
             log_format: LogFormat::Json,
             sources: vec![],
+            polling: None,
         },
     );
     tp.metadata = ObjectMeta {
@@ -111,6 +112,26 @@ pub fn pipeline_with_every_secret() -> TickPipeline {
     tp.spec.api.tls = Some(ApiTlsSpec {
         secret_name: "api-cert".into(),
     });
+    tp
+}
+
+/// `tp` with `spec.polling`: 3 poll connector pods, Finnhub's key in Secret `finnhub-key` (key
+/// `token`), Alpha Vantage's in `av-key` (key `key`) with a proxy as base URL, Yahoo at a fixture
+/// server, a 5 s lease.
+pub fn with_polling(mut tp: TickPipeline) -> TickPipeline {
+    tp.spec.polling = Some(
+        serde_json::from_value(serde_json::json!({
+            "replicas": 3,
+            "providers": {
+                "finnhub": {"apiKeySecretRef": {"name": "finnhub-key", "key": "token"}},
+                "alphaVantage": {"apiKeySecretRef": {"name": "av-key", "key": "key"},
+                                 "baseUrl": "https://av-proxy.internal"},
+                "yahoo": {"baseUrl": "http://yahoo-fixture.markets.svc:8099"}
+            },
+            "leaseTtlMs": 5000
+        }))
+        .expect("polling spec"),
+    );
     tp
 }
 

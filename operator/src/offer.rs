@@ -2,7 +2,8 @@
 //!
 //! A `TickPipeline` names Secrets in several fields: the Kafka SASL credentials (read by the
 //! operator, for topic admin and lag, and by the workers), the Redis URL, the Redis CA and client
-//! certificate, and the api's gRPC certificate (referenced by the pods). Without a check, anyone
+//! certificate, the api's gRPC certificate and the polling providers' API keys (referenced by the
+//! pods). Without a check, anyone
 //! allowed to create a TickPipeline in a namespace could make the operator read, or make the
 //! pipeline's pods load, any Secret of that namespace and send it to a broker or Redis of their
 //! choosing: the operator would be a confused deputy, using its own and the pods' access for them.
@@ -78,6 +79,20 @@ pub fn secret_uses(tp: &TickPipeline) -> Vec<SecretUse> {
     }
     if let Some(tls) = &spec.api.tls {
         add(&tls.secret_name, "spec.api.tls.secretName");
+    }
+    if let Some(providers) = spec.polling.as_ref().map(|p| &p.providers) {
+        if let Some(p) = &providers.finnhub {
+            add(
+                &p.api_key_secret_ref.name,
+                "spec.polling.providers.finnhub.apiKeySecretRef",
+            );
+        }
+        if let Some(p) = &providers.alpha_vantage {
+            add(
+                &p.api_key_secret_ref.name,
+                "spec.polling.providers.alphaVantage.apiKeySecretRef",
+            );
+        }
     }
     uses
 }

@@ -226,3 +226,59 @@ fn crd_declares_rollup_retention_per_base() {
     let data = tickfleet_operator::desired::config_data(&tp);
     assert_eq!(data["TICKFLEET_ROLLUP_RETENTION"], "1s=86400s,1h=forever");
 }
+
+/// `spec.polling`: replicas, providers (Finnhub and Alpha Vantage need a key's Secret, Yahoo takes
+/// none), base URLs that must be HTTP(S), and the backoff bounds' rule that spans two fields.
+#[test]
+fn crd_declares_polling_with_keys_from_secrets_and_a_backoff_rule() {
+    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../manifests/crd.yaml");
+    let crd: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(path).expect("read crd")).expect("yaml");
+    let polling = &crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]["properties"]
+        ["polling"];
+    let p = &polling["properties"];
+    assert_eq!(p["replicas"]["minimum"].as_f64(), Some(0.0));
+    assert_eq!(p["replicas"]["default"], 1);
+    assert_eq!(
+        p["leaseTtlMs"]["minimum"].as_f64(),
+        Some(300.0),
+        "the connector's floor"
+    );
+    assert_eq!(p["scanIntervalMs"]["minimum"].as_f64(), Some(50.0));
+    let providers = &p["providers"]["properties"];
+    for keyed in ["finnhub", "alphaVantage"] {
+        let k = &providers[keyed];
+        assert_eq!(
+            k["required"],
+            serde_json::json!(["apiKeySecretRef"]),
+            "{keyed}"
+        );
+        assert_eq!(
+            k["properties"]["apiKeySecretRef"]["required"],
+            serde_json::json!(["key", "name"]),
+            "{keyed}"
+        );
+        assert_eq!(k["properties"]["baseUrl"]["pattern"], "^https?://");
+    }
+    assert_eq!(
+        providers["yahoo"]["properties"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .collect::<Vec<_>>(),
+        ["baseUrl"],
+        "Yahoo takes no key"
+    );
+    let rules: Vec<&str> = polling["x-kubernetes-validations"]
+        .as_array()
+        .expect("CEL rules")
+        .iter()
+        .map(|r| r["rule"].as_str().expect("rule"))
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            "(has(self.backoffMinMs) ? self.backoffMinMs : 1000) <= (has(self.backoffMaxMs) ? self.backoffMaxMs : 300000)"
+        ]
+    );
+}

@@ -120,3 +120,19 @@ fn tls_fields_parse_as_documented() {
         Some("btc-api-tls")
     );
 }
+
+/// `manifests/example-pipeline-polling.yaml`: a pipeline with the poll connector, valid, its API
+/// keys from Secrets.
+#[test]
+fn polling_example_pipeline_is_valid() {
+    let tp = valid_example("example-pipeline-polling.yaml");
+    let polling = tp.spec.polling.as_ref().expect("spec.polling");
+    assert_eq!(polling.replicas, 2);
+    let finnhub = polling.providers.finnhub.as_ref().expect("finnhub");
+    assert_eq!(finnhub.api_key_secret_ref.name, "finnhub-api-key");
+    assert!(polling.providers.yahoo.is_some());
+    let d = tickfleet_operator::desired::desired(&tp, 2)
+        .polling
+        .expect("a poll connector");
+    assert_eq!(d.metadata.name.as_deref(), Some("btc-quotes-poll"));
+}

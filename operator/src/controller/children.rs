@@ -1,8 +1,9 @@
 //! Applying a pipeline's children and reading back what they report: server-side apply of the
 //! ConfigMap, worker Deployment, PDB, api Deployment, Service and one connector Deployment per
-//! source (a Deployment whose pods would reference a Secret not offered is held back), deletion
-//! of the connector of a source removed from the spec, and the [`Observation`] of the applied
-//! Deployments the conditions are computed from.
+//! source and the poll connector (a Deployment whose pods would reference a Secret not offered is
+//! held back), deletion of the connector of a source removed from the spec and of the poll
+//! connector when `spec.polling` is removed, and the [`Observation`] of the applied Deployments
+//! the conditions are computed from.
 
 use k8s_openapi::api::apps::v1::Deployment;
 use kube::Client;
@@ -12,7 +13,9 @@ use tracing::info;
 use super::{Context, apply, key};
 use crate::Result;
 use crate::conditions::{self, Observation, Problem, Rollout};
-use crate::crd::{ReplicaStatus, SourceSpec, SourceStatus, TickPipeline, TickPipelineStatus};
+use crate::crd::{
+    PollingStatus, ReplicaStatus, SourceSpec, SourceStatus, TickPipeline, TickPipelineStatus,
+};
 use crate::desired;
 use crate::offer::Offers;
 
@@ -25,6 +28,8 @@ pub(super) struct Applied<'a> {
     pub api: Option<Deployment>,
     /// Each source, its connector Deployment's name, and the Deployment.
     pub sources: Vec<(&'a SourceSpec, String, Option<Deployment>)>,
+    /// With `spec.polling`: the poll connector Deployment's name, and the Deployment.
+    pub polling: Option<(String, Option<Deployment>)>,
 }
 
 /// Applies every child of `tp` with `workers` workers (config first, so new pods find it) and
@@ -82,22 +87,56 @@ pub(super) async fn apply_children<'a>(
             )
             .await;
     }
+    // the poll connector (held back the same way: its pods would reference an API key's Secret)
+    let polling = match &children.polling {
+        Some(d) => Some((
+            d.metadata.name.clone().unwrap_or_default(),
+            match offers.allow_deployment(d) {
+                true => Some(apply(&ctx.client, ns, d).await?),
+                false => None,
+            },
+        )),
+        None => None,
+    };
+    // `spec.polling` removed: its Deployment goes (found by the name status recorded); the jobs
+    // stay in Redis for a poll connector deployed again
+    if let Some(gone) = old.polling.as_ref().filter(|p| {
+        polling
+            .as_ref()
+            .is_none_or(|(name, _)| *name != p.deployment)
+    }) {
+        delete_deployment(&ctx.client, ns, &gone.deployment).await?;
+        info!(pipeline = %key(tp), deployment = %gone.deployment, "removed the poll connector");
+        ctx.events
+            .change(
+                tp,
+                "PollingRemoved",
+                "DeletePollConnector",
+                format!(
+                    "spec.polling is no longer set: deleted the poll connector {} (the jobs stay \
+                     in Redis)",
+                    gone.deployment
+                ),
+            )
+            .await;
+    }
 
     Ok(Applied {
         worker,
         api,
         sources: applied_sources,
+        polling,
     })
 }
 
-/// What the applied Deployments report, with `problems` and `capped`, and the status line of
-/// each source. A Deployment held back keeps what `old` reported of it.
+/// What the applied Deployments report, with `problems` and `capped`, the status line of each
+/// source and the poll connector's. A Deployment held back keeps what `old` reported of it.
 pub(super) fn observe_applied(
     applied: &Applied<'_>,
     old: &TickPipelineStatus,
     problems: Vec<Problem>,
     capped: Option<(i32, i32)>,
-) -> (Observation, Vec<SourceStatus>) {
+) -> (Observation, Vec<SourceStatus>, Option<PollingStatus>) {
     // a Deployment not applied (a Secret it needs is not offered) keeps what was reported before
     let held = |old: &ReplicaStatus| {
         (
@@ -136,6 +175,21 @@ pub(super) fn observe_applied(
         source_obs.push((base.name.clone(), rollout.clone(), pods.clone()));
         source_lines.push(source_status(base, &rollout, pods));
     }
+    let mut polling_line = None;
+    let polling_obs = applied.polling.as_ref().map(|(deployment, d)| {
+        let (rollout, pods) = match d {
+            Some(d) => conditions::rollout(d),
+            None => held(
+                &old.polling
+                    .as_ref()
+                    .filter(|p| p.deployment == *deployment)
+                    .map(|p| p.pods.clone())
+                    .unwrap_or_default(),
+            ),
+        };
+        polling_line = Some(polling_status(deployment, &rollout, pods.clone()));
+        (rollout, pods)
+    });
     let obs = Observation {
         problems,
         workers: worker_pods,
@@ -144,8 +198,9 @@ pub(super) fn observe_applied(
         api_rollout,
         capped,
         sources: source_obs,
+        polling: polling_obs,
     };
-    (obs, source_lines)
+    (obs, source_lines, polling_line)
 }
 
 /// Deletes a Deployment; one that is already gone is fine.
@@ -160,6 +215,26 @@ async fn delete_deployment(client: &Client, ns: &str, name: &str) -> Result<()> 
     }
 }
 
+/// The poll connector's status line from its Deployment's rollout.
+pub(super) fn polling_status(
+    deployment: &str,
+    rollout: &Rollout,
+    pods: ReplicaStatus,
+) -> PollingStatus {
+    PollingStatus {
+        deployment: deployment.to_string(),
+        pods,
+        message: rollout_message(rollout),
+    }
+}
+
+fn rollout_message(rollout: &Rollout) -> String {
+    match rollout {
+        Rollout::Complete => "Complete".into(),
+        Rollout::Waiting(m) | Rollout::Stalled(m) => m.clone(),
+    }
+}
+
 /// A source's status line from its connector Deployment's rollout.
 pub(super) fn source_status(
     base: SourceStatus,
@@ -168,10 +243,7 @@ pub(super) fn source_status(
 ) -> SourceStatus {
     SourceStatus {
         pods,
-        message: match rollout {
-            Rollout::Complete => "Complete".into(),
-            Rollout::Waiting(m) | Rollout::Stalled(m) => m.clone(),
-        },
+        message: rollout_message(rollout),
         ..base
     }
 }

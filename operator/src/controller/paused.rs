@@ -7,7 +7,7 @@ use kube::api::Api;
 use kube::runtime::controller::Action;
 use kube::{Client, ResourceExt};
 
-use super::children::source_status;
+use super::children::{polling_status, source_status};
 use super::topics::{kafka_connection, lag_problem, measure_lag};
 use super::{Context, LAG_INTERVAL, write_status};
 use crate::Result;
@@ -56,6 +56,15 @@ pub(super) async fn reconcile_paused(
         source_lines.push(source_status(applied.clone(), &rollout, pods.clone()));
         source_obs.push((applied.name.clone(), rollout, pods));
     }
+    // the poll connector that was applied (one added or removed while paused waits too)
+    let mut polling_line = None;
+    let mut polling_obs = None;
+    if let Some(applied) = &old.polling {
+        let d = get_deployment(&ctx.client, ns, &applied.deployment).await?;
+        let (rollout, pods) = observe(d.as_ref());
+        polling_line = Some(polling_status(&applied.deployment, &rollout, pods.clone()));
+        polling_obs = Some((rollout, pods));
+    }
     let mut problems = Vec::new();
     if let Ok(conn) = kafka_connection(&ctx.client, tp, ns).await {
         match measure_lag(ctx, tp, &conn, false).await {
@@ -72,6 +81,7 @@ pub(super) async fn reconcile_paused(
         api_rollout,
         capped: None,
         sources: source_obs,
+        polling: polling_obs,
     };
     // what runs is observed (Ready, Progressing); the topic and the spec are not looked at while
     // paused, so Degraded and WorkersCapped stay as they were
@@ -87,6 +97,7 @@ pub(super) async fn reconcile_paused(
     status.workers = obs.workers.clone();
     status.api = obs.api.clone();
     status.sources = source_lines;
+    status.polling = polling_line;
     if !was_paused(&old) {
         ctx.events
             .change(

@@ -22,7 +22,7 @@ const API: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-api";
 const STATUS: &str = "/apis/tickfleet.io/v1alpha1/namespaces/markets/tickpipelines/btc/status";
 
 /// A Secret with a username and password, offered by `annotation` (none when `None`).
-fn secret(name: &str, annotation: Option<&str>) -> Secret {
+pub(super) fn secret(name: &str, annotation: Option<&str>) -> Secret {
     Secret {
         metadata: ObjectMeta {
             name: Some(name.into()),

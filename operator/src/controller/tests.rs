@@ -13,13 +13,14 @@ use crate::crd::{AutoscalingSpec, ReplicaStatus, SourceStatus, TickPipelineStatu
 use crate::fixtures::{ApiServer, FakeKafka, Recorded, now, pipeline, pods};
 
 const APPLY: &str = "?&force=true&fieldManager=tickfleet-operator";
-const CM: &str = "/api/v1/namespaces/markets/configmaps/btc-config";
-const WORKER: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-worker";
-const PDB: &str = "/apis/policy/v1/namespaces/markets/poddisruptionbudgets/btc-worker";
-const API: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-api";
-const SVC: &str = "/api/v1/namespaces/markets/services/btc-api";
-const STATUS: &str = "/apis/tickfleet.io/v1alpha1/namespaces/markets/tickpipelines/btc/status";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/markets/events";
+pub(super) const CM: &str = "/api/v1/namespaces/markets/configmaps/btc-config";
+pub(super) const WORKER: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-worker";
+pub(super) const PDB: &str = "/apis/policy/v1/namespaces/markets/poddisruptionbudgets/btc-worker";
+pub(super) const API: &str = "/apis/apps/v1/namespaces/markets/deployments/btc-api";
+pub(super) const SVC: &str = "/api/v1/namespaces/markets/services/btc-api";
+pub(super) const STATUS: &str =
+    "/apis/tickfleet.io/v1alpha1/namespaces/markets/tickpipelines/btc/status";
+pub(super) const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/markets/events";
 
 /// The requests made, Events left out (see [`events_of`]).
 fn uris(log: &[Recorded]) -> Vec<String> {
@@ -30,7 +31,7 @@ fn uris(log: &[Recorded]) -> Vec<String> {
 }
 
 /// The Events published: `(type, reason, note)`.
-fn events_of(log: &[Recorded]) -> Vec<(String, String, String)> {
+pub(super) fn events_of(log: &[Recorded]) -> Vec<(String, String, String)> {
     log.iter()
         .filter(|r| r.uri.starts_with(EVENTS))
         .map(|r| {
@@ -49,7 +50,7 @@ fn requests(log: &[Recorded]) -> Vec<&Recorded> {
     log.iter().filter(|r| !r.uri.starts_with(EVENTS)).collect()
 }
 
-fn patch(path: &str) -> String {
+pub(super) fn patch(path: &str) -> String {
     format!("PATCH {path}{APPLY}")
 }
 
@@ -60,7 +61,7 @@ fn all_applies() -> Vec<String> {
         .collect()
 }
 
-fn status_of(log: &[Recorded]) -> TickPipelineStatus {
+pub(super) fn status_of(log: &[Recorded]) -> TickPipelineStatus {
     let last = *requests(log).last().expect("a request");
     assert_eq!(last.uri, format!("{STATUS}{APPLY}"));
     assert_eq!(last.body["apiVersion"], "tickfleet.io/v1alpha1");
@@ -68,14 +69,14 @@ fn status_of(log: &[Recorded]) -> TickPipelineStatus {
     serde_json::from_value(last.body["status"].clone()).expect("status body")
 }
 
-fn cond<'a>(s: &'a TickPipelineStatus, ty: &str) -> &'a Condition {
+pub(super) fn cond<'a>(s: &'a TickPipelineStatus, ty: &str) -> &'a Condition {
     s.conditions
         .iter()
         .find(|c| c.type_ == ty)
         .unwrap_or_else(|| panic!("no {ty} condition"))
 }
 
-fn ready_status(replicas: i32) -> DeploymentStatus {
+pub(super) fn ready_status(replicas: i32) -> DeploymentStatus {
     DeploymentStatus {
         observed_generation: Some(1),
         replicas: Some(replicas),
@@ -86,7 +87,18 @@ fn ready_status(replicas: i32) -> DeploymentStatus {
     }
 }
 
-async fn run(
+/// Sets the pause annotation on `tp`.
+pub(super) fn pause(tp: &mut TickPipeline) {
+    tp.metadata.annotations = Some(
+        [(
+            crate::crd::PAUSED_ANNOTATION.to_string(),
+            "true".to_string(),
+        )]
+        .into(),
+    );
+}
+
+pub(super) async fn run(
     server: ApiServer,
     kafka: Arc<FakeKafka>,
     tp: &TickPipeline,
@@ -293,13 +305,7 @@ async fn ready_deployments_make_the_pipeline_ready_keeping_transition_times() {
 #[tokio::test]
 async fn paused_pipeline_applies_nothing_and_reports_what_runs() {
     let mut tp = pipeline();
-    tp.metadata.annotations = Some(
-        [(
-            crate::crd::PAUSED_ANNOTATION.to_string(),
-            "true".to_string(),
-        )]
-        .into(),
-    );
+    pause(&mut tp);
     // applied at generation 2 with 2 workers; generation 3 (5 workers) came while paused
     tp.spec.workers.replicas = 5;
     tp.status = Some(TickPipelineStatus {
@@ -1096,13 +1102,7 @@ async fn a_source_removed_from_the_spec_loses_its_connector() {
 #[tokio::test]
 async fn a_paused_pipeline_reports_its_connectors_without_touching_them() {
     let mut tp = with_sources(json!([]));
-    tp.metadata.annotations = Some(
-        [(
-            crate::crd::PAUSED_ANNOTATION.to_string(),
-            "true".to_string(),
-        )]
-        .into(),
-    );
+    pause(&mut tp);
     tp.status = Some(TickPipelineStatus {
         observed_generation: Some(2),
         sources: vec![SourceStatus {

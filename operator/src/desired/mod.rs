@@ -7,8 +7,8 @@
 //! By concern: [`validate`] (what the CRD schema may not have caught), `config` (the ConfigMap,
 //! the consumer group and the config hash), `secrets` (Secret references: env vars and mounted
 //! files), `pod` (the pod template every component shares), `workloads` (the Deployments, the
-//! Service and the PodDisruptionBudget); this module holds names, labels and [`desired`], which
-//! puts them together.
+//! Service and the PodDisruptionBudget), `polling` (the poll connector's Deployment); this module
+//! holds names, labels and [`desired`], which puts them together.
 
 use std::collections::BTreeMap;
 
@@ -22,6 +22,7 @@ use crate::crd::TickPipeline;
 
 mod config;
 mod pod;
+mod polling;
 mod secrets;
 #[cfg(test)]
 mod testing;
@@ -29,6 +30,7 @@ mod validate;
 mod workloads;
 
 pub use config::{config_data, config_hash, config_map, consumer_group};
+pub use polling::poll_deployment;
 pub use secrets::{
     GRPC_TLS_DIR, REDIS_CA_DIR, REDIS_CLIENT_TLS_DIR, SECRET_FILE_MODE, SecretMount, secret_env,
     secret_mounts,
@@ -53,6 +55,9 @@ pub const CONNECTOR_ADMIN_PORT: i32 = 9092;
 /// Pod label naming the source a connector pod reads (part of its Deployment's selector, so the
 /// connector Deployments of one pipeline never select each other's pods).
 pub const SOURCE_LABEL: &str = "tickfleet.io/source";
+/// Component of the poll connector (`tickfleet-connector poll`, from `spec.polling`): a component
+/// of its own, so its Deployment's selector never matches the source connectors' pods.
+pub const POLL_COMPONENT: &str = "poller";
 /// User and group the tickfleet image runs as.
 pub const IMAGE_UID: i64 = 65532;
 /// Seconds a worker pod gets beyond its drain bound before it is killed, so a drain that uses its
@@ -86,6 +91,11 @@ impl Names {
     /// The connector Deployment of the source named `source`.
     pub fn source(tp: &TickPipeline, source: &str) -> String {
         format!("{}-source-{source}", tp.name_any())
+    }
+
+    /// The poll connector Deployment.
+    pub fn poll(tp: &TickPipeline) -> String {
+        format!("{}-poll", tp.name_any())
     }
 }
 
@@ -181,6 +191,8 @@ pub struct Children {
     pub api_service: Service,
     /// One connector Deployment per source, in spec order.
     pub sources: Vec<Deployment>,
+    /// The poll connector, when `spec.polling` is set.
+    pub polling: Option<Deployment>,
 }
 
 /// All children of `tp` with `worker_replicas` workers (the caller caps it at the partitions).
@@ -198,6 +210,11 @@ pub fn desired(tp: &TickPipeline, worker_replicas: i32) -> Children {
             .iter()
             .map(|s| source_deployment(tp, s, &config_hash(tp, "connector", &data)))
             .collect(),
+        polling: tp
+            .spec
+            .polling
+            .as_ref()
+            .map(|p| poll_deployment(tp, p, &config_hash(tp, POLL_COMPONENT, &data))),
     }
 }
 
@@ -218,6 +235,7 @@ mod tests {
             c.api_service.metadata.owner_references,
         ];
         assert!(c.sources.is_empty(), "no sources, no connectors");
+        assert!(c.polling.is_none(), "no polling, no poll connector");
         for o in owners {
             let o = o.expect("owner reference");
             assert_eq!(o.len(), 1);

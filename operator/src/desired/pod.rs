@@ -1,4 +1,4 @@
-//! The pod template every component (worker, api, connector) shares: a locked-down container that reads the
+//! The pod template every component (worker, api, source and poll connectors) shares: a locked-down container that reads the
 //! pipeline config, HTTP probes on the admin port, a writable `/tmp`, and rolling updates that
 //! never take a pod away before its replacement is ready.
 
@@ -111,6 +111,8 @@ pub(super) struct ComponentPod<'a> {
     /// The source a connector reads ([`SOURCE_LABEL`] on its pods and in its selector).
     pub(super) source: Option<&'a str>,
     pub(super) binary: &'a str,
+    /// Arguments of the binary (a subcommand); none when empty.
+    pub(super) args: Vec<String>,
     pub(super) admin_port: i32,
     pub(super) extra_ports: Vec<ContainerPort>,
     pub(super) extra_env: Vec<EnvVar>,
@@ -152,6 +154,7 @@ pub(super) fn component_deployment(
         image: Some(tp.spec.image.clone()),
         image_pull_policy: tp.spec.image_pull_policy.map(|p| p.as_str().to_string()),
         command: Some(vec![format!("/usr/local/bin/{}", c.binary)]),
+        args: (!c.args.is_empty()).then_some(c.args),
         env_from: Some(vec![EnvFromSource {
             config_map_ref: Some(ConfigMapEnvSource {
                 name: names.config.clone(),

@@ -7,6 +7,7 @@ use k8s_openapi::api::core::v1::{
     EnvVar, EnvVarSource, KeyToPath, SecretKeySelector, SecretVolumeSource, Volume, VolumeMount,
 };
 
+use super::POLL_COMPONENT;
 use super::pod::plain_env;
 use crate::crd::TickPipeline;
 
@@ -38,28 +39,42 @@ pub(super) fn secret_env_var(name: &str, secret: &str, key: &str) -> EnvVar {
     }
 }
 
-/// Environment variables a component's pods (`worker`, `api` or `connector`) read from Secrets:
-/// the Redis and PostgreSQL URLs when given by reference (workers and api: connectors do not talk to
-/// the stores), and
-/// the Kafka SASL credentials (workers and connectors: the api does not talk to Kafka). Each
-/// component gets only what it uses.
+/// Whether a component's pods talk to Redis: workers and api (the store) and the poll connector
+/// (the jobs, leases and quote cache); the source connectors do not.
+fn uses_redis(component: &str) -> bool {
+    matches!(component, "worker" | "api" | POLL_COMPONENT)
+}
+
+/// Whether a component's pods talk to PostgreSQL: workers and api.
+fn uses_postgres(component: &str) -> bool {
+    matches!(component, "worker" | "api")
+}
+
+/// Whether a component's pods talk to Kafka: everything but the api.
+fn uses_kafka(component: &str) -> bool {
+    component != "api"
+}
+
+/// Environment variables a component's pods (`worker`, `api`, `connector` or [`POLL_COMPONENT`])
+/// read from Secrets: the Redis URL when given by reference (workers, api, poll connector), the
+/// PostgreSQL URL (workers and api), the Kafka SASL credentials (all but the api) and the
+/// providers' API keys (poll connector). Each component gets only what it uses.
 pub fn secret_env(tp: &TickPipeline, component: &str) -> Vec<EnvVar> {
     let mut env = Vec::new();
-    if component != "connector"
+    if uses_redis(component)
         && let Some(r) = &tp.spec.store.redis.url_secret_ref
     {
         env.push(secret_env_var("TICKFLEET_REDIS_URL", &r.name, &r.key));
     }
-    if component != "connector"
+    if uses_postgres(component)
         && let Some(pg) = &tp.spec.store.postgres
     {
         let r = &pg.url_secret_ref;
         env.push(secret_env_var("TICKFLEET_POSTGRES_URL", &r.name, &r.key));
     }
-    if component == "api" {
-        return env;
-    }
-    if let Some(sasl) = tp.spec.kafka.auth.as_ref().and_then(|a| a.sasl.as_ref()) {
+    if uses_kafka(component)
+        && let Some(sasl) = tp.spec.kafka.auth.as_ref().and_then(|a| a.sasl.as_ref())
+    {
         let s = &sasl.credentials_secret;
         env.push(secret_env_var(
             "TICKFLEET_KAFKA_SASL_USERNAME",
@@ -71,6 +86,18 @@ pub fn secret_env(tp: &TickPipeline, component: &str) -> Vec<EnvVar> {
             &s.name,
             &s.password_key,
         ));
+    }
+    if component == POLL_COMPONENT
+        && let Some(polling) = &tp.spec.polling
+    {
+        for (var, provider) in [
+            ("FINNHUB_API_KEY", &polling.providers.finnhub),
+            ("ALPHAVANTAGE_API_KEY", &polling.providers.alpha_vantage),
+        ] {
+            if let Some(r) = provider.as_ref().map(|p| &p.api_key_secret_ref) {
+                env.push(secret_env_var(var, &r.name, &r.key));
+            }
+        }
     }
     env
 }
@@ -127,12 +154,12 @@ fn secret_mount(
     }
 }
 
-/// Secrets mounted as files into a component's pods (`worker`, `api` or `connector`): the Redis CA
-/// and client certificate and the PostgreSQL CA (workers and api), the gRPC certificate (api only); connectors get none.
-/// The operator only references them; it never reads them.
+/// Secrets mounted as files into a component's pods: the Redis CA and client certificate (workers,
+/// api and the poll connector), the PostgreSQL CA (workers and api), the gRPC certificate (api
+/// only); source connectors get none. The operator only references them; it never reads them.
 pub fn secret_mounts(tp: &TickPipeline, component: &str) -> Vec<SecretMount> {
     let mut mounts = Vec::new();
-    if component != "connector"
+    if uses_redis(component)
         && let Some(tls) = &tp.spec.store.redis.tls
     {
         if let Some(ca) = &tls.ca_secret_ref {
@@ -155,7 +182,7 @@ pub fn secret_mounts(tp: &TickPipeline, component: &str) -> Vec<SecretMount> {
             ));
         }
     }
-    if component != "connector"
+    if uses_postgres(component)
         && let Some(ca) = tp
             .spec
             .store

@@ -5,7 +5,7 @@ use kube::ResourceExt;
 use super::MAX_NAME_LEN;
 use std::collections::{BTreeMap, BTreeSet};
 
-use crate::crd::{MAX_SOURCE_SYMBOLS, SecurityProtocol, SourceSpec, TickPipeline};
+use crate::crd::{MAX_SOURCE_SYMBOLS, PollingSpec, SecurityProtocol, SourceSpec, TickPipeline};
 use tickfleet_service::Symbol;
 
 /// Largest skew limit a worker can apply: the seconds a 64-bit nanosecond clock difference holds.
@@ -157,6 +157,9 @@ pub fn validate(tp: &TickPipeline) -> Result<(), String> {
         problems.push("api.tls.secretName must not be empty".to_string());
     }
     validate_sources(&spec.sources, &mut problems);
+    if let Some(polling) = &spec.polling {
+        validate_polling(polling, &mut problems);
+    }
     if problems.is_empty() {
         Ok(())
     } else {
@@ -218,6 +221,62 @@ fn validate_sources(sources: &[SourceSpec], problems: &mut Vec<String>) {
                 "sources.{name}: wsUrl must start with ws:// or wss://"
             ));
         }
+    }
+}
+
+/// The connector's defaults of `--backoff-min-ms` and `--backoff-max-ms`.
+const BACKOFF_DEFAULTS_MS: (i64, i64) = (1_000, 300_000);
+
+fn validate_polling(polling: &PollingSpec, problems: &mut Vec<String>) {
+    if !(0..=64).contains(&polling.replicas) {
+        problems.push("polling.replicas must be between 0 and 64".to_string());
+    }
+    let providers = &polling.providers;
+    let keyed = [
+        ("finnhub", providers.finnhub.as_ref()),
+        ("alphaVantage", providers.alpha_vantage.as_ref()),
+    ];
+    for (name, p) in keyed {
+        let Some(p) = p else { continue };
+        let r = &p.api_key_secret_ref;
+        if r.name.is_empty() || r.key.is_empty() {
+            problems.push(format!(
+                "polling.providers.{name}.apiKeySecretRef needs a name and a key"
+            ));
+        }
+    }
+    let urls = keyed
+        .iter()
+        .map(|(name, p)| (*name, p.and_then(|p| p.base_url.as_ref())))
+        .chain([(
+            "yahoo",
+            providers.yahoo.as_ref().and_then(|p| p.base_url.as_ref()),
+        )]);
+    for (name, url) in urls {
+        if url.is_some_and(|u| !(u.starts_with("http://") || u.starts_with("https://"))) {
+            problems.push(format!(
+                "polling.providers.{name}.baseUrl must start with http:// or https://"
+            ));
+        }
+    }
+    for (field, value, min, max) in [
+        ("leaseTtlMs", polling.lease_ttl_ms, 300, 3_600_000),
+        ("scanIntervalMs", polling.scan_interval_ms, 50, 3_600_000),
+        ("cacheTtlMs", polling.cache_ttl_ms, 1, 86_400_000),
+        ("httpTimeoutMs", polling.http_timeout_ms, 1, 600_000),
+        ("backoffMinMs", polling.backoff_min_ms, 1, 86_400_000),
+        ("backoffMaxMs", polling.backoff_max_ms, 1, 86_400_000),
+    ] {
+        if value.is_some_and(|v| !(min..=max).contains(&v)) {
+            problems.push(format!("polling.{field} must be between {min} and {max}"));
+        }
+    }
+    let (min, max) = BACKOFF_DEFAULTS_MS;
+    if polling.backoff_max_ms.unwrap_or(max) < polling.backoff_min_ms.unwrap_or(min) {
+        problems.push(
+            "polling.backoffMaxMs must be at least backoffMinMs (defaults 300000 and 1000)"
+                .to_string(),
+        );
     }
 }
 
@@ -413,6 +472,35 @@ mod tests {
         assert_eq!(
             validate(&tp).unwrap_err(),
             format!("sources.b2: 1 to {MAX_SOURCE_SYMBOLS} symbols")
+        );
+    }
+
+    #[test]
+    fn polling_is_checked_like_the_crd_checks_it() {
+        let mut tp = crate::fixtures::with_polling(pipeline());
+        assert_eq!(validate(&tp), Ok(()));
+        let p = tp.spec.polling.as_mut().unwrap();
+        p.replicas = -1;
+        p.providers.finnhub.as_mut().unwrap().api_key_secret_ref.key = String::new();
+        p.providers.yahoo.as_mut().unwrap().base_url = Some("ftp://yahoo".into());
+        p.lease_ttl_ms = Some(100);
+        p.backoff_min_ms = Some(2_000);
+        p.backoff_max_ms = Some(1_000);
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "polling.replicas must be between 0 and 64; \
+             polling.providers.finnhub.apiKeySecretRef needs a name and a key; \
+             polling.providers.yahoo.baseUrl must start with http:// or https://; \
+             polling.leaseTtlMs must be between 300 and 3600000; \
+             polling.backoffMaxMs must be at least backoffMinMs (defaults 300000 and 1000)"
+        );
+        // a backoff minimum above the default maximum needs a maximum too
+        let p = tp.spec.polling.as_mut().unwrap();
+        *p = serde_json::from_value(serde_json::json!({"backoffMinMs": 600000})).unwrap();
+        assert_eq!(p.replicas, 1, "one pod unless asked for more");
+        assert_eq!(
+            validate(&tp).unwrap_err(),
+            "polling.backoffMaxMs must be at least backoffMinMs (defaults 300000 and 1000)"
         );
     }
 }

@@ -1,5 +1,6 @@
 //! The workloads of a pipeline: the worker Deployment (capped at the topic's partitions) and its
-//! PodDisruptionBudget, the api Deployment and its Service, one connector Deployment per source.
+//! PodDisruptionBudget, the api Deployment and its Service, one connector Deployment per source (the
+//! poll connector's is in `polling`).
 
 use k8s_openapi::api::apps::v1::Deployment;
 use k8s_openapi::api::core::v1::{ContainerPort, EnvVar, Service, ServicePort, ServiceSpec};
@@ -36,6 +37,7 @@ pub fn worker_deployment(tp: &TickPipeline, replicas: i32, hash: &str) -> Deploy
             component: "worker",
             source: None,
             binary: "tickfleet-worker",
+            args: vec![],
             admin_port: WORKER_ADMIN_PORT,
             extra_ports: vec![],
             extra_env: vec![],
@@ -57,6 +59,7 @@ pub fn api_deployment(tp: &TickPipeline, hash: &str) -> Deployment {
             component: "api",
             source: None,
             binary: "tickfleet-api",
+            args: vec![],
             admin_port: API_ADMIN_PORT,
             extra_ports: vec![
                 ContainerPort {
@@ -137,6 +140,7 @@ pub fn source_deployment(tp: &TickPipeline, source: &SourceSpec, hash: &str) -> 
             component: "connector",
             source: Some(source.name()),
             binary: "tickfleet-connector",
+            args: vec![],
             admin_port: CONNECTOR_ADMIN_PORT,
             extra_ports: vec![],
             extra_env: env,
