@@ -14,12 +14,16 @@
 #      KRaft) on the node address 10.244.0.1, the one address the pods can reach;
 #   4. installs charts/tickfleet with Helm (the helm binary, else Helm's Go library from PyPI): the
 #      operator runs IN the cluster, two replicas with leader election;
-#   5. applies a TickPipeline whose workers and api use TLS Secrets, waits for condition Ready;
+#   5. applies a TickPipeline whose workers and api use TLS Secrets and whose spec.polling runs two
+#      poll connector pods against a fixture Finnhub on the node (its API key from an offered
+#      Secret), waits for condition Ready;
 #   6. checks the real pods: probes answer, the root filesystem is read-only, the process runs as
 #      uid 65532, the Secrets are mounted (the api serves gRPC over TLS through its Service);
 #   7. produces ticks from the host, `kubectl scale tp` 1 -> 3 while they flow and waits for the
 #      workers to join; deletes a worker pod mid-stream and checks from its last container status
 #      that it drained and exited 0 within its grace period; `tickctl verify`: 0 lost, 0 doubled;
+#   7b. a polling job created over REST: the fixture's quote reaches the api's cache and, as a tick
+#      through Kafka and a worker, the store; the fixture saw only the Secret's key;
 #   8. applies a second pipeline whose Kafka accepts connections and never answers: a
 #      KafkaUnreachable Event, Degraded/TopicUnavailable, few librdkafka lines in the operator's log,
 #      and the leader operator pod deleted while a Kafka call is in flight exits 0 within 5 s;
@@ -77,6 +81,7 @@ diagnostics() {
   kubectl -n "$OP_NS" logs -l app.kubernetes.io/component=operator --tail=60 --prefix || true
   kubectl -n "$NS" logs -l app.kubernetes.io/component=worker --tail=30 --prefix || true
   kubectl -n "$NS" logs -l app.kubernetes.io/component=api --tail=30 --prefix || true
+  kubectl -n "$NS" logs -l app.kubernetes.io/component=poller --tail=30 --prefix || true
   kubectl get events -A --sort-by=.lastTimestamp | tail -40 || true
   tail -20 "$work"/*.log 2>/dev/null || true
 }
@@ -248,14 +253,42 @@ until_ok 60 has_leader ||
   die "no operator replica took the leader Lease"
 echo "installed in $((SECONDS - t)) s; leader: $(kubectl -n "$OP_NS" get lease "$RELEASE-operator" -o jsonpath='{.spec.holderIdentity}')"
 
-log "5. TickPipeline $TP (TLS to Redis, gRPC over TLS)"
+log "5. TickPipeline $TP (TLS to Redis, gRPC over TLS, polling a fixture Finnhub)"
+# Finnhub's /api/v1/quote as documented, on the node address; it counts requests by whether they
+# carried the key the poll connector was given from its Secret
+FINNHUB_KEY=e2e-$RANDOM$RANDOM
+python3 -c '
+import http.server, json, sys, time
+key, t = sys.argv[2], int(time.time())
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        ok = self.headers.get("X-Finnhub-Token") == key
+        print("good" if ok else "bad", self.path, file=sys.stderr, flush=True)
+        body = json.dumps({"c": 101.25, "d": 0.5, "dp": 0.49, "h": 102, "l": 100, "o": 100.5,
+                           "pc": 100.75, "t": t} if ok else {"error": "Invalid API key"}).encode()
+        self.send_response(200 if ok else 401)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+    def log_message(self, *a):
+        pass
+s = http.server.ThreadingHTTPServer((sys.argv[1], 0), H)
+print(s.server_address[1], flush=True)
+s.serve_forever()
+' "$NODE_IP" "$FINNHUB_KEY" >"$work/finnhub.port" 2>"$work/finnhub.log" &
+pids+=($!)
+until_ok 10 test -s "$work/finnhub.port" || die "the fixture Finnhub did not start"
+FINNHUB_URL=http://$NODE_IP:$(cat "$work/finnhub.port")
 kubectl create namespace "$NS"
+kubectl -n "$NS" create secret generic finnhub-key --from-literal=token="$FINNHUB_KEY"
 kubectl -n "$NS" create secret generic redis-ca --from-file=ca.crt="$certs/ca.crt"
 kubectl -n "$NS" create secret tls redis-client --cert="$certs/client.crt" --key="$certs/client.key"
 # the operator references only Secrets offered to the pipeline (the confused-deputy guard)
 offer() { kubectl -n "$NS" annotate secret "$1" tickfleet.io/allowed-pipelines="$TP" >/dev/null; }
 offer redis-ca
 offer redis-client
+offer finnhub-key
 kubectl apply -f - <<EOF
 apiVersion: tickfleet.io/v1alpha1
 kind: TickPipeline
@@ -276,6 +309,12 @@ spec:
   api:
     replicas: 1
     tls: {secretName: $TP-api-tls}
+  polling:
+    replicas: 2
+    providers:
+      finnhub: {apiKeySecretRef: {name: finnhub-key, key: token}, baseUrl: "$FINNHUB_URL"}
+    leaseTtlMs: 3000
+    scanIntervalMs: 500
 EOF
 # the api's certificate names its Service's ClusterIP, known once the operator created the Service
 until_ok 60 kubectl -n "$NS" get svc "$TP-api" || die "the operator did not create svc/$TP-api"
@@ -293,14 +332,16 @@ t=$SECONDS
 kubectl -n "$NS" wait --for=condition=Ready "tp/$TP" --timeout=3m
 echo "Ready after $((SECONDS - t)) s"
 kubectl -n "$NS" get tp "$TP" -o wide
-for child in deploy/$TP-worker deploy/$TP-api svc/$TP-api configmap/$TP-config pdb/$TP-worker; do
+ready_polls=$(kubectl -n "$NS" get tp "$TP" -o jsonpath='{.status.polling.pods.ready}')
+[ "$ready_polls" = 2 ] || die "tp/$TP is Ready with $ready_polls ready poll connector pods, want 2"
+for child in deploy/$TP-worker deploy/$TP-api deploy/$TP-poll svc/$TP-api configmap/$TP-config pdb/$TP-worker; do
   owner=$(kubectl -n "$NS" get "$child" -o jsonpath='{.metadata.ownerReferences[0].kind}/{.metadata.ownerReferences[0].name}/{.metadata.ownerReferences[0].blockOwnerDeletion}')
   [ "$owner" = "TickPipeline/$TP/true" ] || die "$child: owner reference '$owner', want TickPipeline/$TP with blockOwnerDeletion"
 done
 
 log "6. the real pods: probes, read-only root, uid 65532, TLS Secrets"
 ctr_() { ctr --address "$S/run/containerd.sock" -n k8s.io "$@"; }
-for comp in worker api; do
+for comp in worker api poller; do
   pod=$(kubectl -n "$NS" get pods -l "app.kubernetes.io/instance=$TP,app.kubernetes.io/component=$comp" -o jsonpath='{.items[0].metadata.name}')
   ip=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.status.podIP}')
   port=$(kubectl -n "$NS" get pod "$pod" -o jsonpath='{.spec.containers[0].readinessProbe.httpGet.port}')
@@ -366,6 +407,24 @@ done
 tail -3 "$work/verify.log"
 [ "$ok" = 1 ] || die "tickctl verify: ticks lost, doubled or out of order"
 echo "verified $((SECONDS - t)) s after the producer finished"
+
+log "7b. a polling job over REST: fixture quote -> poll connector -> Redis cache and Kafka -> worker -> store"
+t=$SECONDS
+http_port=$(kubectl -n "$NS" get svc "$TP-api" -o jsonpath='{.spec.ports[?(@.name=="http")].port}')
+REST=http://$api_ip:$http_port
+job=$(curl -fsS -XPOST -H 'Content-Type: application/json' "$REST/v1/prices/poll" \
+  -d '{"symbols":["AAPL"],"interval":"1s","provider":"finnhub"}') || die "POST /v1/prices/poll failed"
+job_id=$(python3 -c 'import json, sys; print(json.loads(sys.argv[1])["id"])' "$job")
+price_is() { curl -fsS "$REST/v1/prices/latest?symbol=AAPL$1" | python3 -c 'import json, sys; sys.exit(json.load(sys.stdin)["price"] != "101.25")'; }
+until_ok 60 price_is "&provider=finnhub" || die "no cached finnhub quote of AAPL 60 s after job $job_id: $(curl -sS "$REST/v1/polls/$job_id")"
+until_ok 60 price_is "" || die "the polled AAPL tick did not reach the store through Kafka and a worker"
+good=$(grep -c '^good /api/v1/quote?symbol=AAPL' "$work/finnhub.log" || true)
+bad=$(grep -c '^bad' "$work/finnhub.log" || true)
+if [ "$good" -lt 1 ] || [ "$bad" != 0 ]; then
+  die "the fixture Finnhub saw $good requests with the Secret's key and $bad without"
+fi
+echo "job $job_id: AAPL 101.25 cached and stored $((SECONDS - t)) s after the POST; the fixture saw $good polls, all with the key"
+curl -fsS -XDELETE "$REST/v1/polls/$job_id" || die "DELETE /v1/polls/$job_id failed"
 # the LAG column without autoscaling (measured at most every 30 s)
 has_lag() { test -n "$(kubectl -n "$NS" get tp "$TP" -o jsonpath='{.status.lag}')"; }
 until_ok 45 has_lag || die "tp/$TP has no status.lag (the LAG column)"
