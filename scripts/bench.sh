@@ -166,7 +166,11 @@ fi
     echo "redis: $(redis-server --version | awk '{print $3}'), brokers: librdkafka mock cluster (tickctl dev-broker) and Apache Kafka $kafka_version (one KRaft node, $(java -version 2>&1 | head -1)), $PARTITIONS partitions"
   fi
   echo "postgresql: $pg_version (scripts/postgres.sh: fsync=off, full_page_writes=off, synchronous_commit on); batch $BATCH"
-  echo "binaries: $PROFILE; PART=$PART; $REPEAT rounds; $TICKS ticks over $ASSETS assets; rollups: $ROLLUP_TICKS ticks of one asset"
+  if [ "$PART" = api ]; then
+    echo "binaries: $PROFILE; PART=api; the api serves $API_TICKS ticks over $ASSETS assets"
+  else
+    echo "binaries: $PROFILE; PART=$PART; $REPEAT rounds; $TICKS ticks over $ASSETS assets; rollups: $ROLLUP_TICKS ticks of one asset"
+  fi
   echo "load during the run: $(cat /proc/loadavg)"
 } >"$out/machine.txt"
 
