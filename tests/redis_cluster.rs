@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use tickfleet_e2e::{
-    Api, RedisCluster, Watch, Worker, WorkerSetup, assert_exact, produce_to_in_background,
+    Api, RedisCluster, TestDir, Watch, Worker, WorkerSetup, assert_exact, produce_to_in_background,
     shared_topic, tickctl_json, total, verify_on, wait_for,
 };
 
@@ -35,22 +35,55 @@ fn wait_verified_on(
     report: &Path,
     cluster: &RedisCluster,
     prefix: &str,
+    workers: &[Worker],
     timeout: Duration,
 ) -> serde_json::Value {
     // By hand rather than with `wait_for`, so that a timeout says what verify last found (lost or
-    // doubled ticks, or only some not stored yet).
+    // doubled ticks, or only some not stored yet) and what the workers were doing.
     let deadline = Instant::now() + timeout;
     loop {
         let (clean, summary) = verify_on(report, &cluster.urls, prefix, CLUSTER);
         if clean {
             return summary;
         }
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {timeout:?} waiting for tickctl verify to find every tick stored once; its last summary: {summary}"
-        );
+        if Instant::now() >= deadline {
+            panic!(
+                "timed out after {timeout:?} waiting for tickctl verify to find every tick stored once; \
+                 its last summary: {summary}\n{}",
+                worker_progress(workers)
+            );
+        }
         std::thread::sleep(Duration::from_secs(1));
     }
+}
+
+/// What each worker reports about its partitions, its store errors and its readiness: for a
+/// failure message (the whole `/metrics` text is written beside its log).
+fn worker_progress(workers: &[Worker]) -> String {
+    const SHOWN: &[&str] = &[
+        "tickfleet_worker_ticks_stored_total",
+        "tickfleet_worker_ticks_duplicate_total",
+        "tickfleet_worker_committed_offset",
+        "tickfleet_worker_consumer_lag_messages",
+        "tickfleet_worker_store_errors_total",
+        "tickfleet_worker_messages_dead_lettered_total",
+        "tickfleet_worker_assigned_partitions",
+        "tickfleet_worker_ready",
+    ];
+    let mut out = String::new();
+    for (i, w) in workers.iter().enumerate() {
+        let metrics = w.metrics().unwrap_or_default();
+        let _ = std::fs::write(w.log.with_extension("metrics"), &metrics);
+        let ready = tickfleet_e2e::http_status(&w.admin, "/readyz");
+        out += &format!("worker {i} ({}): /readyz {ready:?}\n", w.log.display());
+        for l in metrics
+            .lines()
+            .filter(|l| SHOWN.iter().any(|m| l.starts_with(m)))
+        {
+            out += &format!("  {l}\n");
+        }
+    }
+    out
 }
 
 /// Every asset's tick count in a `produce --report`.
@@ -72,7 +105,7 @@ fn expected(report: &Path) -> BTreeMap<String, u64> {
 fn a_reshard_mid_stream_loses_and_doubles_nothing() {
     const TICKS: u64 = 300_000;
     const MOVED_SLOTS: u32 = 1500;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TestDir::new();
     let cluster = RedisCluster::start(&dir.path().join("redis-cluster"));
     let (bootstrap, topic) = shared_topic("rcluster-reshard", 8);
     let setup = cluster_setup(&bootstrap, &topic, dir.path(), &cluster, &[]);
@@ -218,8 +251,20 @@ fn a_reshard_mid_stream_loses_and_doubles_nothing() {
     );
 
     let report = producer.join().unwrap();
-    let summary = wait_verified_on(&report, &cluster, &prefix, Duration::from_secs(180));
+    let produced = Instant::now();
+    let summary = wait_verified_on(
+        &report,
+        &cluster,
+        &prefix,
+        &workers,
+        Duration::from_secs(180),
+    );
     assert_exact(&summary, 100, TICKS);
+    eprintln!(
+        "every tick stored once {:?} after the producer finished ({:?} after the reshard)",
+        produced.elapsed(),
+        started.elapsed() - took
+    );
     let want = expected(&report);
 
     // Both replicas streamed every stored tick of the watched assets once, in sequence order, the
@@ -297,7 +342,7 @@ fn fail_over_a_primary(cluster: &RedisCluster, restart: bool) -> u16 {
 /// stored (or once the count stops changing) and the ticks produced.
 fn failover_run(acks: &str, name: &str) -> (serde_json::Value, u64) {
     const TICKS: u64 = 60_000;
-    let dir = tempfile::tempdir().unwrap();
+    let dir = TestDir::new();
     let cluster = RedisCluster::start_failing_over_fast(&dir.path().join("redis-cluster"));
     let (bootstrap, topic) = shared_topic(name, 4);
     let setup = cluster_setup(

@@ -73,6 +73,51 @@ pub fn free_port() -> u16 {
         .port()
 }
 
+/// A test's temporary directory (worker and api logs, reports, servers' files): removed when the test
+/// passes, kept when it fails (panics), with its path printed, so the logs of a failure can be read.
+/// `TICKFLEET_TEST_KEEP_DIRS=1` keeps it when the test passes too (to compare with a failure).
+pub struct TestDir(Option<tempfile::TempDir>);
+
+impl TestDir {
+    /// A fresh one under the system's temp directory.
+    pub fn new() -> Self {
+        TestDir(Some(tempfile::tempdir().expect("temp dir")))
+    }
+
+    /// Its path.
+    pub fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .expect("the directory lives until drop")
+            .path()
+    }
+}
+
+/// Whether `TICKFLEET_TEST_KEEP_DIRS=1` asks to keep the directories of passing tests.
+pub(crate) fn keep_dirs() -> bool {
+    std::env::var_os("TICKFLEET_TEST_KEEP_DIRS").is_some_and(|v| v == "1")
+}
+
+impl Default for TestDir {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        let Some(dir) = self.0.take() else { return };
+        if std::thread::panicking() {
+            eprintln!(
+                "the test failed: its logs are kept in {}",
+                dir.keep().display()
+            );
+        } else if keep_dirs() {
+            eprintln!("its logs are kept in {}", dir.keep().display());
+        }
+    }
+}
+
 /// Polls `check` every `every` until it returns `Some`, or panics with `what` after `timeout`.
 pub fn wait_for<T>(
     timeout: Duration,
