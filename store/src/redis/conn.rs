@@ -76,9 +76,16 @@ impl Conn {
         let client = builder
             .connection_timeout(Duration::from_secs(2))
             .response_timeout(Duration::from_secs(10))
-            // Redirections and TRYAGAIN/CLUSTERDOWN are retried this many times (exponential wait,
-            // at most 1 s apart) before the error goes back to the caller, who retries the whole call.
+            // TRYAGAIN/CLUSTERDOWN (and a lost connection) are retried this many times, redirections
+            // at once, before the error goes back to the caller, who retries the whole call. The wait
+            // before retry r is random in [10 ms, min(10 ms * 2^r, 1 s)): all 8 within ~3.3 s, well
+            // inside the response timeout. The minimum must be set: the client's default (1280 ms) is
+            // above this maximum, which made every retry wait exactly 1.28 s — a write that met a
+            // migrating slot was held 1.28 s after the slot had moved (3 runs of
+            // `cluster_write_during_a_slot_migration_is_stored_once_after_it`: 1.26-1.28 s), and 8
+            // such waits (10.24 s) outlasted the 10 s response timeout.
             .retries(8)
+            .min_retry_wait(10)
             .max_retry_wait(1000)
             .build()?;
         Ok(Conn::Cluster {
