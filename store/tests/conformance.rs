@@ -920,23 +920,12 @@ fn cluster_store_with(settings: RedisSettings) -> RedisStore {
     .unwrap()
 }
 
-/// Every primary of the test cluster, as `redis://` URLs (from `CLUSTER NODES` via the first seed).
+/// Every primary of the test cluster, as `redis://` URLs.
 async fn cluster_primaries() -> Vec<String> {
-    let first = cluster_urls().split(',').next().unwrap().to_owned();
-    let client = ::redis::Client::open(first).unwrap();
-    let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-    let nodes: String = ::redis::cmd("CLUSTER")
-        .arg("NODES")
-        .query_async(&mut conn)
+    primaries_with_slots()
         .await
-        .unwrap();
-    nodes
-        .lines()
-        .filter(|l| l.contains("master") && !l.contains("fail"))
-        .map(|l| {
-            let addr = l.split_whitespace().nth(1).unwrap();
-            format!("redis://{}", addr.split('@').next().unwrap())
-        })
+        .into_iter()
+        .map(|p| format!("redis://{}", p.addr))
         .collect()
 }
 
@@ -994,7 +983,7 @@ async fn cluster_writes_wait_for_replica_acks() {
     assert_eq!(err.kind(), "replication", "{err}");
 }
 
-/// A primary of the test cluster as `CLUSTER NODES` lists it: id, `HOST:PORT`, slot ranges.
+/// A primary of the test cluster: id, `HOST:PORT`, slot ranges.
 struct Primary {
     id: String,
     addr: String,
@@ -1018,33 +1007,37 @@ fn cmd(args: &[&str]) -> ::redis::Cmd {
     c
 }
 
+/// The primaries serving slots, from `CLUSTER SLOTS` (one entry per range: start, end, primary
+/// `[host, port, id]`, replicas).
 async fn primaries_with_slots() -> Vec<Primary> {
     let seed = cluster_urls()
         .split(',')
         .next()
         .unwrap()
         .replace("redis://", "");
-    let nodes: String = on_node(&seed, &cmd(&["CLUSTER", "NODES"])).await;
-    nodes
-        .lines()
-        .filter(|l| l.contains("master") && !l.contains("fail"))
-        .map(|l| {
-            let f: Vec<&str> = l.split_whitespace().collect();
-            let ranges = f[8..]
-                .iter()
-                .filter(|r| !r.starts_with('['))
-                .map(|r| match r.split_once('-') {
-                    Some((a, b)) => (a.parse().unwrap(), b.parse().unwrap()),
-                    None => (r.parse().unwrap(), r.parse().unwrap()),
-                })
-                .collect();
-            Primary {
-                id: f[0].to_owned(),
-                addr: f[1].split('@').next().unwrap().to_owned(),
-                ranges,
-            }
-        })
-        .collect()
+    let reply: Vec<Vec<::redis::Value>> = on_node(&seed, &cmd(&["CLUSTER", "SLOTS"])).await;
+    let ranges = reply.into_iter().map(|r| {
+        let int = |v: &::redis::Value| -> u32 { ::redis::from_redis_value_ref(v).unwrap() };
+        let node: Vec<::redis::Value> = ::redis::from_redis_value_ref(&r[2]).unwrap();
+        let text = |v: &::redis::Value| -> String { ::redis::from_redis_value_ref(v).unwrap() };
+        (
+            int(&r[0]),
+            int(&r[1]),
+            (text(&node[0]), int(&node[1]), text(&node[2])),
+        )
+    });
+    let mut primaries: Vec<Primary> = Vec::new();
+    for (a, b, (host, port, id)) in ranges {
+        match primaries.iter_mut().find(|p| p.id == id) {
+            Some(p) => p.ranges.push((a, b)),
+            None => primaries.push(Primary {
+                id,
+                addr: format!("{host}:{port}"),
+                ranges: vec![(a, b)],
+            }),
+        }
+    }
+    primaries
 }
 
 /// How many `-TRYAGAIN` replies the node at `addr` has sent (`INFO errorstats`).
