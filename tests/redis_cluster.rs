@@ -208,6 +208,7 @@ fn a_reshard_mid_stream_loses_and_doubles_nothing() {
     let started = Instant::now();
     cluster.reshard(from, to, MOVED_SLOTS);
     let took = started.elapsed();
+    let move_ended = std::time::SystemTime::now();
     let after = total(&workers, "tickfleet_worker_ticks_stored_total");
     moving.store(false, Ordering::Relaxed);
     queries.join().unwrap();
@@ -251,7 +252,6 @@ fn a_reshard_mid_stream_loses_and_doubles_nothing() {
     );
 
     let report = producer.join().unwrap();
-    let produced = Instant::now();
     let summary = wait_verified_on(
         &report,
         &cluster,
@@ -260,9 +260,17 @@ fn a_reshard_mid_stream_loses_and_doubles_nothing() {
         Duration::from_secs(180),
     );
     assert_exact(&summary, 100, TICKS);
+    // The producer's end is when it wrote its report (it is joined only after the move).
+    let produced = std::fs::metadata(&report).unwrap().modified().unwrap();
+    let producer_vs_move = match move_ended.duration_since(produced) {
+        Ok(d) => format!("the producer had finished {d:?} before the move ended"),
+        Err(e) => format!(
+            "the producer finished {:?} after the move ended",
+            e.duration()
+        ),
+    };
     eprintln!(
-        "every tick stored once {:?} after the producer finished ({:?} after the reshard)",
-        produced.elapsed(),
+        "every tick stored once {:?} after the move ended; {producer_vs_move}",
         started.elapsed() - took
     );
     let want = expected(&report);
