@@ -2,12 +2,15 @@
 //! the provider polling jobs. See `--help` and `poll --help`.
 
 use std::ffi::OsString;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use clap::Parser;
 use tickfleet_connector::poll::{PollConfig, PollMetrics};
-use tickfleet_connector::{ConnectorConfig, KafkaSink, Metrics, Readiness};
-use tickfleet_service::{Health, init_tracing, serve_admin, shutdown_on_signals};
+use tickfleet_connector::{ConnectorConfig, KafkaOptions, KafkaSink, Metrics, Readiness};
+use tickfleet_service::{
+    CancellationToken, Health, init_tracing, serve_admin, shutdown_on_signals,
+};
 
 /// Read an exchange's trades over WebSocket (Binance, Coinbase Exchange, Kraken v2) and produce each as a
 /// tick to Kafka, keyed by its BASE-QUOTE symbol. `tickfleet-connector poll` runs the provider polling
@@ -37,49 +40,54 @@ struct PollCli {
     config: PollConfig,
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    let mut args: Vec<OsString> = std::env::args_os().collect();
-    if args.get(1).is_some_and(|a| a == "poll") {
-        args.remove(1);
-        return poll(PollCli::parse_from(args).config).await;
-    }
-    let Cli { config } = Cli::parse_from(args);
-    init_tracing(config.log_format == "json");
+/// What both modes start the same way, once tracing is up.
+struct Started {
+    sink: KafkaSink,
+    readiness: Arc<Readiness>,
+    shutdown: CancellationToken,
+}
+
+/// Starts the signal handling, the Kafka sink to `topic` (its delivery failures make the process not
+/// ready) and the admin endpoint on `admin_addr` (`/healthz`, `/readyz`, and `/metrics` of `metrics`):
+/// the part of either mode's configuration they share.
+async fn start(
+    kafka: &KafkaOptions,
+    topic: &str,
+    format: tickfleet_proto::Format,
+    admin_addr: SocketAddr,
+    metrics: &Metrics,
+) -> anyhow::Result<Started> {
     let shutdown = shutdown_on_signals();
-    let exchange = config.exchange;
-    let metrics = Metrics::new(exchange.name());
     let health = Health::new();
     health.mirror_ready(metrics.ready.clone());
     let readiness = Readiness::new(health.clone());
-    let venue = exchange.venue(&config.symbols);
     let sink = KafkaSink::new(
-        &config.kafka.client_config(KafkaSink::DEFAULTS),
-        &config.topic,
-        config.format,
+        &kafka.client_config(KafkaSink::DEFAULTS),
+        topic,
+        format,
         metrics.clone(),
         readiness.clone(),
     )?;
     let (admin, _) = serve_admin(
-        config.admin_addr,
+        admin_addr,
         metrics.registry.clone(),
         health,
         shutdown.clone(),
     )
     .await?;
-    tracing::info!(%admin, exchange = exchange.name(), topic = %config.topic, "admin endpoint up");
-    match tickfleet_connector::run(
-        &config,
-        venue.as_ref(),
-        Arc::new(sink),
-        &metrics,
+    tracing::info!(%admin, %topic, "admin endpoint up");
+    Ok(Started {
+        sink,
         readiness,
         shutdown,
-    )
-    .await
-    {
+    })
+}
+
+/// Exits as the drain went: 0 once Kafka acknowledged everything produced, 1 when it did not.
+fn drained<E: std::fmt::Display>(outcome: Result<(), E>, what: &str) -> anyhow::Result<()> {
+    match outcome {
         Ok(()) => {
-            tracing::info!("drained: every trade read was acknowledged by Kafka");
+            tracing::info!("drained: every {what} was acknowledged by Kafka");
             Ok(())
         }
         Err(e) => {
@@ -89,45 +97,53 @@ async fn main() -> anyhow::Result<()> {
     }
 }
 
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let mut args: Vec<OsString> = std::env::args_os().collect();
+    if args.get(1).is_some_and(|a| a == "poll") {
+        args.remove(1);
+        return poll(PollCli::parse_from(args).config).await;
+    }
+    let Cli { config } = Cli::parse_from(args);
+    init_tracing(config.log_format == "json");
+    let exchange = config.exchange;
+    let metrics = Metrics::new(exchange.name());
+    let venue = exchange.venue(&config.symbols);
+    let c = &config;
+    let started = start(&c.kafka, &c.topic, c.format, c.admin_addr, &metrics).await?;
+    tracing::info!(exchange = exchange.name(), "reading the exchange's trades");
+    let outcome = tickfleet_connector::run(
+        &config,
+        venue.as_ref(),
+        Arc::new(started.sink),
+        &metrics,
+        started.readiness,
+        started.shutdown,
+    )
+    .await;
+    drained(outcome, "trade read")
+}
+
 async fn poll(config: PollConfig) -> anyhow::Result<()> {
     init_tracing(config.log_format == "json");
-    let shutdown = shutdown_on_signals();
     let metrics = Metrics::new("poll");
     let poll_metrics = PollMetrics::new(&metrics);
-    let health = Health::new();
-    health.mirror_ready(metrics.ready.clone());
-    let readiness = Readiness::new(health.clone());
     let store = Arc::new(
         config
             .redis
             .open(tickfleet_store::Retention::default())?
             .jobs(),
     );
-    let sink = KafkaSink::new(
-        &config.kafka.client_config(KafkaSink::DEFAULTS),
-        &config.topic,
-        config.format,
-        metrics.clone(),
-        readiness.clone(),
-    )?;
-    let (admin, _) = serve_admin(
-        config.admin_addr,
-        metrics.registry.clone(),
-        health,
-        shutdown.clone(),
+    let c = &config;
+    let started = start(&c.kafka, &c.topic, c.format, c.admin_addr, &metrics).await?;
+    let outcome = tickfleet_connector::poll::run(
+        config,
+        store,
+        started.sink,
+        poll_metrics,
+        started.readiness,
+        started.shutdown,
     )
-    .await?;
-    tracing::info!(%admin, topic = %config.topic, "admin endpoint up");
-    match tickfleet_connector::poll::run(config, store, sink, poll_metrics, readiness, shutdown)
-        .await
-    {
-        Ok(()) => {
-            tracing::info!("drained: every tick produced was acknowledged by Kafka");
-            Ok(())
-        }
-        Err(e) => {
-            tracing::error!(error = %e, "shutdown drain failed");
-            std::process::exit(1)
-        }
-    }
+    .await;
+    drained(outcome, "tick produced")
 }
