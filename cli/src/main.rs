@@ -1,6 +1,7 @@
 //! `tickctl`: the tickfleet command line — load generator, dev broker, local demo and store audit.
 
 mod bench;
+mod bench_api;
 mod bench_rollups;
 mod demo;
 mod demo_source;

@@ -13,6 +13,10 @@
 //! optional `seq` may carry the producer's sequence number.
 //!
 //! Every rejection is a [`DecodeError`]; nothing here panics on input.
+//!
+//! (Over 600 lines with its tests, about 440 of code: one decoder, since both formats end in the same
+//! validation (`validate`: limits, clock skew, the derived sequence number) and the same errors; the
+//! tests, about 290 lines, one a rule of the above, are its specification.)
 
 use std::str::FromStr;
 
