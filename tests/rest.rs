@@ -3,6 +3,7 @@
 //! REST answer is checked against what the gRPC api (through `tickctl --json`) answers for the same
 //! query, since both are one implementation; errors are RFC 9457 problems naming the parameter.
 
+use std::path::Path;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tickfleet_e2e::http::{EventStream, get, request};
@@ -55,20 +56,26 @@ fn assert_problem(addr: &str, path: &str, status: u16, field: Option<&str>) -> s
     p
 }
 
+/// A worker's setup on a new topic of the shared broker (`partitions` partitions) and a key prefix of
+/// its own (both named after `name`), the worker taking `args`; the test's api reads that prefix.
+fn setup_on_new_topic(name: &str, partitions: i32, dir: &Path, args: &[&str]) -> WorkerSetup {
+    let (bootstrap, topic) = shared_topic(name, partitions);
+    WorkerSetup {
+        prefix: unique(&format!("e2e-{name}")),
+        args: args.iter().map(|a| a.to_string()).collect(),
+        ..WorkerSetup::on(&bootstrap, &topic, dir, &redis_url())
+    }
+}
+
 #[test]
 fn rest_answers_what_grpc_answers_over_real_data() {
     let dir = tempfile::tempdir().unwrap();
-    let (bootstrap, topic) = shared_topic("rest", 4);
-    let prefix = unique("e2e-rest");
-    let mut setup = WorkerSetup {
-        prefix: prefix.clone(),
-        ..WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url())
-    };
-    setup.args = ["--format", "json"].map(String::from).to_vec();
+    let setup = setup_on_new_topic("rest", 4, dir.path(), &["--format", "json"]);
+    let (bootstrap, topic, prefix) = (&setup.bootstrap, &setup.topic, &setup.prefix);
     let _worker = Worker::start(&setup, 0);
     // Candles of ranges that ended 5 s ago are served as immutable (the default horizon is a year).
     let api = Api::start_with(
-        &prefix,
+        prefix,
         dir.path(),
         0,
         &["--candles-immutable-after-secs", "5"],
@@ -88,7 +95,7 @@ fn rest_answers_what_grpc_answers_over_real_data() {
         }
     }
     messages.extend(seed_ticks("AAPL", end_ms));
-    send_messages(&bootstrap, &topic, &messages);
+    send_messages(bootstrap, topic, &messages);
     let report = dir.path().join("report.json");
     let counts = |n: u64| serde_json::json!({"count": n, "first_seq": 1, "last_seq": n});
     std::fs::write(
@@ -98,7 +105,7 @@ fn rest_answers_what_grpc_answers_over_real_data() {
         .to_string(),
     )
     .unwrap();
-    wait_verified(&report, &redis_url(), &prefix, Duration::from_secs(60));
+    wait_verified(&report, &redis_url(), prefix, Duration::from_secs(60));
     let http = &api.http;
 
     // The seed's latest price: exactly its four fields, the price an exact decimal string.
@@ -353,13 +360,9 @@ fn chrono_like(ns: i64) -> String {
 #[test]
 fn sse_streams_every_live_tick_once_and_ends_on_shutdown() {
     let dir = tempfile::tempdir().unwrap();
-    let (bootstrap, topic) = shared_topic("rest-sse", 2);
-    let prefix = unique("e2e-rest-sse");
-    let setup = WorkerSetup {
-        prefix: prefix.clone(),
-        ..WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url())
-    };
-    let mut api = Api::start_with(&prefix, dir.path(), 0, &["--max-streams", "1"]);
+    let setup = setup_on_new_topic("rest-sse", 2, dir.path(), &[]);
+    let (bootstrap, topic, prefix) = (&setup.bootstrap, &setup.topic, &setup.prefix);
+    let mut api = Api::start_with(prefix, dir.path(), 0, &["--max-streams", "1"]);
     let mut stream = EventStream::open(&api.http, "/v1/ticks/stream?asset_ids=A0000,A0001");
     assert_eq!(stream.status, 200);
     assert!(
@@ -380,12 +383,12 @@ fn sse_streams_every_live_tick_once_and_ends_on_shutdown() {
 
     let _worker = Worker::start(&setup, 0);
     let report = produce(
-        &bootstrap,
-        &topic,
+        bootstrap,
+        topic,
         dir.path(),
         &["--count", "600", "--assets", "3", "--rate", "3000"],
     );
-    wait_verified(&report, &redis_url(), &prefix, Duration::from_secs(60));
+    wait_verified(&report, &redis_url(), prefix, Duration::from_secs(60));
     let r: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&report).unwrap()).unwrap();
     let want: u64 = ["A0000", "A0001"]
@@ -426,16 +429,11 @@ fn openapi_is_served_as_committed_and_schemathesis_finds_nothing() {
         "TICKFLEET_SCHEMATHESIS is not set: run scripts/test.sh, which installs schemathesis and sets it",
     );
     let dir = tempfile::tempdir().unwrap();
-    let (bootstrap, topic) = shared_topic("rest-schema", 2);
-    let prefix = unique("e2e-rest-schema");
-    let mut setup = WorkerSetup {
-        prefix: prefix.clone(),
-        ..WorkerSetup::on(&bootstrap, &topic, dir.path(), &redis_url())
-    };
-    setup.args = ["--format", "json"].map(String::from).to_vec();
+    let setup = setup_on_new_topic("rest-schema", 2, dir.path(), &["--format", "json"]);
+    let (bootstrap, topic, prefix) = (&setup.bootstrap, &setup.topic, &setup.prefix);
     let _worker = Worker::start(&setup, 0);
-    let api = Api::start(&prefix, dir.path(), 0);
-    send_messages(&bootstrap, &topic, &seed_ticks("AAPL", now_ms()));
+    let api = Api::start(prefix, dir.path(), 0);
+    send_messages(bootstrap, topic, &seed_ticks("AAPL", now_ms()));
     wait_for(
         Duration::from_secs(30),
         Duration::from_millis(100),
@@ -552,7 +550,7 @@ fn openapi_is_served_as_committed_and_schemathesis_finds_nothing() {
     // Rate limits: an api over the same store whose every class allows one call an hour; each
     // route's second call is refused.
     let limited = Api::start_with(
-        &prefix,
+        prefix,
         dir.path(),
         1,
         &[
