@@ -376,11 +376,18 @@ impl Lanes {
             return true;
         }
         if over && bytes <= budget / 2 {
-            let map = self.lock();
+            let mut map = self.lock();
             let free: Vec<i32> = map
-                .iter()
-                .filter(|(_, l)| !l.paused)
-                .map(|(p, _)| *p)
+                .iter_mut()
+                .filter_map(|(p, l)| {
+                    // A lane paused for being full whose held messages all went in while over
+                    // budget (`flush_held` leaves it paused then, and holds nothing, so it is not
+                    // called again) resumes now too: nothing else would resume it.
+                    if l.paused && l.stash.is_empty() {
+                        l.paused = false;
+                    }
+                    (!l.paused).then_some(*p)
+                })
                 .collect();
             drop(map);
             if let Err(e) = consumer.resume(&self.tpl(&free)) {
@@ -737,6 +744,11 @@ mod tests {
     }
 
     fn setup(permits: usize, panic: bool, budget: usize) -> Setup {
+        setup_with(permits, panic, budget, 10_000)
+    }
+
+    /// [`setup`] with lanes of `capacity` messages.
+    fn setup_with(permits: usize, panic: bool, budget: usize, capacity: usize) -> Setup {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()
@@ -764,7 +776,7 @@ mod tests {
             runtime.handle().clone(),
             shared,
             config,
-            10_000,
+            capacity,
             budget,
             "ticks",
             Duration::from_secs(10),
@@ -1001,6 +1013,48 @@ mod tests {
         assert!(s.consumer.paused().is_empty());
         wait_until("nothing in flight", || s.lanes.in_flight.bytes() == 0);
         assert_eq!(s.store.inner.len() as i64, next.iter().sum::<i64>());
+        drop(s.runtime);
+    }
+
+    /// A partition paused because its lane was full, whose held messages all went into the lane while
+    /// the in-flight budget was spent, resumes with the others once the budget is free again (it
+    /// stayed paused for good: the poll loop calls `flush_held` only while something is held, and the
+    /// budget's resume skipped partitions paused for a full lane).
+    #[test]
+    fn a_full_lane_pause_that_drains_while_over_budget_ends_with_it() {
+        const BUDGET: usize = 8_000;
+        const SIZE: usize = 1_000;
+        let s = setup_with(0, false, BUDGET, 4);
+        s.lanes.open(&[0, 1]);
+        let mut sent = 0i64;
+        // The store takes nothing: partition 0's lane fills and its next message is held.
+        while !s
+            .lanes
+            .dispatch(&s.consumer, message(&s.lanes, 0, sent, SIZE))
+        {
+            sent += 1;
+            assert!(sent < 100, "the lane never filled");
+        }
+        sent += 1;
+        assert_eq!(s.consumer.paused(), BTreeSet::from([0]));
+        // Over budget: every partition paused.
+        assert!(
+            s.lanes.enforce_budget(&s.consumer),
+            "{}",
+            s.lanes.in_flight.bytes()
+        );
+        assert_eq!(s.consumer.paused(), BTreeSet::from([0, 1]));
+        // One batch stored: the held message goes into the lane while still over budget.
+        s.store.gate.add_permits(1);
+        wait_until("the held message to go into its lane", || {
+            !s.lanes.flush_held(&s.consumer)
+        });
+        // Everything stored: the budget is free, and both partitions resume.
+        s.store.gate.add_permits(1_000);
+        wait_until("nothing in flight", || s.lanes.in_flight.bytes() == 0);
+        assert!(!s.lanes.enforce_budget(&s.consumer));
+        assert!(s.consumer.paused().is_empty(), "{:?}", s.consumer.paused());
+        assert_eq!(s.store.inner.len() as i64, sent);
         drop(s.runtime);
     }
 }
