@@ -37,10 +37,6 @@ if [ ${#need[@]} -gt 0 ]; then
   as_root apt-get update -qq
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
 fi
-if ! cargo nextest --version >/dev/null 2>&1; then
-  log "installing cargo-nextest"
-  cargo install cargo-nextest --locked
-fi
 
 work=$(mktemp -d)
 export TICKFLEET_KAFKA_LEDGER="$work/kafka-ledger"
@@ -49,8 +45,10 @@ redis_pid=""
 cluster_dir=""
 kafka_dir=""
 pg_dir=""
+declare -A bg_pid=()
 # shellcheck disable=SC2317  # run by the EXIT trap
 cleanup() {
+  for job in "${!bg_pid[@]}"; do kill "${bg_pid[$job]}" 2>/dev/null || true; wait "${bg_pid[$job]}" 2>/dev/null || true; done
   if [ -n "$redis_pid" ]; then kill "$redis_pid" 2>/dev/null || true; wait "$redis_pid" 2>/dev/null || true; fi
   if [ -n "$cluster_dir" ]; then bash scripts/redis-cluster.sh stop "$cluster_dir" || true; fi
   if [ -n "$kafka_dir" ]; then bash tests/kafka/kafka.sh stop "$kafka_dir" || true; fi
@@ -58,6 +56,53 @@ cleanup() {
   rm -rf "$work"
 }
 trap cleanup EXIT
+
+# What mostly waits on the network (Maven Central, PyPI) runs in the background while the Rust build
+# below keeps both cores busy. Fetched into empty caches, one after the other, as this script did
+# before: Kafka's jars 69 s (mvn), schemathesis 79 s and the packaging tools 101 s (pip) — 249 s
+# that now overlap each other and the build (minutes on an empty target). Each job's output goes to a
+# log of its own, shown when the job is waited for; a job that failed fails the run there.
+background() { # NAME COMMAND...
+  local name=$1; shift
+  "$@" >"$work/$name.log" 2>&1 &
+  bg_pid[$name]=$!
+}
+await() { # NAME
+  local name=$1 rc=0
+  wait "${bg_pid[$name]}" || rc=$?
+  unset "bg_pid[$name]"
+  cat "$work/$name.log"
+  if [ "$rc" -ne 0 ]; then echo "$name failed (exit $rc)" >&2; exit "$rc"; fi
+}
+# schemathesis (PyPI) for tests/rest.rs, in a venv beside the packaging tools', reinstalled when the
+# pinned version changes; the run itself takes about 15 s.
+st_venv=${TICKFLEET_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tickfleet}/schemathesis-venv
+st_version=4.32.5
+# shellcheck disable=SC2317  # run in the background by `background`
+install_schemathesis() {
+  if [ "$("$st_venv/bin/schemathesis" --version 2>/dev/null | grep -o '[0-9][0-9.]*' | head -1)" != "$st_version" ]; then
+    log "installing schemathesis $st_version into $st_venv"
+    rm -rf "$st_venv"
+    mkdir -p "$(dirname "$st_venv")"
+    python3 -m venv "$st_venv"
+    "$st_venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$st_version"
+  fi
+}
+log "in the background: Kafka's jars (mvn), schemathesis (pip), the packaging checks (scripts/check-packaging.sh)"
+[ -n "${TICKFLEET_TEST_KAFKA:-}" ] || background kafka-jars bash tests/kafka/kafka.sh jars
+background schemathesis install_schemathesis
+# manifests, Helm chart, docker-compose, Dockerfile, shellcheck (no Docker needed); its venv of tools
+# comes from PyPI on a first run
+background packaging bash scripts/check-packaging.sh
+
+# cargo-nextest from crates.io, built here: without its default features (self-update, which brings
+# an HTTP client, rustls and aws-lc's C build, and USDT probes), neither of which a test run uses: 292
+# crates instead of 334. Measured on this shared 2-core machine into empty target dirs: 1139 CPU
+# seconds with the defaults, 811 without (wall time there said nothing: load 4 to 38).
+if ! cargo nextest --version >/dev/null 2>&1; then
+  log "installing cargo-nextest (no default features)"
+  cargo install cargo-nextest --version 0.9.151 --locked --no-default-features
+fi
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])')
 log "starting redis-server on 127.0.0.1:$port"
@@ -87,15 +132,18 @@ TICKFLEET_TEST_POSTGRES_URL=$(bash scripts/postgres.sh start "$pg_dir/pg")
 export TICKFLEET_TEST_POSTGRES_URL
 echo "PostgreSQL at $TICKFLEET_TEST_POSTGRES_URL"
 
-bash scripts/check-packaging.sh  # manifests, Helm chart, docker-compose, Dockerfile (no Docker needed)
 log "cargo fmt --check"
 cargo fmt --all -- --check
 log "cargo clippy (warnings are errors)"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 log "building the binaries the end-to-end tests run"
 cargo build --workspace --bins --locked
+log "the packaging checks (scripts/check-packaging.sh, run in the background)"
+await packaging
 if [ -z "${TICKFLEET_TEST_KAFKA:-}" ]; then
-  log "starting Apache Kafka (tests/kafka/kafka.sh, KRaft, jars fetched once with mvn)"
+  log "Kafka's jars (tests/kafka/kafka.sh jars, fetched in the background)"
+  await kafka-jars
+  log "starting Apache Kafka (tests/kafka/kafka.sh, KRaft)"
   kafka_dir="$work/kafka"
   TICKFLEET_TEST_KAFKA=$(bash tests/kafka/kafka.sh start "$kafka_dir" --owner $$)
   echo "Kafka at $TICKFLEET_TEST_KAFKA (pid $(bash tests/kafka/kafka.sh pid "$kafka_dir"))"
@@ -103,16 +151,8 @@ else
   log "using the Kafka at TICKFLEET_TEST_KAFKA=$TICKFLEET_TEST_KAFKA"
 fi
 export TICKFLEET_TEST_KAFKA
-# schemathesis (PyPI) for tests/rest.rs, in a venv beside the packaging tools', reinstalled when the
-# pinned version changes; the run itself takes about 15 s.
-st_venv=${TICKFLEET_TOOLS_DIR:-${XDG_CACHE_HOME:-$HOME/.cache}/tickfleet}/schemathesis-venv
-st_version=4.32.5
-if [ "$("$st_venv/bin/schemathesis" --version 2>/dev/null | grep -o '[0-9][0-9.]*' | head -1)" != "$st_version" ]; then
-  log "installing schemathesis $st_version into $st_venv"
-  rm -rf "$st_venv"
-  python3 -m venv "$st_venv"
-  "$st_venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$st_version"
-fi
+log "schemathesis (installed in the background)"
+await schemathesis
 export TICKFLEET_SCHEMATHESIS="$st_venv/bin/schemathesis"
 log "running the tests"
 status=0
