@@ -3,6 +3,10 @@
 //! [`Api`]'s gRPC method, so validation, paging, limits, store deadlines and metrics are the gRPC
 //! side's, not a copy; the answer is converted to JSON ([`model`]) and a failure to an RFC 9457
 //! problem ([`problem`]). Live ticks (and candles) are Server-Sent Events over the gRPC streams.
+//!
+//! (Just over 600 lines with its tests: one handler a route, each with the OpenAPI annotation that
+//! documents it and its query type beside it; the polling routes, the model, the document and the
+//! problems are modules of their own.)
 
 pub mod model;
 pub mod openapi;
