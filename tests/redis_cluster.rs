@@ -1,7 +1,8 @@
 //! The pipeline on a Redis Cluster, end to end with the real binaries: `tickctl produce` → Apache Kafka
 //! → two `tickfleet-worker --redis-mode cluster` → a 3-primary, 3-replica Redis Cluster of the test's
 //! own (`scripts/redis-cluster.sh`) → two `tickfleet-api` replicas → `tickctl watch`/queries, while the
-//! test moves slots between primaries or SIGKILLs a primary.
+//! test moves slots between primaries or SIGKILLs a primary; and `tickctl demo` on the shared test
+//! cluster.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -444,4 +445,66 @@ fn a_failover_without_replica_acks_may_lose_what_was_not_replicated() {
     for field in ["duplicated", "unexpected"] {
         assert_eq!(summary[field], 0, "{field}: {summary}");
     }
+}
+
+/// `tickctl demo --redis SEEDS --redis-mode cluster`: the demo's workers store into the shared test
+/// cluster and its api serves from it; Ctrl-C stops it cleanly.
+#[test]
+fn tickctl_demo_runs_on_a_redis_cluster() {
+    let urls = tickfleet_e2e::redis_cluster_urls();
+    let prefix = format!("demo-cluster-{}", std::process::id());
+    let port = tickfleet_e2e::free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut demo = std::process::Command::new(tickfleet_e2e::bin("tickctl"))
+        .args(["demo", "--api-addr", &format!("127.0.0.1:{port}")])
+        .args([
+            "--http-addr",
+            &format!("127.0.0.1:{}", tickfleet_e2e::free_port()),
+        ])
+        .args([
+            "--redis",
+            &urls,
+            "--redis-mode",
+            "cluster",
+            "--redis-prefix",
+            &prefix,
+        ])
+        .args(["--assets", "5", "--rate", "2000", "--workers", "2"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("start tickctl demo");
+    let latest = wait_for(
+        Duration::from_secs(60),
+        Duration::from_millis(500),
+        "the demo to serve the latest tick of all 5 assets from the cluster",
+        || {
+            tickctl_json(&url, &["latest"])
+                .ok()
+                .filter(|v| v["ticks"].as_array().is_some_and(|t| t.len() == 5))
+        },
+    );
+    assert_eq!(latest["ticks"][0]["asset_id"], "A0000", "{latest}");
+    // The ticks are in the cluster, under the demo's prefix, in each asset's own slot.
+    let seed = urls.split(',').next().unwrap();
+    let port_of = seed.rsplit(':').next().unwrap().trim_end_matches('/');
+    for asset in ["A0000", "A0004"] {
+        let out = std::process::Command::new("redis-cli")
+            .args([
+                "-c",
+                "-p",
+                port_of,
+                "ZCARD",
+                &format!("{prefix}:{{{asset}}}:ticks"),
+            ])
+            .output()
+            .expect("run redis-cli");
+        let n: u64 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .unwrap_or(0);
+        assert!(n > 0, "{asset}: {n} ticks in the cluster");
+    }
+    tickfleet_e2e::signal(&demo, "INT");
+    let status = demo.wait().unwrap();
+    assert!(status.success(), "the demo exits 0 on Ctrl-C: {status}");
 }
