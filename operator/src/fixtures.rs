@@ -348,6 +348,18 @@ fn ok(body: &Value) -> Response<Body> {
 }
 
 impl ApiServer {
+    /// A server holding `tp` and `secrets` (by name), and nothing else yet.
+    pub fn serving(tp: &crate::TickPipeline, secrets: Vec<Secret>) -> Self {
+        ApiServer {
+            pipeline: Some(tp.clone()),
+            secrets: secrets
+                .into_iter()
+                .map(|s| (s.metadata.name.clone().unwrap(), s))
+                .collect(),
+            ..ApiServer::default()
+        }
+    }
+
     /// Create and replace of the Lease, with the API server's optimistic concurrency.
     fn write_lease(&mut self, method: &str, body: &Value) -> Response<Body> {
         use k8s_openapi::api::coordination::v1::Lease;

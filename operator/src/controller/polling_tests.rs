@@ -22,14 +22,7 @@ const SECRETS: &str = "/api/v1/namespaces/markets/secrets/";
 /// The API server of `tp` with workers, api and (at `poll`) the poll connector reporting their
 /// pods, and `secrets`.
 fn server(tp: &TickPipeline, poll: DeploymentStatus, secrets: Vec<Secret>) -> ApiServer {
-    let mut server = ApiServer {
-        pipeline: Some(tp.clone()),
-        secrets: secrets
-            .into_iter()
-            .map(|s| (s.metadata.name.clone().unwrap(), s))
-            .collect(),
-        ..ApiServer::default()
-    };
+    let mut server = ApiServer::serving(tp, secrets);
     for (name, st) in [
         ("btc-worker", ready(2)),
         ("btc-api", ready(1)),
@@ -167,10 +160,9 @@ async fn a_poll_connector_without_ready_pods_keeps_the_pipeline_unready() {
     assert_eq!(st.polling.unwrap().message, "1 of 3 pods available");
 }
 
-#[tokio::test]
-async fn a_changed_polling_spec_is_applied_over_the_running_poll_connector() {
-    let mut tp = with_polling(pipeline());
-    tp.status = Some(TickPipelineStatus {
+/// The status of a pipeline whose poll connector ran 3 of 3 pods at its last reconcile.
+fn running_poll_connector() -> TickPipelineStatus {
+    TickPipelineStatus {
         observed_generation: Some(2),
         polling: Some(PollingStatus {
             deployment: "btc-poll".into(),
@@ -178,7 +170,13 @@ async fn a_changed_polling_spec_is_applied_over_the_running_poll_connector() {
             message: "Complete".into(),
         }),
         ..TickPipelineStatus::default()
-    });
+    }
+}
+
+#[tokio::test]
+async fn a_changed_polling_spec_is_applied_over_the_running_poll_connector() {
+    let mut tp = with_polling(pipeline());
+    tp.status = Some(running_poll_connector());
     let p = tp.spec.polling.as_mut().unwrap();
     p.replicas = 5;
     p.providers.finnhub.as_mut().unwrap().api_key_secret_ref.key = "token-2".into();
@@ -209,15 +207,7 @@ async fn a_changed_polling_spec_is_applied_over_the_running_poll_connector() {
 #[tokio::test]
 async fn removing_polling_deletes_the_poll_connector() {
     let mut tp = pipeline();
-    tp.status = Some(TickPipelineStatus {
-        observed_generation: Some(2),
-        polling: Some(PollingStatus {
-            deployment: "btc-poll".into(),
-            pods: pods(3),
-            message: "Complete".into(),
-        }),
-        ..TickPipelineStatus::default()
-    });
+    tp.status = Some(running_poll_connector());
     let (res, log) = run(server(&tp, ready(3), vec![]), &tp).await;
     res.expect("reconcile");
     assert_eq!(

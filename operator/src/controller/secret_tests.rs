@@ -65,14 +65,7 @@ async fn reconcile_with(
     secrets: Vec<Secret>,
     kafka: Arc<FakeKafka>,
 ) -> (Result<Action>, Vec<Recorded>) {
-    let server = ApiServer {
-        pipeline: Some(tp.clone()),
-        secrets: secrets
-            .into_iter()
-            .map(|s| (s.metadata.name.clone().unwrap(), s))
-            .collect(),
-        ..ApiServer::default()
-    };
+    let server = ApiServer::serving(tp, secrets);
     let (client, log) = server.start();
     let ctx = Context::test(client, kafka);
     let res = reconcile(Arc::new(tp.clone()), ctx).await;

@@ -218,7 +218,7 @@ pub(super) fn component_deployment(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::desired::testing::env_of;
+    use crate::desired::testing::{env_of, pod_labels_of};
     use crate::desired::worker_deployment;
     use crate::fixtures::pipeline;
 
@@ -287,14 +287,7 @@ mod tests {
         assert!(env.contains(&plain_env("TICKFLEET_ADMIN_ADDR", "0.0.0.0:9090".into())));
         // selector labels are on the pods, or the Deployment would be rejected
         let sel = spec.selector.match_labels.as_ref().unwrap();
-        let labels = spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .as_ref()
-            .unwrap();
+        let labels = pod_labels_of(&d);
         for (k, v) in sel {
             assert_eq!(labels.get(k), Some(v));
         }

@@ -77,7 +77,7 @@ mod tests {
     use std::collections::BTreeSet;
 
     use super::*;
-    use crate::desired::testing::{env_of, hash_of, pod_of};
+    use crate::desired::testing::{env_of, hash_of, pod_labels_of, pod_of};
     use crate::desired::{SOURCE_LABEL, config_data, desired, secret_env, selector_labels};
     use crate::fixtures::{pipeline, pipeline_with_every_secret, with_polling};
     use crate::offer::{Offers, Refusal, pod_secrets, secret_uses};
@@ -114,15 +114,7 @@ mod tests {
         // its selector matches its own pods only, never a source connector's (nor the reverse)
         let selector = d.spec.selector.match_labels.clone().unwrap();
         assert_eq!(selector, selector_labels(&tp, "poller"));
-        let source_pods = children.sources[0]
-            .spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .clone()
-            .unwrap();
+        let source_pods = pod_labels_of(&children.sources[0]);
         assert!(selector.iter().any(|(k, v)| source_pods.get(k) != Some(v)));
         let source_selector = children.sources[0]
             .spec
@@ -131,15 +123,7 @@ mod tests {
             .clone()
             .unwrap();
         assert!(source_selector.contains_key(SOURCE_LABEL));
-        let own_pods = d
-            .spec
-            .template
-            .metadata
-            .as_ref()
-            .unwrap()
-            .labels
-            .clone()
-            .unwrap();
+        let own_pods = pod_labels_of(d);
         assert!(
             source_selector
                 .iter()

@@ -18,6 +18,18 @@ pub(super) fn pod_of(d: &Deployment) -> &PodSpec {
     d.spec.template.spec.as_ref().unwrap()
 }
 
+/// The labels of a Deployment's pod template (what its selector and others' must tell apart).
+pub(super) fn pod_labels_of(d: &Deployment) -> &std::collections::BTreeMap<String, String> {
+    d.spec
+        .template
+        .metadata
+        .as_ref()
+        .unwrap()
+        .labels
+        .as_ref()
+        .unwrap()
+}
+
 pub(super) fn hash_of(d: &Deployment) -> String {
     d.spec
         .template
